@@ -86,7 +86,6 @@ def _solve_sorted(a1, a2, a3, a4, lam):
   eps = jnp.finfo(a1.dtype).eps
   s_, d_ = a1 + a2, a1 - a2
   t_, e_ = a3 + a4, a3 - a4
-  s2, d2, e2 = s_ * s_, d_ * d_, e_ * e_
 
   # Support {1, 2}: no shrinkage, R = 0.
   w_two = (a1, a2, zero, zero)
@@ -97,9 +96,10 @@ def _solve_sorted(a1, a2, a3, a4, lam):
   rs, rd = jnp.sqrt(s_), jnp.sqrt(d_)
   t = jnp.clip((rs - rd) / jnp.maximum(lam * (rs + rd), tiny), 0.0, t_max)  # the peak of G''
   for _ in range(_NEWTON_3):
-    u, v = 1.0 + lam * t, jnp.maximum(1.0 - lam * t, tiny)
-    g1 = t - a3 + 0.25 * lam * (s2 / (u * u) - d2 / (v * v))
-    g2 = 1.0 - 0.5 * lam * lam * (s2 / (u * u * u) + d2 / (v * v * v))
+    ru, rv = 1.0 / (1.0 + lam * t), 1.0 / jnp.maximum(1.0 - lam * t, tiny)
+    su, dv = (s_ * ru) ** 2, (d_ * rv) ** 2  # written so that D = 0 gives 0, never 0/0
+    g1 = t - a3 + 0.25 * lam * (su - dv)
+    g2 = 1.0 - 0.5 * lam * lam * (su * ru + dv * rv)
     t = jnp.where(g2 > 0, jnp.clip(t - g1 / jnp.where(g2 > 0, g2, 1.0), 0.0, t_max), t)
   p = s_ / (1.0 + lam * t)
   m = jnp.where(d_ > 0, d_ / jnp.maximum(1.0 - lam * t, tiny), 0.0)
@@ -107,26 +107,27 @@ def _solve_sorted(a1, a2, a3, a4, lam):
   f_three = _objective(w_three, a, lam)
 
   # Dense support: Newton on F(p, q) along λ_j = λ·j/J, j = 1..J, then corrector steps at λ.
+  inv_lam = 1.0 / jnp.maximum(lam, tiny)
   p, q = s_, t_
   for j in range(_HOMOTOPY + _CORRECT):
-    lj = lam * (min(j + 1, _HOMOTOPY) / _HOMOTOPY)
-    vp, vq = jnp.maximum(1.0 - lj * p, tiny), jnp.maximum(1.0 - lj * q, tiny)
-    fp = 0.5 * (p - s_) + 0.25 * lj * (2.0 * p * q + q * q) - 0.25 * lj * e2 / (vp * vp)
-    fq = 0.5 * (q - t_) + 0.25 * lj * (2.0 * p * q + p * p) - 0.25 * lj * d2 / (vq * vq)
-    fpp = 0.5 + 0.5 * lj * q - 0.5 * lj * lj * e2 / (vp * vp * vp)
-    fqq = 0.5 + 0.5 * lj * p - 0.5 * lj * lj * d2 / (vq * vq * vq)
+    frac = min(j + 1, _HOMOTOPY) / _HOMOTOPY
+    lj = lam * frac
+    rp = 1.0 / jnp.maximum(1.0 - lj * p, tiny)
+    rq = 1.0 / jnp.maximum(1.0 - lj * q, tiny)
+    ep, dq2 = (e_ * rp) ** 2, (d_ * rq) ** 2
+    fp = 0.5 * (p - s_) + 0.25 * lj * (2.0 * p * q + q * q - ep)
+    fq = 0.5 * (q - t_) + 0.25 * lj * (2.0 * p * q + p * p - dq2)
+    fpp = 0.5 + 0.5 * lj * (q - lj * ep * rp)
+    fqq = 0.5 + 0.5 * lj * (p - lj * dq2 * rq)
     fpq = 0.5 * lj * (p + q)
     det = fpp * fqq - fpq * fpq
     ok = (det > 0) & (fpp > 0)
-    det = jnp.where(ok, det, 1.0)
-    dp = (fpq * fq - fqq * fp) / det
-    dq = (fpq * fp - fpp * fq) / det
-    # Stay inside λp < 1, λq < 1 (F → −∞ at that boundary): at most 90 % of the way to it.
-    room_p = jnp.where(dp > 0, 0.9 * (1.0 - lj * p) / jnp.maximum(lj * dp, tiny), 1.0)
-    room_q = jnp.where(dq > 0, 0.9 * (1.0 - lj * q) / jnp.maximum(lj * dq, tiny), 1.0)
-    step = jnp.minimum(1.0, jnp.minimum(room_p, room_q))
-    p = jnp.where(ok, jnp.maximum(p + step * dp, 0.0), p)
-    q = jnp.where(ok, jnp.maximum(q + step * dq, 0.0), q)
+    rdet = 1.0 / jnp.where(ok, det, 1.0)
+    # Newton step, kept inside λp < 1, λq < 1 (F → −∞ at that boundary): at most 90 % of the way to it.
+    bound = 0.9 * inv_lam / frac
+    p_new = jnp.clip(p + (fpq * fq - fqq * fp) * rdet, 0.0, 0.1 * p + bound)
+    q_new = jnp.clip(q + (fpq * fp - fpp * fq) * rdet, 0.0, 0.1 * q + bound)
+    p, q = jnp.where(ok, p_new, p), jnp.where(ok, q_new, q)
   vq, vp = 1.0 - lam * q, 1.0 - lam * p
   valid = (vq > eps) & (vp > eps)
   m = jnp.where(d_ > 0, d_ / jnp.maximum(vq, eps), 0.0)
@@ -135,9 +136,8 @@ def _solve_sorted(a1, a2, a3, a4, lam):
   f_dense = jnp.where(valid, _objective(w_dense, a, lam), jnp.inf)
 
   use_two = (f_two <= f_three) & (f_two <= f_dense)
-  use_three = ~use_two & (f_three <= f_dense)
-  return tuple(
-      jnp.where(use_two, w2, jnp.where(use_three, w3, wd)) for w2, w3, wd in zip(w_two, w_three, w_dense))
+  use_three = f_three <= f_dense
+  return tuple(jnp.where(use_three, w3, wd) for w3, wd in zip(w_three, w_dense)), use_two
 
 
 def _prox_components(y: tuple[jax.Array, ...], lam: jax.Array) -> tuple[jax.Array, ...]:
@@ -145,8 +145,10 @@ def _prox_components(y: tuple[jax.Array, ...], lam: jax.Array) -> tuple[jax.Arra
   mags, idx = _sort4([jnp.abs(c) for c in y])
   scale = mags[0]
   safe = jnp.where(scale > 0, scale, 1.0)
-  w = _solve_sorted(*(v / safe for v in mags), lam * safe)
-  w = [wi * safe for wi in w]
+  w, use_two = _solve_sorted(*(v / safe for v in mags), lam * safe)
+  # The 2-support keeps the input bitwise; shrinkage never increases a magnitude (the clamp removes rounding).
+  zero = jnp.zeros_like(scale)
+  w = [jnp.where(use_two, keep, jnp.minimum(wi * safe, mi)) for wi, mi, keep in zip(w, mags, (*mags[:2], zero, zero))]
   finite = jnp.isfinite(y[0] + y[1] + y[2] + y[3])
   out = []
   for k in range(4):
@@ -212,7 +214,8 @@ def prox_24(x: Any, hyperparams: Any, scaling: ArrayLike = 1.0, *, axis: int = 0
     lam = jnp.asarray(lam) * eta
     if lam.ndim:
       raise ValueError(f"prox_24 hyperparams and scaling must be scalars, got shape {lam.shape}")
-    return _prox_leaf(v, lam, ax)
+    # A strongly typed λ of the compute dtype: Python floats and float32 scalars share one compile.
+    return _prox_leaf(v, jnp.asarray(lam, dtype=_compute_dtype(v.dtype)), ax)
 
   if jax.tree.structure(hyperparams).num_leaves == 1 and jnp.ndim(jax.tree.leaves(hyperparams)[0]) == 0:
     lam0 = jax.tree.leaves(hyperparams)[0]

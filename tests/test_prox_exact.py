@@ -1,0 +1,461 @@
+"""Exactness of ``proxjax.prox_24`` against an independent brute-force reference, plus its API properties.
+
+Exactness is checked one-sidedly on the objective, which is what "exact" can mean for a non-convex problem whose
+minimizer may be non-unique: for every group, with our float32 result ``w`` evaluated in float64,
+
+    objective(w, y, lam) <= ref_obj * (1 + 1e-6) + 1e-12 * max|y|**2,
+
+where ``ref_obj`` is the objective of the brute-force minimizer (``tests/prox_reference.py``, a feasible point, hence an
+upper bound of the true minimum). The absolute floor ``1e-12 * scale**2`` (``scale = max|y|`` of the group) is the size
+of the float32 round-off of the returned weights, ``~(6e-8 * scale)**2 * 4``, with margin: the objective scales as
+``scale**2`` (see the scale invariance in ``prox_reference``). No misses are allowed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+import itertools
+import logging
+import sys
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import proxjax
+
+_TESTS = Path(__file__).resolve().parent
+if str(_TESTS) not in sys.path:
+  sys.path.insert(0, str(_TESTS))
+
+import prox_reference  # noqa: E402  (after the path tweak)
+
+FIXTURE = _TESTS / "fixtures" / "prox_fixture.npz"
+REL_TOL = 1e-6
+ABS_TOL_FACTOR = 1e-12
+LIVE_SEED = 8675309
+LIVE_PER_REGIME = 34  # x 9 regimes = 306 groups
+_CHUNK = 1024  # groups per vmapped call: every batch is padded to this, so the fixture and live tests share 1 compile
+
+
+@functools.cache
+def _fixture_module():
+  """``tests/fixtures/make_prox_fixture.py`` loaded by path (it is a script, not a package module)."""
+  spec = importlib.util.spec_from_file_location("_proxjax_make_prox_fixture", _TESTS / "fixtures" /
+                                                "make_prox_fixture.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Helpers
+
+
+@functools.cache
+def _batched_prox():
+  return jax.jit(jax.vmap(lambda y, lam: proxjax.prox_24(y, lam)))
+
+
+def run_prox_groups(y: np.ndarray, lam: np.ndarray) -> np.ndarray:
+  """``prox_24`` of every row of ``y`` (shape ``(N, 4)``) with its own ``lam``, via ``vmap``; float32 ``(N, 4)``."""
+  n = y.shape[0]
+  n_pad = -(-n // _CHUNK) * _CHUNK
+  yp = np.zeros((n_pad, 4), np.float32)
+  yp[:n] = y
+  lp = np.ones(n_pad, np.float32)
+  lp[:n] = lam
+  f = _batched_prox()
+  out = [np.asarray(f(jnp.asarray(yp[i:i + _CHUNK]), jnp.asarray(lp[i:i + _CHUNK]))) for i in range(0, n_pad, _CHUNK)]
+  w = np.concatenate(out)[:n]
+  assert w.dtype == np.float32
+  return w
+
+
+def check_one_sided(y: np.ndarray, lam: np.ndarray, w: np.ndarray, ref_obj: np.ndarray, labels: np.ndarray,
+                    ref_w: np.ndarray | None = None, what: str = "") -> None:
+  """Asserts the one-sided objective bound, sign preservation and ``|w| <= |y|``, with a per-regime report."""
+  y = np.asarray(y, np.float64)
+  w64 = np.asarray(w, np.float64)
+  ours = prox_reference.objective(w64, y, lam)
+  scale = np.max(np.abs(y), axis=1)
+  tol = REL_TOL * np.abs(ref_obj) + ABS_TOL_FACTOR * scale**2
+  excess = ours - ref_obj - tol
+  finite = np.all(np.isfinite(w64), axis=1)
+  miss = ~finite | ~(excess <= 0)
+  bad_sign = ~np.all(w64 * y >= 0, axis=1)
+  bad_mag = ~np.all(np.abs(w64) <= np.abs(y), axis=1)
+
+  beaten = finite & (ours < ref_obj - tol)
+  if beaten.any():  # Not a failure of prox_24, but a sign the reference missed a global minimum.
+    warnings.warn(f"{what}: prox_24 beats the brute-force reference on {int(beaten.sum())} groups "
+                  f"(regimes {sorted(set(labels[beaten].tolist()))}); the reference may be too weak")
+
+  problems = []
+  for name, mask in (("objective misses", miss), ("sign flips", bad_sign), ("|w| > |y|", bad_mag)):
+    if not mask.any():
+      continue
+    per_regime = {r: int(np.sum(mask & (labels == r))) for r in sorted(set(labels[mask].tolist()))}
+    problems.append(f"{name}: {int(mask.sum())} of {len(y)} groups, per regime {per_regime}")
+    if name == "objective misses":
+      order = np.argsort(-np.where(finite, excess / np.maximum(tol, 1e-300), np.inf))[:min(8, int(mask.sum()))]
+    else:
+      order = np.flatnonzero(mask)[:8]
+    for i in order:
+      line = (f"  [{i}] {labels[i]}: y={y[i].tolist()} lam={lam[i]:.9g} ours={w[i].tolist()} "
+              f"obj={ours[i]:.12g} ref_obj={ref_obj[i]:.12g} excess={excess[i]:.3g} (tol {tol[i]:.3g})")
+      if ref_w is not None:
+        line += f" ref_w={ref_w[i].tolist()}"
+      problems.append(line)
+  assert not problems, f"{what}:\n" + "\n".join(problems)
+
+
+def _groups(x: np.ndarray) -> np.ndarray:
+  """Groups of 4 along axis 0 of a 2-D array, as rows: ``(L, C) -> (L // 4 * C, 4)``."""
+  x = np.asarray(x)
+  l, c = x.shape
+  return x.reshape(l // 4, 4, c).transpose(0, 2, 1).reshape(-1, 4)
+
+
+def _top2_mask(groups: np.ndarray) -> np.ndarray:
+  """NumPy 2:4 mask: the two largest |.| per row, ties broken by the lower index (stable sort)."""
+  order = np.argsort(-np.abs(groups), axis=1, kind="stable")
+  mask = np.zeros(groups.shape, bool)
+  np.put_along_axis(mask, order[:, :2], True, axis=1)
+  return mask
+
+
+def _normal(shape, seed: int) -> np.ndarray:
+  return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
+
+
+SHAPE = (8, 16)  # most property tests share this shape (and so one compilation)
+LAM = 0.7  # with N(0, 1) groups: a mix of dense, 3-sparse and 2-sparse results
+
+
+def _prox(x, lam, **kw) -> np.ndarray:
+  return np.asarray(proxjax.prox_24(jnp.asarray(x), lam, **kw))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Sanity of the reference itself
+
+
+def test_reference_known_cases():
+  y = np.array([0.3, -1.2, 0.7, -0.05])
+  w, obj = prox_reference.brute_force_prox(y, 0.0)
+  np.testing.assert_array_equal(w, y)
+  assert obj == 0.0
+
+  # lam * a1 * a2 >= a3 holds here, yet the 3-sparse point beats keeping the top two.
+  w, obj = prox_reference.brute_force_prox(np.array([0.954, 0.926, 0.919, 0.912]), 1.134)
+  np.testing.assert_allclose(w, [0.623, 0.552, 0.529, 0.0], atol=1.5e-3)
+  top2 = 0.5 * (0.919**2 + 0.912**2)
+  assert obj < top2 - 1e-3
+
+  # Huge lam: keep the top two exactly.
+  w, obj = prox_reference.brute_force_prox(np.array([0.5, -2.0, 1.5, 1.0]), 1e6)
+  np.testing.assert_array_equal(w, [0.0, -2.0, 1.5, 0.0])
+  assert obj == pytest.approx(0.5 * (0.25 + 1.0), rel=1e-15)
+
+  # Tiny lam: dense shrinkage y - lam * grad R(y), up to O(lam^2).
+  lam = 1e-6
+  a = np.abs(y)
+  grad = np.array([sum(a[p] * a[q] for p, q in itertools.combinations([j for j in range(4) if j != i], 2))
+                   for i in range(4)])
+  w, _ = prox_reference.brute_force_prox(y, lam)
+  np.testing.assert_allclose(w, y - lam * np.sign(y) * grad, rtol=0, atol=1e-10)
+
+  # Scale invariance: prox_{lam R}(s y) = s prox_{s lam R}(y).
+  w1, o1 = prox_reference.brute_force_prox(y, 0.9)
+  w2, o2 = prox_reference.brute_force_prox(1e15 * y, 0.9e-15)
+  np.testing.assert_allclose(w2, 1e15 * w1, rtol=1e-12, atol=0)
+  assert o2 == pytest.approx(1e30 * o1, rel=1e-12)
+
+
+def test_reference_beats_grid():
+  """The reference is never worse than the best point of a 21^4 grid over the box (its global search works)."""
+  rng = np.random.default_rng(3)
+  ys = np.concatenate([rng.normal(size=(6, 4)), [[0.954, 0.926, 0.919, 0.912], [1.0, 1.0, 1.0, 1.0]]])
+  lams = np.concatenate([10.0 ** rng.uniform(-1, 1, 6), [1.134, 0.9]])
+  t = np.linspace(0.0, 1.0, 21)
+  unit = np.stack(np.meshgrid(t, t, t, t, indexing="ij"), axis=-1).reshape(-1, 4)
+  for y, lam in zip(ys, lams):
+    _, obj = prox_reference.brute_force_prox(y, lam)
+    grid_min = np.min(prox_reference.objective(unit * y, y, lam))
+    assert obj <= grid_min + 1e-15, (y, lam, obj, grid_min)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Exactness
+
+
+@pytest.fixture(scope="module")
+def fixture_data() -> dict[str, np.ndarray]:
+  if not FIXTURE.exists():
+    pytest.fail(f"{FIXTURE} is missing; run `python tests/fixtures/make_prox_fixture.py`")
+  with np.load(FIXTURE) as f:
+    data = {k: f[k] for k in f.files}
+  data["labels"] = data["regime_names"][data["regime"]]
+  return data
+
+
+def test_fixture_is_consistent(fixture_data):
+  y, lam, w, obj = fixture_data["y"], fixture_data["lam"], fixture_data["w"], fixture_data["obj"]
+  assert y.shape[0] >= 5000 and y.shape == w.shape == (y.shape[0], 4) and lam.shape == obj.shape == (y.shape[0],)
+  np.testing.assert_array_equal(y.astype(np.float32).astype(np.float64), y)  # float32-representable problems
+  np.testing.assert_array_equal(lam.astype(np.float32).astype(np.float64), lam)
+  np.testing.assert_allclose(prox_reference.objective(w, y, lam), obj, rtol=1e-12, atol=0)
+
+
+def test_fixture_exact(fixture_data):
+  y, lam, labels = fixture_data["y"], fixture_data["lam"], fixture_data["labels"]
+  w = run_prox_groups(y, lam)
+  check_one_sided(y, lam, w, fixture_data["obj"], labels, fixture_data["w"], what="fixture (vmap over groups)")
+
+
+def test_fixture_exact_plain_layout(fixture_data):
+  """The lambda_sweep groups through a plain ``(4, n)`` call per lambda (no vmap), same bound."""
+  sel = fixture_data["labels"] == "lambda_sweep"
+  y, lam, obj = fixture_data["y"][sel], fixture_data["lam"][sel], fixture_data["obj"][sel]
+  uniq = np.unique(lam)
+  width = max(int(np.sum(lam == v)) for v in uniq)
+  w = np.empty((y.shape[0], 4), np.float32)
+  for v in uniq:
+    idx = np.flatnonzero(lam == v)
+    cols = np.zeros((4, width), np.float32)
+    cols[:, :idx.size] = y[idx].T
+    w[idx] = _prox(cols, np.float32(v), axis=0)[:, :idx.size].T
+  check_one_sided(y, lam, w, obj, fixture_data["labels"][sel], fixture_data["w"][sel], what="fixture (plain layout)")
+
+
+def test_live_random_groups():
+  mk = _fixture_module()
+  rng = np.random.default_rng(LIVE_SEED)
+  ys, lams, labels = [], [], []
+  for name in mk.REGIMES:
+    yy, ll = mk.generate_groups(name, LIVE_PER_REGIME, rng)
+    ys.append(yy)
+    lams.append(ll)
+    labels += [name] * LIVE_PER_REGIME
+  y, lam, labels = np.concatenate(ys), np.concatenate(lams), np.asarray(labels)
+  t0 = time.perf_counter()
+  ref_w, ref_obj = prox_reference.brute_force_prox_batch(y, lam, seed=LIVE_SEED)
+  elapsed = time.perf_counter() - t0
+  w = run_prox_groups(y, lam)
+  check_one_sided(y, lam, w, ref_obj, labels, ref_w, what=f"live groups (reference took {elapsed:.1f} s)")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Properties
+
+
+def test_nonpositive_lambda_is_identity():
+  x = _normal(SHAPE, 0)
+  for lam in (0.0, -1.0, -1e-30, np.float32(-3.0)):
+    out = _prox(x, lam)
+    assert out.dtype == np.float32
+    np.testing.assert_array_equal(out, x)
+  np.testing.assert_array_equal(_prox(x, 5.0, scaling=0.0), x)
+
+
+def test_scaling_multiplies_hyperparams():
+  x = _normal(SHAPE, 1)
+  np.testing.assert_array_equal(_prox(x, 2.0, scaling=0.25), _prox(x, 0.5))
+
+
+def test_huge_lambda_keeps_top2():
+  x = _normal(SHAPE, 2)
+  g = _groups(x)
+  lam = 1e8 / np.min(np.max(np.abs(g), axis=1))  # lam * max|y| >= 1e8 in every group
+  out = _groups(_prox(x, np.float32(lam)))
+  np.testing.assert_array_equal(out, np.where(_top2_mask(g), g, 0.0))
+  assert bool(proxjax.is_nm(jnp.asarray(_prox(x, np.float32(lam)))))
+
+
+TIE_GROUPS = np.array([
+    [1.0, 1.0, 1.0, 1.0],
+    [0.5, 2.0, 2.0, 2.0],
+    [3.0, 1.0, 1.0, 1.0],
+    [2.0, -2.0, 1.0, 1.0],
+    [1.0, -1.0, 1.0, -1.0],
+    [0.0, 0.0, 0.0, 0.0],
+    [0.0, 0.0, 0.0, 1.0],
+    [0.0, 1.5, 0.0, -1.5],
+    [1.0, 2.0, 1.0, 0.5],
+    [-0.25, 0.75, 0.75, 0.75],
+    [2.0, 1.0, 0.0, 1.0],
+    [1.0, 1.0, 2.0, 0.0],
+], np.float32)
+
+
+def _tie_array(seed: int) -> np.ndarray:
+  """A SHAPE array whose first groups are TIE_GROUPS (the rest random)."""
+  g = _groups(_normal(SHAPE, seed))
+  g[:len(TIE_GROUPS)] = TIE_GROUPS
+  l, c = SHAPE
+  return g.reshape(l // 4, c, 4).transpose(0, 2, 1).reshape(SHAPE)
+
+
+def test_ties_keep_lowest_indices():
+  x = _tie_array(3)
+  g = _groups(x)
+  assert np.array_equal(g[:len(TIE_GROUPS)], TIE_GROUPS)
+  out = _prox(x, np.float32(1e8 / 0.25))
+  assert bool(proxjax.is_nm(jnp.asarray(out)))
+  np.testing.assert_array_equal(_groups(out), np.where(_top2_mask(g), g, 0.0))
+
+
+def test_permutation_invariance():
+  x = _normal(SHAPE, 4)
+  g = _groups(x)
+  base = _groups(_prox(x, LAM))
+  base_obj = prox_reference.objective(base, g, LAM)
+  base_sorted = -np.sort(-np.abs(base), axis=1)
+  scale = np.max(np.abs(g), axis=1)
+  l, c = SHAPE
+  for perm in itertools.permutations(range(4)):
+    xp = x.reshape(l // 4, 4, c)[:, list(perm), :].reshape(SHAPE)
+    out = _groups(_prox(xp, LAM))
+    np.testing.assert_allclose(prox_reference.objective(out, g[:, list(perm)], LAM), base_obj,
+                               rtol=1e-6, atol=1e-12, err_msg=f"permutation {perm}")
+    np.testing.assert_allclose(-np.sort(-np.abs(out), axis=1), base_sorted, rtol=0,
+                               atol=1e-6 * float(np.max(scale)), err_msg=f"permutation {perm}")
+
+
+def test_deterministic():
+  x = _normal(SHAPE, 5)
+  first = _prox(x, LAM)
+  _prox(_normal(SHAPE, 6), 0.3)
+  second = _prox(x, LAM)
+  np.testing.assert_array_equal(first.view(np.uint32), second.view(np.uint32))
+
+
+def test_bfloat16_matches_float32_rounded():
+  xb = jnp.asarray(_normal(SHAPE, 7)).astype(jnp.bfloat16)
+  out = proxjax.prox_24(xb, LAM)
+  assert out.dtype == jnp.bfloat16
+  expected = proxjax.prox_24(xb.astype(jnp.float32), LAM).astype(jnp.bfloat16)
+  np.testing.assert_array_equal(np.asarray(out.astype(jnp.float32)), np.asarray(expected.astype(jnp.float32)))
+
+
+@pytest.mark.parametrize("s", [1e-20, 1e-10, 1e10, 1e20])
+def test_extreme_magnitudes_scale_invariance(s):
+  x = _normal(SHAPE, 8)
+  ref = _prox(x, LAM).astype(np.float64)
+  xs = (x.astype(np.float64) * s).astype(np.float32)
+  out = _prox(xs, np.float32(LAM / s))
+  assert np.all(np.isfinite(out))
+  np.testing.assert_allclose(out.astype(np.float64) / s, ref, rtol=1e-4, atol=1e-5 * float(np.max(np.abs(x))))
+
+
+def test_mixed_magnitudes_are_finite_and_shrink():
+  rng = np.random.default_rng(9)
+  x = (10.0 ** rng.uniform(-20, 20, SHAPE) * rng.choice([-1.0, 1.0], SHAPE)).astype(np.float32)
+  for lam in (1e-20, 1.0, 1e20):
+    out = _prox(x, lam)
+    assert np.all(np.isfinite(out)), f"lam={lam}: non-finite output"
+    bad = np.flatnonzero(out.astype(np.float64) * x < 0)
+    assert not bad.size, f"lam={lam}: sign flips at {bad}: y={x.ravel()[bad]}, w={out.ravel()[bad]}"
+    bad = np.flatnonzero(np.abs(out) > np.abs(x))
+    assert not bad.size, f"lam={lam}: |w| > |y| at {bad}: y={x.ravel()[bad]}, w={out.ravel()[bad]}"
+
+
+class _CompileLog(logging.Handler):
+  """Collects the names of the computations JAX reports compiling (``jax_log_compiles``)."""
+
+  def __init__(self) -> None:
+    super().__init__(logging.DEBUG)
+    self.names: list[str] = []
+
+  def emit(self, record: logging.LogRecord) -> None:
+    msg = record.getMessage()
+    if msg.startswith("Compiling "):
+      self.names.append(msg[len("Compiling "):].split(" with ")[0])
+
+
+@contextlib.contextmanager
+def _log_compiles() -> Iterator[_CompileLog]:
+  handler = _CompileLog()
+  logger = logging.getLogger("jax")
+  logger.addHandler(handler)
+  try:
+    if callable(getattr(jax, "log_compiles", None)):
+      ctx = jax.log_compiles(True)
+    else:  # pragma: no cover - older/newer spellings
+      ctx = jax.config.jax_log_compiles(True)
+    with ctx:
+      yield handler
+  finally:
+    logger.removeHandler(handler)
+
+
+def test_one_compile_per_shape():
+  a = jnp.asarray(_normal((12, 3), 10))
+  b = jnp.asarray(_normal((20, 3), 11))
+  lams = (0.1, 2.0, np.float32(3.0), np.float64(0.3), jnp.float32(0.25), jnp.asarray(1.5), 1e6)
+  warm = jnp.asarray(_normal((4, 1), 12))
+  for lam in (0.5,) + lams:  # warm up eager helpers (scalar conversions of each lambda type) on an unrelated shape
+    jax.block_until_ready(proxjax.prox_24(warm, lam))
+  with _log_compiles() as log:
+    jax.block_until_ready(proxjax.prox_24(a, 0.5))
+    first = list(log.names)
+    if not first:
+      pytest.skip("this JAX version does not report compilations through jax_log_compiles")
+    again = []
+    for lam in lams:
+      n = len(log.names)
+      jax.block_until_ready(proxjax.prox_24(a, lam))
+      if len(log.names) > n:
+        again.append(f"lambda {lam!r} ({type(lam).__name__}) compiled {log.names[n:]}")
+    n = len(log.names)
+    jax.block_until_ready(proxjax.prox_24(b, 0.5))
+    new_shape = log.names[n:]
+  assert len(first) == 1, f"first call compiled {first}"
+  assert not again, "a new lambda value/type recompiled (weak vs. strong typed scalar?): " + "; ".join(again)
+  assert len(new_shape) == 1, f"a new shape compiled {new_shape}"
+
+
+def test_pytree_is_leafwise():
+  tree = {"dense": {"kernel": _normal(SHAPE, 13), "other": _normal(SHAPE, 14)}, "list": [_normal((12, 3), 15)]}
+  out = proxjax.prox_24(tree, LAM)
+  assert jax.tree.structure(out) == jax.tree.structure(tree)
+  for got, leaf in zip(jax.tree.leaves(out), jax.tree.leaves(tree)):
+    np.testing.assert_allclose(np.asarray(got), _prox(leaf, LAM), rtol=1e-6, atol=1e-30)
+
+
+def test_vmap_matches_unbatched():
+  xb = np.stack([_normal(SHAPE, 16 + i) for i in range(3)])
+  lams = np.array([0.3, LAM, 2.0], np.float32)
+  out = jax.vmap(lambda x, lam: proxjax.prox_24(x, lam))(jnp.asarray(xb), jnp.asarray(lams))
+  for i in range(3):
+    np.testing.assert_allclose(np.asarray(out[i]), _prox(xb[i], lams[i]), rtol=1e-5, atol=1e-6)
+
+
+def test_axis_layouts():
+  x_oi = _normal(SHAPE[::-1], 19)  # (d_out, d_in), groups along d_in
+  expected = _prox(x_oi.T, LAM, axis=0).T
+  for axis in (1, -1):
+    np.testing.assert_allclose(_prox(x_oi, LAM, axis=axis), expected, rtol=1e-6, atol=1e-7)
+
+
+def test_errors():
+  with pytest.raises(ValueError, match="divisible"):
+    proxjax.prox_24(jnp.ones((6, 4)), 1.0)
+  with pytest.raises(ValueError, match="divisible"):
+    proxjax.prox_24(jnp.ones((8, 6)), 1.0, axis=1)
+  with pytest.raises(ValueError, match="divisible"):
+    proxjax.prox_24({"ok": jnp.ones((8, 4)), "bad": jnp.ones((8, 6))}, 1.0, axis=-1)
+  with pytest.raises(ValueError, match="float"):
+    proxjax.prox_24(jnp.ones((8, 4), jnp.int32), 1.0)
+  with pytest.raises(ValueError, match="float"):
+    proxjax.prox_24(np.arange(8), 1.0)
+  with pytest.raises(ValueError):
+    proxjax.prox_24(jnp.ones((8, 4)), 1.0, axis=2)

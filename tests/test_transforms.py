@@ -1,0 +1,349 @@
+"""Tests for proxjax.transforms: prox_24_update, project_nm_update, masked_updates (optax chains, jit, Flax NNX)."""
+
+import importlib.util
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import proxjax
+
+LR = 1e-2
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _params(dtype=jnp.float32, shape=(8, 12)):
+  k1, k2 = jax.random.split(jax.random.key(0))
+  return {"dense": {"kernel": jax.random.normal(k1, shape, dtype), "bias": jax.random.normal(k2, shape[-1:], dtype)}}
+
+
+def _grads(i, params):
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(100 + i), len(leaves))
+  return jax.tree.unflatten(treedef, [jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
+
+
+# Bit-exact comparisons are made within ONE jitted program, on materialized updates: across two programs XLA may fuse
+# the adam arithmetic differently (e.g. contract into an FMA), so even plain adam is not bit-reproducible across them.
+@jax.jit
+def _adam_prox_update(params, state, grads, lam, eta):
+  # λ and η are traced arguments, so every test with these shapes shares one compilation.
+  updates, new_state = optax.chain(optax.adam(LR), proxjax.prox_24_update(lam, eta)).update(grads, state, params)
+  plain, _ = optax.adam(LR).update(grads, state[0], params)  # adam alone, from the same state
+  return updates, new_state, plain
+
+
+def _run_prox(params, lam, eta, steps):
+  """Returns the final params and state, and the list of (updates, plain adam updates) of every step."""
+  state = optax.chain(optax.adam(LR), proxjax.prox_24_update(0.0, 1.0)).init(params)
+  history = []
+  for i in range(steps):
+    updates, state, plain = _adam_prox_update(params, state, _grads(i, params), lam, eta)
+    params = optax.apply_updates(params, updates)
+    history.append((updates, plain))
+  return params, state, history
+
+
+def _tree_equal(a, b):
+  return all(jax.tree.leaves(jax.tree.map(lambda x, y: bool(jnp.array_equal(x, y)), a, b)))
+
+
+# ----------------------------------------------------------------------------------------------- prox_24_update
+
+
+def test_prox_huge_lambda_gives_exact_24_along_default_axis_only():
+  params, state, history = _run_prox(_params(), 1e6, 1.0, steps=3)
+  kernel = params["dense"]["kernel"]
+  assert bool(proxjax.is_nm(kernel, axis=0))  # groups along d_in (axis 0) ...
+  assert not bool(proxjax.is_nm(kernel, axis=1))  # ... not along d_out
+  assert float(jnp.mean(kernel == 0)) >= 0.5
+  # The bias is not selected: it receives exactly the adam update.
+  assert all(jnp.array_equal(u["dense"]["bias"], plain["dense"]["bias"]) for u, plain in history)
+  assert int(state[1].count) == 3 and state[1].count.dtype == jnp.int32
+
+
+def test_prox_zero_strength_is_exactly_the_chain_update():
+  for lam, eta in [(0.0, 1.0), (1e6, 0.0), (-1.0, 1.0)]:
+    params, _, history = _run_prox(_params(), lam, eta, steps=3)
+    assert all(_tree_equal(u, plain) for u, plain in history)
+    assert not bool(proxjax.is_nm(params["dense"]["kernel"]))
+
+
+def test_prox_explicit_callable_spec_groups_along_axis_1():
+  spec = lambda path, leaf: 1 if leaf.ndim == 2 else None  # noqa: E731
+  tx = optax.chain(optax.adam(LR), proxjax.prox_24_update(1e6, 1.0, spec=spec))
+  params = _params()
+  state = tx.init(params)
+  step = jax.jit(lambda p, s, g: (lambda u, s: (optax.apply_updates(p, u), s))(*tx.update(g, s, p)))
+  for i in range(2):
+    params, state = step(params, state, _grads(i, params))
+  assert bool(proxjax.is_nm(params["dense"]["kernel"], axis=1))
+  assert not bool(proxjax.is_nm(params["dense"]["kernel"], axis=0))
+
+
+def test_prox_schedules_and_step_count():
+  lam = optax.linear_schedule(0.0, 1e6, transition_steps=2)  # λ_0 = 0, λ_1 = 5e5, λ_2 = 1e6
+  eta = lambda count: jnp.where(count == 2, 0.0, 1.0)  # noqa: E731  η_2 = 0
+  tx = optax.chain(optax.adam(LR), proxjax.prox_24_update(lam, eta))
+
+  @jax.jit
+  def step(params, state, grads):
+    updates, new_state = tx.update(grads, state, params)
+    plain, _ = optax.adam(LR).update(grads, state[0], params)  # what adam alone would do from the same state
+    return updates, new_state, plain
+
+  params = _params()
+  state = tx.init(params)
+  assert int(state[1].count) == 0
+  for t, sparse in enumerate([False, True, False]):
+    updates, state, plain = step(params, state, _grads(t, params))
+    params = optax.apply_updates(params, updates)
+    assert int(state[1].count) == t + 1
+    assert bool(proxjax.is_nm(params["dense"]["kernel"])) == sparse
+    assert _tree_equal(updates, plain) == (not sparse)  # λ_t η_t = 0: exactly the adam update
+
+
+def test_prox_bf16_params_stay_exactly_24():
+  params = _params(jnp.bfloat16, (4, 8))
+  tx = optax.chain(optax.sgd(0.1), proxjax.prox_24_update(1e6, 1.0))
+  state = tx.init(params)
+
+  @jax.jit
+  def step(params, state, grads):
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state, updates
+
+  params, state, updates = step(params, state, _grads(0, params))
+  # Replacing updates are float32, so that apply_updates lands exactly on the bf16 prox output.
+  assert updates["dense"]["kernel"].dtype == jnp.float32 and updates["dense"]["bias"].dtype == jnp.bfloat16
+  assert params["dense"]["kernel"].dtype == jnp.bfloat16
+  assert bool(proxjax.is_nm(params["dense"]["kernel"]))
+
+
+def test_prox_matches_prox_24_leaf_by_leaf_for_mixed_shapes_axes_and_dtypes():
+  # The transform solves the groups of all leaves of one dtype in one batch; the result must be the per-leaf prox.
+  ks = jax.random.split(jax.random.key(3), 4)
+  params = {"a": {"kernel": jax.random.normal(ks[0], (8, 12))},
+            "stack": {"kernel": jax.random.normal(ks[1], (2, 4, 3))},
+            "half": {"kernel": jax.random.normal(ks[2], (4, 8), jnp.bfloat16)},
+            "dense": {"w": jax.random.normal(ks[3], (4, 4))}}
+  axes = {"a": {"kernel": 0}, "stack": {"kernel": 1}, "half": {"kernel": 1}, "dense": {"w": None}}
+  updates = jax.tree.map(lambda p: 0.1 * jnp.ones_like(p), params)
+  tx = proxjax.prox_24_update(0.3, 0.5, spec=axes)
+  out, _ = jax.jit(tx.update)(updates, tx.init(params), params)
+  new = optax.apply_updates(params, out)
+  for name, ax, tol in [("a", 0, 1e-5), ("stack", 1, 1e-5), ("half", 1, 1e-2)]:  # bf16: one ulp
+    z = params[name]["kernel"] + updates[name]["kernel"]
+    assert new[name]["kernel"].dtype == z.dtype
+    np.testing.assert_allclose(new[name]["kernel"].astype(jnp.float32),
+                               proxjax.prox_24(z, 0.3, 0.5, axis=ax).astype(jnp.float32), rtol=tol, atol=tol)
+  assert jnp.array_equal(out["dense"]["w"], updates["dense"]["w"])
+  assert not jnp.allclose(new["a"]["kernel"], params["a"]["kernel"] + 0.1)  # the prox did act
+
+
+def test_prox_requires_scaling_and_params():
+  with pytest.raises(TypeError):
+    proxjax.prox_24_update(1.0)  # pylint: disable=no-value-for-parameter
+  tx = proxjax.prox_24_update(1.0, 1.0)
+  with pytest.raises(ValueError, match="needs the current params"):
+    tx.init(None)
+  params = _params()
+  with pytest.raises(ValueError, match="needs the current params"):
+    tx.update(params, tx.init(params))
+  with pytest.raises(ValueError, match="different tree structures"):
+    tx.update({"dense": {"kernel": params["dense"]["kernel"]}}, tx.init(params), params)
+  with pytest.raises(ValueError, match=r"\['k'\]\['kernel'\].*ambiguous"):
+    tx.init({"k": {"kernel": jnp.ones((2, 4, 4))}})
+
+
+# -------------------------------------------------------------------------------------------- project_nm_update
+
+
+@pytest.mark.parametrize("n, axis", [(2, 0), (1, 1)])
+def test_project_gives_exact_nm_and_keeps_the_chain_update_on_kept_entries(n, axis):
+  tx = optax.chain(optax.adam(LR), proxjax.project_nm_update(n, 4, spec={"dense": {"kernel": axis, "bias": None}}))
+  params = _params()
+  state = tx.init(params)
+
+  @jax.jit
+  def step(params, state, grads):
+    updates, new_state = tx.update(grads, state, params)
+    plain, _ = optax.adam(LR).update(grads, state[0], params)
+    return updates, new_state, plain
+
+  for i in range(4):
+    updates, state, plain = step(params, state, _grads(i, params))
+    params, plain = optax.apply_updates(params, updates), optax.apply_updates(params, plain)
+    kernel = params["dense"]["kernel"]
+    assert bool(proxjax.is_nm(kernel, n, 4, axis=axis))
+    assert float(jnp.mean(kernel == 0)) == 1 - n / 4
+    assert bool(jnp.all((kernel == 0) | (kernel == plain["dense"]["kernel"])))  # kept entries: exact adam step
+    assert jnp.array_equal(params["dense"]["bias"], plain["dense"]["bias"])
+  assert not bool(proxjax.is_nm(params["dense"]["kernel"], n, 4, axis=1 - axis))
+
+
+def test_project_mixed_precision_zeros_are_exact():
+  # f32 params with bf16 updates: −p is not representable in bf16, so the update is returned in f32.
+  params = _params(jnp.float32, (8, 4))
+  tx = proxjax.project_nm_update()
+  updates, _ = jax.jit(tx.update)(jax.tree.map(lambda g: (1e-3 * g).astype(jnp.bfloat16), _grads(0, params)),
+                                  tx.init(params), params)
+  assert updates["dense"]["kernel"].dtype == jnp.float32 and updates["dense"]["bias"].dtype == jnp.bfloat16
+  new = optax.apply_updates(params, updates)
+  assert new["dense"]["kernel"].dtype == jnp.float32
+  assert bool(proxjax.is_nm(new["dense"]["kernel"])) and float(jnp.mean(new["dense"]["kernel"] == 0)) == 0.5
+
+
+def test_project_requires_params():
+  tx = proxjax.project_nm_update()
+  with pytest.raises(ValueError, match="needs the current params"):
+    tx.init(None)
+  params = _params()
+  with pytest.raises(ValueError, match="needs the current params"):
+    tx.update(params, tx.init(params), None)
+  with pytest.raises(ValueError, match="n < m"):
+    proxjax.project_nm_update(4, 4)
+
+
+# ----------------------------------------------------------------------------------------------- masked_updates
+
+
+def test_masked_updates_keep_zeros_exact_over_many_adam_steps():
+  params = _params()
+  params["dense"]["kernel"] = proxjax.project_nm(params["dense"]["kernel"])
+  masks = {"dense": {"kernel": params["dense"]["kernel"] != 0, "bias": None}}
+  # Every gradient entry is non-zero, so adamw alone would move every masked weight.
+  tx = optax.chain(optax.adamw(LR, weight_decay=0.1), proxjax.masked_updates(masks))
+  state = tx.init(params)
+  plain_tx = optax.adamw(LR, weight_decay=0.1)
+  plain_params, plain_state = params, plain_tx.init(params)
+
+  @jax.jit
+  def step(params, state, grads):
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  @jax.jit
+  def plain_step(params, state, grads):
+    updates, state = plain_tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  start = params
+  for i in range(20):
+    grads = _grads(i, params)
+    assert bool(jnp.all(grads["dense"]["kernel"] != 0))
+    params, state = step(params, state, grads)
+    plain_params, plain_state = plain_step(plain_params, plain_state, grads)
+  kernel, mask = params["dense"]["kernel"], masks["dense"]["kernel"]
+  assert bool(jnp.all(kernel[~mask] == 0)) and bool(proxjax.is_nm(kernel))
+  assert bool(jnp.all(kernel[mask] != start["dense"]["kernel"][mask]))  # the kept entries did train
+  assert jnp.array_equal(params["dense"]["bias"], plain_params["dense"]["bias"])  # None: passes through
+  assert state[1].masks["dense"]["kernel"].dtype == jnp.bool_
+
+
+def test_masked_updates_accepts_01_masks_and_prefix_none():
+  params = {"a": {"w": jnp.ones((4,)), "b": jnp.ones((2,))}, "c": jnp.ones((3,))}
+  tx = proxjax.masked_updates({"a": {"w": jnp.array([1.0, 0.0, 1.0, 0.0]), "b": None}, "c": None})
+  updates, _ = jax.jit(tx.update)(jax.tree.map(jnp.ones_like, params), tx.init(params))
+  assert jnp.array_equal(updates["a"]["w"], jnp.array([1.0, 0.0, 1.0, 0.0]))
+  assert jnp.array_equal(updates["a"]["b"], jnp.ones(2)) and jnp.array_equal(updates["c"], jnp.ones(3))
+  tx = proxjax.masked_updates({"a": None, "c": jnp.array([0, 1, 1])})
+  updates, _ = tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params))
+  assert jnp.array_equal(updates["c"], jnp.array([0.0, 1.0, 1.0]))
+
+
+def test_masked_updates_mismatches_raise():
+  params = {"w": jnp.ones((4, 4)), "b": jnp.ones(4)}
+  with pytest.raises(ValueError, match="structure of the params"):
+    proxjax.masked_updates({"w": jnp.ones((4, 4), bool)}).init(params)
+  with pytest.raises(ValueError, match=r"mask for \['w'\] has shape \(4,\).*\(4, 4\)"):
+    proxjax.masked_updates({"w": jnp.ones(4, bool), "b": None}).init(params)
+  tx = proxjax.masked_updates({"w": jnp.ones((4, 4), bool), "b": None})
+  state = tx.init(params)
+  with pytest.raises(ValueError, match="structure of the updates"):
+    tx.update({"w": jnp.ones((4, 4))}, state)
+  with pytest.raises(ValueError, match=r"mask for \['w'\] has shape \(4, 4\).*\(4, 2\)"):
+    tx.update({"w": jnp.ones((4, 2)), "b": jnp.ones(4)}, state)
+  with pytest.raises(ValueError, match="different tree structures"):
+    tx.update({"w": jnp.ones((4, 4)), "b": jnp.ones(4)}, state, {"w": jnp.ones((4, 4))})
+
+
+# -------------------------------------------------------------------------------------------------- Flax NNX
+
+
+class Net(nnx.Module):
+
+  def __init__(self, rngs):
+    self.embed = nnx.Embed(16, 8, rngs=rngs)
+    self.fc1 = nnx.Linear(8, 16, rngs=rngs)
+    self.norm = nnx.LayerNorm(16, rngs=rngs)
+    self.fc2 = nnx.Linear(16, 4, rngs=rngs)
+
+  def __call__(self, ids):
+    return self.fc2(nnx.gelu(self.norm(self.fc1(self.embed(ids)))))
+
+
+def _nnx_loss(model, ids, target):
+  return jnp.mean((model(ids) - target) ** 2)
+
+
+@nnx.jit
+def _nnx_step(model, optimizer, ids, target):
+  loss, grads = nnx.value_and_grad(_nnx_loss)(model, ids, target)
+  optimizer.update(model, grads)
+  return loss
+
+
+def test_nnx_optimizer_prox_makes_kernels_24_and_leaves_the_rest_alone():
+  ids = jax.random.randint(jax.random.key(1), (32,), 0, 16)
+  target = jax.random.normal(jax.random.key(2), (32, 4))
+  model, plain = Net(nnx.Rngs(0)), Net(nnx.Rngs(0))
+  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(LR), proxjax.prox_24_update(1e6, 1.0))
+  opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  plain_opt = nnx.Optimizer(plain, optax.chain(optax.clip_by_global_norm(1.0), optax.adam(LR)), wrt=nnx.Param)
+  _nnx_step(model, opt, ids, target)
+  _nnx_step(plain, plain_opt, ids, target)
+  # After one step (same gradients) everything but the kernels equals the plain adam model. (Two jitted programs
+  # need not round bit for bit alike; exact pass-through is tested above within one program.)
+  for path in [("embed", "embedding"), ("norm", "scale"), ("norm", "bias"), ("fc1", "bias"), ("fc2", "bias")]:
+    a, b = (getattr(getattr(m, path[0]), path[1])[...] for m in (model, plain))
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7, err_msg=str(path))
+  assert not jnp.allclose(model.fc1.kernel[...], plain.fc1.kernel[...])
+  for _ in range(3):
+    _nnx_step(model, opt, ids, target)
+  assert int(opt.opt_state[2].count[...]) == 4
+  for layer in (model.fc1, model.fc2):
+    kernel = layer.kernel[...]
+    assert bool(proxjax.is_nm(kernel)) and float(jnp.mean(kernel == 0)) >= 0.5
+  assert bool(jnp.all(model.embed.embedding[...] != 0)) and bool(jnp.all(model.norm.scale[...] != 0))
+
+
+def test_masked_updates_accepts_masks_built_from_a_wrapped_nnx_state():
+  model = Net(nnx.Rngs(0))
+  wrapped = nnx.state(model, nnx.Param)  # Variables: what nnx.Optimizer passes to init
+  masks = jax.tree.map(lambda p: p > 0 if p.ndim == 2 and p.shape != (16, 8) else None, wrapped)
+  tx = proxjax.masked_updates(masks)
+  state = tx.init(wrapped)
+  pure = nnx.as_pure(wrapped)  # pure arrays: what nnx.Optimizer passes to update
+  updates, _ = jax.jit(tx.update)(jax.tree.map(jnp.ones_like, pure), state, pure)
+  assert isinstance(updates, nnx.State)
+  assert jnp.array_equal(updates["fc1"]["kernel"], (pure["fc1"]["kernel"] > 0).astype(jnp.float32))
+  assert jnp.array_equal(updates["embed"]["embedding"], jnp.ones((16, 8)))
+
+
+# -------------------------------------------------------------------------------------------------- example
+
+
+def test_example_trains_to_24():
+  spec = importlib.util.spec_from_file_location("train_prox_nnx", ROOT / "examples" / "train_prox_nnx.py")
+  example = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(example)
+  out = example.main(dense_steps=10, prox_steps=400, finetune_steps=10, verbose=False)
+  assert out["is_24"] and all(out["is_24"].values()), out
+  assert all(z >= 0.5 for z in out["zero_fraction"].values()), out
+  assert np.isfinite([out["dense_loss"], out["prox_loss"], out["final_loss"]]).all()
+  assert out["prox_steps"] < 400
