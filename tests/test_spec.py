@@ -23,7 +23,8 @@ def model():
 
 
 def _by_path(tree):
-  return {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda v: v is None)[0]}
+  flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda v: v is None)[0]
+  return {jax.tree_util.keystr(p): v for p, v in flat}
 
 
 def test_default_selects_only_2d_kernels_of_nnx_model(model):
