@@ -84,10 +84,11 @@ def _relu_sub(a: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
   return torch.clamp_min(a - t, 0.0)
 
 
-def _torch_sweeps_3(a: torch.Tensor, lam: float, sweeps: int, tol: float | None) -> tuple[torch.Tensor, int]:
-  """3-support candidate: cyclic non-negative soft-thresholding on columns 0..2 from zero (column 3 stays 0).
+def _torch_sweeps(a: torch.Tensor, lam: float, sweeps: int, tol: float | None, k: int) -> tuple[torch.Tensor, int]:
+  """Support ``{0..k-1}`` candidate (k = 3 or 4): cyclic non-negative soft-thresholding from zero, last column first.
 
-  Returns the candidate and the number of sweeps run.
+  Each update is ``w_i = max(0, a_i − λ·∂R/∂w_i)`` with ``∂R/∂w_i`` the sum of the pairwise products of the other
+  support entries. Returns the candidate and the number of sweeps run.
   """
   w = torch.zeros_like(a)
   prev = torch.zeros_like(a) if tol is not None else None
@@ -96,30 +97,10 @@ def _torch_sweeps_3(a: torch.Tensor, lam: float, sweeps: int, tol: float | None)
     done += 1
     if prev is not None:
       prev.copy_(w)
-    w[:, 2] = _relu_sub(a[:, 2], lam * (w[:, 0] * w[:, 1]))
-    w[:, 1] = _relu_sub(a[:, 1], lam * (w[:, 0] * w[:, 2]))
-    w[:, 0] = _relu_sub(a[:, 0], lam * (w[:, 1] * w[:, 2]))
-    if prev is not None and torch.sum(torch.abs(w - prev)).item() < tol:
-      break
-  return w, done
-
-
-def _torch_sweeps_4(a: torch.Tensor, lam: float, sweeps: int, tol: float | None) -> tuple[torch.Tensor, int]:
-  """Dense candidate: cyclic non-negative soft-thresholding on all four columns from zero.
-
-  Returns the candidate and the number of sweeps run.
-  """
-  w = torch.zeros_like(a)
-  prev = torch.zeros_like(a) if tol is not None else None
-  done = 0
-  for _ in range(sweeps):
-    done += 1
-    if prev is not None:
-      prev.copy_(w)
-    w[:, 3] = _relu_sub(a[:, 3], lam * (w[:, 0] * w[:, 1] + w[:, 0] * w[:, 2] + w[:, 1] * w[:, 2]))
-    w[:, 2] = _relu_sub(a[:, 2], lam * (w[:, 0] * w[:, 1] + w[:, 0] * w[:, 3] + w[:, 1] * w[:, 3]))
-    w[:, 1] = _relu_sub(a[:, 1], lam * (w[:, 0] * w[:, 2] + w[:, 0] * w[:, 3] + w[:, 2] * w[:, 3]))
-    w[:, 0] = _relu_sub(a[:, 0], lam * (w[:, 1] * w[:, 2] + w[:, 1] * w[:, 3] + w[:, 2] * w[:, 3]))
+    for i in reversed(range(k)):
+      o = [j for j in range(k) if j != i]
+      grad = sum(w[:, o[x]] * w[:, o[y]] for x in range(len(o)) for y in range(x + 1, len(o)))
+      w[:, i] = _relu_sub(a[:, i], lam * grad)
     if prev is not None and torch.sum(torch.abs(w - prev)).item() < tol:
       break
   return w, done
@@ -156,8 +137,8 @@ def proxsparse_prox_torch(y: torch.Tensor, lam: float, sweeps: int = 100, tol: f
 
   w2 = a.clone()
   w2[:, 2:] = 0.0
-  w3, n3 = _torch_sweeps_3(a, lam, sweeps, tol)
-  w4, n4 = _torch_sweeps_4(a, lam, sweeps, tol)
+  w3, n3 = _torch_sweeps(a, lam, sweeps, tol, 3)
+  w4, n4 = _torch_sweeps(a, lam, sweeps, tol, 4)
   if info is not None:
     info.update(sweeps_3=n3, sweeps_4=n4)
 
