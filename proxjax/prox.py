@@ -45,9 +45,9 @@ from proxjax import nm
 __all__ = ["prox_24", "regularizer_24"]
 
 # Fixed iteration counts (exactness was verified with these; see tests/test_prox_exact.py).
-_NEWTON_3 = 8  # Newton steps on G' for the 3-support
-_HOMOTOPY = 8  # λ stages of the dense homotopy (one Newton step each)
-_CORRECT = 4  # extra Newton steps at the target λ for the dense face
+_NEWTON_3 = 7  # Newton steps on G' for the 3-support
+_HOMOTOPY = 6  # λ stages of the dense homotopy (one Newton step each)
+_CORRECT = 3  # extra Newton steps at the target λ for the dense face
 
 
 def _compute_dtype(dtype) -> jnp.dtype:
