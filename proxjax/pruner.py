@@ -1,0 +1,519 @@
+r"""Layer-wise 2:4 pruning of a linear layer with the exact prox ("Algorithm 2: Matrix Prox Pruner 2:4", SPEC §4).
+
+Flax layout throughout: the kernel ``K`` is ``(d_in, d_out)``, 2:4 groups are 4 consecutive entries along **axis 0**
+(the input axis), ``H = X Xᵀ / n`` is ``(d_in, d_in)`` (mean over calibration tokens) and the local loss is
+``f(K) = ½ tr((K − K₀)ᵀ H (K − K₀))``, ``∇f(K) = H (K − K₀)``.
+
+The prox method, in the preconditioned coordinates of :func:`proxjax.refine.precondition` (``d_j = sqrt(H_jj)``,
+``K̃ = diag(d) K``, ``H̃ = diag(d)⁻¹ H diag(d)⁻¹``, so ``|K̃|`` is the Wanda score):
+
+1. Dead inputs (``H_jj = 0``) are zeroed in ``K̃₀`` (this cannot change the loss) and so count as pruned.
+2. Proximal gradient over the increasing schedule ``λ_k = λ₀ β^k``, ``k = 0, 1, …``:
+
+   .. math::  \tilde V_{k+1} = \mathrm{prox}_{\eta \lambda_k R}\big(\tilde V_k - \eta (\tilde H + \delta I)
+              (\tilde V_k - \tilde K_0)\big), \qquad \tilde V_0 = \tilde K_0, \quad \eta = 1/(L + \delta),\
+              L = \lambda_{\max}(\tilde H),
+
+   i.e. ``prox_24(·, hyperparams=λ_k, scaling=η)`` solves ``argmin_w ½‖w − y‖² + η λ_k R(w)`` (the prox strength is
+   ``η·λ_k``). It stops as soon as every group is 2:4 (``R(Ṽ) = 0``), or when at most ``tail_fraction`` of the groups
+   are left, or at the cap; the leftover groups are finished with :func:`proxjax.project_nm` (reported).
+3. Mask ``M = (Ṽ ≠ 0)``; a group left with fewer than 2 non-zeros is refilled to exactly 2 by the largest ``|K̃₀|``
+   (ties: lower index). Every mask has exactly 2 ``True`` per group.
+4. Refinement on the support ``M`` (:mod:`proxjax.refine`): the paper's masked gradient descent (default, 1000
+   steps) or masked conjugate gradients, started from the prox output.
+5. ``K = diag(d)⁻¹ Ṽ``, cast to the input dtype.
+
+**Iteration estimate** (SPEC §4.4). The prox at strength ``η λ`` leaves a group with sorted magnitudes
+``a1 ≥ a2 ≥ a3 ≥ a4`` 2-sparse only if ``η λ a1 a2 ≥ a3`` (necessary, not sufficient), i.e. ``λ ≥ κ_g / η = L κ_g``
+with ``κ_g = a3/(a1 a2)``. With ``κ`` a high quantile of ``κ_g`` over the groups with ``a3 > 0`` at ``K̃₀``
+(a quantile, not the max: a few unimportant groups would set it), the schedule reaches ``L κ`` after
+
+.. math::  k_{\mathrm{stop}} \approx \log(L\kappa/\lambda_0) / \log\beta
+
+iterations; here ``L`` is ``1/η`` (``λ_max(H̃) + δ``), consistent with the prox strength ``η λ_k``. The same
+constants give ``β = (Lκ/λ₀)^{1/K}`` for an iteration budget ``K`` (option ``budget``) and a scale-free ``λ₀``
+(option ``lam0_relative``: ``λ₀ = lam0_relative · L κ``, which makes the schedule independent of the layer's weight
+scale, since ``R`` is cubic and ``λ₀ = 0.01`` means something different in every layer).
+
+**Compiles.** Every jitted piece is compiled once per layer shape, dtype and static option (``loop``,
+``precision``, ``refine``, and ``cap`` for ``loop="scan"`` only); ``λ₀``, ``β``, ``δ``, ``tail_fraction``, ``cap``
+(while loop), the number of refinement steps, the tolerance and the progress interval (0 = off) are traced, so
+sweeping them or switching the progress bar on does not recompile.
+
+**Loop.** ``loop="while"`` (default) is a ``lax.while_loop`` that exits when done; ``loop="scan"`` is a fixed-length
+``lax.scan`` of ``cap`` iterations whose body is a ``lax.cond`` no-op once done. Both compute the same iterates, bit
+for bit. Measured on a 2-core CPU (``benchmarks/bench_pruner.py`` [4], cap 3000): a no-op iteration costs about
+0.5–2 % of an active one (a loop trip, the predicate and the conditional's dispatch are not free), so the scan is
+1.3–1.95× slower on small layers (64→32, 128→512, 37–159 active iterations) and on par (1.01×) on 576→1536, where
+each active iteration is expensive. Under ``vmap`` the ``cond`` becomes a ``select`` and the no-op is not free at all,
+which is another reason the while loop is the default.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.typing import ArrayLike
+
+from proxjax import baselines, nm
+from proxjax import refine as _refine
+from proxjax.prox import prox_24
+
+__all__ = [
+    "PruneInfo",
+    "PruneResult",
+    "Schedule",
+    "beta_for_budget",
+    "estimate_iterations",
+    "prune_kernel",
+]
+
+_F32 = jnp.float32
+METHODS = ("prox", "magnitude", "wanda", "sparsegpt")
+REFINES = (None, "gd", "cg")
+
+# Largest prox strength η·λ_k·max|K̃₀| the schedule may reach (keeps the prox's λ² terms finite in float32; at this
+# strength every group whose second magnitude is not ~1e-12 times its first is 2-sparse).
+_STRENGTH_LIMIT = 1e12
+
+_PROX_DEFAULTS = dict(lam0=0.01, beta=1.01, cap=3000, damp=0.0, quantile=0.99, lam0_relative=None, budget=None,
+                      tail_fraction=0.0, loop="while")
+_COMMON_DEFAULTS = dict(precision="highest", progress=False, refine_steps=None, refine_tol=1e-6, refine_damp=0.0)
+_SPARSEGPT_KEYS = ("blocksize", "damp")
+_REFINE_STEPS = {"gd": 1000, "cg": 200}
+_PROGRESS_EVERY = 10
+
+
+class Schedule(NamedTuple):
+  """The prox schedule actually used.
+
+  Attributes:
+    lam0: ``λ₀`` (after ``lam0_relative`` was resolved).
+    beta: ``β`` (after ``budget`` was resolved).
+    cap: the iteration cap.
+    lipschitz: ``1/η = λ_max(H̃) + δ``.
+    kappa: the ``quantile`` of ``a3/(a1 a2)`` over groups of ``K̃₀`` with ``a3 > 0`` (0 if there are none).
+    estimated_iterations: ``ceil(log(L κ / λ₀) / log β)`` (at least 0).
+  """
+  lam0: float
+  beta: float
+  cap: int
+  lipschitz: float
+  kappa: float
+  estimated_iterations: int
+
+
+class PruneInfo(NamedTuple):
+  """What :func:`prune_kernel` did.
+
+  Attributes:
+    method: the pruning method.
+    loss_before_refine: relative local loss ``tr(ΔᵀHΔ)/tr(K₀ᵀHK₀)`` of the pruned kernel before refinement (for
+      ``"prox"`` the masked prox output, for the baselines their kernel).
+    loss_after_refine: the same after refinement (equal to ``loss_before_refine`` when ``refine`` is ``None``).
+    iterations: prox-gradient iterations run (0 for the baselines).
+    cap_hit: whether the prox loop reached ``cap`` before every group was 2:4.
+    groups_projected: groups that were not 2:4 when the loop stopped and were finished by ``project_nm``.
+    schedule: the :class:`Schedule` for ``"prox"``, else ``None``.
+    refine: ``None``, ``"gd"`` or ``"cg"``.
+    refine_steps: gradient steps run, or CG iterations used.
+  """
+  method: str
+  loss_before_refine: float
+  loss_after_refine: float
+  iterations: int
+  cap_hit: bool
+  groups_projected: int
+  schedule: Schedule | None
+  refine: str | None
+  refine_steps: int
+
+
+class PruneResult(NamedTuple):
+  """Result of :func:`prune_kernel`.
+
+  Attributes:
+    kernel: the pruned kernel ``(d_in, d_out)`` in the input dtype; at most ``n`` non-zeros per group of ``m``
+      along axis 0, exactly 0 outside ``mask``.
+    mask: bool ``(d_in, d_out)``, exactly ``n`` ``True`` per group of ``m`` along axis 0.
+    info: a :class:`PruneInfo`.
+  """
+  kernel: jax.Array
+  mask: jax.Array
+  info: PruneInfo
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Jitted pieces (one compile per shape / dtype / static option each).
+
+
+@jax.jit
+def _all_finite(kernel: jax.Array, hessian: jax.Array) -> jax.Array:
+  return jnp.all(jnp.isfinite(kernel)) & jnp.all(jnp.isfinite(hessian))
+
+
+def _kappa(k0t: jax.Array, quantile: jax.Array) -> jax.Array:
+  """The ``quantile`` of ``a3/(a1 a2)`` over groups (axis 0) with ``a3 > 0``; 0 if there are none."""
+  a = jnp.sort(nm.split_groups(jnp.abs(k0t), 4, 0), axis=1)  # ascending: a4, a3, a2, a1 along axis 1
+  a3, a2, a1 = a[:, 1], a[:, 2], a[:, 3]
+  ratio = jnp.where(a3 > 0, a3 / jnp.where(a3 > 0, a1 * a2, 1.0), jnp.nan)
+  kappa = jnp.nanquantile(ratio, quantile)
+  return jnp.where(jnp.isfinite(kappa), kappa, 0.0)
+
+
+@functools.partial(jax.jit, static_argnames=("lipschitz",))
+def _setup(kernel: jax.Array, hessian: jax.Array, quantile: jax.Array,
+           lipschitz: bool = True) -> tuple[_refine.Preconditioned, jax.Array, jax.Array]:
+  pre = _refine._precondition(hessian, lipschitz)  # pylint: disable=protected-access
+  k0t = _refine._to_preconditioned(kernel, pre)  # pylint: disable=protected-access
+  return pre, k0t, _kappa(k0t, quantile)
+
+
+def _groups_left(v: jax.Array) -> jax.Array:
+  """Number of groups (along axis 0) with more than 2 non-zeros."""
+  nnz = jnp.sum(nm.split_groups(v, 4, 0) != 0, axis=1)
+  return jnp.sum(nnz > 2, dtype=jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("scan_length", "loop", "precision"))
+def _prox_loop(k0t: jax.Array, ht: jax.Array, eta: jax.Array, damp: jax.Array, lam0: jax.Array, beta: jax.Array,
+               allowed: jax.Array, cap: jax.Array, progress_every: jax.Array, *, loop: str, scan_length: int | None,
+               precision: lax.Precision) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """The prox-gradient loop, projection and mask. Returns ``(Ṽ ⊙ M, M, iterations, groups left)``.
+
+  ``cap`` is traced for ``loop="while"``; ``loop="scan"`` needs the static ``scan_length`` (= cap).
+  """
+  log_lam0, log_beta = jnp.log(lam0), jnp.log(beta)
+  lam_max = _STRENGTH_LIMIT / (eta * jnp.maximum(jnp.max(jnp.abs(k0t)), jnp.finfo(_F32).tiny))
+
+  def step(v, k):
+    lam = jnp.minimum(jnp.exp(log_lam0 + k.astype(_F32) * log_beta), lam_max)
+    y = v - eta * _refine._grad(v, k0t, ht, damp, precision)  # pylint: disable=protected-access
+    v = prox_24(y, lam, eta, axis=0)
+    left = _groups_left(v)
+    _refine._tick("prox", k + 1, progress_every, left)  # pylint: disable=protected-access
+    return v, left
+
+  init = (k0t, jnp.zeros((), jnp.int32), _groups_left(k0t))
+  if loop == "while":
+
+    def cond(state):
+      _, k, left = state
+      return (k < cap) & (left > allowed)
+
+    def body(state):
+      v, k, _ = state
+      v, left = step(v, k)
+      return v, k + 1, left
+
+    v, k, left = lax.while_loop(cond, body, init)
+  elif loop == "scan":
+
+    def scan_body(state, k):
+
+      def go(state):
+        v, _, _ = state
+        v, left = step(v, k)
+        return v, k + 1, left
+
+      return lax.cond(state[2] > allowed, go, lambda s: s, state), None
+
+    (v, k, left), _ = lax.scan(scan_body, init, jnp.arange(scan_length, dtype=jnp.int32))
+  else:
+    raise ValueError(f"loop must be 'while' or 'scan', got {loop!r}")
+
+  v = nm.project_nm(v, 2, 4, axis=0)
+  mask = nm.nm_mask(jnp.where(v != 0, jnp.inf, jnp.abs(k0t)), 2, 4, axis=0)
+  return jnp.where(mask, v, 0.0), mask, k, left
+
+
+@jax.jit
+def _start(kernel: jax.Array, mask: jax.Array, scale: jax.Array) -> jax.Array:
+  return jnp.where(mask, scale[:, None] * kernel.astype(_F32), 0.0)
+
+
+@functools.partial(jax.jit, static_argnames=("refine", "precision", "out_dtype"))
+def _finish(vt: jax.Array, mask: jax.Array, k0t: jax.Array, pre: _refine.Preconditioned, damp: jax.Array,
+            steps: jax.Array, tol: jax.Array, progress_every: jax.Array, *, refine: str | None,
+            precision: lax.Precision, out_dtype: Any) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """Loss before, refinement, loss after, back to the original coordinates and dtype."""
+  ht = pre.hessian
+  before = _refine._relative_loss_t(vt, k0t, ht)  # pylint: disable=protected-access
+  if refine == "gd":
+    eta = 1.0 / (pre.lipschitz + damp)
+    vt = _refine._gd_core(vt, mask, k0t, ht, eta, damp, steps,  # pylint: disable=protected-access
+                          precision=precision, progress_every=progress_every)
+    used = steps
+  elif refine == "cg":
+    vt, used = _refine._cg_core(vt, mask, k0t, ht, damp, steps, tol,  # pylint: disable=protected-access
+                                precision=precision, progress_every=progress_every)
+  else:
+    used = jnp.zeros((), jnp.int32)
+  after = _refine._relative_loss_t(vt, k0t, ht)  # pylint: disable=protected-access
+  kernel = jnp.where(mask, pre.inv_scale[:, None] * vt, 0.0).astype(out_dtype)
+  return kernel, before, after, used
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Host-side checks and schedule.
+
+
+def _as_arrays(kernel: ArrayLike, hessian: ArrayLike, m: int) -> tuple[jax.Array, jax.Array]:
+  kernel = jnp.asarray(kernel)
+  hessian = jnp.asarray(hessian)
+  if kernel.ndim != 2:
+    raise ValueError(f"kernel must be 2-D (d_in, d_out) in Flax layout, got shape {kernel.shape}")
+  if hessian.ndim != 2 or hessian.shape[0] != hessian.shape[1]:
+    raise ValueError(f"hessian must be a square (d_in, d_in) matrix, got shape {hessian.shape}")
+  if hessian.shape[0] != kernel.shape[0]:
+    raise ValueError(f"hessian {hessian.shape} does not match the kernel's input axis: kernel {kernel.shape} is "
+                     f"(d_in, d_out) in Flax layout, so the hessian must be ({kernel.shape[0]}, {kernel.shape[0]}) "
+                     "(a PyTorch weight (d_out, d_in) must be transposed first)")
+  if kernel.shape[0] % m:
+    raise ValueError(f"the input axis of the kernel (d_in = {kernel.shape[0]}, axis 0) is not divisible by m = {m}")
+  for name, a in (("kernel", kernel), ("hessian", hessian)):
+    if not jnp.issubdtype(a.dtype, jnp.floating):
+      raise ValueError(f"{name} must be a floating-point array, got dtype {a.dtype}")
+  if not bool(_all_finite(kernel, hessian)):
+    raise ValueError("kernel and hessian must be finite (found NaN or inf)")
+  return kernel, hessian
+
+
+def _constants(kernel: jax.Array, hessian: jax.Array, quantile: float, damp: float, lipschitz: bool = True):
+  if not 0.0 < quantile <= 1.0:
+    raise ValueError(f"quantile must be in (0, 1], got {quantile}")
+  if damp < 0:
+    raise ValueError(f"damp must be >= 0, got {damp}")
+  pre, k0t, kappa = _setup(kernel, hessian, jnp.asarray(quantile, _F32), lipschitz=lipschitz)
+  return pre, k0t, float(pre.lipschitz) + damp, float(kappa)
+
+
+def _estimate(lipschitz: float, kappa: float, lam0: float, beta: float) -> int:
+  if kappa <= 0 or lipschitz * kappa <= lam0:
+    return 0
+  if beta <= 1.0:
+    raise ValueError(f"beta must be > 1 for an iteration estimate, got {beta}")
+  return max(0, math.ceil(math.log(lipschitz * kappa / lam0) / math.log(beta)))
+
+
+def _budget_beta(lipschitz: float, kappa: float, lam0: float, budget: int) -> float:
+  if not (isinstance(budget, int) and budget >= 1):
+    raise ValueError(f"the iteration budget must be a positive int, got {budget!r}")
+  ratio = lipschitz * kappa / lam0
+  return ratio ** (1.0 / budget) if ratio > 1.0 + 1e-3 else 1.0 + 1e-3
+
+
+def estimate_iterations(kernel: ArrayLike, hessian: ArrayLike, lam0: float = 0.01, beta: float = 1.01, *,
+                        quantile: float = 0.99, damp: float = 0.0) -> int:
+  r"""Estimated number of prox-gradient iterations until (almost) every group is 2:4 (SPEC §4.4).
+
+  .. math::  k_{\mathrm{stop}} = \Big\lceil \log(L\kappa/\lambda_0) / \log\beta \Big\rceil,
+
+  ``L = λ_max(H̃) + δ = 1/η`` and ``κ`` the ``quantile`` of ``a3/(a1 a2)`` over the groups of ``K̃₀ = diag(d) K``
+  with ``a3 > 0`` (``a`` the sorted magnitudes of a group). A group can only be 2-sparse after a prox of strength
+  ``η λ_k`` if ``η λ_k a1 a2 >= a3``, i.e. ``λ_k >= L κ_g``. It is an estimate: the prox-gradient iterates move, and the
+  threshold test is necessary, not sufficient; the last few groups (above the quantile) take longer.
+
+  Args:
+    kernel: ``(d_in, d_out)``, Flax layout.
+    hessian: ``H`` ``(d_in, d_in)``.
+    lam0: ``λ₀``.
+    beta: ``β > 1``.
+    quantile: the quantile of ``a3/(a1 a2)`` used for ``κ``.
+    damp: the damping ``δ`` used by the pruner.
+
+  Returns:
+    The estimate (a Python int, 0 if ``λ₀ >= L κ``).
+
+  Example:
+    >>> import jax.numpy as jnp, proxjax.pruner as pruner
+    >>> k = jnp.array([[1.], [1.], [1.], [1.]])
+    >>> pruner.estimate_iterations(k, jnp.eye(4), lam0=0.01, beta=10.0)  # L = 1, κ = 1: ⌈log(100)/log(10)⌉
+    2
+  """
+  kernel, hessian = _as_arrays(kernel, hessian, 4)
+  _, _, lipschitz, kappa = _constants(kernel, hessian, quantile, damp)
+  return _estimate(lipschitz, kappa, lam0, beta)
+
+
+def beta_for_budget(kernel: ArrayLike, hessian: ArrayLike, budget: int, lam0: float = 0.01, *,
+                    quantile: float = 0.99, damp: float = 0.0) -> float:
+  r"""The growth factor ``β = (L κ / λ₀)^{1/K}`` that reaches ``L κ`` in ``K = budget`` iterations.
+
+  The constants are those of :func:`estimate_iterations`; when ``λ₀ >= L κ`` already, ``β = 1.001``.
+
+  Example:
+    >>> import jax.numpy as jnp, proxjax.pruner as pruner
+    >>> k = jnp.array([[1.], [1.], [1.], [1.]])
+    >>> round(pruner.beta_for_budget(k, jnp.eye(4), 2, lam0=0.01), 6)  # 100 ** (1/2)
+    10.0
+  """
+  kernel, hessian = _as_arrays(kernel, hessian, 4)
+  _, _, lipschitz, kappa = _constants(kernel, hessian, quantile, damp)
+  return _budget_beta(lipschitz, kappa, lam0, budget)
+
+
+def _progress_every(progress: Any) -> int:
+  if progress is True:
+    return _PROGRESS_EVERY
+  if progress is False or progress is None:
+    return 0
+  if isinstance(progress, int) and progress > 0:
+    return progress
+  raise ValueError(f"progress must be a bool or a positive int (report every N iterations), got {progress!r}")
+
+
+def _split_options(method: str, options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+  """Validated (common options, method options) with defaults filled in."""
+  common = dict(_COMMON_DEFAULTS)
+  own = dict(_PROX_DEFAULTS) if method == "prox" else {}
+  allowed = set(common) | (set(_PROX_DEFAULTS) if method == "prox" else set())
+  if method == "sparsegpt":
+    allowed |= set(_SPARSEGPT_KEYS)
+  unknown = sorted(set(options) - allowed)
+  if unknown:
+    raise TypeError(f"prune_kernel(method={method!r}) got unexpected options {unknown}; allowed: {sorted(allowed)}")
+  for key, value in options.items():
+    (common if key in common else own)[key] = value
+  return common, own
+
+
+def _baseline(method: str, kernel: jax.Array, hessian: jax.Array, n: int, m: int,
+              own: dict[str, Any]) -> tuple[jax.Array, jax.Array]:
+  if method == "magnitude":
+    mask = baselines.magnitude_mask(kernel, n=n, m=m)
+    return jnp.where(mask, kernel, jnp.zeros((), kernel.dtype)), mask
+  if method == "wanda":
+    mask = baselines.wanda_mask(kernel, hessian, n=n, m=m)
+    return jnp.where(mask, kernel, jnp.zeros((), kernel.dtype)), mask
+  new_kernel, mask = baselines.sparsegpt(kernel, hessian, n=n, m=m, **own)
+  return jnp.where(mask, jnp.asarray(new_kernel, kernel.dtype), jnp.zeros((), kernel.dtype)), mask
+
+
+_DEFAULT = object()
+
+
+def prune_kernel(kernel: ArrayLike, hessian: ArrayLike, method: str = "prox", *, n: int = 2, m: int = 4,
+                 refine: Any = _DEFAULT, **options: Any) -> PruneResult:
+  r"""Prunes one linear layer to N:M sparsity along its input axis, minimizing the local loss.
+
+  The local loss is ``f(K) = ½ tr((K − K₀)ᵀ H (K − K₀))`` with ``K₀ = kernel`` and ``H = hessian = X Xᵀ / n``.
+  ``method="prox"`` runs the prox-gradient schedule of this module's docstring on
+
+  .. math::  \min_K f(K) + \lambda R(K) \text{ for } \lambda = \lambda_0, \lambda_0\beta, \lambda_0\beta^2, \dots
+
+  (2:4 only) until ``K`` is 2:4, then refines on the found support. ``"magnitude"``, ``"wanda"`` and ``"sparsegpt"``
+  call :mod:`proxjax.baselines`; with ``refine`` they become the paper's "+GD" baselines. ``refine`` minimizes ``f``
+  over the support (:mod:`proxjax.refine`).
+
+  Not jittable itself (it checks values and returns Python numbers in ``info``); its pieces are jitted, once per
+  shape and static option.
+
+  Args:
+    kernel: the dense kernel ``(d_in, d_out)`` (Flax layout; a PyTorch weight must be transposed), any float dtype.
+    hessian: ``H`` ``(d_in, d_in)``, float32 recommended (accumulated as a mean over tokens).
+    method: ``"prox"``, ``"magnitude"``, ``"wanda"`` or ``"sparsegpt"``.
+    n: kept entries per group.
+    m: group size; groups are ``m`` consecutive entries along axis 0.
+    refine: ``None``, ``"gd"`` or ``"cg"``; default ``"gd"`` for ``"prox"`` (as in the paper), ``None`` otherwise.
+    **options: for ``"prox"``: ``lam0`` (0.01), ``beta`` (1.01), ``cap`` (3000), ``damp`` (δ = 0: added as ``δ·I`` to
+      ``H̃`` inside the loop), ``quantile`` (0.99, for ``κ``), ``lam0_relative`` (None; else ``λ₀ = lam0_relative·Lκ``),
+      ``budget`` (None; else ``β = (Lκ/λ₀)^{1/budget}``), ``tail_fraction`` (0.0: stop when at most this fraction of
+      groups is not 2:4 and project those), ``loop`` (``"while"`` or ``"scan"``). For ``"sparsegpt"``:
+      ``blocksize``, ``damp`` (its own defaults). For all: ``refine_steps`` (1000 for GD, a cap of 200 for CG),
+      ``refine_tol`` (1e-6, CG), ``refine_damp`` (0.0), ``precision`` of the per-iteration matmuls (``"highest"``),
+      ``progress`` (False; True or N shows a tqdm bar updated every 10 or N iterations from inside the compiled loop).
+
+  Returns:
+    A :class:`PruneResult` ``(kernel, mask, info)``.
+
+  Raises:
+    ValueError: bad shapes (non-2-D kernel, non-square hessian, mismatched ``d_in``, ``d_in`` not divisible by
+      ``m``), non-finite inputs, an unknown method or refinement, ``"prox"`` with ``(n, m) != (2, 4)``, bad options.
+    TypeError: an option the method does not take.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, proxjax
+    >>> from proxjax.pruner import prune_kernel
+    >>> x = jax.random.normal(jax.random.key(0), (8, 256))
+    >>> k = jax.random.normal(jax.random.key(1), (8, 4))
+    >>> res = prune_kernel(k, x @ x.T / 256, lam0=0.01, beta=1.2)
+    >>> bool(proxjax.is_nm(res.kernel)), res.mask.sum(axis=0).tolist()
+    (True, [4, 4, 4, 4])
+    >>> res.info.loss_after_refine <= res.info.loss_before_refine
+    True
+  """
+  if method not in METHODS:
+    raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+  if refine is _DEFAULT:
+    refine = "gd" if method == "prox" else None
+  if refine not in REFINES:
+    raise ValueError(f"refine must be one of {REFINES}, got {refine!r}")
+  nm._check_nm(n, m)  # pylint: disable=protected-access
+  if method == "prox" and (n, m) != (2, 4):
+    raise ValueError(f"method='prox' prunes to 2:4 only (its regularizer is 2:4-specific), got n={n}, m={m}; "
+                     "use 'wanda' or 'sparsegpt' for other N:M patterns")
+  common, own = _split_options(method, options)
+  kernel, hessian = _as_arrays(kernel, hessian, m)
+  precision = _refine._precision(common["precision"])  # pylint: disable=protected-access
+  every = _progress_every(common["progress"])
+  refine_steps = common["refine_steps"]
+  if refine_steps is None:
+    refine_steps = _REFINE_STEPS.get(refine, 0)
+  if not (isinstance(refine_steps, int) and refine_steps >= 0):
+    raise ValueError(f"refine_steps must be a non-negative int, got {refine_steps!r}")
+  if common["refine_damp"] < 0 or common["refine_tol"] < 0:
+    raise ValueError("refine_damp and refine_tol must be >= 0")
+
+  schedule, iterations, cap_hit, projected = None, 0, False, 0
+  if method == "prox":
+    lam0, beta, cap = own["lam0"], own["beta"], own["cap"]
+    if not (isinstance(cap, int) and cap >= 1):
+      raise ValueError(f"cap must be a positive int, got {cap!r}")
+    if own["loop"] not in ("while", "scan"):
+      raise ValueError(f"loop must be 'while' or 'scan', got {own['loop']!r}")
+    if not 0.0 <= own["tail_fraction"] < 1.0:
+      raise ValueError(f"tail_fraction must be in [0, 1), got {own['tail_fraction']}")
+    pre, k0t, lipschitz, kappa = _constants(kernel, hessian, own["quantile"], own["damp"])
+    if own["lam0_relative"] is not None:
+      lam0 = own["lam0_relative"] * lipschitz * kappa if kappa > 0 else lam0
+    if own["budget"] is not None:
+      beta = _budget_beta(lipschitz, kappa, lam0, own["budget"])
+    if not lam0 > 0:
+      raise ValueError(f"lam0 must be > 0, got {lam0}")
+    if not beta >= 1.0:
+      raise ValueError(f"beta must be >= 1, got {beta}")
+    estimate = _estimate(lipschitz, kappa, lam0, beta) if beta > 1.0 else cap
+    allowed = int(own["tail_fraction"] * (kernel.shape[0] // 4 * kernel.shape[1]))
+    with _refine._progress_bar("prox", cap, "prox 2:4", every > 0):  # pylint: disable=protected-access
+      vt, mask, k, left = _prox_loop(k0t, pre.hessian, jnp.asarray(1.0 / lipschitz, _F32),
+                                     jnp.asarray(own["damp"], _F32), jnp.asarray(lam0, _F32),
+                                     jnp.asarray(beta, _F32), jnp.asarray(allowed, jnp.int32),
+                                     jnp.asarray(cap, jnp.int32), jnp.asarray(every, jnp.int32), loop=own["loop"],
+                                     scan_length=cap if own["loop"] == "scan" else None, precision=precision)
+      iterations, projected = int(k), int(left)
+    cap_hit = projected > allowed
+    schedule = Schedule(float(lam0), float(beta), cap, lipschitz, kappa, estimate)
+    base_kernel = None
+  else:
+    pre, k0t, _, _ = _constants(kernel, hessian, 0.5, 0.0, lipschitz=refine == "gd")  # eigvalsh only for GD's η
+    base_kernel, mask = _baseline(method, kernel, hessian, n, m, own)
+    mask = jnp.asarray(mask, bool)
+    vt = _start(base_kernel, mask, pre.scale)
+
+  with _refine._progress_bar("refine", refine_steps, f"refine ({refine})",  # pylint: disable=protected-access
+                             every > 0 and refine is not None):
+    out, before, after, used = _finish(vt, mask, k0t, pre, jnp.asarray(common["refine_damp"], _F32),
+                                       jnp.asarray(refine_steps, jnp.int32), jnp.asarray(common["refine_tol"], _F32),
+                                       jnp.asarray(every, jnp.int32), refine=refine, precision=precision,
+                                       out_dtype=jnp.dtype(kernel.dtype))
+    before, after, used = float(before), float(after), int(used)
+  if base_kernel is not None and refine is None:
+    out = base_kernel  # the baseline's own values, bit for bit
+  info = PruneInfo(method, before, after, iterations, cap_hit, projected, schedule, refine, used)
+  return PruneResult(out, mask, info)
