@@ -420,7 +420,8 @@ def prune_kernel(kernel: ArrayLike, hessian: ArrayLike, method: str = "prox", *,
     method: ``"prox"``, ``"magnitude"``, ``"wanda"`` or ``"sparsegpt"``.
     n: kept entries per group.
     m: group size; groups are ``m`` consecutive entries along axis 0.
-    refine: ``None``, ``"gd"`` or ``"cg"``; default ``"gd"`` for ``"prox"`` (as in the paper), ``None`` otherwise.
+    refine: ``None``, ``"gd"`` or ``"cg"``; default ``"cg"`` for ``"prox"`` (the paper uses ``"gd"``, 1000 steps;
+      CG reaches the same loss in a few dozen steps, see benchmarks/README.md), ``None`` for the baselines.
     **options: for ``"prox"``: ``lam0`` (0.01), ``beta`` (1.01), ``cap`` (3000), ``damp`` (δ = 0: added as ``δ·I`` to
       ``H̃`` inside the loop), ``quantile`` (0.99, for ``κ``), ``lam0_relative`` (None; else ``λ₀ = lam0_relative·Lκ``),
       ``budget`` (None; else ``β = (Lκ/λ₀)^{1/budget}``), ``tail_fraction`` (0.0: stop when at most this fraction of
@@ -451,7 +452,7 @@ def prune_kernel(kernel: ArrayLike, hessian: ArrayLike, method: str = "prox", *,
   if method not in METHODS:
     raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
   if refine is _DEFAULT:
-    refine = "gd" if method == "prox" else None
+    refine = "cg" if method == "prox" else None
   if refine not in REFINES:
     raise ValueError(f"refine must be one of {REFINES}, got {refine!r}")
   nm._check_nm(n, m)  # pylint: disable=protected-access

@@ -75,8 +75,16 @@ def toy_results():
       "magnitude": prune_kernel(k, h, "magnitude"),
       "wanda": prune_kernel(k, h, "wanda"),
       "wanda+gd": prune_kernel(k, h, "wanda", refine="gd"),
-      "prox+gd": prune_kernel(k, h, "prox", lam0=0.01, beta=1.2),
+      "prox+gd": prune_kernel(k, h, "prox", lam0=0.01, beta=1.2, refine="gd"),
+      "prox+default": prune_kernel(k, h, "prox", lam0=0.01, beta=1.2),
   }
+
+
+def test_prox_default_refinement_is_cg_and_matches_gd(toy_results):
+  _, _, r = toy_results
+  assert r["prox+default"].info.refine == "cg"
+  np.testing.assert_allclose(r["prox+default"].info.loss_after_refine, r["prox+gd"].info.loss_after_refine, rtol=1e-3)
+  np.testing.assert_array_equal(np.asarray(r["prox+default"].mask), np.asarray(r["prox+gd"].mask))
 
 
 def test_toy_ordering(toy_results):
@@ -238,7 +246,7 @@ def test_progress_bar_updates(monkeypatch):
   import tqdm.auto  # pylint: disable=import-outside-toplevel
   monkeypatch.setattr(tqdm.auto, "tqdm", FakeBar)
   k, h = _small()
-  res = prune_kernel(k, h, lam0=0.01, beta=1.1, progress=4, refine_steps=30)
+  res = prune_kernel(k, h, lam0=0.01, beta=1.1, progress=4, refine="gd", refine_steps=30)
   prox_bar, refine_bar = bars
   assert prox_bar.n == res.info.iterations // 4 * 4 > 0 and "groups_left" in prox_bar.postfix
   assert refine_bar.n == 28 and refine_bar.total == 30
