@@ -19,8 +19,8 @@ The prox method, in the preconditioned coordinates of :func:`proxjax.refine.prec
    are left, or at the cap; the leftover groups are finished with :func:`proxjax.project_nm` (reported).
 3. Mask ``M = (Ṽ ≠ 0)``; a group left with fewer than 2 non-zeros is refilled to exactly 2 by the largest ``|K̃₀|``
    (ties: lower index). Every mask has exactly 2 ``True`` per group.
-4. Refinement on the support ``M`` (:mod:`proxjax.refine`): the paper's masked gradient descent (default, 1000
-   steps) or masked conjugate gradients, started from the prox output.
+4. Refinement on the support ``M`` (:mod:`proxjax.refine`): masked conjugate gradients (default) or the paper's
+   masked gradient descent (1000 steps), started from the prox output; CG reaches GD's loss in far fewer steps.
 5. ``K = diag(d)⁻¹ Ṽ``, cast to the input dtype.
 
 **Iteration estimate** (SPEC §4.4). The prox at strength ``η λ`` leaves a group with sorted magnitudes
