@@ -35,6 +35,7 @@ import numpy as np
 
 import proxjax
 from proxjax import baselines, pruner, refine
+from proxjax.toy import correlated_pairs_layer
 
 _HI = jax.lax.Precision.HIGHEST
 
@@ -59,12 +60,8 @@ def _layer(d_in: int, d_out: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray
 
 
 def _toy() -> tuple[np.ndarray, np.ndarray]:
-  rng = np.random.default_rng(0)
-  z = rng.normal(size=(64, 4000))
-  x = z.copy()
-  x[1::2] = 0.95 * z[0::2] + np.sqrt(1 - 0.95**2) * z[1::2]
-  x *= rng.uniform(0.5, 2.0, size=(64, 1))
-  return rng.normal(size=(32, 64)).T.astype(np.float32), (x @ x.T / 4000).astype(np.float32)
+  k, _, h = correlated_pairs_layer()
+  return k, h.astype(np.float32)
 
 
 @jax.jit

@@ -11,6 +11,7 @@ import argparse
 import numpy as np
 
 import proxjax
+from proxjax.toy import correlated_pairs_layer
 
 METHODS = [
     ("magnitude", "magnitude", None, {}),
@@ -28,15 +29,9 @@ METHODS = [
 
 
 def toy(seed: int) -> tuple[np.ndarray, np.ndarray]:
-  """SPEC §8: z ~ N(0, I); x_{2j+1} = 0.95 z_{2j} + sqrt(1 − 0.95²) z_{2j+1}; scales U(0.5, 2); W ~ N(0, 1)."""
-  rng = np.random.default_rng(seed)
-  d_in, d_out, n = 64, 32, 4000
-  z = rng.normal(size=(d_in, n))
-  x = z.copy()
-  x[1::2] = 0.95 * z[0::2] + np.sqrt(1 - 0.95**2) * z[1::2]
-  x *= rng.uniform(0.5, 2.0, size=(d_in, 1))
-  w = rng.normal(size=(d_out, d_in))
-  return w.T.astype(np.float32), (x @ x.T / n).astype(np.float32)
+  """SPEC §8 (:func:`proxjax.toy.correlated_pairs_layer`): the kernel and ``H`` float32."""
+  k, _, h = correlated_pairs_layer(seed=seed)
+  return k, h.astype(np.float32)
 
 
 def main() -> None:

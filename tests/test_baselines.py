@@ -18,6 +18,7 @@ import torch
 
 import proxjax
 from proxjax import baselines as bl
+from proxjax.toy import correlated_pairs_layer
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks"))
 from sparsegpt_torch import sparsegpt_torch  # noqa: E402
@@ -34,15 +35,8 @@ def _keep_rows(scores: np.ndarray, n: int = 2, m: int = 4) -> np.ndarray:
 
 
 def _toy(d_in: int = 64, d_out: int = 32, tokens: int = 4000, seed: int = 0):
-  """SPEC §8: consecutive feature pairs strongly correlated, each feature scaled by U(0.5, 2), W ~ N(0, 1).
-  Returns the kernel ``(d_in, d_out)`` float32, ``X`` ``(d_in, tokens)`` float64 and ``H = X Xᵀ / n`` float64."""
-  rng = np.random.default_rng(seed)
-  z = rng.normal(size=(d_in, tokens))
-  x = z.copy()
-  x[1::2] = 0.95 * z[0::2] + np.sqrt(1 - 0.95**2) * z[1::2]
-  x *= rng.uniform(0.5, 2.0, size=(d_in, 1))
-  w = rng.normal(size=(d_out, d_in))
-  return w.T.astype(np.float32), x, x @ x.T / tokens
+  """SPEC §8 toy: the kernel ``(d_in, d_out)`` float32, ``X`` float64 and ``H = X Xᵀ / n`` float64."""
+  return correlated_pairs_layer(d_in, d_out, tokens, seed=seed)
 
 
 def _anisotropic_h(d: int, seed: int) -> np.ndarray:

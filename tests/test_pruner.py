@@ -13,18 +13,13 @@ import pytest
 import proxjax
 from proxjax import baselines, pruner
 from proxjax.pruner import prune_kernel
+from proxjax.toy import correlated_pairs_layer
 
 
 def _toy(seed: int = 0):
   """SPEC §8: d_in = 64, d_out = 32, n = 4000, features in correlated pairs, scales U(0.5, 2), W ~ N(0, 1)."""
-  rng = np.random.default_rng(seed)
-  d_in, d_out, n = 64, 32, 4000
-  z = rng.normal(size=(d_in, n))
-  x = z.copy()
-  x[1::2] = 0.95 * z[0::2] + np.sqrt(1 - 0.95**2) * z[1::2]
-  x *= rng.uniform(0.5, 2.0, size=(d_in, 1))
-  w = rng.normal(size=(d_out, d_in))
-  return w.T.astype(np.float32), (x @ x.T / n).astype(np.float32)
+  k, _, h = correlated_pairs_layer(seed=seed)
+  return k, h.astype(np.float32)
 
 
 def _small(d_in=32, d_out=12, n=200, seed=1, dead=(), tokens=None):
