@@ -30,16 +30,20 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 
 def _check_kernel(kernel: jax.Array, m: int) -> None:
   if kernel.ndim != 2:
-    raise ValueError(f"kernel must be a 2-D (d_in, d_out) array, got shape {kernel.shape}")
-  if not jnp.issubdtype(kernel.dtype, jnp.floating):
-    raise ValueError(f"kernel must be floating point, got dtype {kernel.dtype}")
-  nm.group_axis(kernel.shape, m, 0)
+    raise ValueError(f"kernel must be a 2-D (d_in, d_out) array in Flax layout, got shape {kernel.shape}")
+  nm._check_floating(kernel, "kernel")
+  if kernel.shape[0] % m:
+    raise ValueError(f"the input axis of the kernel (d_in = {kernel.shape[0]}, axis 0) is not divisible by m = {m}")
 
 
-def _check_hessian(hessian: jax.Array, d_in: int) -> None:
-  if hessian.shape != (d_in, d_in):
-    raise ValueError(f"hessian must have shape (d_in, d_in) = ({d_in}, {d_in}) for a (d_in, d_out) kernel, "
-                     f"got {hessian.shape}")
+def _check_hessian(hessian: jax.Array, kernel: jax.Array) -> None:
+  if hessian.ndim != 2 or hessian.shape[0] != hessian.shape[1]:
+    raise ValueError(f"hessian must be a square (d_in, d_in) matrix, got shape {hessian.shape}")
+  if hessian.shape[0] != kernel.shape[0]:
+    raise ValueError(f"hessian {hessian.shape} does not match the kernel's input axis: kernel {kernel.shape} is "
+                     f"(d_in, d_out) in Flax layout, so the hessian must be ({kernel.shape[0]}, {kernel.shape[0]}) "
+                     "(a PyTorch weight (d_out, d_in) must be transposed first)")
+  nm._check_floating(hessian, "hessian")
 
 
 def magnitude_mask(kernel: ArrayLike, n: int = 2, m: int = 4) -> jax.Array:
@@ -91,7 +95,7 @@ def wanda_mask(kernel: ArrayLike, hessian: ArrayLike, n: int = 2, m: int = 4) ->
   """
   kernel, hessian = jnp.asarray(kernel), jnp.asarray(hessian)
   _check_kernel(kernel, m)
-  _check_hessian(hessian, kernel.shape[0])
+  _check_hessian(hessian, kernel)
   nm._check_nm(n, m)
   return _wanda(kernel, hessian, n, m)
 
@@ -233,7 +237,7 @@ def sparsegpt_unchecked(kernel: ArrayLike, hessian: ArrayLike, *, n: int = 2, m:
   """
   kernel, hessian = jnp.asarray(kernel), jnp.asarray(hessian)
   _check_kernel(kernel, m)
-  _check_hessian(hessian, kernel.shape[0])
+  _check_hessian(hessian, kernel)
   nm._check_nm(n, m)
   if not isinstance(blocksize, int) or blocksize < 1 or blocksize % m:
     raise ValueError(f"blocksize must be a positive multiple of m={m} (groups may not straddle blocks), "

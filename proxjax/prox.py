@@ -166,13 +166,6 @@ def _prox_leaf(x: jax.Array, lam: jax.Array, axis: int) -> jax.Array:
   return nm.merge_groups(jnp.stack(w, axis=axis + 1), axis).astype(x.dtype)
 
 
-def _check_float_leaf(v: Any, what: str) -> jax.Array:
-  v = jnp.asarray(v)
-  if not jnp.issubdtype(v.dtype, jnp.floating):
-    raise ValueError(f"{what} needs floating-point input, got dtype {v.dtype}")
-  return v
-
-
 def prox_24(x: Any, hyperparams: Any, scaling: ArrayLike = 1.0, *, axis: int = 0) -> Any:
   r"""Exact proximal operator of the 2:4 regularizer.
 
@@ -209,7 +202,8 @@ def prox_24(x: Any, hyperparams: Any, scaling: ArrayLike = 1.0, *, axis: int = 0
   eta = jnp.asarray(scaling)
 
   def leaf(v, lam):
-    v = _check_float_leaf(v, "prox_24")
+    v = jnp.asarray(v)
+    nm._check_floating(v, "prox_24 input")
     ax = nm.group_axis(v.shape, 4, axis)
     lam = jnp.asarray(lam) * eta
     if lam.ndim:
@@ -236,7 +230,8 @@ def regularizer_24(x: Any, *, axis: int = 0) -> jax.Array:
   """
 
   def leaf(v):
-    v = _check_float_leaf(v, "regularizer_24")
+    v = jnp.asarray(v)
+    nm._check_floating(v, "regularizer_24 input")
     ax = nm.group_axis(v.shape, 4, axis)
     a1, a2, a3, a4 = (jnp.abs(c).astype(_compute_dtype(v.dtype)) for c in _components(v, ax))
     return jnp.sum(a1 * a2 * (a3 + a4) + a3 * a4 * (a1 + a2))

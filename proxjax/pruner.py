@@ -266,19 +266,8 @@ def _finish(vt: jax.Array, mask: jax.Array, k0t: jax.Array, pre: _refine.Precond
 def _as_arrays(kernel: ArrayLike, hessian: ArrayLike, m: int) -> tuple[jax.Array, jax.Array]:
   kernel = jnp.asarray(kernel)
   hessian = jnp.asarray(hessian)
-  if kernel.ndim != 2:
-    raise ValueError(f"kernel must be 2-D (d_in, d_out) in Flax layout, got shape {kernel.shape}")
-  if hessian.ndim != 2 or hessian.shape[0] != hessian.shape[1]:
-    raise ValueError(f"hessian must be a square (d_in, d_in) matrix, got shape {hessian.shape}")
-  if hessian.shape[0] != kernel.shape[0]:
-    raise ValueError(f"hessian {hessian.shape} does not match the kernel's input axis: kernel {kernel.shape} is "
-                     f"(d_in, d_out) in Flax layout, so the hessian must be ({kernel.shape[0]}, {kernel.shape[0]}) "
-                     "(a PyTorch weight (d_out, d_in) must be transposed first)")
-  if kernel.shape[0] % m:
-    raise ValueError(f"the input axis of the kernel (d_in = {kernel.shape[0]}, axis 0) is not divisible by m = {m}")
-  for name, a in (("kernel", kernel), ("hessian", hessian)):
-    if not jnp.issubdtype(a.dtype, jnp.floating):
-      raise ValueError(f"{name} must be a floating-point array, got dtype {a.dtype}")
+  baselines._check_kernel(kernel, m)
+  baselines._check_hessian(hessian, kernel)
   if not bool(_all_finite(kernel, hessian)):
     raise ValueError("kernel and hessian must be finite (found NaN or inf)")
   return kernel, hessian
