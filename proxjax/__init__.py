@@ -1,5 +1,6 @@
 """proxjax: exact 2:4 proximal operator, N:M masks, optax transforms and layer-wise pruning in JAX."""
 
+from proxjax._xla import CPU_FAST_MATH
 from proxjax.baselines import magnitude_mask, sparsegpt, wanda_mask
 from proxjax.calibration import HessianState, hessian_from_state, hessian_init, hessian_update, input_norms
 from proxjax.nm import is_nm, nm_mask, project_nm
@@ -12,6 +13,7 @@ from proxjax.transforms import masked_updates, project_nm_update, prox_24_update
 __version__ = "0.1.0"
 
 __all__ = [
+    "CPU_FAST_MATH",
     "HessianState",
     "PruneInfo",
     "PruneResult",

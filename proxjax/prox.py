@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from proxjax import nm
+from proxjax import _xla, nm
 
 __all__ = ["prox_24", "regularizer_24"]
 
@@ -158,7 +158,7 @@ def _prox_components(y: tuple[jax.Array, ...], lam: jax.Array) -> tuple[jax.Arra
   return tuple(out)
 
 
-@functools.partial(jax.jit, static_argnames=("axis",))
+@functools.partial(_xla.jit_fast_on_cpu, static_argnames=("axis",))
 def _prox_leaf(x: jax.Array, lam: jax.Array, axis: int) -> jax.Array:
   ct = _compute_dtype(x.dtype)
   y = tuple(c.astype(ct) for c in _components(x, axis))

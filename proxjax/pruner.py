@@ -60,7 +60,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike
 
-from proxjax import baselines, nm
+from proxjax import _xla, baselines, nm
 from proxjax import refine as _refine
 from proxjax.prox import prox_24
 
@@ -180,7 +180,7 @@ def _groups_left(v: jax.Array) -> jax.Array:
   return jnp.sum(nnz > 2, dtype=jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("scan_length", "loop", "precision"))
+@functools.partial(_xla.jit_fast_on_cpu, static_argnames=("scan_length", "loop", "precision"))
 def _prox_loop(k0t: jax.Array, ht: jax.Array, eta: jax.Array, damp: jax.Array, lam0: jax.Array, beta: jax.Array,
                allowed: jax.Array, cap: jax.Array, progress_every: jax.Array, *, loop: str, scan_length: int | None,
                precision: lax.Precision) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:

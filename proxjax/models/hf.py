@@ -1,0 +1,534 @@
+"""Hugging Face safetensors checkpoints in and out of :class:`~proxjax.models.LlamaForCausalLM`, and orbax state I/O.
+
+**Names.** The NNX tree mirrors Hugging Face, so a tensor name maps to an NNX parameter path mechanically
+(:func:`hf_to_path` / :func:`path_to_hf`)::
+
+  model.embed_tokens.weight                  <-> ("model", "embed_tokens", "embedding")
+  model.layers.3.input_layernorm.weight      <-> ("model", "layers", 3, "input_layernorm", "weight")
+  model.layers.3.self_attn.q_proj.weight     <-> ("model", "layers", 3, "self_attn", "q_proj", "kernel")   (transposed)
+  model.layers.3.self_attn.q_proj.bias       <-> ("model", "layers", 3, "self_attn", "q_proj", "bias")
+  model.norm.weight                          <-> ("model", "norm", "weight")
+  lm_head.weight                             <-> ("lm_head", "kernel")                                     (transposed)
+
+A Hugging Face / PyTorch linear ``weight`` is ``(d_out, d_in)``; the Flax ``kernel`` is its transpose ``(d_in, d_out)``.
+
+**Loading** (:func:`load_pretrained`) builds the model abstractly with ``nnx.eval_shape`` (no random init), checks
+every file header and every tensor name and shape first (all problems are reported in one :class:`CheckpointError`),
+then reads the weights tensor by tensor with ``safetensors.safe_open`` and places each one with ``jax.device_put``
+(optionally on a per-parameter sharding). bfloat16 tensors are read as ``ml_dtypes.bfloat16`` NumPy arrays: the
+NumPy framework of safetensors only understands ``bfloat16`` once ``ml_dtypes`` is imported (it is, here).
+
+**Saving** (:func:`save_pretrained`) writes the Hugging Face layout into a temporary sibling directory and renames it
+into place at the end, so an interrupted save never leaves a complete-looking checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import math
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes  # noqa: F401  (registers bfloat16 with NumPy, so safetensors' numpy framework can read it)
+import numpy as np
+from flax import nnx
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
+
+from proxjax.models.llama import CheckpointError, LlamaConfig, LlamaForCausalLM, _dtype_name, dtype_from_name
+
+__all__ = [
+    "CheckpointError",
+    "check_sparsity",
+    "hf_to_path",
+    "load_pretrained",
+    "path_to_hf",
+    "restore_state",
+    "save_pretrained",
+    "save_state",
+]
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+METADATA_FILE = "proxjax.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                   "added_tokens.json", "vocab.json", "merges.txt", "vocab.txt", "chat_template.jinja",
+                   "chat_template.json")
+"""Files copied verbatim from ``source_dir`` by :func:`save_pretrained` (plus ``*.model`` and ``*.tiktoken``)."""
+TOKENIZER_GLOBS = ("*.model", "*.tiktoken")
+
+_FIXED = {
+    "model.embed_tokens.weight": ("model", "embed_tokens", "embedding"),
+    "model.norm.weight": ("model", "norm", "weight"),
+    "lm_head.weight": ("lm_head", "kernel"),
+}
+_INT = r"(0|[1-9][0-9]*)"
+_NORM_RE = re.compile(rf"model\.layers\.{_INT}\.(input_layernorm|post_attention_layernorm)\.weight")
+_LINEAR_RE = re.compile(rf"model\.layers\.{_INT}\.(self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj)\.(weight|bias)")
+# Non-persistent buffers that some older checkpoints contain; they are recomputed from the config.
+_IGNORED_RE = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+
+Path = tuple[str | int, ...]
+ShardingFn = Callable[[Path, tuple[int, ...]], jax.sharding.Sharding]
+
+
+def hf_to_path(name: str) -> Path:
+  """The NNX parameter path of a Hugging Face tensor name.
+
+  Raises:
+    ValueError: ``name`` is not a Llama-family tensor name.
+
+  Example:
+    >>> from proxjax.models import hf_to_path
+    >>> hf_to_path("model.layers.3.self_attn.q_proj.weight")
+    ('model', 'layers', 3, 'self_attn', 'q_proj', 'kernel')
+  """
+  if name in _FIXED:
+    return _FIXED[name]
+  if m := _NORM_RE.fullmatch(name):
+    return ("model", "layers", int(m[1]), m[2], "weight")
+  if m := _LINEAR_RE.fullmatch(name):
+    return ("model", "layers", int(m[1]), *m[2].split("."), "kernel" if m[3] == "weight" else "bias")
+  raise ValueError(f"{name!r} is not a Llama-family tensor name")
+
+
+def path_to_hf(path: Path) -> str:
+  """The Hugging Face tensor name of an NNX parameter path (inverse of :func:`hf_to_path`).
+
+  Example:
+    >>> from proxjax.models import path_to_hf
+    >>> path_to_hf(("model", "layers", 3, "mlp", "down_proj", "kernel"))
+    'model.layers.3.mlp.down_proj.weight'
+  """
+  path = tuple(path)
+  leaf = {"kernel": "weight", "embedding": "weight"}.get(path[-1], path[-1]) if path else ""
+  name = ".".join([str(p) for p in path[:-1]] + [str(leaf)])
+  try:
+    ok = hf_to_path(name) == path
+  except ValueError:
+    ok = False
+  if not ok:
+    raise ValueError(f"{path!r} is not a Llama-family parameter path")
+  return name
+
+
+def _is_kernel(path: Path) -> bool:
+  return path[-1] == "kernel"
+
+
+def _weight_files(model_dir: str) -> tuple[list[str], dict[str, str] | None]:
+  """The safetensors files of a checkpoint (relative names) and the index's weight map (``None`` if single file)."""
+  single = os.path.join(model_dir, SINGLE_FILE)
+  index_path = os.path.join(model_dir, INDEX_FILE)
+  if os.path.isfile(single):
+    return [SINGLE_FILE], None
+  if os.path.isfile(index_path):
+    try:
+      with open(index_path, encoding="utf-8") as f:
+        index = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+      raise CheckpointError(f"{index_path}: cannot read JSON: {e}") from e
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+      raise CheckpointError(f"{index_path}: no 'weight_map' object of tensor name -> file name")
+    bad = sorted({v for v in weight_map.values() if os.path.basename(v) != v or not v})
+    if bad:
+      raise CheckpointError(f"{index_path}: shard names must be plain file names, got {bad}")
+    return sorted(set(weight_map.values())), weight_map
+  others = sorted(os.path.basename(p) for p in glob.glob(os.path.join(model_dir, "*"))
+                  if p.endswith((".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5", ".safetensors")))
+  hint = f" (found {', '.join(others)}: only safetensors checkpoints are supported)" if others else ""
+  raise CheckpointError(f"no {SINGLE_FILE} or {INDEX_FILE} in {model_dir!r}{hint}")
+
+
+def _problem_error(model_dir: str, problems: list[str], what: str) -> CheckpointError:
+  lines = "\n".join(f"  - {p}" for p in problems)
+  return CheckpointError(f"checkpoint {model_dir!r}: {len(problems)} {what}:\n{lines}")
+
+
+def load_pretrained(model_dir: str | os.PathLike[str], *, param_dtype: Any = None, dtype: Any = jnp.float32,
+                    sharding: ShardingFn | None = None, check_finite: bool = True) -> LlamaForCausalLM:
+  """Loads a Hugging Face Llama / Mistral / Qwen2 safetensors checkpoint into a :class:`LlamaForCausalLM`.
+
+  Reads ``config.json``, builds the model with ``nnx.eval_shape`` (nothing is initialised), validates all weight
+  files, names and shapes, then reads ``model.safetensors`` or the shards listed in
+  ``model.safetensors.index.json`` tensor by tensor: each is transposed to Flax layout if it is a linear weight,
+  cast to ``param_dtype`` and placed with ``jax.device_put``.
+
+  Args:
+    model_dir: the checkpoint directory.
+    param_dtype: parameter dtype; ``None`` keeps the checkpoint's ``config.dtype`` (bfloat16 stays bfloat16;
+      float32 if the config names none).
+    dtype: compute dtype of the model (float32 by default).
+    sharding: optional ``sharding(path, shape) -> jax.sharding.Sharding`` for each parameter, called with the NNX
+      path (e.g. ``("model", "layers", 0, "self_attn", "q_proj", "kernel")``) and the Flax shape; ``None`` puts
+      every parameter on the default device.
+    check_finite: raise if a tensor holds NaN or ±inf.
+
+  Returns:
+    The loaded model.
+
+  Raises:
+    CheckpointError: ``model_dir`` is not a directory or has no ``config.json`` / weights; a weight file is missing
+      (listed in the index), truncated or corrupt; tensors are missing, unexpected or of the wrong shape (all listed
+      together, with their files); non-finite weights (``check_finite``).
+    UnsupportedModelError: the config describes a model this module cannot run.
+
+  Example:
+    >>> import tempfile
+    >>> from proxjax.models import CheckpointError, load_pretrained
+    >>> try:
+    ...   load_pretrained(tempfile.mkdtemp())
+    ... except CheckpointError as e:
+    ...   print("no config.json" in str(e))
+    True
+  """
+  model_dir = os.fspath(model_dir)
+  config = LlamaConfig.from_dir(model_dir)
+  files, weight_map = _weight_files(model_dir)
+  if param_dtype is None:
+    param_dtype = dtype_from_name(config.dtype) or jnp.float32
+  np_dtype = jnp.dtype(param_dtype)
+
+  abstract = nnx.eval_shape(lambda: LlamaForCausalLM(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype))
+  graphdef, state = nnx.split(abstract)
+  flat = nnx.to_flat_state(state)
+  targets = {path: var for path, var in flat}
+  expected = {path_to_hf(path): path for path in targets}
+
+  # Pass 1: every file header (cheap: no tensor data is read).
+  problems: list[str] = []
+  where: dict[str, str] = {}
+  shapes: dict[str, tuple[int, ...]] = {}
+  kinds: dict[str, str] = {}
+  for fname in files:
+    fpath = os.path.join(model_dir, fname)
+    if not os.path.isfile(fpath):
+      problems.append(f"{fname}: listed in {INDEX_FILE} but missing")
+      continue
+    try:
+      with safe_open(fpath, framework="numpy") as st:
+        for name in st.keys():
+          if name in where:
+            problems.append(f"{name}: in both {where[name]} and {fname}")
+          where[name] = fname
+          tensor = st.get_slice(name)
+          shapes[name], kinds[name] = tuple(tensor.get_shape()), tensor.get_dtype()
+    except (SafetensorError, OSError) as e:
+      problems.append(f"{fname}: not a readable safetensors file (truncated or corrupt?): {e}")
+  if problems:
+    raise _problem_error(model_dir, problems, "unreadable weight file(s)")
+
+  # Pass 2: names and shapes, all problems together.
+  if weight_map is not None:
+    for name, fname in sorted(weight_map.items()):
+      if where.get(name) != fname:
+        problems.append(f"{name}: {INDEX_FILE} maps it to {fname}, which does not contain it")
+  tied_head = config.tie_word_embeddings and "lm_head.weight" in where
+  for name in sorted(expected):
+    if name not in where:
+      problems.append(f"missing tensor {name}")
+  for name in sorted(where):
+    if name not in expected and not _IGNORED_RE.fullmatch(name) and not (tied_head and name == "lm_head.weight"):
+      problems.append(f"unexpected tensor {name} (in {where[name]})")
+  for name, path in sorted(expected.items()):
+    if name not in where:
+      continue
+    want = tuple(targets[path].get_value().shape)
+    want = want[::-1] if _is_kernel(path) else want
+    if shapes[name] != want:
+      problems.append(f"{name} (in {where[name]}) has shape {list(shapes[name])}, expected {list(want)}")
+    if kinds[name] not in ("F16", "BF16", "F32", "F64"):
+      problems.append(f"{name} (in {where[name]}) has dtype {kinds[name]}, expected a floating-point dtype")
+  if tied_head and shapes["lm_head.weight"] != shapes.get("model.embed_tokens.weight"):
+    problems.append(f"lm_head.weight (in {where['lm_head.weight']}) has shape {list(shapes['lm_head.weight'])} but "
+                    "the embeddings are tied (tie_word_embeddings)")
+  if problems:
+    raise _problem_error(model_dir, problems, f"problem(s) against its {config.architecture} config")
+
+  # Pass 3: the data, one tensor at a time.
+  by_file: dict[str, list[str]] = {}
+  for name in sorted(where):
+    if name in expected or (tied_head and name == "lm_head.weight"):
+      by_file.setdefault(where[name], []).append(name)
+  raw_embedding = raw_head = None
+  for fname, names in by_file.items():
+    with safe_open(os.path.join(model_dir, fname), framework="numpy") as st:
+      for name in names:
+        arr = st.get_tensor(name)
+        if check_finite:
+          bad = arr.size - np.count_nonzero(np.isfinite(arr))
+          if bad:
+            problems.append(f"{name} (in {fname}) has {bad} non-finite value(s)")
+            continue
+        if tied_head and name == "lm_head.weight":
+          raw_head = arr
+          continue
+        if tied_head and name == "model.embed_tokens.weight":
+          raw_embedding = arr
+        path = expected[name]
+        arr = np.ascontiguousarray((arr.T if _is_kernel(path) else arr).astype(np_dtype, copy=False))
+        targets[path].set_value(jax.device_put(arr, sharding(path, arr.shape) if sharding else None))
+  if tied_head and raw_head is not None and raw_embedding is not None and not np.array_equal(raw_head, raw_embedding):
+    problems.append(f"lm_head.weight (in {where['lm_head.weight']}) differs from model.embed_tokens.weight but "
+                    "config.json has tie_word_embeddings=true")
+  if problems:
+    raise _problem_error(model_dir, problems, "bad tensor(s)")
+  return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def check_sparsity(model_dir: str | os.PathLike[str], *, n: int = 2, m: int = 4) -> list[dict[str, Any]]:
+  """Checks that every q/k/v/o/gate/up/down projection stored in a checkpoint is N:M sparse along its input axis.
+
+  Reads the weight files tensor by tensor (no model is built). A Hugging Face weight is ``(d_out, d_in)``, so the
+  groups are ``m`` consecutive entries along its **last** axis (SPEC §1); a projection is ``ok`` when every group has
+  at most ``n`` non-zeros (an input size not divisible by ``m`` is never ok).
+
+  Returns:
+    One dict per projection, in layer order: ``name`` (Hugging Face name), ``shape`` (``[d_out, d_in]``), ``zeros``,
+    ``size``, ``sparsity`` (``zeros / size``) and ``ok``.
+
+  Raises:
+    CheckpointError: as :func:`load_pretrained` for a directory without (readable) weight files.
+
+  Example:
+    >>> import os, tempfile, jax, numpy as np
+    >>> from flax import nnx
+    >>> from proxjax.models import LlamaConfig, LlamaForCausalLM, check_sparsity, save_pretrained
+    >>> c = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+    ...                 num_attention_heads=2)
+    >>> model = nnx.eval_shape(lambda: LlamaForCausalLM(c, rngs=nnx.Rngs(0)))
+    >>> nnx.update(model, jax.tree.map(lambda s: np.ones(s.shape, s.dtype), nnx.state(model)))  # dense
+    >>> out = os.path.join(tempfile.mkdtemp(), "ckpt")
+    >>> save_pretrained(model, out)
+    >>> rows = check_sparsity(out)
+    >>> len(rows), rows[0]["name"], rows[0]["sparsity"], rows[0]["ok"]
+    (7, 'model.layers.0.mlp.down_proj.weight', 0.0, False)
+  """
+  if not (isinstance(n, int) and isinstance(m, int) and 0 <= n <= m and m >= 1):
+    raise ValueError(f"need integers 0 <= n <= m, m >= 1; got n={n!r}, m={m!r}")
+  model_dir = os.fspath(model_dir)
+  if not os.path.isdir(model_dir):
+    raise CheckpointError(f"{model_dir!r} is not a directory")
+  files, _ = _weight_files(model_dir)
+  rows = []
+  for fname in files:
+    fpath = os.path.join(model_dir, fname)
+    try:
+      with safe_open(fpath, framework="numpy") as st:
+        for name in st.keys():
+          match = _LINEAR_RE.fullmatch(name)
+          if not match or match[3] != "weight":
+            continue
+          w = st.get_tensor(name)
+          zeros = int(w.size - np.count_nonzero(w))
+          ok = w.ndim == 2 and w.shape[-1] % m == 0
+          if ok:
+            nnz = np.count_nonzero(w.reshape(w.shape[0], -1, m), axis=-1)
+            ok = bool(np.all(nnz <= n))
+          rows.append({"name": name, "shape": list(w.shape), "zeros": zeros, "size": int(w.size),
+                       "sparsity": zeros / max(int(w.size), 1), "ok": ok})
+    except (SafetensorError, OSError) as e:
+      raise CheckpointError(f"{fpath}: not a readable safetensors file (truncated or corrupt?): {e}") from e
+  return sorted(rows, key=lambda r: _natural_key(r["name"]))
+
+
+def _write_json(path: str, obj: Any) -> None:
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+    f.write("\n")
+
+
+def _natural_key(name: str) -> list[tuple[int, Any]]:
+  return [(0, int(p)) if p.isdigit() else (1, p) for p in name.split(".")]
+
+
+def _write_weights(model: LlamaForCausalLM, out_dir: str, np_dtype: np.dtype, max_shard_bytes: int | None) -> None:
+  entries = sorted(((path_to_hf(path), path, var) for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))),
+                   key=lambda e: _natural_key(e[0]))
+  sizes = [math.prod(var.get_value().shape) * np_dtype.itemsize for _, _, var in entries]
+  shards: list[list[int]] = [[]]
+  used = 0
+  for i, size in enumerate(sizes):
+    if max_shard_bytes is not None and shards[-1] and used + size > max_shard_bytes:
+      shards.append([])
+      used = 0
+    shards[-1].append(i)
+    used += size
+  n = len(shards)
+  weight_map = {}
+  for k, shard in enumerate(shards):
+    fname = SINGLE_FILE if n == 1 else f"model-{k + 1:05d}-of-{n:05d}.safetensors"
+    tensors = {}
+    for i in shard:
+      name, path, var = entries[i]
+      arr = np.asarray(jax.device_get(var.get_value()))
+      # safetensors writes the raw buffer: a transposed view must be made contiguous or it is silently scrambled.
+      tensors[name] = np.ascontiguousarray((arr.T if _is_kernel(path) else arr).astype(np_dtype, copy=False))
+      weight_map[name] = fname
+    save_file(tensors, os.path.join(out_dir, fname), metadata={"format": "pt"})
+    del tensors
+  if n > 1:
+    _write_json(os.path.join(out_dir, INDEX_FILE), {"metadata": {"total_size": int(sum(sizes))},
+                                                     "weight_map": weight_map})
+
+
+def save_pretrained(model: LlamaForCausalLM, out_dir: str | os.PathLike[str], *,
+                    source_dir: str | os.PathLike[str] | None = None, dtype: Any = None,
+                    metadata: Mapping[str, Any] | None = None, max_shard_bytes: int | None = None,
+                    overwrite: bool = False) -> None:
+  """Writes ``model`` as a Hugging Face checkpoint directory that transformers loads.
+
+  Writes the weights (Hugging Face names, linear weights transposed back to ``(d_out, d_in)``, cast to ``dtype``) as
+  ``model.safetensors``, or as ``model-0000k-of-0000n.safetensors`` shards plus ``model.safetensors.index.json``
+  when they exceed ``max_shard_bytes``; ``config.json`` from ``model.config.to_hf()`` with the saved dtype; the
+  tokenizer and generation files of ``source_dir`` (:data:`TOKENIZER_FILES`, ``*.model``, ``*.tiktoken``);
+  ``metadata`` as ``proxjax.json``. A tied model writes no ``lm_head.weight``.
+
+  The save is atomic: everything is written into a temporary sibling directory that is renamed to ``out_dir`` only
+  when complete (and removed on any error), so a failed or interrupted save never leaves a complete-looking
+  checkpoint.
+
+  Args:
+    model: the model.
+    out_dir: the output directory; it must not exist or be empty, unless ``overwrite``.
+    source_dir: the original checkpoint directory, to copy its tokenizer and generation files; optional.
+    dtype: storage dtype (name or dtype: float32, bfloat16, float16); default ``model.config.dtype`` (the source
+      checkpoint's dtype: bfloat16 in, bfloat16 out), else the embedding's dtype.
+    metadata: a JSON-serialisable dict written as ``proxjax.json`` (e.g. how the model was pruned).
+    max_shard_bytes: largest shard size in bytes; ``None`` writes a single file. A tensor larger than this gets a
+      shard of its own.
+    overwrite: replace an existing non-empty ``out_dir``.
+
+  Raises:
+    CheckpointError: ``out_dir`` exists and is not empty (without ``overwrite``) or is not a directory.
+
+  Example:
+    >>> import os, tempfile, jax, numpy as np
+    >>> from flax import nnx
+    >>> from proxjax.models import LlamaConfig, LlamaForCausalLM, load_pretrained, save_pretrained
+    >>> c = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+    ...                 num_attention_heads=2)
+    >>> model = nnx.eval_shape(lambda: LlamaForCausalLM(c, rngs=nnx.Rngs(0)))
+    >>> nnx.update(model, jax.tree.map(lambda s: np.ones(s.shape, s.dtype), nnx.state(model)))  # dummy weights
+    >>> out = os.path.join(tempfile.mkdtemp(), "ckpt")
+    >>> save_pretrained(model, out, metadata={"note": "example"})
+    >>> sorted(os.listdir(out))
+    ['config.json', 'model.safetensors', 'proxjax.json']
+    >>> load_pretrained(out).model.layers[0].mlp.up_proj.kernel.get_value().shape
+    (16, 32)
+  """
+  out_dir = os.path.abspath(os.fspath(out_dir))
+  if os.path.exists(out_dir):
+    if not os.path.isdir(out_dir):
+      raise CheckpointError(f"{out_dir!r} exists and is not a directory")
+    if os.listdir(out_dir) and not overwrite:
+      raise CheckpointError(f"{out_dir!r} exists and is not empty; pass overwrite=True to replace it")
+  if max_shard_bytes is not None and (not isinstance(max_shard_bytes, int) or max_shard_bytes < 1):
+    raise ValueError(f"max_shard_bytes must be a positive int or None, got {max_shard_bytes!r}")
+  if dtype is None:
+    dtype = model.config.dtype or model.model.embed_tokens.embedding.get_value().dtype
+  dtype_name = _dtype_name(dtype_from_name(dtype) if isinstance(dtype, str) else dtype)
+  np_dtype = jnp.dtype(dtype_from_name(dtype_name))
+  if metadata is not None:
+    metadata = json.loads(json.dumps(dict(metadata)))  # fail early (before writing) if it is not JSON
+  config = dataclasses.replace(model.config, dtype=dtype_name).to_hf()
+
+  parent, base = os.path.split(out_dir)
+  os.makedirs(parent, exist_ok=True)
+  tmp = os.path.join(parent, f".{base}.tmp-{uuid.uuid4().hex[:12]}")
+  os.mkdir(tmp)
+  try:
+    _write_weights(model, tmp, np_dtype, max_shard_bytes)
+    _write_json(os.path.join(tmp, "config.json"), config)
+    if source_dir is not None:
+      source_dir = os.fspath(source_dir)
+      if not os.path.isdir(source_dir):
+        raise CheckpointError(f"source_dir {source_dir!r} is not a directory")
+      names = {n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(source_dir, n))}
+      for pattern in TOKENIZER_GLOBS:
+        names.update(os.path.basename(p) for p in glob.glob(os.path.join(source_dir, pattern)) if os.path.isfile(p))
+      for name in sorted(names):
+        shutil.copy2(os.path.join(source_dir, name), os.path.join(tmp, name))
+    if metadata is not None:
+      _write_json(os.path.join(tmp, METADATA_FILE), metadata)
+    if os.path.isdir(out_dir) and os.listdir(out_dir):
+      old = os.path.join(parent, f".{base}.old-{uuid.uuid4().hex[:12]}")
+      os.rename(out_dir, old)
+      try:
+        os.rename(tmp, out_dir)
+      except BaseException:
+        os.rename(old, out_dir)
+        raise
+      shutil.rmtree(old, ignore_errors=True)
+    else:
+      os.rename(tmp, out_dir)  # replaces an empty directory atomically
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+
+
+def save_state(model: nnx.Module, path: str | os.PathLike[str], *, overwrite: bool = False) -> None:
+  """Saves the NNX state of ``model`` (all variables) with orbax-checkpoint's ``StandardCheckpointer``.
+
+  orbax writes into a temporary directory and renames it on completion, so the save is atomic; this call returns
+  once the checkpoint is finalised. The structure (config, dtypes) is not saved: restore into a model or an abstract
+  model (``nnx.eval_shape``) of the same architecture with :func:`restore_state`.
+
+  Raises:
+    CheckpointError: ``path`` exists (without ``overwrite``).
+
+  Example:
+    >>> import os, tempfile, jax, numpy as np
+    >>> from flax import nnx
+    >>> from proxjax.models import LlamaConfig, LlamaForCausalLM, restore_state, save_state
+    >>> c = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+    ...                 num_attention_heads=2)
+    >>> abstract = nnx.eval_shape(lambda: LlamaForCausalLM(c, rngs=nnx.Rngs(0)))
+    >>> model = nnx.merge(*nnx.split(abstract))
+    >>> nnx.update(model, jax.tree.map(lambda s: np.full(s.shape, 0.5, s.dtype), nnx.state(model)))
+    >>> path = os.path.join(tempfile.mkdtemp(), "state")
+    >>> save_state(model, path)
+    >>> float(restore_state(abstract, path).model.norm.weight.get_value()[0])
+    0.5
+  """
+  import orbax.checkpoint as ocp  # noqa: PLC0415  (orbax is slow to import; only these two functions need it)
+
+  path = os.path.abspath(os.fspath(path))
+  if os.path.exists(path) and not overwrite:
+    raise CheckpointError(f"{path!r} exists; pass overwrite=True to replace it")
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(path, nnx.state(model), force=overwrite)
+
+
+def restore_state(model_or_abstract: nnx.Module, path: str | os.PathLike[str]) -> nnx.Module:
+  """Restores a state saved by :func:`save_state` into a new model with the structure of ``model_or_abstract``.
+
+  ``model_or_abstract`` is a concrete model or one built with ``nnx.eval_shape``; its shapes, dtypes and shardings
+  (where it has them) are the restore target. The argument itself is not modified.
+
+  Raises:
+    CheckpointError: ``path`` does not exist or does not match the model's structure.
+  """
+  import orbax.checkpoint as ocp  # noqa: PLC0415
+
+  path = os.path.abspath(os.fspath(path))
+  if not os.path.isdir(path):
+    raise CheckpointError(f"no orbax checkpoint at {path!r}")
+  graphdef, state = nnx.split(model_or_abstract)
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+                        state)
+  try:
+    with ocp.StandardCheckpointer() as checkpointer:
+      restored = checkpointer.restore(path, target)
+  except (ValueError, KeyError, TypeError) as e:
+    raise CheckpointError(f"{path}: cannot restore into {type(model_or_abstract).__name__}: {e}") from e
+  return nnx.merge(graphdef, restored)

@@ -1,0 +1,787 @@
+r"""A Flax NNX LLaMA-family causal language model (Llama, Mistral, Qwen2) that mirrors Hugging Face names.
+
+The module tree is the Hugging Face one, so mapping a checkpoint is mechanical (:mod:`proxjax.models.hf`)::
+
+  LlamaForCausalLM
+    .model.embed_tokens          nnx.Embed, param ``embedding`` (vocab, hidden)
+    .model.layers[i]             LlamaDecoderLayer (an ``nnx.List``)
+      .input_layernorm           LlamaRMSNorm, param ``weight``
+      .self_attn.{q,k,v,o}_proj  nnx.Linear, ``kernel`` (d_in, d_out) = HF ``weight``ᵀ, optional ``bias``
+      .post_attention_layernorm  LlamaRMSNorm
+      .mlp.{gate,up,down}_proj   nnx.Linear
+    .model.norm                  LlamaRMSNorm
+    .lm_head                     nnx.Linear without bias, or ``None`` when the embeddings are tied
+
+The maths, for hidden states ``h`` of shape ``(B, T, D)``:
+
+* RMSNorm, computed in float32 like Hugging Face: ``y = w · cast_in(x / sqrt(mean(x²) + ε))``.
+* Rotary embedding: ``θ_i = rope_theta^{-2i/d}`` (``d = head_dim``, ``i < d/2``), rescaled by the ``"linear"``
+  (``θ_i / factor``) or ``"llama3"`` (wavelength-dependent) rules; ``cos, sin = cos(p θ), sin(p θ)`` duplicated to
+  ``d`` entries, and ``rope(x) = x cos + rotate_half(x) sin`` with ``rotate_half([x₁, x₂]) = [−x₂, x₁]``.
+* Attention: ``softmax(q kᵀ / sqrt(d) + mask) v`` per head, the softmax in float32, the ``num_key_value_heads``
+  key/value heads each shared by ``num_attention_heads / num_key_value_heads`` query heads; the mask is causal and,
+  with ``sliding_window = w``, also hides keys more than ``w − 1`` positions back (Hugging Face Mistral).
+* MLP: ``down(act(gate(x)) ⊙ up(x))`` with ``act`` = SiLU (``x σ(x)``) or ReLU (``hidden_act``).
+* Block: ``h ← h + attn(norm₁(h))``, ``h ← h + mlp(norm₂(h))``; logits ``= norm(h) Wₗₘᵀ`` in float32.
+
+Parameters may be stored in one dtype (``param_dtype``, e.g. bfloat16) while the forward computes in another
+(``dtype``, float32 by default); ``nnx.Linear`` / ``nnx.Embed`` cast the parameters to the compute dtype.
+
+Notes:
+  * Matmuls use JAX's default precision. On GPUs that is TF32 for float32 inputs, whereas PyTorch computes float32
+    matmuls in full float32 by default: for float32 parity there, run under
+    ``jax.default_matmul_precision("highest")``. On CPU the default is full float32.
+  * Token ids outside ``[0, vocab_size)`` are not checked (``jnp.take`` fills them with NaN embeddings).
+  * The forward loops over ``model.layers`` in Python, so ``jit`` of the whole model unrolls every block (compile
+    time grows with depth); layer-wise code calls the blocks one at a time instead.
+  * No KV cache and no padding mask: every sequence of a batch is a full causal sequence.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax import lax
+from jax.typing import ArrayLike
+
+__all__ = [
+    "CheckpointError",
+    "LINEAR_NAMES",
+    "LlamaAttention",
+    "LlamaConfig",
+    "LlamaDecoderLayer",
+    "LlamaForCausalLM",
+    "LlamaMLP",
+    "LlamaModel",
+    "LlamaRMSNorm",
+    "SUPPORTED_ARCHITECTURES",
+    "UnsupportedModelError",
+    "apply_rope",
+    "dtype_from_name",
+    "rope_inv_freq",
+]
+
+LINEAR_NAMES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+                "mlp.up_proj", "mlp.down_proj")
+"""The prunable linears of a decoder block, as attribute paths relative to the block (= Hugging Face names)."""
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+_MODEL_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
+_ACTIVATIONS = {"silu": jax.nn.silu, "swish": jax.nn.silu, "relu": jax.nn.relu}
+_ROPE_TYPES = ("default", "linear", "llama3")
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+_LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+_INIT_STD = 0.02  # Hugging Face's default initializer_range, used for freshly initialised (random) models.
+_F32 = jnp.float32
+
+
+class UnsupportedModelError(ValueError):
+  """The checkpoint describes a model (architecture, activation, RoPE variant, ...) that this module cannot run."""
+
+
+class CheckpointError(ValueError):
+  """A checkpoint directory, its ``config.json`` or its weight files are missing, malformed or inconsistent."""
+
+
+def dtype_from_name(name: str | None) -> Any:
+  """The JAX dtype of a Hugging Face ``dtype`` / ``torch_dtype`` string (``None`` stays ``None``).
+
+  Example:
+    >>> from proxjax.models.llama import dtype_from_name
+    >>> dtype_from_name("torch.bfloat16")
+    <class 'jax.numpy.bfloat16'>
+  """
+  if name is None:
+    return None
+  key = str(name).removeprefix("torch.")
+  if key not in _DTYPES:
+    raise UnsupportedModelError(f"dtype {name!r} is not supported (supported: {', '.join(_DTYPES)})")
+  return _DTYPES[key]
+
+
+def _dtype_name(dtype: Any) -> str:
+  name = jnp.dtype(dtype).name
+  if name not in _DTYPES:
+    raise UnsupportedModelError(f"dtype {name!r} is not supported (supported: {', '.join(_DTYPES)})")
+  return name
+
+
+def _freeze(value: Any) -> Any:
+  if isinstance(value, list | tuple):
+    return tuple(_freeze(v) for v in value)
+  return value
+
+
+def _thaw(value: Any) -> Any:
+  if isinstance(value, tuple):
+    return [_thaw(v) for v in value]
+  return value
+
+
+def _is_int(x: Any) -> bool:
+  return isinstance(x, int) and not isinstance(x, bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  """The architecture of a Llama / Mistral / Qwen2 causal LM (the fields of a Hugging Face ``config.json``).
+
+  Build it from a ``config.json`` dict with :meth:`from_hf` / :meth:`from_dir`, or directly (fields left ``None``
+  are derived). It is frozen and hashable (``extra`` is excluded from equality and hashing), so it can be a static
+  attribute of an NNX module under ``jit``.
+
+  Attributes:
+    vocab_size: number of tokens ``V``.
+    hidden_size: model width ``D``.
+    intermediate_size: MLP width.
+    num_hidden_layers: number of decoder blocks.
+    num_attention_heads: query heads ``H``.
+    num_key_value_heads: key/value heads (GQA); ``None`` means ``H``. Must divide ``H``.
+    head_dim: per-head width ``d``; ``None`` means ``D // H``. Must be even (RoPE rotates pairs).
+    rms_norm_eps: ``ε`` of every RMSNorm.
+    rope_theta: RoPE base.
+    rope_scaling: ``None`` (plain RoPE) or the scaling parameters as a sorted tuple of ``(key, value)`` items that
+      include ``"rope_type"`` (``"linear"`` or ``"llama3"``); a dict is accepted and converted.
+    max_position_embeddings: trained context length (informational; also the llama3 default for
+      ``original_max_position_embeddings``).
+    tie_word_embeddings: logits use the embedding matrix (no ``lm_head``).
+    qkv_bias: q/k/v projections have a bias; ``None`` means the architecture's default (Qwen2: ``True``).
+    o_bias: the output projection has a bias; ``None`` means ``qkv_bias`` for Llama, ``False`` otherwise.
+    mlp_bias: the MLP projections have biases (Llama's ``mlp_bias``).
+    hidden_act: ``"silu"`` or ``"relu"`` (``"swish"`` is SiLU).
+    sliding_window: ``None`` or the Mistral attention window ``w`` (keys at most ``w − 1`` positions back).
+    architecture: one of :data:`SUPPORTED_ARCHITECTURES`.
+    dtype: the checkpoint's dtype name (``"float32"``, ``"bfloat16"``, ``"float16"``) or ``None`` if unknown.
+    bos_token_id: beginning-of-sequence token, or ``None``.
+    eos_token_id: end-of-sequence token(s): an int, a tuple of ints, or ``None``.
+    extra: the full original ``config.json`` dict (``{}`` when built directly); :meth:`to_hf` starts from it.
+
+  Example:
+    >>> from proxjax.models import LlamaConfig
+    >>> c = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+    ...                 num_attention_heads=4, num_key_value_heads=2)
+    >>> c.head_dim, c.architecture, c.qkv_bias
+    (4, 'LlamaForCausalLM', False)
+    >>> LlamaConfig.from_hf(c.to_hf()) == c
+    True
+  """
+
+  vocab_size: int
+  hidden_size: int
+  intermediate_size: int
+  num_hidden_layers: int
+  num_attention_heads: int
+  num_key_value_heads: int | None = None
+  head_dim: int | None = None
+  rms_norm_eps: float = 1e-6
+  rope_theta: float = 10000.0
+  rope_scaling: Any = None
+  max_position_embeddings: int = 2048
+  tie_word_embeddings: bool = False
+  qkv_bias: bool | None = None
+  o_bias: bool | None = None
+  mlp_bias: bool = False
+  hidden_act: str = "silu"
+  sliding_window: int | None = None
+  architecture: str = "LlamaForCausalLM"
+  dtype: str | None = "float32"
+  bos_token_id: int | None = None
+  eos_token_id: Any = None
+  extra: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False, repr=False)
+
+  def __post_init__(self) -> None:
+    put = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731  (frozen dataclass)
+    arch = self.architecture
+    if arch not in SUPPORTED_ARCHITECTURES:
+      raise UnsupportedModelError(
+          f"architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+      value = getattr(self, name)
+      if not _is_int(value) or value < 1:
+        raise ValueError(f"config field {name!r} must be a positive int, got {value!r}")
+    if self.num_key_value_heads is None:
+      put("num_key_value_heads", self.num_attention_heads)
+    if not _is_int(self.num_key_value_heads) or self.num_key_value_heads < 1:
+      raise ValueError(f"config field 'num_key_value_heads' must be a positive int, got {self.num_key_value_heads!r}")
+    if self.num_attention_heads % self.num_key_value_heads:
+      raise UnsupportedModelError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                                  f"num_key_value_heads={self.num_key_value_heads}")
+    if self.head_dim is None:
+      if self.hidden_size % self.num_attention_heads:
+        raise UnsupportedModelError(f"hidden_size={self.hidden_size} is not a multiple of num_attention_heads="
+                                    f"{self.num_attention_heads} and no head_dim is given")
+      put("head_dim", self.hidden_size // self.num_attention_heads)
+    if not _is_int(self.head_dim) or self.head_dim < 2 or self.head_dim % 2:
+      raise UnsupportedModelError(f"head_dim={self.head_dim!r} must be a positive even int (RoPE rotates pairs)")
+    if not isinstance(self.rms_norm_eps, int | float) or not self.rms_norm_eps > 0:
+      raise ValueError(f"config field 'rms_norm_eps' must be a positive number, got {self.rms_norm_eps!r}")
+    if not isinstance(self.rope_theta, int | float) or not self.rope_theta > 0:
+      raise ValueError(f"config field 'rope_theta' must be a positive number, got {self.rope_theta!r}")
+    if not _is_int(self.max_position_embeddings) or self.max_position_embeddings < 1:
+      raise ValueError(f"config field 'max_position_embeddings' must be a positive int, "
+                       f"got {self.max_position_embeddings!r}")
+    put("rope_scaling", self._normalize_rope_scaling(self.rope_scaling))
+    if self.hidden_act not in _ACTIVATIONS:
+      raise UnsupportedModelError(
+          f"hidden_act {self.hidden_act!r} is not supported (supported: {', '.join(_ACTIVATIONS)})")
+    # Biases: what each architecture's Hugging Face class can express.
+    if self.qkv_bias is None:
+      put("qkv_bias", arch == "Qwen2ForCausalLM")
+    if self.o_bias is None:
+      put("o_bias", self.qkv_bias if arch == "LlamaForCausalLM" else False)
+    biases = (bool(self.qkv_bias), bool(self.o_bias), bool(self.mlp_bias))
+    allowed = {"LlamaForCausalLM": {(b, b, m) for b in (False, True) for m in (False, True)},
+               "MistralForCausalLM": {(False, False, False)},
+               "Qwen2ForCausalLM": {(True, False, False)}}[arch]
+    if biases not in allowed:
+      raise UnsupportedModelError(f"{arch} cannot have (qkv_bias, o_bias, mlp_bias) = {biases}")
+    if self.sliding_window is not None:
+      if arch != "MistralForCausalLM":
+        raise UnsupportedModelError(f"sliding_window is only supported for MistralForCausalLM, not {arch}")
+      if not _is_int(self.sliding_window) or self.sliding_window < 1:
+        raise ValueError(f"config field 'sliding_window' must be a positive int or None, got {self.sliding_window!r}")
+    if self.dtype is not None:
+      put("dtype", _dtype_name(dtype_from_name(self.dtype)))
+    put("eos_token_id", _freeze(self.eos_token_id))
+
+  def _normalize_rope_scaling(self, scaling: Any) -> tuple[tuple[str, Any], ...] | None:
+    if scaling is None:
+      return None
+    items = dict(scaling)
+    rope_type = items.pop("rope_type", items.pop("type", "default"))
+    items.pop("type", None)
+    items.pop("rope_theta", None)
+    factor = items.pop("partial_rotary_factor", 1.0)
+    if factor not in (None, 1, 1.0):
+      raise UnsupportedModelError(f"partial_rotary_factor={factor} is not supported (only 1.0)")
+    if rope_type not in _ROPE_TYPES:
+      raise UnsupportedModelError(f"rope_type {rope_type!r} is not supported (supported: {', '.join(_ROPE_TYPES)})")
+    if rope_type == "default":
+      return None
+    if rope_type == "llama3":
+      items.setdefault("original_max_position_embeddings", self.max_position_embeddings)
+    required = ("factor",) if rope_type == "linear" else _LLAMA3_KEYS
+    for key in required:
+      if not isinstance(items.get(key), int | float) or isinstance(items.get(key), bool):
+        raise ValueError(f"rope scaling {rope_type!r} needs a number {key!r}, got {items.get(key)!r}")
+    if rope_type == "llama3" and items["high_freq_factor"] <= items["low_freq_factor"]:
+      raise ValueError(f"llama3 rope scaling needs high_freq_factor > low_freq_factor, got {items}")
+    items["rope_type"] = rope_type
+    return tuple(sorted((k, _freeze(v)) for k, v in items.items()))
+
+  @property
+  def rope_scaling_dict(self) -> dict[str, Any] | None:
+    """``rope_scaling`` as a dict (``None`` for plain RoPE)."""
+    return None if self.rope_scaling is None else {k: _thaw(v) for k, v in self.rope_scaling}
+
+  @property
+  def rope_type(self) -> str:
+    """``"default"``, ``"linear"`` or ``"llama3"``."""
+    return "default" if self.rope_scaling is None else dict(self.rope_scaling)["rope_type"]
+
+  @property
+  def attention_bias(self) -> bool:
+    """Whether any attention projection has a bias (``qkv_bias or o_bias``)."""
+    return bool(self.qkv_bias or self.o_bias)
+
+  @property
+  def num_key_value_groups(self) -> int:
+    """Query heads per key/value head."""
+    return self.num_attention_heads // self.num_key_value_heads
+
+  @classmethod
+  def from_hf(cls, d: Mapping[str, Any]) -> LlamaConfig:
+    """Parses a Hugging Face ``config.json`` dict (transformers 4 or 5 layout).
+
+    Reads ``dtype`` (transformers 5) or ``torch_dtype`` (older), ``rope_parameters`` (transformers 5) or
+    ``rope_theta`` + ``rope_scaling`` (older), and the architecture from ``architectures`` (or ``model_type``).
+
+    Raises:
+      UnsupportedModelError: an architecture, activation, RoPE variant, quantization or attention layout this model
+        cannot run (the message names the field).
+      ValueError: a required field is missing or malformed.
+
+    Example:
+      >>> from proxjax.models import LlamaConfig
+      >>> d = {"architectures": ["MistralForCausalLM"], "vocab_size": 32, "hidden_size": 16,
+      ...      "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "sliding_window": 8,
+      ...      "torch_dtype": "bfloat16"}
+      >>> c = LlamaConfig.from_hf(d)
+      >>> c.sliding_window, c.dtype, c.to_hf() == d
+      (8, 'bfloat16', True)
+    """
+    if not isinstance(d, Mapping):
+      raise ValueError(f"a config must be a JSON object, got {type(d).__name__}")
+    d = copy.deepcopy(dict(d))
+    archs = d.get("architectures")
+    if archs is None:
+      by_type = {v: k for k, v in _MODEL_TYPES.items()}
+      if d.get("model_type") not in by_type:
+        raise UnsupportedModelError(f"config has no 'architectures' and model_type {d.get('model_type')!r} is not "
+                                    f"supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+      arch = by_type[d["model_type"]]
+    else:
+      if isinstance(archs, str):
+        archs = [archs]
+      if not isinstance(archs, list) or len(archs) != 1:
+        raise UnsupportedModelError(f"'architectures' must name exactly one of {', '.join(SUPPORTED_ARCHITECTURES)}, "
+                                    f"got {archs!r}")
+      arch = archs[0]
+      if arch not in SUPPORTED_ARCHITECTURES:
+        raise UnsupportedModelError(
+            f"architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+    if d.get("quantization_config") is not None:
+      raise UnsupportedModelError("quantized checkpoints ('quantization_config') are not supported")
+    missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                           "num_attention_heads") if k not in d]
+    if missing:
+      raise ValueError(f"config is missing required field(s) {', '.join(missing)}")
+    # RoPE: transformers 5 `rope_parameters` (with rope_theta inside) or the older `rope_theta` + `rope_scaling`.
+    rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+    if not isinstance(rope, Mapping):
+      raise ValueError(f"config field 'rope_parameters'/'rope_scaling' must be an object, got {rope!r}")
+    if any(isinstance(v, Mapping) for v in rope.values()):
+      raise UnsupportedModelError(f"per-layer-type RoPE parameters are not supported: {sorted(rope)}")
+    rope = dict(rope)
+    rope_theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
+    if d.get("partial_rotary_factor") is not None:
+      rope.setdefault("partial_rotary_factor", d["partial_rotary_factor"])
+    if arch == "LlamaForCausalLM":
+      qkv_bias = o_bias = bool(d.get("attention_bias", False))
+      mlp_bias = bool(d.get("mlp_bias", False))
+      sliding_window = None
+    elif arch == "MistralForCausalLM":
+      qkv_bias = o_bias = mlp_bias = False
+      sliding_window = d.get("sliding_window", 4096)  # MistralConfig's default when the key is absent
+    else:
+      qkv_bias, o_bias, mlp_bias = True, False, False
+      sliding_window = None
+      if d.get("use_sliding_window", False) and d.get("sliding_window", 4096) is not None:  # Qwen2Config default
+        n = d["num_hidden_layers"]
+        types = d.get("layer_types") or ["sliding_attention" if i >= d.get("max_window_layers", 28) else
+                                         "full_attention" for i in range(n if _is_int(n) else 0)]
+        if "sliding_attention" in types:
+          raise UnsupportedModelError("Qwen2 use_sliding_window=true (sliding-window layers from max_window_layers="
+                                      f"{d.get('max_window_layers', 28)}) is not supported")
+    return cls(
+        vocab_size=d["vocab_size"],
+        hidden_size=d["hidden_size"],
+        intermediate_size=d["intermediate_size"],
+        num_hidden_layers=d["num_hidden_layers"],
+        num_attention_heads=d["num_attention_heads"],
+        num_key_value_heads=d.get("num_key_value_heads"),
+        head_dim=d.get("head_dim"),
+        rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+        rope_theta=rope_theta,
+        rope_scaling=rope or None,
+        max_position_embeddings=d.get("max_position_embeddings", 2048),
+        tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+        qkv_bias=qkv_bias,
+        o_bias=o_bias,
+        mlp_bias=mlp_bias,
+        hidden_act=d.get("hidden_act", "silu"),
+        sliding_window=sliding_window,
+        architecture=arch,
+        dtype=d.get("dtype") or d.get("torch_dtype"),
+        bos_token_id=d.get("bos_token_id"),
+        eos_token_id=d.get("eos_token_id"),
+        extra=d,
+    )
+
+  @classmethod
+  def from_dir(cls, path: str | os.PathLike[str]) -> LlamaConfig:
+    """Reads ``config.json`` from a checkpoint directory.
+
+    Raises:
+      CheckpointError: ``path`` does not exist, is not a directory, has no ``config.json`` or it is not valid JSON,
+        or a field is missing or malformed (the message names the file).
+      UnsupportedModelError: see :meth:`from_hf` (the message names the file).
+
+    Example:
+      >>> import tempfile
+      >>> from proxjax.models import CheckpointError, LlamaConfig
+      >>> try:
+      ...   LlamaConfig.from_dir(tempfile.mkdtemp())
+      ... except CheckpointError as e:
+      ...   print("config.json" in str(e))
+      True
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+      raise CheckpointError(f"model directory {path!r} does not exist")
+    if not os.path.isdir(path):
+      raise CheckpointError(f"{path!r} is not a directory (expected a Hugging Face model directory)")
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+      raise CheckpointError(f"no config.json in {path!r}: not a Hugging Face model directory")
+    try:
+      with open(cfg_path, encoding="utf-8") as f:
+        d = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+      raise CheckpointError(f"{cfg_path}: cannot read JSON: {e}") from e
+    try:
+      return cls.from_hf(d)
+    except UnsupportedModelError as e:
+      raise UnsupportedModelError(f"{cfg_path}: {e}") from e
+    except ValueError as e:
+      raise CheckpointError(f"{cfg_path}: {e}") from e
+
+  def to_hf(self) -> dict[str, Any]:
+    """The Hugging Face ``config.json`` dict.
+
+    Starts from :attr:`extra` (the original dict, so unknown keys round-trip exactly) and writes every field that
+    differs from what :attr:`extra` parses to, in the layout the original used (``rope_parameters`` or
+    ``rope_theta`` + ``rope_scaling``; ``dtype``, and ``torch_dtype`` too if the original had it). A config built
+    directly (empty :attr:`extra`) writes every field, in the transformers 5 layout.
+
+    Example:
+      >>> import dataclasses
+      >>> from proxjax.models import LlamaConfig
+      >>> c = LlamaConfig.from_hf({"architectures": ["LlamaForCausalLM"], "vocab_size": 32, "hidden_size": 16,
+      ...                          "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+      ...                          "hidden_act": "silu", "torch_dtype": "float32"})
+      >>> d = dataclasses.replace(c, hidden_act="relu", dtype="bfloat16").to_hf()
+      >>> d["hidden_act"], d["dtype"], d["torch_dtype"]
+      ('relu', 'bfloat16', 'bfloat16')
+    """
+    d = copy.deepcopy(self.extra)
+    base = LlamaConfig.from_hf(d) if d else None
+
+    def changed(*names: str) -> bool:
+      return base is None or any(getattr(self, n) != getattr(base, n) for n in names)
+
+    arch = self.architecture
+    if changed("architecture"):
+      d["architectures"] = [arch]
+      d["model_type"] = _MODEL_TYPES[arch]
+    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "rms_norm_eps", "max_position_embeddings", "tie_word_embeddings",
+                 "hidden_act"):
+      if changed(name):
+        d[name] = getattr(self, name)
+    if changed("head_dim") and (arch != "Qwen2ForCausalLM" or "head_dim" in d
+                                or self.head_dim != self.hidden_size // self.num_attention_heads):
+      d["head_dim"] = self.head_dim
+    if changed("rope_theta", "rope_scaling"):
+      scaling = self.rope_scaling_dict
+      if "rope_parameters" not in d and ("rope_scaling" in d or "rope_theta" in d):
+        d["rope_theta"] = self.rope_theta
+        d["rope_scaling"] = scaling
+      else:
+        d["rope_parameters"] = {"rope_theta": self.rope_theta, **(scaling or {"rope_type": "default"})}
+    if changed("qkv_bias", "o_bias", "mlp_bias") and arch == "LlamaForCausalLM":
+      d["attention_bias"] = bool(self.qkv_bias)
+      d["mlp_bias"] = bool(self.mlp_bias)
+    if changed("sliding_window"):
+      if arch == "MistralForCausalLM":
+        d["sliding_window"] = self.sliding_window
+      elif arch == "Qwen2ForCausalLM":
+        d["use_sliding_window"] = False
+    if changed("dtype"):
+      d["dtype"] = self.dtype
+      if "torch_dtype" in d:
+        d["torch_dtype"] = self.dtype
+    if changed("bos_token_id"):
+      d["bos_token_id"] = self.bos_token_id
+    if changed("eos_token_id"):
+      d["eos_token_id"] = _thaw(self.eos_token_id)
+    return d
+
+
+def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
+  r"""The RoPE inverse frequencies ``θ`` (float32, shape ``(head_dim // 2,)``), as transformers computes them.
+
+  ``θ_i = 1 / rope_theta^{2i/d}``; ``"linear"`` scaling divides by ``factor``; ``"llama3"`` keeps
+  high frequencies (wavelength ``2π/θ < L/high_freq_factor``, ``L`` = ``original_max_position_embeddings``),
+  divides low ones (wavelength ``> L/low_freq_factor``) by ``factor`` and interpolates in between with
+  ``s = (L/λ − low_freq_factor)/(high_freq_factor − low_freq_factor)``: ``θ ← (1 − s) θ/factor + s θ``.
+  Computed in float32 in the same order as transformers' ``modeling_rope_utils``.
+
+  Example:
+    >>> from proxjax.models import LlamaConfig, rope_inv_freq
+    >>> c = LlamaConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+    ...                 num_attention_heads=1, rope_theta=10000.0)
+    >>> rope_inv_freq(c)
+    array([1.   , 0.1  , 0.01 , 0.001], dtype=float32)
+  """
+  dim = config.head_dim
+  exponent = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+  inv_freq = (np.float32(1.0) / (np.float32(config.rope_theta) ** exponent)).astype(np.float32)
+  scaling = config.rope_scaling_dict
+  if scaling is None:
+    return inv_freq
+  factor = np.float32(scaling["factor"])
+  if scaling["rope_type"] == "linear":
+    return (inv_freq / factor).astype(np.float32)
+  low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+  old_len = scaling["original_max_position_embeddings"]
+  low_wavelen, high_wavelen = old_len / low, old_len / high
+  wavelen = np.float32(2 * math.pi) / inv_freq
+  inv_llama = np.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+  smooth = (np.float32(old_len) / wavelen - np.float32(low)) / np.float32(high - low)
+  smoothed = (1 - smooth) * inv_llama / factor + smooth * inv_llama
+  medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+  return np.where(medium, smoothed, inv_llama).astype(np.float32)
+
+
+def _rotate_half(x: jax.Array) -> jax.Array:
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  return jnp.concatenate([-x2, x1], axis=-1)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """Rotates ``x`` of shape ``(B, T, heads, d)``: ``x cos + rotate_half(x) sin``.
+
+  ``cos`` / ``sin`` are ``(T, d)`` (shared by the batch) or ``(B, T, d)``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from proxjax.models import apply_rope
+    >>> x = jnp.array([[[[1., 2.]]]])  # (1, 1, 1, 2)
+    >>> apply_rope(x, jnp.zeros((1, 2)), jnp.ones((1, 2)))  # a quarter turn: (x1, x2) -> (-x2, x1)
+    Array([[[[-2.,  1.]]]], dtype=float32)
+  """
+  cos, sin = cos[..., None, :], sin[..., None, :]
+  return x * cos + _rotate_half(x) * sin
+
+
+def _attention_mask(t: int, sliding_window: int | None) -> jax.Array:
+  """``(T, T)`` bool, True where query ``i`` may attend key ``j``: ``j ≤ i`` (and ``i − j < w``)."""
+  i = jnp.arange(t)[:, None]
+  j = jnp.arange(t)[None, :]
+  mask = j <= i
+  if sliding_window is not None:
+    mask = mask & (j > i - sliding_window)
+  return mask
+
+
+class LlamaRMSNorm(nnx.Module):
+  r"""RMSNorm with a learned scale, computed in float32 in Hugging Face's order of casts.
+
+  .. math::  y = w \cdot \mathrm{cast}_{\mathrm{in}}\big(x / \sqrt{\mathrm{mean}(x^2) + \varepsilon}\big)
+
+  (``x`` upcast to float32 for the statistics and the division, cast back to its input dtype, then multiplied by
+  ``w`` cast to the compute dtype).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from proxjax.models import LlamaRMSNorm
+    >>> LlamaRMSNorm(2, 0.0)(jnp.array([3., 4.]))  # rms = sqrt(12.5)
+    Array([0.84852815, 1.1313709 ], dtype=float32)
+  """
+
+  def __init__(self, dim: int, eps: float, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32):
+    self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
+    self.eps = float(eps)
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    input_dtype = x.dtype
+    h = x.astype(_F32)
+    variance = jnp.mean(jnp.square(h), axis=-1, keepdims=True)
+    h = h * lax.rsqrt(variance + self.eps)
+    return jnp.asarray(self.weight[...], self.dtype) * h.astype(input_dtype)
+
+
+def _linear(d_in: int, d_out: int, use_bias: bool, dtype: Any, param_dtype: Any, rngs: nnx.Rngs) -> nnx.Linear:
+  return nnx.Linear(d_in, d_out, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+                    kernel_init=nnx.initializers.normal(_INIT_STD), rngs=rngs)
+
+
+class LlamaAttention(nnx.Module):
+  r"""Causal multi-head attention with rotary embeddings and grouped key/value heads.
+
+  For ``x`` of shape ``(B, T, D)``: ``q = x W_q`` (``H`` heads of ``d``), ``k = x W_k``, ``v = x W_v``
+  (``H_kv`` heads, each repeated for ``H / H_kv`` query heads), ``q, k`` rotated by RoPE,
+  ``a = softmax(q kᵀ / sqrt(d) + mask) v`` (softmax in float32), output ``a W_o``.
+  """
+
+  def __init__(self, config: LlamaConfig, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+    c = config
+    q_out, kv_out = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    self.q_proj = _linear(c.hidden_size, q_out, c.qkv_bias, dtype, param_dtype, rngs)
+    self.k_proj = _linear(c.hidden_size, kv_out, c.qkv_bias, dtype, param_dtype, rngs)
+    self.v_proj = _linear(c.hidden_size, kv_out, c.qkv_bias, dtype, param_dtype, rngs)
+    self.o_proj = _linear(q_out, c.hidden_size, c.o_bias, dtype, param_dtype, rngs)
+    self.num_heads = c.num_attention_heads
+    self.num_kv_heads = c.num_key_value_heads
+    self.head_dim = c.head_dim
+    self.sliding_window = c.sliding_window
+
+  def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array], *,
+               return_inputs: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """Returns the attention output ``(B, T, D)``, and the input of ``o_proj`` when ``return_inputs``."""
+    b, t, _ = x.shape
+    q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
+    k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+    v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+    cos, sin = rope
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    n_rep = self.num_heads // self.num_kv_heads
+    if n_rep > 1:  # kv head j serves query heads j·n_rep … (j+1)·n_rep − 1 (transformers' repeat_kv)
+      k, v = jnp.repeat(k, n_rep, axis=2), jnp.repeat(v, n_rep, axis=2)
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) * (self.head_dim ** -0.5)
+    mask = _attention_mask(t, self.sliding_window)
+    scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
+    probs = jax.nn.softmax(scores.astype(_F32), axis=-1).astype(q.dtype)
+    attn = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, t, self.num_heads * self.head_dim)
+    out = self.o_proj(attn)
+    return (out, attn) if return_inputs else out
+
+
+class LlamaMLP(nnx.Module):
+  """Gated MLP ``down(act(gate(x)) ⊙ up(x))`` with ``act`` from ``config.hidden_act`` (SiLU or ReLU)."""
+
+  def __init__(self, config: LlamaConfig, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+    c = config
+    self.gate_proj = _linear(c.hidden_size, c.intermediate_size, c.mlp_bias, dtype, param_dtype, rngs)
+    self.up_proj = _linear(c.hidden_size, c.intermediate_size, c.mlp_bias, dtype, param_dtype, rngs)
+    self.down_proj = _linear(c.intermediate_size, c.hidden_size, c.mlp_bias, dtype, param_dtype, rngs)
+    self.hidden_act = c.hidden_act
+
+  def __call__(self, x: jax.Array, *, return_inputs: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """Returns the MLP output, and the input of ``down_proj`` when ``return_inputs``."""
+    hidden = _ACTIVATIONS[self.hidden_act](self.gate_proj(x)) * self.up_proj(x)
+    out = self.down_proj(hidden)
+    return (out, hidden) if return_inputs else out
+
+
+class LlamaDecoderLayer(nnx.Module):
+  """One pre-norm decoder block: ``h ← h + attn(norm₁(h))``, ``h ← h + mlp(norm₂(h))``."""
+
+  def __init__(self, config: LlamaConfig, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+    c = config
+    self.input_layernorm = LlamaRMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+    self.self_attn = LlamaAttention(c, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.post_attention_layernorm = LlamaRMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+    self.mlp = LlamaMLP(c, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+  def __call__(self, h: jax.Array, rope: tuple[jax.Array, jax.Array], *,
+               return_inputs: bool = False) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
+    """Runs the block on ``h`` ``(B, T, D)`` with ``rope = (cos, sin)`` from :meth:`LlamaForCausalLM.rope`.
+
+    Args:
+      h: hidden states ``(B, T, D)`` in the compute dtype.
+      rope: ``(cos, sin)``, each ``(T, head_dim)`` or ``(B, T, head_dim)``.
+      return_inputs: also return the activation entering every linear.
+
+    Returns:
+      ``h_out`` ``(B, T, D)``, or ``(h_out, inputs)`` where ``inputs`` maps every name in :data:`LINEAR_NAMES` to
+      the ``(B, T, d_in)`` input of that linear (q/k/v share one array, gate/up another).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from proxjax.models import LlamaConfig, LlamaForCausalLM
+      >>> c = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+      ...                 num_attention_heads=2)
+      >>> model = nnx.eval_shape(lambda: LlamaForCausalLM(c, rngs=nnx.Rngs(0)))
+      >>> def block0(m, ids):
+      ...   return m.model.layers[0](m.embed(ids), m.rope(jnp.arange(ids.shape[1])), return_inputs=True)
+      >>> h, inputs = nnx.eval_shape(block0, model, jnp.zeros((2, 5), jnp.int32))
+      >>> h.shape, inputs["self_attn.o_proj"].shape, inputs["mlp.down_proj"].shape
+      ((2, 5, 16), (2, 5, 16), (2, 5, 32))
+    """
+    x = self.input_layernorm(h)
+    attn_out, o_in = self.self_attn(x, rope, return_inputs=True)
+    h = h + attn_out
+    y = self.post_attention_layernorm(h)
+    mlp_out, down_in = self.mlp(y, return_inputs=True)
+    h = h + mlp_out
+    if not return_inputs:
+      return h
+    inputs = {"self_attn.q_proj": x, "self_attn.k_proj": x, "self_attn.v_proj": x, "self_attn.o_proj": o_in,
+              "mlp.gate_proj": y, "mlp.up_proj": y, "mlp.down_proj": down_in}
+    return h, inputs
+
+
+class LlamaModel(nnx.Module):
+  """The decoder stack: ``embed_tokens``, ``layers`` (an ``nnx.List``) and the final ``norm``."""
+
+  def __init__(self, config: LlamaConfig, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+    c = config
+    self.embed_tokens = nnx.Embed(c.vocab_size, c.hidden_size, dtype=dtype, param_dtype=param_dtype,
+                                  embedding_init=nnx.initializers.normal(_INIT_STD), rngs=rngs)
+    self.layers = nnx.List([LlamaDecoderLayer(c, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                            for _ in range(c.num_hidden_layers)])
+    self.norm = LlamaRMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+
+
+class LlamaForCausalLM(nnx.Module):
+  """A Llama / Mistral / Qwen2 causal LM whose module tree mirrors Hugging Face's.
+
+  Args:
+    config: the :class:`LlamaConfig`.
+    rngs: random state for the (random) initialisation; build with ``nnx.eval_shape`` to skip it.
+    dtype: compute dtype (activations); float32 by default.
+    param_dtype: parameter storage dtype.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from proxjax.models import LlamaConfig, LlamaForCausalLM
+    >>> c = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+    ...                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    >>> model = nnx.eval_shape(lambda: LlamaForCausalLM(c, rngs=nnx.Rngs(0)))  # abstract: nothing allocated
+    >>> model.model.layers[0].self_attn.k_proj.kernel.get_value().shape, model.lm_head
+    ((16, 8), None)
+    >>> nnx.eval_shape(lambda m, ids: m(ids), model, jnp.zeros((2, 5), jnp.int32)).shape  # logits (B, T, V)
+    (2, 5, 32)
+
+    ``LlamaForCausalLM(c, rngs=nnx.Rngs(0))`` builds it with random weights; :func:`proxjax.models.load_pretrained`
+    loads a Hugging Face checkpoint. Under ``nnx.jit`` the forward compiles once per input shape.
+  """
+
+  def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, dtype: Any = jnp.float32,
+               param_dtype: Any = jnp.float32):
+    self.config = config
+    self.dtype = dtype
+    self.param_dtype = param_dtype
+    self.model = LlamaModel(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.lm_head = (None if config.tie_word_embeddings else
+                    _linear(config.hidden_size, config.vocab_size, False, dtype, param_dtype, rngs))
+
+  def embed(self, input_ids: ArrayLike) -> jax.Array:
+    """Token embeddings ``(B, T, D)`` in the compute dtype for integer ``input_ids`` ``(B, T)``."""
+    input_ids = jnp.asarray(input_ids)
+    if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
+      raise ValueError(f"input_ids must be an integer array of shape (batch, seq), got {input_ids.dtype} "
+                       f"{input_ids.shape}")
+    return self.model.embed_tokens(input_ids)
+
+  def rope(self, positions: ArrayLike) -> tuple[jax.Array, jax.Array]:
+    """``(cos, sin)`` of shape ``positions.shape + (head_dim,)`` in the compute dtype.
+
+    ``positions`` is ``(T,)`` (shared by the batch) or ``(B, T)``; ``freqs = p θ`` (float32,
+    :func:`rope_inv_freq`), duplicated to ``head_dim`` entries.
+    """
+    positions = jnp.asarray(positions)
+    if positions.ndim not in (1, 2):
+      raise ValueError(f"positions must have shape (T,) or (B, T), got {positions.shape}")
+    freqs = positions.astype(_F32)[..., None] * jnp.asarray(rope_inv_freq(self.config))
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb).astype(self.dtype), jnp.sin(emb).astype(self.dtype)
+
+  def head(self, h: jax.Array) -> jax.Array:
+    """Logits ``(B, T, V)`` in float32: final norm, then ``lm_head`` (or the tied embedding matrix)."""
+    x = self.model.norm(h)
+    logits = self.model.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
+    return logits.astype(_F32)
+
+  def __call__(self, input_ids: ArrayLike, positions: ArrayLike | None = None) -> jax.Array:
+    """Logits ``(B, T, V)`` float32 of integer ``input_ids`` ``(B, T)``; ``positions`` defaults to ``arange(T)``."""
+    h = self.embed(input_ids)
+    rope = self.rope(jnp.arange(h.shape[1]) if positions is None else positions)
+    for layer in self.model.layers:
+      h = layer(h, rope)
+    return self.head(h)

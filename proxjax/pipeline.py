@@ -1,0 +1,408 @@
+r"""Whole-model pruning: sequential block-by-block calibration (SPEC §6), and pruning of any Flax parameter pytree.
+
+:func:`prune_model` prunes every selected linear of a decoder-only model, one block at a time, each to minimize its
+local loss ``½ tr((K − K₀)ᵀ H (K − K₀))`` with ``H = X Xᵀ / n`` over the calibration tokens that reach it:
+
+1. the calibration sequences are embedded once; their hidden states are the inputs of block 0;
+2. for block ``b``, with ``true_sequential`` (default, SPEC §4) the projections are pruned in stages
+   ``(q, k, v) → (o) → (gate, up) → (down)``: before each stage the block is re-run on the inputs with the stages
+   already pruned, so a projection's ``H`` sees the error of the pruned projections before it; without it, every
+   ``H`` comes from one pass of the dense block;
+3. the block is re-run with its pruned weights; its outputs are the inputs of block ``b + 1``.
+
+Only the current block's inputs (``(sequences, seqlen, hidden)``, on host), its Hessians and its weights are worked
+on at a time. With ``state_dir`` each finished block's pruned kernels and report are written atomically, and a later
+call with the same ``state_dir`` and run (model, method, options, calibration) skips them: their weights are loaded,
+and the calibration states are propagated through them again (a forward pass, cheap next to pruning), so a killed
+run loses at most the block it was in.
+
+The model interface this needs (:class:`proxjax.models.LlamaForCausalLM` has it): ``model.embed(ids)``,
+``model.rope(positions)``, ``model.model.layers`` (a sequence of blocks) and ``block(h, rope, return_inputs=True)``
+returning ``(h_out, {linear name: its input activations})`` where each linear is the submodule at that dotted name
+with a ``kernel`` parameter ``(d_in, d_out)``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import functools
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from proxjax import calibration as _cal
+from proxjax import nm as _nm
+from proxjax import pruner as _pruner
+from proxjax.report import _default as _json_default
+from proxjax.report import write_json as _write_json
+
+TRUE_SEQUENTIAL_STAGES = (
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ("self_attn.o_proj",),
+    ("mlp.gate_proj", "mlp.up_proj"),
+    ("mlp.down_proj",),
+)
+"""The order in which ``true_sequential`` prunes a LLaMA block's projections (SparseGPT's grouping)."""
+
+_STATE_VERSION = 1
+
+
+class LayerReport(NamedTuple):
+  """What happened to one linear.
+
+  Attributes:
+    block: decoder block index.
+    name: the linear's name in the block (e.g. ``"mlp.down_proj"``); ``model.layers.{block}.{name}`` in HF terms.
+    shape: the kernel shape ``(d_in, d_out)``.
+    method: the pruning method.
+    loss_before_refine: relative local loss ``tr((V−W)H(V−W)ᵀ)/tr(WHWᵀ)`` of the method's output.
+    loss_after_refine: the same after refinement (equal to the above without refinement).
+    iterations: prox-gradient iterations (0 for the one-shot methods).
+    cap_hit: whether the iteration cap was reached.
+    groups_projected: groups finished by projection rather than by the prox.
+    refine: ``None``, ``"gd"`` or ``"cg"``.
+    refine_steps: refinement steps taken.
+    tokens: calibration tokens in ``H``.
+    seconds: wall time of pruning this linear (``H`` accumulation excluded).
+  """
+  block: int
+  name: str
+  shape: tuple[int, int]
+  method: str
+  loss_before_refine: float
+  loss_after_refine: float
+  iterations: int
+  cap_hit: bool
+  groups_projected: int
+  refine: str | None
+  refine_steps: int
+  tokens: int
+  seconds: float
+
+
+class PipelineResult(NamedTuple):
+  """Result of :func:`prune_model`.
+
+  Attributes:
+    layers: one :class:`LayerReport` per pruned linear, in pruning order.
+    resumed_blocks: blocks taken from ``state_dir`` instead of being pruned in this call.
+    seconds: wall time of this call.
+  """
+  layers: list[LayerReport]
+  resumed_blocks: list[int]
+  seconds: float
+
+
+def select_linears(names: Sequence[str], num_blocks: int, include: Sequence[str] | None = None,
+                   ignore: Sequence[str] | None = None) -> list[tuple[str, ...]]:
+  """The linears to prune in every block, as fnmatch patterns over ``"{block}.{name}"`` decide.
+
+  A linear ``name`` of block ``b`` is pruned when ``"{b}.{name}"`` matches a pattern of ``include`` (default: all)
+  and none of ``ignore``.
+
+  Returns:
+    For each block, the selected names in the order given.
+
+  Example:
+    >>> select_linears(["self_attn.q_proj", "mlp.down_proj"], 2, ignore=["1.mlp.*"])
+    [('self_attn.q_proj', 'mlp.down_proj'), ('self_attn.q_proj',)]
+  """
+  include = ["*"] if include is None else list(include)
+  ignore = [] if ignore is None else list(ignore)
+  out = []
+  for b in range(num_blocks):
+    keys = [(nm, f"{b}.{nm}") for nm in names]
+    out.append(tuple(nm for nm, key in keys if any(fnmatch.fnmatchcase(key, p) for p in include)
+                     and not any(fnmatch.fnmatchcase(key, p) for p in ignore)))
+  if include != ["*"] and not any(out):
+    raise ValueError(f"include patterns {include} match no linear (names look like '0.mlp.down_proj')")
+  return out
+
+
+def _stages(selected: tuple[str, ...], true_sequential: bool) -> list[tuple[str, ...]]:
+  if not true_sequential:
+    return [selected] if selected else []
+  staged = [tuple(n for n in stage if n in selected) for stage in TRUE_SEQUENTIAL_STAGES]
+  rest = tuple(n for n in selected if not any(n in stage for stage in TRUE_SEQUENTIAL_STAGES))
+  return [s for s in staged if s] + ([rest] if rest else [])
+
+
+def _submodule(module: Any, name: str) -> Any:
+  return functools.reduce(getattr, name.split("."), module)
+
+
+@nnx.jit
+def _embed(model, ids):
+  return model.embed(ids).astype(jnp.float32)
+
+
+@nnx.jit
+def _forward(block, h, rope):
+  return block(h, rope).astype(jnp.float32)
+
+
+@nnx.jit(static_argnames=("names",))
+def _accumulate(block, h, valid, rope, states, names):
+  _, inputs = block(h, rope, return_inputs=True)
+  return {n: _cal.hessian_update(states[n], inputs[n], valid) for n in names}
+
+
+def _batches(num: int, batch_size: int) -> Iterable[tuple[int, int]]:
+  for start in range(0, num, batch_size):
+    yield start, min(start + batch_size, num)
+
+
+def _padded(h: np.ndarray, start: int, stop: int, batch_size: int) -> tuple[jax.Array, jax.Array]:
+  """Rows ``start:stop`` padded with zeros to ``batch_size`` rows (one compile), and the bool mask of real rows."""
+  x = h[start:stop]
+  valid = np.zeros((batch_size, h.shape[1]), bool)
+  valid[: stop - start] = True
+  if stop - start < batch_size:
+    x = np.concatenate([x, np.zeros((batch_size - (stop - start),) + x.shape[1:], x.dtype)])
+  return jnp.asarray(x), jnp.asarray(valid)
+
+
+def _propagate(block: Any, h: np.ndarray, rope: Any, batch_size: int) -> np.ndarray:
+  out = np.empty_like(h)
+  for start, stop in _batches(h.shape[0], batch_size):
+    x, _ = _padded(h, start, stop, batch_size)
+    out[start:stop] = np.asarray(_forward(block, x, rope))[: stop - start]
+  return out
+
+
+def _hessians(block: Any, h: np.ndarray, rope: Any, names: tuple[str, ...], batch_size: int) -> dict[str, Any]:
+  states = {n: _cal.hessian_init(_submodule(block, n).kernel.shape[0]) for n in names}
+  for start, stop in _batches(h.shape[0], batch_size):
+    x, valid = _padded(h, start, stop, batch_size)
+    states = _accumulate(block, x, valid, rope, states, names)
+  return states
+
+
+# ---------------------------------------------------------------------------------------------------------- state --
+
+
+def _atomic_write(path: str, write: Callable[[str], None]) -> None:
+  tmp = f"{path}.tmp-{os.getpid()}"
+  try:
+    write(tmp)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def _block_paths(state_dir: str, block: int) -> tuple[str, str]:
+  return (os.path.join(state_dir, f"block_{block:04d}.safetensors"), os.path.join(state_dir, f"block_{block:04d}.json"))
+
+
+def _open_state(state_dir: str, fingerprint: dict[str, Any]) -> None:
+  os.makedirs(state_dir, exist_ok=True)
+  run = os.path.join(state_dir, "run.json")
+  if os.path.exists(run):
+    with open(run) as f:
+      saved = json.load(f)
+    if saved != json.loads(json.dumps(fingerprint, default=_json_default)):
+      diff = sorted(k for k in set(saved) | set(fingerprint)
+                    if json.dumps(saved.get(k), default=_json_default)
+                    != json.dumps(fingerprint.get(k), default=_json_default))
+      raise ValueError(f"state directory {state_dir} belongs to a different run (differs in: {', '.join(diff)}); "
+                       "use another state directory or delete this one to start over")
+  else:
+    _write_json(run, fingerprint)
+
+
+def _save_block(state_dir: str, block_idx: int, block: Any, names: tuple[str, ...],
+                reports: list[LayerReport]) -> None:
+  from safetensors.numpy import save_file  # local import: safetensors is only needed with a state dir
+  arrays_path, report_path = _block_paths(state_dir, block_idx)
+  # bfloat16 has no NumPy dtype of its own in safetensors.numpy: store float32 (exact) and cast back on load.
+  tensors = {n: np.asarray(_submodule(block, n).kernel[...].astype(jnp.float32)) for n in names}
+  _atomic_write(arrays_path, lambda tmp: save_file(tensors, tmp))
+  _write_json(report_path, {"block": block_idx, "names": list(names), "layers": [r._asdict() for r in reports]})
+
+
+def _load_block(state_dir: str, block_idx: int, block: Any) -> list[LayerReport] | None:
+  from safetensors.numpy import load_file
+  arrays_path, report_path = _block_paths(state_dir, block_idx)
+  if not os.path.exists(report_path):  # the report is written last: without it the block is not done
+    return None
+  with open(report_path) as f:
+    saved = json.load(f)
+  tensors = load_file(arrays_path)
+  for name in saved["names"]:
+    kernel = _submodule(block, name).kernel
+    if tensors[name].shape != kernel.shape:
+      raise ValueError(f"{arrays_path}: {name} has shape {tensors[name].shape}, the model's is {kernel.shape}")
+    kernel[...] = jnp.asarray(tensors[name]).astype(kernel.dtype)
+  return [LayerReport(**{**r, "shape": tuple(r["shape"])}) for r in saved["layers"]]
+
+
+# ------------------------------------------------------------------------------------------------------- pipeline --
+
+
+def _fingerprint(calibration_ids: np.ndarray, method: str, refine: Any, n: int, m: int, options: Mapping[str, Any],
+                 true_sequential: bool, selected: list[tuple[str, ...]], run_info: Mapping[str, Any] | None):
+  digest = hashlib.sha256(np.ascontiguousarray(calibration_ids, dtype=np.int64).tobytes()).hexdigest()
+  return {"version": _STATE_VERSION, "method": method, "refine": None if refine is _pruner._DEFAULT else refine,
+          "n": n, "m": m, "options": {k: options[k] for k in sorted(options) if k != "progress"},
+          "true_sequential": true_sequential, "selected": [list(s) for s in selected],
+          "calibration_shape": list(calibration_ids.shape), "calibration_sha256": digest,
+          "run_info": dict(run_info or {})}
+
+
+def prune_model(model: Any, calibration_ids: Any, *, method: str = "prox", refine: Any = _pruner._DEFAULT,
+                n: int = 2, m: int = 4, options: Mapping[str, Any] | None = None, true_sequential: bool = True,
+                include: Sequence[str] | None = None, ignore: Sequence[str] | None = None,
+                linear_names: Sequence[str] | None = None, batch_size: int = 8, state_dir: str | None = None,
+                progress: bool = True, run_info: Mapping[str, Any] | None = None) -> PipelineResult:
+  r"""Prunes a decoder-only model block by block, in place, each linear to N:M along its input axis (SPEC §6).
+
+  Each selected linear ``K₀`` of block ``b`` becomes :func:`proxjax.prune_kernel` ``(K₀, H, method, ...)``, the
+  (approximate) minimizer of
+
+  .. math::  \min_{K \text{ N:M along the input axis}} \tfrac12 \operatorname{tr}\big((K - K_0)^\top H (K - K_0)\big),
+             \qquad H = \tfrac1n \textstyle\sum_t x_t x_t^\top,
+
+  where ``x_t`` are the linear's inputs for the calibration tokens, computed with blocks ``< b`` (and, with
+  ``true_sequential``, the earlier stages of block ``b``) already pruned.
+
+  Args:
+    model: the model, modified in place (see the module docstring for the interface it must have).
+    calibration_ids: int token ids ``(sequences, seqlen)``.
+    method: ``"prox"``, ``"wanda"``, ``"sparsegpt"`` or ``"magnitude"`` (see :func:`proxjax.prune_kernel`).
+    refine: ``None``, ``"gd"`` or ``"cg"``; default: the method's default.
+    n: kept weights per group.
+    m: group size.
+    options: keyword options of :func:`proxjax.prune_kernel` (``lam0``, ``beta``, ``budget``, ``damp``, ...).
+    true_sequential: prune in stages q,k,v → o → gate,up → down, re-capturing inputs before each stage.
+    include: fnmatch patterns over ``"{block}.{name}"`` (e.g. ``"*.mlp.*"``); default all.
+    ignore: patterns to leave dense.
+    linear_names: the linears of a block; default ``proxjax.models.llama.LINEAR_NAMES``.
+    batch_size: calibration sequences per forward pass.
+    state_dir: directory for per-block state (resume); ``None`` keeps nothing.
+    progress: tqdm bars per block and per projection.
+    run_info: extra items that identify the run for resuming (e.g. the model directory).
+
+  Returns:
+    A :class:`PipelineResult`.
+
+  Example:
+    >>> import jax.numpy as jnp, numpy as np, flax.nnx as nnx, proxjax
+    >>> from proxjax.models import LlamaConfig, LlamaForCausalLM
+    >>> cfg = LlamaConfig.from_hf(dict(architectures=["LlamaForCausalLM"], vocab_size=64, hidden_size=32,
+    ...     intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+    >>> model = LlamaForCausalLM(cfg, rngs=nnx.Rngs(0))
+    >>> ids = np.random.default_rng(0).integers(0, 64, (4, 16))
+    >>> result = prune_model(model, ids, method="wanda", progress=False)
+    >>> len(result.layers), bool(proxjax.is_nm(model.model.layers[1].mlp.down_proj.kernel[...]))
+    (14, True)
+  """
+  options = dict(options or {})
+  if linear_names is None:
+    from proxjax.models.llama import LINEAR_NAMES as linear_names  # noqa: N811
+  ids = np.asarray(calibration_ids)
+  if ids.ndim != 2 or ids.shape[0] == 0 or ids.shape[1] == 0 or not np.issubdtype(ids.dtype, np.integer):
+    raise ValueError(f"calibration_ids must be a non-empty int array (sequences, seqlen), got {ids.dtype} {ids.shape}")
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
+  blocks = model.model.layers
+  selected = select_linears(linear_names, len(blocks), include, ignore)
+  batch_size = min(batch_size, ids.shape[0])
+  if state_dir is not None:
+    _open_state(state_dir, _fingerprint(ids, method, refine, n, m, options, true_sequential, selected, run_info))
+
+  from tqdm.auto import tqdm
+  t_start = time.perf_counter()
+  rope = model.rope(jnp.arange(ids.shape[1]))
+  h = np.concatenate([np.asarray(_embed(model, jnp.asarray(ids[a:b], jnp.int32)))
+                      for a, b in _batches(ids.shape[0], batch_size)])
+  layers: list[LayerReport] = []
+  resumed: list[int] = []
+  kwargs = {} if refine is _pruner._DEFAULT else {"refine": refine}
+  bar = tqdm(total=sum(len(s) for s in selected), desc="pruning", unit="linear", disable=not progress)
+  for b, block in enumerate(blocks):
+    done = _load_block(state_dir, b, block) if state_dir is not None else None
+    if done is not None:
+      layers.extend(done)
+      resumed.append(b)
+      bar.update(len(selected[b]))
+    else:
+      reports = []
+      for stage in _stages(selected[b], true_sequential):
+        states = _hessians(block, h, rope, stage, batch_size)
+        for name in stage:
+          bar.set_postfix_str(f"block {b} {name}")
+          kernel = _submodule(block, name).kernel
+          t0 = time.perf_counter()
+          hessian = _cal.hessian_from_state(states[name])
+          try:
+            res = _pruner.prune_kernel(kernel[...], hessian, method, n=n, m=m, **kwargs, **options)
+          except ValueError as err:
+            raise ValueError(f"block {b} {name} (model.layers.{b}.{name}): {err}") from err
+          kernel[...] = res.kernel.astype(kernel.dtype)
+          if not bool(_nm.is_nm(kernel[...], n, m, axis=0)):
+            raise RuntimeError(f"block {b} {name}: the pruned kernel is not {n}:{m} (please report this bug)")
+          i = res.info
+          reports.append(LayerReport(b, name, tuple(kernel.shape), method, i.loss_before_refine,
+                                     i.loss_after_refine, i.iterations, i.cap_hit, i.groups_projected, i.refine,
+                                     i.refine_steps, int(states[name].count), time.perf_counter() - t0))
+          bar.update(1)
+          bar.set_postfix_str(f"block {b} {name} loss {i.loss_after_refine:.4f}")
+      if state_dir is not None:
+        _save_block(state_dir, b, block, selected[b], reports)
+      layers.extend(reports)
+    if b + 1 < len(blocks):
+      h = _propagate(block, h, rope, batch_size)
+  bar.close()
+  return PipelineResult(layers, resumed, time.perf_counter() - t_start)
+
+
+# ------------------------------------------------------------------------------------------------- any Flax model --
+
+
+def prune_params(params: Any, hessians: Any, method: str = "prox", *, n: int = 2, m: int = 4, refine: Any = _pruner._DEFAULT,
+                 **options: Any) -> tuple[Any, Any, Any]:
+  r"""Prunes the kernels of any Flax parameter pytree, given their calibration statistics.
+
+  For every leaf of ``params`` whose counterpart in ``hessians`` is not ``None`` (an ``H`` array ``(d_in, d_in)`` or a
+  :class:`proxjax.HessianState`), the kernel ``(d_in, d_out)`` is replaced by :func:`proxjax.prune_kernel`'s
+  approximate minimizer of ``½ tr((K − K₀)ᵀ H (K − K₀))`` subject to N:M along axis 0; other leaves are returned
+  unchanged. ``hessians`` is a pytree with ``params``' structure (``None`` marks a leaf to keep dense), so
+  ``jax.tree.map`` over both works; an ``nnx.State`` works too.
+
+  Returns:
+    ``(new_params, masks, infos)``: masks are bool arrays (``None`` where not pruned), infos are
+    :class:`proxjax.PruneInfo` (``None`` where not pruned).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, proxjax
+    >>> from proxjax.pipeline import prune_params
+    >>> params = {"dense": {"kernel": jax.random.normal(jax.random.key(0), (8, 3)), "bias": jnp.zeros(3)}}
+    >>> hessians = {"dense": {"kernel": jnp.eye(8), "bias": None}}
+    >>> new, masks, infos = prune_params(params, hessians, "magnitude")
+    >>> bool(proxjax.is_nm(new["dense"]["kernel"])), masks["dense"]["bias"] is None
+    (True, True)
+  """
+  is_leaf = lambda x: x is None or isinstance(x, _cal.HessianState)  # noqa: E731
+  flat_h, treedef = jax.tree.flatten(hessians, is_leaf=is_leaf)
+  flat_p = treedef.flatten_up_to(params)
+  kwargs = {} if refine is _pruner._DEFAULT else {"refine": refine}
+  out_p, out_m, out_i = [], [], []
+  for p, h in zip(flat_p, flat_h):
+    if h is None:
+      out_p.append(p), out_m.append(None), out_i.append(None)
+      continue
+    if isinstance(h, _cal.HessianState):
+      h = _cal.hessian_from_state(h)
+    res = _pruner.prune_kernel(p, h, method, n=n, m=m, **kwargs, **options)
+    out_p.append(res.kernel), out_m.append(res.mask), out_i.append(res.info)
+  unflat = functools.partial(jax.tree.unflatten, treedef)
+  return unflat(out_p), unflat(out_m), unflat(out_i)
