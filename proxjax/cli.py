@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from typing import Any
 
 METHODS = ("prox", "wanda", "sparsegpt", "magnitude")
+_C4_CALIBRATION_DOCUMENTS = 20_000
 
 
 def _model_dir(name: str) -> str:
@@ -110,10 +111,14 @@ def cmd_prune(args: argparse.Namespace) -> int:
   t0 = time.perf_counter()
   model = load_pretrained(model_dir)
   tokenizer = data.load_tokenizer(model_dir)
-  documents = data.load_documents(args.calibration, split="calibration")
+  max_docs = args.calibration_documents
+  if max_docs is None and args.calibration == "c4":
+    max_docs = _C4_CALIBRATION_DOCUMENTS  # streamed: the first documents of the shard, not all 356 k
+  documents = data.load_documents(args.calibration, split="calibration", max_documents=max_docs)
   ids = data.calibration_windows(tokenizer, documents, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
                                  mode=args.calibration_mode)
   calibration = {"source": args.calibration, "split": "calibration", "mode": args.calibration_mode,
+                 "documents": len(documents),
                  "nsamples": int(ids.shape[0]), "seqlen": int(ids.shape[1]), "tokens": int(ids.size),
                  "seed": args.seed}
   print(f"proxjax {proxjax.__version__}: pruning {model_dir} with {args.method} "
@@ -223,6 +228,62 @@ def cmd_plot(args: argparse.Namespace) -> int:
   return 0
 
 
+def cmd_finetune(args: argparse.Namespace) -> int:
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
+  import proxjax  # pylint: disable=import-outside-toplevel
+  from proxjax import data, finetune, report  # pylint: disable=import-outside-toplevel
+  from proxjax.models import load_pretrained, save_pretrained  # pylint: disable=import-outside-toplevel
+
+  model_dir = _model_dir(args.model_dir)
+  out_dir = os.path.abspath(args.out_dir)
+  if os.path.isdir(out_dir) and os.listdir(out_dir) and not args.overwrite:
+    raise SystemExit(f"error: {out_dir} exists and is not empty (use --overwrite)")
+  model = load_pretrained(model_dir, param_dtype=jnp.float32)  # train in float32; saved in the source dtype
+  tokenizer = data.load_tokenizer(model_dir)
+  documents = data.load_documents(args.train, split="calibration")
+  ids = data.calibration_windows(tokenizer, documents, nsamples=args.steps * args.batch_size, seqlen=args.seqlen,
+                                 seed=args.seed)
+  batches = ids.reshape(args.steps, args.batch_size, args.seqlen)
+  result: dict[str, Any] = {"source_model": os.path.abspath(model_dir), "train": args.train, "steps": args.steps,
+                            "batch_size": args.batch_size, "seqlen": args.seqlen, "learning_rate": args.lr,
+                            "weight_decay": args.weight_decay, "seed": args.seed,
+                            "train_tokens": int(ids.size), "proxjax_version": proxjax.__version__}
+  if args.eval:
+    before, protocol = _evaluate(model, model_dir, args.eval, args.eval_seqlen, args.max_windows, 8, not args.quiet)
+    result["eval_protocol"] = protocol
+    result["ppl_before"] = before.ppl
+  masks = finetune.sparsity_masks(model)
+  trained = finetune.finetune_masked(model, batches, learning_rate=args.lr, weight_decay=args.weight_decay,
+                                     masks=masks, progress=not args.quiet)
+  result["losses"] = trained.losses
+  if args.check:  # every weight that was zero must still be exactly zero
+    import jax  # pylint: disable=import-outside-toplevel
+    from flax import nnx  # pylint: disable=import-outside-toplevel
+    params = nnx.as_pure(nnx.state(model, nnx.Param))
+    flat_m = jax.tree.leaves(masks, is_leaf=lambda x: x is None)
+    flat_p = jax.tree.leaves(params)
+    lost = [i for i, (mk, p) in enumerate(zip(flat_m, flat_p)) if mk is not None and bool(jnp.any((~mk) & (p != 0)))]
+    if lost:
+      raise RuntimeError(f"{len(lost)} pruned kernels gained non-zeros during fine-tuning (please report this bug)")
+  if args.eval:
+    after, _ = _evaluate(model, model_dir, args.eval, args.eval_seqlen, args.max_windows, 8, not args.quiet)
+    result["ppl_after"] = after.ppl
+  provenance = {}
+  meta = os.path.join(model_dir, "proxjax.json")
+  if os.path.exists(meta):
+    with open(meta) as f:
+      provenance = json.load(f)
+  save_pretrained(model, out_dir, source_dir=model_dir, metadata={**provenance, "finetune": result},
+                  overwrite=args.overwrite)
+  report.write_json(os.path.join(out_dir, "proxjax-finetune.json"), result)
+  msg = f"wrote {out_dir}: {args.steps} steps, loss {trained.losses[0]:.4f} -> {trained.losses[-1]:.4f}"
+  if args.eval:
+    msg += f"; {args.eval} perplexity {result['ppl_before']:.3f} -> {result['ppl_after']:.3f}"
+  print(msg)
+  return 0
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
   p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
   p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -255,6 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--calibration-mode", choices=("packed", "random"), default="packed",
                  help="packed: documents joined with EOS, consecutive windows (default); random: Wanda's random "
                       "windows inside documents longer than seqlen")
+  p.add_argument("--calibration-documents", type=int, metavar="K",
+                 help=f"use only the first K calibration documents (default: all; {_C4_CALIBRATION_DOCUMENTS} for c4)")
   p.add_argument("--nsamples", type=int, default=128, help="calibration sequences (default 128)")
   p.add_argument("--seqlen", type=int, default=2048, help="calibration sequence length (default 2048)")
   p.add_argument("--seed", type=int, default=0, help="calibration sampling seed (default 0)")
@@ -296,6 +359,25 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("out_dir")
   p.add_argument("--overwrite", action="store_true")
   p.set_defaults(func=cmd_convert)
+
+  p = sub.add_parser("finetune", help="recover a pruned model: train kept weights on the LM loss, mask fixed")
+  p.add_argument("model_dir", help="a pruned checkpoint directory")
+  p.add_argument("out_dir")
+  p.add_argument("--train", default="wiki", help="training text (a load_documents source, calibration split)")
+  p.add_argument("--steps", type=int, default=100)
+  p.add_argument("--batch-size", type=int, default=4)
+  p.add_argument("--seqlen", type=int, default=256)
+  p.add_argument("--lr", type=float, default=2e-5)
+  p.add_argument("--weight-decay", type=float, default=0.0)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--eval", metavar="DATASET", help="perplexity on DATASET before and after")
+  p.add_argument("--eval-seqlen", type=int, default=512)
+  p.add_argument("--max-windows", type=int)
+  p.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
+                 help="verify the 2:4 pattern of every pruned projection after training (default on)")
+  p.add_argument("--overwrite", action="store_true")
+  p.add_argument("--quiet", action="store_true")
+  p.set_defaults(func=cmd_finetune)
 
   p = sub.add_parser("plot", help="plot per-layer relative local loss of several prune reports into one PNG")
   p.add_argument("reports", nargs="+", help="proxjax-report.json files")

@@ -142,3 +142,22 @@ def test_bad_inputs_give_clear_errors_and_no_output(checkpoint, corpus, tmp_path
   with pytest.raises(SystemExit, match="not empty"):
     _prune(checkpoint, corpus, out, "--method", "magnitude")
   assert (out / "x").read_text() == "keep me"
+
+
+def test_finetune_keeps_the_pattern_and_lowers_the_loss(checkpoint, corpus, tmp_path, capsys):
+  pruned, tuned = tmp_path / "pruned", tmp_path / "tuned"
+  assert _prune(checkpoint, corpus, pruned, "--method", "magnitude") == 0
+  capsys.readouterr()
+  assert cli.main(["finetune", str(pruned), str(tuned), "--train", str(corpus / "calib.txt"), "--steps", "12",
+                   "--batch-size", "2", "--seqlen", "32", "--lr", "3e-3", "--eval", str(corpus / "eval.txt"),
+                   "--eval-seqlen", "32", "--quiet"]) == 0
+  res = json.loads((tuned / "proxjax-finetune.json").read_text())
+  assert len(res["losses"]) == 12 and np.mean(res["losses"][-3:]) < np.mean(res["losses"][:3])
+  assert res["ppl_after"] < res["ppl_before"]
+  assert cli.main(["check", str(tuned)]) == 0
+  a = transformers.LlamaForCausalLM.from_pretrained(pruned).state_dict()
+  b = transformers.LlamaForCausalLM.from_pretrained(tuned).state_dict()
+  w0, w1 = a["model.layers.0.mlp.up_proj.weight"].numpy(), b["model.layers.0.mlp.up_proj.weight"].numpy()
+  np.testing.assert_array_equal(w1 == 0, w0 == 0)  # same zeros (a kept weight is not exactly 0 after training)
+  assert not np.array_equal(w0, w1)
+  assert json.loads((tuned / "proxjax.json").read_text())["method"] == "magnitude"  # provenance carried over
