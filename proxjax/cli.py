@@ -91,7 +91,6 @@ def _evaluate(model: Any, model_dir: str, dataset: str, seqlen: int, max_windows
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
 
   import proxjax  # pylint: disable=import-outside-toplevel
@@ -162,7 +161,6 @@ def cmd_prune(args: argparse.Namespace) -> int:
   if args.eval:
     print(f"{args.eval} perplexity {full['eval']['ppl']:.3f} (seqlen {args.eval_seqlen}, {ppl.windows} windows, "
           f"{ppl.predicted_tokens} predicted tokens)")
-  del jnp
   return 0
 
 

