@@ -541,7 +541,10 @@ def _hub_documents(source: str, split: str, root: str | os.PathLike | None, max_
     ds = datasets.load_dataset(path, data_files={hf_split: rel}, split=hf_split, streaming=streaming,
                                cache_dir=None if cache_dir is None else str(cache_dir))
   except Exception as e:
-    raise ValueError(f"{source}: cannot load {rel} from {path} ({type(e).__name__}: {e})") from e
+    hint = "" if path != spec.repo else (
+        f"; offline, point PROXJAX_DATA_ROOT at a directory holding {spec.repo}/{rel} (the hub layout), or use an "
+        "offline source: wiki, lee or a local file")
+    raise ValueError(f"{source}: cannot load {rel} from {path} ({type(e).__name__}: {e}){hint}") from e
   if ds.column_names is not None and "text" not in ds.column_names:  # a stream may not know its columns up front
     raise ValueError(f"{source}: {rel} in {path} has no 'text' column (columns: {ds.column_names})")
   if streaming:
