@@ -14,6 +14,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -71,23 +72,42 @@ def _refine(value: str | None) -> Any:
   return None if value == "none" else value
 
 
-def _evaluate(model: Any, model_dir: str, dataset: str, seqlen: int, max_windows: int | None, batch_size: int,
-              progress: bool) -> tuple[Any, dict[str, Any]]:
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+def _eval_data(model_dir: str, dataset: str, seqlen: int, max_windows: int | None) -> Any:
+  from proxjax import data  # pylint: disable=import-outside-toplevel
+  return data.load_evaluation(data.load_tokenizer(model_dir), dataset, seqlen=seqlen, max_windows=max_windows)
+
+
+@functools.cache
+def _logits_fn() -> Any:
   from flax import nnx  # pylint: disable=import-outside-toplevel
+  return nnx.jit(lambda m, ids: m(ids))  # one object: evaluating twice (finetune before/after) compiles once
 
-  from proxjax import data, evaluate  # pylint: disable=import-outside-toplevel
 
-  tokenizer = data.load_tokenizer(model_dir)
-  windows = data.load_evaluation(tokenizer, dataset, seqlen=seqlen, max_windows=max_windows)
+def _perplexity(model: Any, eval_data: Any, batch_size: int, progress: bool) -> Any:
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
 
-  @nnx.jit
-  def logits(m, ids):
-    return m(ids)
+  from proxjax import evaluate  # pylint: disable=import-outside-toplevel
 
-  result = evaluate.perplexity(lambda ids: logits(model, jnp.asarray(ids)), windows.windows,
-                               batch_size=batch_size, progress=progress)
-  return result, dict(windows.protocol)
+  logits = _logits_fn()
+  return evaluate.perplexity(lambda ids: logits(model, jnp.asarray(ids)), eval_data.windows, batch_size=batch_size,
+                             progress=progress)
+
+
+def _provenance(model_dir: str) -> dict[str, Any]:
+  """The ``proxjax.json`` a pruned checkpoint carries (empty for a checkpoint proxjax did not write)."""
+  meta = os.path.join(model_dir, "proxjax.json")
+  if not os.path.exists(meta):
+    return {}
+  with open(meta) as f:
+    return json.load(f)
+
+
+def _check_out_dir(out_dir: str, overwrite: bool) -> str:
+  """Refuses a non-empty output directory before any long work (``save_pretrained`` would refuse it at the end)."""
+  out_dir = os.path.abspath(out_dir)
+  if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
+    raise SystemExit(f"error: {out_dir} exists and is not empty (use --overwrite)")
+  return out_dir
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
@@ -98,9 +118,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
   from proxjax.models import load_pretrained, save_pretrained  # pylint: disable=import-outside-toplevel
 
   model_dir = _model_dir(args.model_dir)
-  out_dir = os.path.abspath(args.out_dir)
-  if os.path.isdir(out_dir) and os.listdir(out_dir) and not args.overwrite:
-    raise SystemExit(f"error: {out_dir} exists and is not empty (use --overwrite)")
+  out_dir = _check_out_dir(args.out_dir, args.overwrite)
   options = _prune_options(args)
   refine = _refine(args.refine)
   state_dir = args.state_dir or out_dir.rstrip(os.sep) + ".proxjax-state"
@@ -144,10 +162,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
   save_pretrained(model, out_dir, source_dir=model_dir, metadata=provenance, overwrite=args.overwrite)
   full = {**provenance, "summary": summary, "layers": [r._asdict() for r in result.layers]}
   if args.eval:
-    ppl, protocol = _evaluate(model, model_dir, args.eval, args.eval_seqlen, args.max_windows, args.batch_size,
-                              not args.quiet)
+    eval_data = _eval_data(model_dir, args.eval, args.eval_seqlen, args.max_windows)
+    ppl = _perplexity(model, eval_data, args.batch_size, not args.quiet)
     full["eval"] = {"ppl": ppl.ppl, "nll": ppl.nll, "predicted_tokens": ppl.predicted_tokens,
-                    "windows": ppl.windows, "seqlen": ppl.seqlen, "protocol": protocol}
+                    "windows": ppl.windows, "seqlen": ppl.seqlen, "protocol": dict(eval_data.protocol)}
   report_path = args.report or os.path.join(out_dir, "proxjax-report.json")
   report.write_json(report_path, full)
   plot_path = args.plot or os.path.join(out_dir, "proxjax-layer-losses.png")
@@ -170,13 +188,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
   model_dir = _model_dir(args.model_dir)
   model = load_pretrained(model_dir)
-  result, protocol = _evaluate(model, model_dir, args.dataset, args.seqlen, args.max_windows, args.batch_size,
-                               not args.quiet)
-  provenance = None
-  meta = os.path.join(model_dir, "proxjax.json")
-  if os.path.exists(meta):
-    with open(meta) as f:
-      provenance = json.load(f)
+  eval_data = _eval_data(model_dir, args.dataset, args.seqlen, args.max_windows)
+  result, protocol = _perplexity(model, eval_data, args.batch_size, not args.quiet), dict(eval_data.protocol)
+  provenance = _provenance(model_dir)
   extra = {"model": os.path.abspath(model_dir)}
   if provenance:
     extra.update(method=provenance.get("method"), refine=provenance.get("refine"),
@@ -234,9 +248,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
   from proxjax.models import load_pretrained, save_pretrained  # pylint: disable=import-outside-toplevel
 
   model_dir = _model_dir(args.model_dir)
-  out_dir = os.path.abspath(args.out_dir)
-  if os.path.isdir(out_dir) and os.listdir(out_dir) and not args.overwrite:
-    raise SystemExit(f"error: {out_dir} exists and is not empty (use --overwrite)")
+  out_dir = _check_out_dir(args.out_dir, args.overwrite)
   model = load_pretrained(model_dir, param_dtype=jnp.float32)  # train in float32; saved in the source dtype
   tokenizer = data.load_tokenizer(model_dir)
   documents = data.load_documents(args.train, split="calibration")
@@ -248,9 +260,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                             "weight_decay": args.weight_decay, "seed": args.seed,
                             "train_tokens": int(ids.size), "proxjax_version": proxjax.__version__}
   if args.eval:
-    before, protocol = _evaluate(model, model_dir, args.eval, args.eval_seqlen, args.max_windows, 8, not args.quiet)
-    result["eval_protocol"] = protocol
-    result["ppl_before"] = before.ppl
+    eval_data = _eval_data(model_dir, args.eval, args.eval_seqlen, args.max_windows)  # same windows before and after
+    result["eval_protocol"] = dict(eval_data.protocol)
+    result["ppl_before"] = _perplexity(model, eval_data, 8, not args.quiet).ppl
   masks = finetune.sparsity_masks(model)
   trained = finetune.finetune_masked(model, batches, learning_rate=args.lr, weight_decay=args.weight_decay,
                                      masks=masks, progress=not args.quiet)
@@ -265,14 +277,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if lost:
       raise RuntimeError(f"{len(lost)} pruned kernels gained non-zeros during fine-tuning (please report this bug)")
   if args.eval:
-    after, _ = _evaluate(model, model_dir, args.eval, args.eval_seqlen, args.max_windows, 8, not args.quiet)
-    result["ppl_after"] = after.ppl
-  provenance = {}
-  meta = os.path.join(model_dir, "proxjax.json")
-  if os.path.exists(meta):
-    with open(meta) as f:
-      provenance = json.load(f)
-  save_pretrained(model, out_dir, source_dir=model_dir, metadata={**provenance, "finetune": result},
+    result["ppl_after"] = _perplexity(model, eval_data, 8, not args.quiet).ppl
+  save_pretrained(model, out_dir, source_dir=model_dir, metadata={**_provenance(model_dir), "finetune": result},
                   overwrite=args.overwrite)
   report.write_json(os.path.join(out_dir, "proxjax-finetune.json"), result)
   msg = f"wrote {out_dir}: {args.steps} steps, loss {trained.losses[0]:.4f} -> {trained.losses[-1]:.4f}"
