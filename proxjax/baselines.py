@@ -298,8 +298,12 @@ def sparsegpt(kernel: ArrayLike, hessian: ArrayLike, *, n: int = 2, m: int = 4, 
   new, mask, ok = sparsegpt_unchecked(kernel, hessian, n=n, m=m, blocksize=blocksize, damp=damp,
                                       precision=precision)
   if not bool(ok):
-    raise ValueError(
-        "sparsegpt: the damped Hessian 2H + damp·mean(diag 2H)·I is not positive definite in float32 (its Cholesky "
-        "factorization produced NaN). Check the Hessian for NaN/inf or negative eigenvalues; if it is merely "
-        f"ill-conditioned, increase damp (now {damp}).")
+    raise _not_positive_definite(damp)
   return new, mask
+
+
+def _not_positive_definite(damp: float) -> ValueError:
+  return ValueError(
+      "sparsegpt: the damped Hessian 2H + damp·mean(diag 2H)·I is not positive definite in float32 (its Cholesky "
+      "factorization produced NaN). Check the Hessian for NaN/inf or negative eigenvalues; if it is merely "
+      f"ill-conditioned, increase damp (now {damp}).")

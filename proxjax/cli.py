@@ -9,6 +9,12 @@ Examples::
   proxjax prune smollm2 out/prox --method prox --nsamples 32 --seqlen 512 --eval lee
   proxjax eval out/prox --dataset wikitext2 --seqlen 2048 --json ppl.json
   proxjax check out/prox
+  proxjax prune smollm2 out/wanda --method wanda --mesh 8        # kernels split over 8 devices
+  proxjax prune big-model out/prox --mesh model=8 --offload       # one block on the devices at a time
+
+Multi-host: run the same command on every host after ``jax.distributed.initialize()`` (e.g. through
+``JAX_COORDINATOR_ADDRESS``/process environment as the cluster provides, or a small wrapper script); ``--mesh auto``
+then spans every host's devices.
 """
 
 from __future__ import annotations
@@ -93,6 +99,26 @@ def _perplexity(model: Any, eval_data: Any, batch_size: int, progress: bool) -> 
                              progress=progress)
 
 
+def _mesh(args: argparse.Namespace) -> Any:
+  """The device mesh of ``--mesh`` (None without it)."""
+  if not getattr(args, "mesh", None):
+    return None
+  from proxjax import sharding  # pylint: disable=import-outside-toplevel
+  return sharding.parse_mesh(args.mesh)
+
+
+def _load(model_dir: str, mesh: Any, offload: bool = False) -> Any:
+  """The model, placed on the host (``offload``), straight into its shardings on ``mesh``, or on the default
+  device."""
+  import jax  # pylint: disable=import-outside-toplevel
+
+  from proxjax import sharding  # pylint: disable=import-outside-toplevel
+  from proxjax.models import load_pretrained  # pylint: disable=import-outside-toplevel
+  if offload:
+    return load_pretrained(model_dir, sharding=lambda path, shape: jax.devices("cpu")[0])
+  return load_pretrained(model_dir, sharding=None if mesh is None else sharding.checkpoint_sharding(mesh))
+
+
 def _provenance(model_dir: str) -> dict[str, Any]:
   """The ``proxjax.json`` a pruned checkpoint carries (empty for a checkpoint proxjax did not write)."""
   meta = os.path.join(model_dir, "proxjax.json")
@@ -115,7 +141,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
   import proxjax  # pylint: disable=import-outside-toplevel
   from proxjax import data, pipeline, report  # pylint: disable=import-outside-toplevel
-  from proxjax.models import load_pretrained, save_pretrained  # pylint: disable=import-outside-toplevel
+  from proxjax.models import save_pretrained  # pylint: disable=import-outside-toplevel
 
   model_dir = _model_dir(args.model_dir)
   out_dir = _check_out_dir(args.out_dir, args.overwrite)
@@ -125,8 +151,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
   if args.restart and os.path.isdir(state_dir):
     shutil.rmtree(state_dir)
 
+  mesh = _mesh(args)
   t0 = time.perf_counter()
-  model = load_pretrained(model_dir)
+  model = _load(model_dir, mesh, args.offload)
   tokenizer = data.load_tokenizer(model_dir)
   max_docs = args.calibration_documents
   if max_docs is None and args.calibration == "c4":
@@ -147,13 +174,14 @@ def cmd_prune(args: argparse.Namespace) -> int:
       model, ids, method=args.method, refine=refine, n=args.n, m=args.m, options=options,
       true_sequential=args.true_sequential, include=args.include, ignore=args.ignore, batch_size=args.batch_size,
       state_dir=state_dir, progress=not args.quiet,
-      run_info={"model_dir": os.path.abspath(model_dir)})
+      run_info={"model_dir": os.path.abspath(model_dir)}, mesh=mesh, offload=args.offload)
   refine_used = result.layers[0].refine if result.layers else None
   provenance = {
       "proxjax_version": proxjax.__version__, "source_model": os.path.abspath(model_dir), "method": args.method,
       "refine": refine_used, "n": args.n, "m": args.m, "options": options, "true_sequential": args.true_sequential,
       "include": args.include, "ignore": args.ignore, "calibration": calibration,
       "resumed_blocks": result.resumed_blocks, "seconds": time.perf_counter() - t0,
+      "mesh": None if mesh is None else dict(mesh.shape), "offload": args.offload,
   }
   losses = np.array([r.loss_after_refine for r in result.layers], float)
   summary = {"linears": len(result.layers),
@@ -184,10 +212,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
   from proxjax import evaluate, report  # pylint: disable=import-outside-toplevel
-  from proxjax.models import load_pretrained  # pylint: disable=import-outside-toplevel
 
   model_dir = _model_dir(args.model_dir)
-  model = load_pretrained(model_dir)
+  model = _load(model_dir, _mesh(args))
   eval_data = _eval_data(model_dir, args.dataset, args.seqlen, args.max_windows)
   result, protocol = _perplexity(model, eval_data, args.batch_size, not args.quiet), dict(eval_data.protocol)
   provenance = _provenance(model_dir)
@@ -291,6 +318,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 def _add_common(p: argparse.ArgumentParser) -> None:
   p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
   p.add_argument("--quiet", action="store_true", help="no progress bars")
+  p.add_argument("--mesh", metavar="SPEC",
+                 help="shard over a device mesh: 'auto' (all devices), N, or 'data=D,model=M' (kernels' outputs "
+                      "over model, calibration batches over all devices)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -339,6 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--eval", metavar="DATASET", help="evaluate perplexity on DATASET after pruning")
   p.add_argument("--eval-seqlen", type=int, default=512)
   p.add_argument("--max-windows", type=int, help="evaluation windows at most")
+  p.add_argument("--offload", action="store_true",
+                 help="keep the model in host memory and move one block at a time to the devices")
   _add_common(p)
   p.set_defaults(func=cmd_prune)
 

@@ -41,6 +41,7 @@ from flax import nnx
 from proxjax import calibration as _cal
 from proxjax import nm as _nm
 from proxjax import pruner as _pruner
+from proxjax import sharding as _sharding
 from proxjax.report import _default as _json_default
 from proxjax.report import atomic_write as _atomic_write
 from proxjax.report import write_json as _write_json
@@ -145,15 +146,33 @@ def _embed(model, ids):
   return model.embed(ids).astype(jnp.float32)
 
 
-@nnx.jit
-def _forward(block, h, rope):
-  return block(h, rope).astype(jnp.float32)
+def _forward_impl(graphdef, params, h, rope):
+  return nnx.merge(graphdef, params)(h, rope).astype(jnp.float32)
 
 
-@nnx.jit(static_argnames=("names",))
-def _accumulate(block, h, valid, rope, states, names):
-  _, inputs = block(h, rope, return_inputs=True)
-  return {n: _cal.hessian_update(states[n], inputs[n], valid) for n in names}
+def _accumulate_impl(graphdef, params, h, valid, rope, states, *, names):
+  _, inputs = nnx.merge(graphdef, params)(h, rope, return_inputs=True)
+  out: dict[str, Any] = {}
+  for n in names:  # linears fed the same array (q/k/v, gate/up) share one XᵀX
+    shared = next((o for o in out if inputs[o] is inputs[n]), None)
+    out[n] = out[shared] if shared is not None else _cal.hessian_update(states[n], inputs[n], valid)
+  return out
+
+
+@functools.lru_cache(maxsize=64)
+def _block_fn(kind: str, graphdef: Any, names: tuple[str, ...], mesh: Any, act_shape: tuple[int, ...]):
+  """The jitted block forward (``kind="forward"``) or Hessian accumulation; on a mesh with the declared shardings:
+  parameters as placed (:func:`proxjax.sharding.place`), activations batch-split over every device, ``rope`` and the
+  Hessian states replicated (the accumulation's output is the one all-reduce of the per-device ``XᵀX``)."""
+  fun = (functools.partial(_forward_impl, graphdef) if kind == "forward"
+         else functools.partial(_accumulate_impl, graphdef, names=names))
+  if mesh is None:
+    return jax.jit(fun)
+  act, rep = _sharding.activation_sharding(mesh, act_shape), _sharding.replicated(mesh)
+  valid = _sharding.activation_sharding(mesh, act_shape[:2])
+  if kind == "forward":
+    return jax.jit(fun, in_shardings=(None, act, rep), out_shardings=act)
+  return jax.jit(fun, in_shardings=(None, act, valid, rep, rep), out_shardings=rep)
 
 
 def _batches(num: int, batch_size: int) -> Iterable[tuple[int, int]]:
@@ -161,29 +180,38 @@ def _batches(num: int, batch_size: int) -> Iterable[tuple[int, int]]:
     yield start, min(start + batch_size, num)
 
 
-def _padded(h: np.ndarray, start: int, stop: int, batch_size: int) -> tuple[jax.Array, jax.Array]:
-  """Rows ``start:stop`` padded with zeros to ``batch_size`` rows (one compile), and the bool mask of real rows."""
+def _padded(h: np.ndarray, start: int, stop: int, batch_size: int, mesh: Any) -> tuple[jax.Array, jax.Array]:
+  """Rows ``start:stop`` padded with zeros to ``batch_size`` rows (one compile), and the bool mask of real rows;
+  on a mesh, placed batch-split (each device receives only its rows)."""
   x = h[start:stop]
   valid = np.zeros((batch_size, h.shape[1]), bool)
   valid[: stop - start] = True
   if stop - start < batch_size:
     x = np.concatenate([x, np.zeros((batch_size - (stop - start),) + x.shape[1:], x.dtype)])
-  return jnp.asarray(x), jnp.asarray(valid)
+  if mesh is None:
+    return jnp.asarray(x), jnp.asarray(valid)
+  return (jax.device_put(x, _sharding.activation_sharding(mesh, x.shape)),
+          jax.device_put(valid, _sharding.activation_sharding(mesh, valid.shape)))
 
 
-def _propagate(block: Any, h: np.ndarray, rope: Any, batch_size: int) -> np.ndarray:
+def _propagate(block: Any, h: np.ndarray, rope: Any, batch_size: int, mesh: Any) -> np.ndarray:
   out = np.empty_like(h)
+  graphdef, params = nnx.split(block)
+  fn = _block_fn("forward", graphdef, (), mesh, (batch_size,) + h.shape[1:])
   for start, stop in _batches(h.shape[0], batch_size):
-    x, _ = _padded(h, start, stop, batch_size)
-    out[start:stop] = np.asarray(_forward(block, x, rope))[: stop - start]
+    x, _ = _padded(h, start, stop, batch_size, mesh)
+    out[start:stop] = np.asarray(fn(params, x, rope))[: stop - start]
   return out
 
 
-def _hessians(block: Any, h: np.ndarray, rope: Any, names: tuple[str, ...], batch_size: int) -> dict[str, Any]:
+def _hessians(block: Any, h: np.ndarray, rope: Any, names: tuple[str, ...], batch_size: int,
+              mesh: Any) -> dict[str, Any]:
   states = {n: _cal.hessian_init(_submodule(block, n).kernel.shape[0]) for n in names}
+  graphdef, params = nnx.split(block)
+  fn = _block_fn("accumulate", graphdef, names, mesh, (batch_size,) + h.shape[1:])
   for start, stop in _batches(h.shape[0], batch_size):
-    x, valid = _padded(h, start, stop, batch_size)
-    states = _accumulate(block, x, valid, rope, states, names)
+    x, valid = _padded(h, start, stop, batch_size, mesh)
+    states = fn(params, x, valid, rope, states)
   return states
 
 
@@ -253,7 +281,8 @@ def prune_model(model: Any, calibration_ids: Any, *, method: str = "prox", refin
                 n: int = 2, m: int = 4, options: Mapping[str, Any] | None = None, true_sequential: bool = True,
                 include: Sequence[str] | None = None, ignore: Sequence[str] | None = None,
                 linear_names: Sequence[str] | None = None, batch_size: int = 8, state_dir: str | None = None,
-                progress: bool = True, run_info: Mapping[str, Any] | None = None) -> PipelineResult:
+                progress: bool = True, run_info: Mapping[str, Any] | None = None,
+                mesh: jax.sharding.Mesh | None = None, offload: bool = False) -> PipelineResult:
   r"""Prunes a decoder-only model block by block, in place, each linear to N:M along its input axis (SPEC §6).
 
   Each selected linear ``K₀`` of block ``b`` becomes :func:`proxjax.prune_kernel` ``(K₀, H, method, ...)``, the
@@ -281,6 +310,15 @@ def prune_model(model: Any, calibration_ids: Any, *, method: str = "prox", refin
     state_dir: directory for per-block state (resume); ``None`` keeps nothing.
     progress: tqdm bars per block and per projection.
     run_info: extra items that identify the run for resuming (e.g. the model directory).
+    mesh: a ``("data", "model")`` :class:`jax.sharding.Mesh` (:func:`proxjax.sharding.make_mesh`): each block's
+      parameters are placed by :mod:`proxjax.sharding` (kernels' outputs over ``model``), calibration batches are
+      split over every device (``batch_size`` is rounded up to a multiple of the device count; the padding rows
+      are masked out of ``H``), ``H`` is replicated and every kernel is pruned sharded (see
+      :func:`proxjax.prune_kernel`). ``None``: the default device.
+    offload: move each block to the devices only while it is worked on and back to host memory (the first CPU
+      device) after, so the accelerators hold one block's weights, its Hessians and one calibration batch; the
+      calibration activations always stay on host. Load the model on host for this
+      (``load_pretrained(..., sharding=lambda path, shape: jax.devices("cpu")[0])``).
 
   Returns:
     A :class:`PipelineResult`.
@@ -307,6 +345,10 @@ def prune_model(model: Any, calibration_ids: Any, *, method: str = "prox", refin
   blocks = model.model.layers
   selected = select_linears(linear_names, len(blocks), include, ignore)
   batch_size = min(batch_size, ids.shape[0])
+  if offload and mesh is None:
+    mesh = _sharding.make_mesh(devices=jax.devices()[:1])
+  if mesh is not None:
+    batch_size = -(-batch_size // mesh.size) * mesh.size
   if state_dir is not None:
     _open_state(state_dir, _fingerprint(ids, method, refine, n, m, options, true_sequential, selected, run_info))
 
@@ -321,6 +363,8 @@ def prune_model(model: Any, calibration_ids: Any, *, method: str = "prox", refin
   bar = tqdm(total=sum(len(s) for s in selected), desc="pruning", unit="linear", disable=not progress)
   for b, block in enumerate(blocks):
     done = _load_block(state_dir, b, block) if state_dir is not None else None
+    if mesh is not None:
+      _sharding.place(block, mesh)
     if done is not None:
       layers.extend(done)
       resumed.append(b)
@@ -328,14 +372,14 @@ def prune_model(model: Any, calibration_ids: Any, *, method: str = "prox", refin
     else:
       reports = []
       for stage in _stages(selected[b], true_sequential):
-        states = _hessians(block, h, rope, stage, batch_size)
+        states = _hessians(block, h, rope, stage, batch_size, mesh)
         for name in stage:
           bar.set_postfix_str(f"block {b} {name}")
           kernel = _submodule(block, name).kernel
           t0 = time.perf_counter()
           hessian = _cal.hessian_from_state(states[name])
           try:
-            res = _pruner.prune_kernel(kernel[...], hessian, method, n=n, m=m, **kwargs, **options)
+            res = _pruner.prune_kernel(kernel[...], hessian, method, n=n, m=m, mesh=mesh, **kwargs, **options)
           except ValueError as err:
             raise ValueError(f"block {b} {name} (model.layers.{b}.{name}): {err}") from err
           kernel[...] = res.kernel.astype(kernel.dtype)
@@ -351,7 +395,9 @@ def prune_model(model: Any, calibration_ids: Any, *, method: str = "prox", refin
         _save_block(state_dir, b, block, selected[b], reports)
       layers.extend(reports)
     if b + 1 < len(blocks):
-      h = _propagate(block, h, rope, batch_size)
+      h = _propagate(block, h, rope, batch_size, mesh)
+    if offload:
+      _sharding.place(block, None)
   bar.close()
   return PipelineResult(layers, resumed, time.perf_counter() - t_start)
 

@@ -61,6 +61,7 @@ from jax import lax
 from jax.typing import ArrayLike
 
 from proxjax import _xla, baselines, nm
+from proxjax import sharding as _sharding
 from proxjax import refine as _refine
 from proxjax.prox import prox_24
 
@@ -166,8 +167,7 @@ def _kappa(k0t: jax.Array, quantile: jax.Array) -> jax.Array:
   return jnp.where(jnp.isfinite(kappa), kappa, 0.0)
 
 
-@functools.partial(jax.jit, static_argnames=("lipschitz",))
-def _setup(kernel: jax.Array, hessian: jax.Array, quantile: jax.Array,
+def _setup(kernel: jax.Array, hessian: jax.Array, quantile: jax.Array, *,
            lipschitz: bool = True) -> tuple[_refine.Preconditioned, jax.Array, jax.Array]:
   pre = _refine._precondition(hessian, lipschitz)  # pylint: disable=protected-access
   k0t = _refine._to_preconditioned(kernel, pre)  # pylint: disable=protected-access
@@ -180,7 +180,6 @@ def _groups_left(v: jax.Array) -> jax.Array:
   return jnp.sum(nnz > 2, dtype=jnp.int32)
 
 
-@functools.partial(_xla.jit_fast_on_cpu, static_argnames=("scan_length", "loop", "precision"))
 def _prox_loop(k0t: jax.Array, ht: jax.Array, eta: jax.Array, damp: jax.Array, lam0: jax.Array, beta: jax.Array,
                allowed: jax.Array, cap: jax.Array, progress_every: jax.Array, *, loop: str, scan_length: int | None,
                precision: lax.Precision) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
@@ -237,7 +236,6 @@ def _start(kernel: jax.Array, mask: jax.Array, scale: jax.Array) -> jax.Array:
   return jnp.where(mask, scale[:, None] * kernel.astype(_F32), 0.0)
 
 
-@functools.partial(jax.jit, static_argnames=("refine", "precision", "out_dtype"))
 def _finish(vt: jax.Array, mask: jax.Array, k0t: jax.Array, pre: _refine.Preconditioned, damp: jax.Array,
             steps: jax.Array, tol: jax.Array, progress_every: jax.Array, *, refine: str | None,
             precision: lax.Precision, out_dtype: Any) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
@@ -259,6 +257,45 @@ def _finish(vt: jax.Array, mask: jax.Array, k0t: jax.Array, pre: _refine.Precond
   return kernel, before, after, used
 
 
+def _baseline_core(kernel: jax.Array, hessian: jax.Array, damp: jax.Array, *, method: str, n: int, m: int,
+                   blocksize: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """A baseline's ``(kernel, mask, ok)``; ``ok`` is false only for SparseGPT on a non positive definite ``H``."""
+  if method == "sparsegpt":
+    return baselines.sparsegpt_unchecked(kernel, hessian, n=n, m=m, blocksize=blocksize, damp=damp)
+  if method == "magnitude":
+    mask = nm.nm_mask(jnp.abs(kernel), n, m, axis=0)
+  else:
+    mask = baselines._wanda(kernel, hessian, n, m)  # pylint: disable=protected-access
+  return kernel, mask, jnp.ones((), bool)
+
+
+# Each jitted piece: (function, in_shardings, out_shardings, CPU fast math), shardings as one letter per positional
+# argument / output: "K" a kernel-shaped array (outputs over the mesh's model axis), "R" replicated (H, scalars).
+_PIECES = {
+    "setup": (_setup, "KRR", "RKR", False),
+    "prox_loop": (_prox_loop, "KRRRRRRRR", "KKRR", True),
+    "finish": (_finish, "KKKRRRRR", "KRRR", False),
+    "baseline": (_baseline_core, "KRR", "KKR", False),
+}
+
+
+@functools.lru_cache(maxsize=256)
+def _compiled(name: str, mesh: Any, shape: tuple[int, ...], statics: tuple[tuple[str, Any], ...]):
+  """The jitted piece ``name`` with its static options bound; on ``mesh``, with its declared shardings for a kernel
+  of this shape (:mod:`proxjax.sharding`). Cached: one compile per piece, shape, option set and mesh."""
+  fun, ins, outs, fast = _PIECES[name]
+  fun = functools.partial(fun, **dict(statics))
+  jit = _xla.jit_fast_on_cpu if fast else jax.jit
+  if mesh is None:
+    return jit(fun)
+  pick = {"K": _sharding.kernel_sharding(mesh, shape), "R": _sharding.replicated(mesh)}
+  return jit(fun, in_shardings=tuple(pick[c] for c in ins), out_shardings=tuple(pick[c] for c in outs))
+
+
+def _run(name: str, mesh: Any, shape: tuple[int, ...], *args: Any, **statics: Any) -> Any:
+  return _compiled(name, mesh, tuple(shape), tuple(sorted(statics.items())))(*args)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Host-side checks and schedule.
 
@@ -273,12 +310,14 @@ def _as_arrays(kernel: ArrayLike, hessian: ArrayLike, m: int) -> tuple[jax.Array
   return kernel, hessian
 
 
-def _constants(kernel: jax.Array, hessian: jax.Array, quantile: float, damp: float, lipschitz: bool = True):
+def _constants(kernel: jax.Array, hessian: jax.Array, quantile: float, damp: float, lipschitz: bool = True,
+               mesh: Any = None):
   if not 0.0 < quantile <= 1.0:
     raise ValueError(f"quantile must be in (0, 1], got {quantile}")
   if damp < 0:
     raise ValueError(f"damp must be >= 0, got {damp}")
-  pre, k0t, kappa = _setup(kernel, hessian, jnp.asarray(quantile, _F32), lipschitz=lipschitz)
+  pre, k0t, kappa = _run("setup", mesh, kernel.shape, kernel, hessian, jnp.asarray(quantile, _F32),
+                         lipschitz=lipschitz)
   return pre, k0t, float(pre.lipschitz) + damp, float(kappa)
 
 
@@ -372,23 +411,24 @@ def _split_options(method: str, options: dict[str, Any]) -> tuple[dict[str, Any]
   return common, own
 
 
-def _baseline(method: str, kernel: jax.Array, hessian: jax.Array, n: int, m: int,
-              own: dict[str, Any]) -> tuple[jax.Array, jax.Array]:
-  if method == "magnitude":
-    mask = baselines.magnitude_mask(kernel, n=n, m=m)
-    return jnp.where(mask, kernel, jnp.zeros((), kernel.dtype)), mask
-  if method == "wanda":
-    mask = baselines.wanda_mask(kernel, hessian, n=n, m=m)
-    return jnp.where(mask, kernel, jnp.zeros((), kernel.dtype)), mask
-  new_kernel, mask = baselines.sparsegpt(kernel, hessian, n=n, m=m, **own)
-  return jnp.where(mask, jnp.asarray(new_kernel, kernel.dtype), jnp.zeros((), kernel.dtype)), mask
+def _baseline(method: str, kernel: jax.Array, hessian: jax.Array, n: int, m: int, own: dict[str, Any],
+              mesh: Any) -> tuple[jax.Array, jax.Array]:
+  blocksize, damp = own.get("blocksize", 128), own.get("damp", 0.01)
+  if method == "sparsegpt" and not (isinstance(blocksize, int) and blocksize >= 1 and blocksize % m == 0):
+    raise ValueError(f"blocksize must be a positive multiple of m={m} (groups may not straddle blocks), "
+                     f"got {blocksize!r}")
+  new_kernel, mask, ok = _run("baseline", mesh, kernel.shape, kernel, hessian, jnp.asarray(damp, _F32),
+                              method=method, n=n, m=m, blocksize=blocksize)
+  if not bool(ok):
+    raise baselines._not_positive_definite(damp)  # pylint: disable=protected-access
+  return jnp.where(mask, new_kernel, jnp.zeros((), kernel.dtype)), mask
 
 
 _DEFAULT = object()
 
 
 def prune_kernel(kernel: ArrayLike, hessian: ArrayLike, method: str = "prox", *, n: int = 2, m: int = 4,
-                 refine: Any = _DEFAULT, **options: Any) -> PruneResult:
+                 refine: Any = _DEFAULT, mesh: jax.sharding.Mesh | None = None, **options: Any) -> PruneResult:
   r"""Prunes one linear layer to N:M sparsity along its input axis, minimizing the local loss.
 
   The local loss is ``f(K) = ½ tr((K − K₀)ᵀ H (K − K₀))`` with ``K₀ = kernel`` and ``H = hessian = X Xᵀ / n``.
@@ -403,6 +443,12 @@ def prune_kernel(kernel: ArrayLike, hessian: ArrayLike, method: str = "prox", *,
   Not jittable itself (it checks values and returns Python numbers in ``info``); its pieces are jitted, once per
   shape and static option.
 
+  On a ``mesh`` (:func:`proxjax.sharding.make_mesh`) the kernel's outputs are split over the ``model`` axis and ``H``
+  is replicated (:mod:`proxjax.sharding`); every piece is compiled with those ``in_shardings``/``out_shardings``,
+  so the loop's only communication is the scalar count of groups not yet 2:4 (the stop is global). Results equal
+  the single-device ones bit for bit for the one-shot masks; the iterative methods may round differently in their
+  global reductions (the schedule's ``κ`` quantile, CG's inner products).
+
   Args:
     kernel: the dense kernel ``(d_in, d_out)`` (Flax layout; a PyTorch weight must be transposed), any float dtype.
     hessian: ``H`` ``(d_in, d_in)``, float32 recommended (accumulated as a mean over tokens).
@@ -411,6 +457,7 @@ def prune_kernel(kernel: ArrayLike, hessian: ArrayLike, method: str = "prox", *,
     m: group size; groups are ``m`` consecutive entries along axis 0.
     refine: ``None``, ``"gd"`` or ``"cg"``; default ``"cg"`` for ``"prox"`` (the paper uses ``"gd"``, 1000 steps;
       CG reaches the same loss in a few dozen steps, see benchmarks/README.md), ``None`` for the baselines.
+    mesh: an optional :class:`jax.sharding.Mesh` with axes ``("data", "model")``; the result stays sharded on it.
     **options: for ``"prox"``: ``lam0`` (0.01), ``beta`` (1.01), ``cap`` (3000), ``damp`` (δ = 0: added as ``δ·I`` to
       ``H̃`` inside the loop), ``quantile`` (0.99, for ``κ``), ``lam0_relative`` (None; else ``λ₀ = lam0_relative·Lκ``),
       ``budget`` (None; else ``β = (Lκ/λ₀)^{1/budget}``), ``tail_fraction`` (0.0: stop when at most this fraction of
@@ -450,6 +497,9 @@ def prune_kernel(kernel: ArrayLike, hessian: ArrayLike, method: str = "prox", *,
                      "use 'wanda' or 'sparsegpt' for other N:M patterns")
   common, own = _split_options(method, options)
   kernel, hessian = _as_arrays(kernel, hessian, m)
+  if mesh is not None:
+    kernel = jax.device_put(kernel, _sharding.kernel_sharding(mesh, kernel.shape))
+    hessian = jax.device_put(hessian, _sharding.replicated(mesh))
   precision = _refine._precision(common["precision"])  # pylint: disable=protected-access
   every = _progress_every(common["progress"])
   refine_steps = common["refine_steps"]
@@ -469,7 +519,7 @@ def prune_kernel(kernel: ArrayLike, hessian: ArrayLike, method: str = "prox", *,
       raise ValueError(f"loop must be 'while' or 'scan', got {own['loop']!r}")
     if not 0.0 <= own["tail_fraction"] < 1.0:
       raise ValueError(f"tail_fraction must be in [0, 1), got {own['tail_fraction']}")
-    pre, k0t, lipschitz, kappa = _constants(kernel, hessian, own["quantile"], own["damp"])
+    pre, k0t, lipschitz, kappa = _constants(kernel, hessian, own["quantile"], own["damp"], mesh=mesh)
     if own["lam0_relative"] is not None:
       lam0 = own["lam0_relative"] * lipschitz * kappa if kappa > 0 else lam0
     if own["budget"] is not None:
@@ -481,27 +531,26 @@ def prune_kernel(kernel: ArrayLike, hessian: ArrayLike, method: str = "prox", *,
     estimate = _estimate(lipschitz, kappa, lam0, beta) if beta > 1.0 else cap
     allowed = int(own["tail_fraction"] * (kernel.shape[0] // 4 * kernel.shape[1]))
     with _refine._progress_bar("prox", cap, "prox 2:4", every > 0):  # pylint: disable=protected-access
-      vt, mask, k, left = _prox_loop(k0t, pre.hessian, jnp.asarray(1.0 / lipschitz, _F32),
-                                     jnp.asarray(own["damp"], _F32), jnp.asarray(lam0, _F32),
-                                     jnp.asarray(beta, _F32), jnp.asarray(allowed, jnp.int32),
-                                     jnp.asarray(cap, jnp.int32), jnp.asarray(every, jnp.int32), loop=own["loop"],
-                                     scan_length=cap if own["loop"] == "scan" else None, precision=precision)
+      vt, mask, k, left = _run("prox_loop", mesh, kernel.shape, k0t, pre.hessian,
+                               jnp.asarray(1.0 / lipschitz, _F32), jnp.asarray(own["damp"], _F32),
+                               jnp.asarray(lam0, _F32), jnp.asarray(beta, _F32), jnp.asarray(allowed, jnp.int32),
+                               jnp.asarray(cap, jnp.int32), jnp.asarray(every, jnp.int32), loop=own["loop"],
+                               scan_length=cap if own["loop"] == "scan" else None, precision=precision)
       iterations, projected = int(k), int(left)
     cap_hit = projected > allowed
     schedule = Schedule(float(lam0), float(beta), cap, lipschitz, kappa, estimate)
     base_kernel = None
   else:
-    pre, k0t, _, _ = _constants(kernel, hessian, 0.5, 0.0, lipschitz=refine == "gd")  # eigvalsh only for GD's η
-    base_kernel, mask = _baseline(method, kernel, hessian, n, m, own)
-    mask = jnp.asarray(mask, bool)
+    pre, k0t, _, _ = _constants(kernel, hessian, 0.5, 0.0, lipschitz=refine == "gd", mesh=mesh)  # eigh: GD's η
+    base_kernel, mask = _baseline(method, kernel, hessian, n, m, own, mesh)
     vt = _start(base_kernel, mask, pre.scale)
 
   with _refine._progress_bar("refine", refine_steps, f"refine ({refine})",  # pylint: disable=protected-access
                              every > 0 and refine is not None):
-    out, before, after, used = _finish(vt, mask, k0t, pre, jnp.asarray(common["refine_damp"], _F32),
-                                       jnp.asarray(refine_steps, jnp.int32), jnp.asarray(common["refine_tol"], _F32),
-                                       jnp.asarray(every, jnp.int32), refine=refine, precision=precision,
-                                       out_dtype=jnp.dtype(kernel.dtype))
+    out, before, after, used = _run("finish", mesh, kernel.shape, vt, mask, k0t, pre,
+                                    jnp.asarray(common["refine_damp"], _F32), jnp.asarray(refine_steps, jnp.int32),
+                                    jnp.asarray(common["refine_tol"], _F32), jnp.asarray(every, jnp.int32),
+                                    refine=refine, precision=precision, out_dtype=jnp.dtype(kernel.dtype))
     before, after, used = float(before), float(after), int(used)
   if base_kernel is not None and refine is None:
     out = base_kernel  # the baseline's own values, bit for bit

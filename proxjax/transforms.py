@@ -126,13 +126,22 @@ def _from_rows(rows: jax.Array, shape: tuple[int, ...], axis: int) -> jax.Array:
   return nm.merge_groups(jnp.moveaxis(rows.reshape(moved), 0, axis + 1), axis)
 
 
-def _prox_many(zs: list[jax.Array], axes: list[int], lam: jax.Array, eta: jax.Array) -> list[jax.Array]:
-  """``prox_24(z, lam, eta, axis=ax)`` for every ``z``, with ONE solver per dtype.
+def _spans_devices(x: Any) -> bool:
+  """Whether ``x`` is a concrete array spread over more than one device."""
+  return isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) and len(x.sharding.device_set) > 1
+
+
+def _prox_many(zs: list[jax.Array], axes: list[int], lam: jax.Array, eta: jax.Array,
+               fuse: bool = True) -> list[jax.Array]:
+  """``prox_24(z, lam, eta, axis=ax)`` for every ``z``; with ``fuse``, ONE solver per dtype.
 
   The prox is separable over groups, so the groups of all leaves of one dtype are laid side by side as a ``(4, G)``
   array and solved at once: under ``jit`` the solver is compiled once per step instead of once per leaf (the solver
-  is a few hundred elementwise ops, which XLA would otherwise duplicate for every kernel of the model).
+  is a few hundred elementwise ops, which XLA would otherwise duplicate for every kernel of the model). Without
+  ``fuse`` each leaf is solved in its own shape, which keeps its sharding.
   """
+  if not fuse:
+    return [prox_24(z, lam, eta, axis=ax) for z, ax in zip(zs, axes)]
   out: list[jax.Array | None] = [None] * len(zs)
   for dtype in dict.fromkeys(z.dtype for z in zs):
     idx = [i for i, z in enumerate(zs) if z.dtype == dtype]
@@ -157,8 +166,8 @@ def _map_selected(name: str, updates: Any, params: Any, spec: Spec, m: int,
   return jax.tree.unflatten(treedef, new)
 
 
-def prox_24_update(hyperparams: ScalarOrSchedule, scaling: ScalarOrSchedule, *,
-                   spec: Spec = None) -> optax.GradientTransformationExtraArgs:
+def prox_24_update(hyperparams: ScalarOrSchedule, scaling: ScalarOrSchedule, *, spec: Spec = None,
+                   fuse: bool | None = None) -> optax.GradientTransformationExtraArgs:
   """Proximal step on the 2:4 regularizer ``λ R``, applied to the final update of a chain (place it **last**).
 
   With ``u_t`` the incoming update (e.g. ``−η_t · adam_direction``) and ``p_t`` the params, every selected leaf
@@ -183,10 +192,18 @@ def prox_24_update(hyperparams: ScalarOrSchedule, scaling: ScalarOrSchedule, *,
   float32). The groups of all selected leaves of one dtype are solved as one batch, so under ``jit`` the solver is
   compiled once per step rather than once per kernel, at the cost of one temporary copy of those leaves.
 
+  **Sharded params** (a device mesh, :mod:`proxjax.sharding`): batching lays the groups of differently sharded
+  kernels side by side, which makes XLA gather them; pass ``fuse=False`` to solve every leaf in its own shape and
+  sharding (no communication: groups never straddle devices when kernels are split over outputs). The default
+  ``None`` fuses unless a concrete param spans several devices; inside ``jit`` params are traced and carry no
+  sharding under ``AxisType.Auto``, so say ``fuse=False`` explicitly there. Both give the same values.
+
   Args:
     hyperparams: ``λ``, a scalar or an optax schedule (a callable of the step count).
     scaling: ``η``, a scalar or an optax schedule; required (see above).
     spec: which leaves and along which axis (see :mod:`proxjax.spec`); default: 2-D ``kernel`` leaves, axis 0.
+    fuse: solve all selected leaves of a dtype as one batch (``True``) or each alone (``False``, for sharded
+      params); ``None``: batch unless a concrete param spans several devices.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state :class:`Prox24UpdateState`; ``update`` requires
@@ -217,7 +234,8 @@ def prox_24_update(hyperparams: ScalarOrSchedule, scaling: ScalarOrSchedule, *,
     u_leaves, treedef = jax.tree.flatten(updates)
     p_leaves = jax.tree.leaves(params)
     sel = [i for i, ax in enumerate(axes) if ax is not None]
-    ws = _prox_many([_applied(p_leaves[i], u_leaves[i]) for i in sel], [axes[i] for i in sel], lam, eta)
+    batch = fuse if fuse is not None else not any(_spans_devices(p_leaves[i]) for i in sel)
+    ws = _prox_many([_applied(p_leaves[i], u_leaves[i]) for i in sel], [axes[i] for i in sel], lam, eta, batch)
     new = list(u_leaves)
     for i, w in zip(sel, ws):
       u, p = u_leaves[i], p_leaves[i]

@@ -6,3 +6,7 @@ import os
 # OpenBLAS each one pays thread start-up/synchronisation costs (about 10x slower on a busy machine). This must be set
 # before NumPy/SciPy are imported, which is why it lives here; an explicit setting in the environment wins.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+# tests/mesh/ needs 8 fake CPU devices, which must be configured before JAX is imported: tests/test_mesh.py runs it
+# in a subprocess with XLA_FLAGS set (and PROXJAX_MESH_TESTS=1); the main session does not collect it.
+collect_ignore = [] if os.environ.get("PROXJAX_MESH_TESTS") else ["mesh"]
