@@ -152,11 +152,39 @@ def _forward_impl(graphdef, params, h, rope):
 
 def _accumulate_impl(graphdef, params, h, valid, rope, states, *, names):
   _, inputs = nnx.merge(graphdef, params)(h, rope, return_inputs=True)
-  out: dict[str, Any] = {}
-  for n in names:  # linears fed the same array (q/k/v, gate/up) share one XᵀX
-    shared = next((o for o in out if inputs[o] is inputs[n]), None)
-    out[n] = out[shared] if shared is not None else _cal.hessian_update(states[n], inputs[n], valid)
-  return out
+  return {n: _cal.hessian_update(states[n], inputs[n], valid) for n in names}
+
+
+@functools.lru_cache(maxsize=64)
+def _input_owners(graphdef: Any, names: tuple[str, ...], act_shape: tuple[int, ...], rope_shape: Any,
+                  params_struct: Any = None) -> dict[str, str]:
+  """For every linear, the first linear of ``names`` fed the very same array (q/k/v share one, gate/up another):
+  found by tracing the block once on abstract values, so shared inputs get one ``XᵀX`` and one Hessian state."""
+  owners: dict[str, str] = {}
+
+  def probe(params, h, rope):
+    _, inputs = nnx.merge(graphdef, params)(h, rope, return_inputs=True)
+    for i, n in enumerate(names):
+      owners[n] = next((o for o in names[:i] if inputs[o] is inputs[n]), n)
+    return jnp.zeros(())
+
+  jax.eval_shape(probe, params_struct.value, jax.ShapeDtypeStruct(act_shape, jnp.float32), rope_shape.value)
+  return owners
+
+
+class _Hashed:
+  """A pytree of ShapeDtypeStructs hashed by its structure and shapes (a cache key for :func:`_input_owners`)."""
+
+  def __init__(self, value: Any):
+    self.value = value
+    leaves, treedef = jax.tree.flatten(value)
+    self._key = (treedef, tuple((x.shape, str(x.dtype)) for x in leaves))
+
+  def __hash__(self) -> int:
+    return hash(self._key)
+
+  def __eq__(self, other: Any) -> bool:
+    return isinstance(other, _Hashed) and self._key == other._key
 
 
 @functools.lru_cache(maxsize=64)
@@ -206,13 +234,18 @@ def _propagate(block: Any, h: np.ndarray, rope: Any, batch_size: int, mesh: Any)
 
 def _hessians(block: Any, h: np.ndarray, rope: Any, names: tuple[str, ...], batch_size: int,
               mesh: Any) -> dict[str, Any]:
-  states = {n: _cal.hessian_init(_submodule(block, n).kernel.shape[0]) for n in names}
+  """The Hessian state of every linear in ``names``; linears fed the same array share one state object."""
   graphdef, params = nnx.split(block)
-  fn = _block_fn("accumulate", graphdef, names, mesh, (batch_size,) + h.shape[1:])
+  act_shape = (batch_size,) + h.shape[1:]
+  struct = lambda tree: _Hashed(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree))  # noqa: E731
+  owners = _input_owners(graphdef, names, act_shape, struct(rope), struct(params))
+  distinct = tuple(dict.fromkeys(owners[n] for n in names))
+  states = {n: _cal.hessian_init(_submodule(block, n).kernel.shape[0]) for n in distinct}
+  fn = _block_fn("accumulate", graphdef, distinct, mesh, act_shape)
   for start, stop in _batches(h.shape[0], batch_size):
     x, valid = _padded(h, start, stop, batch_size, mesh)
     states = fn(params, x, valid, rope, states)
-  return states
+  return {n: states[owners[n]] for n in names}
 
 
 # ---------------------------------------------------------------------------------------------------------- state --
@@ -372,6 +405,7 @@ def prune_model(model: Any, calibration_ids: Any, *, method: str = "prox", refin
     else:
       reports = []
       for stage in _stages(selected[b], true_sequential):
+        states = hessian = res = None  # free the previous stage's before accumulating the next
         states = _hessians(block, h, rope, stage, batch_size, mesh)
         for name in stage:
           bar.set_postfix_str(f"block {b} {name}")
@@ -394,6 +428,7 @@ def prune_model(model: Any, calibration_ids: Any, *, method: str = "prox", refin
       if state_dir is not None:
         _save_block(state_dir, b, block, selected[b], reports)
       layers.extend(reports)
+    states = hessian = res = None
     if b + 1 < len(blocks):
       h = _propagate(block, h, rope, batch_size, mesh)
     if offload:

@@ -31,7 +31,7 @@ def mesh_results(tmp_path_factory) -> dict[str, tuple[str, str]]:
   report = tmp_path_factory.mktemp("mesh") / "junit.xml"
   env = dict(os.environ, PROXJAX_MESH_TESTS="1", XLA_FLAGS="--xla_force_host_platform_device_count=8")
   proc = subprocess.run([sys.executable, "-m", "pytest", str(MESH_DIR), "-q", "-p", "no:cacheprovider",
-                         "-o", "addopts=", f"--junitxml={report}"], env=env, capture_output=True, text=True,
+                         "-o", "addopts=", "-m", "not slow", f"--junitxml={report}"], env=env, capture_output=True, text=True,
                         timeout=1800, cwd=MESH_DIR.parent.parent)
   if not report.exists():
     pytest.fail(f"the 8-device test run produced no report (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}")

@@ -104,14 +104,16 @@ def test_hessian_accumulation_from_batch_split_activations():
     assert many[n].xtx.sharding.is_fully_replicated
     assert int(many[n].count) == int(one[n].count) == 8 * 16
     np.testing.assert_allclose(np.asarray(many[n].xtx), np.asarray(one[n].xtx), rtol=2e-5, atol=1e-4)
+  assert many["self_attn.k_proj"] is many["self_attn.q_proj"] is many["self_attn.v_proj"]  # one shared state
   graphdef, params = nnx.split(block)
-  fn = pipeline._block_fn("accumulate", graphdef, names, mesh, (8, 16, 64))
+  distinct = ("self_attn.q_proj", "mlp.down_proj")
+  fn = pipeline._block_fn("accumulate", graphdef, distinct, mesh, (8, 16, 64))
   x, valid = pipeline._padded(h, 0, 8, 8, mesh)
   assert tuple(x.sharding.spec)[0] == ("data", "model") and not any(tuple(x.sharding.spec)[1:])
-  states = {n: calibration.hessian_init(pipeline._submodule(block, n).kernel.shape[0]) for n in names}
+  states = {n: calibration.hessian_init(pipeline._submodule(block, n).kernel.shape[0]) for n in distinct}
   ops = _collectives(fn.lower(params, x, valid, rope, states).compile().as_text())
   big = sorted(s for s in ops["all-reduce"] if s not in ("s32[]", "f32[]"))
-  assert big == ["f32[128,128]", "f32[64,64]"], ops["all-reduce"]  # q/k/v share one XᵀX; down_proj has its own
+  assert big == ["f32[128,128]", "f32[64,64]"], ops["all-reduce"]  # one reduction per distinct input
 
 
 @pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt", "prox"])
