@@ -144,9 +144,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
   from proxjax.models import save_pretrained  # pylint: disable=import-outside-toplevel
 
   model_dir = _model_dir(args.model_dir)
-  out_dir = _check_out_dir(args.out_dir, args.overwrite)
   options = _prune_options(args)
   refine = _refine(args.refine)
+  if args.dry_run:
+    return _dry_run(args, model_dir, options, refine)
+  out_dir = _check_out_dir(args.out_dir, args.overwrite)
   state_dir = args.state_dir or out_dir.rstrip(os.sep) + ".proxjax-state"
   if args.restart and os.path.isdir(state_dir):
     shutil.rmtree(state_dir)
@@ -207,6 +209,25 @@ def cmd_prune(args: argparse.Namespace) -> int:
   if args.eval:
     print(f"{args.eval} perplexity {full['eval']['ppl']:.3f} (seqlen {args.eval_seqlen}, {ppl.windows} windows, "
           f"{ppl.predicted_tokens} predicted tokens)")
+  return 0
+
+
+def _dry_run(args: argparse.Namespace, model_dir: str, options: dict[str, Any], refine: Any) -> int:
+  """Prints the memory and time model of this prune command (nothing is loaded but config.json)."""
+  from proxjax import memory  # pylint: disable=import-outside-toplevel
+  from proxjax.models import LlamaConfig  # pylint: disable=import-outside-toplevel
+
+  mesh = _mesh(args)
+  est = memory.estimate(
+      LlamaConfig.from_dir(model_dir), nsamples=args.nsamples, seqlen=args.seqlen, method=args.method, refine=refine,
+      batch_size=args.batch_size, true_sequential=args.true_sequential, offload=args.offload,
+      model_devices=mesh.shape["model"] if mesh is not None else 1,
+      data_devices=mesh.shape["data"] if mesh is not None else 1, options=options,
+      flops_per_s=None if args.device_tflops is None else args.device_tflops * 1e12,
+      bytes_per_s=None if args.device_bandwidth is None else args.device_bandwidth * 1e9)
+  print(f"dry run: {model_dir}, {args.method}, calibration {args.nsamples} x {args.seqlen}, batch {args.batch_size}, "
+        f"mesh {dict(mesh.shape) if mesh is not None else 'none (one device)'}, offload {args.offload}")
+  print(memory.format_estimate(est))
   return 0
 
 
@@ -371,6 +392,10 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--max-windows", type=int, help="evaluation windows at most")
   p.add_argument("--offload", action="store_true",
                  help="keep the model in host memory and move one block at a time to the devices")
+  p.add_argument("--dry-run", action="store_true",
+                 help="print the predicted peak memory per device and the work per block and in total, then exit")
+  p.add_argument("--device-tflops", type=float, help="dry run: the devices' matmul rate (TFLOP/s) for a time estimate")
+  p.add_argument("--device-bandwidth", type=float, help="dry run: the devices' memory bandwidth (GB/s)")
   _add_common(p)
   p.set_defaults(func=cmd_prune)
 

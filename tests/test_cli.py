@@ -161,3 +161,12 @@ def test_finetune_keeps_the_pattern_and_lowers_the_loss(checkpoint, corpus, tmp_
   np.testing.assert_array_equal(w1 == 0, w0 == 0)  # same zeros (a kept weight is not exactly 0 after training)
   assert not np.array_equal(w0, w1)
   assert json.loads((tuned / "proxjax.json").read_text())["method"] == "magnitude"  # provenance carried over
+
+
+def test_prune_dry_run_prints_the_memory_model_and_writes_nothing(checkpoint, tmp_path, capsys):
+  out = tmp_path / "never"
+  assert cli.main(["prune", str(checkpoint), str(out), "--dry-run", "--nsamples", "6", "--seqlen", "32",
+                   "--device-tflops", "1", "--device-bandwidth", "10"]) == 0
+  text = capsys.readouterr().out
+  assert "peak" in text and "whole model" in text and "accumulate down_proj" in text, text
+  assert not out.exists()
