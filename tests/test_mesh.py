@@ -2,7 +2,8 @@
 
 ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` only works if it is set before JAX is imported, and it slows
 the single-device tests, so the sharded cases run in their own Python process (one JAX start-up for all of them).
-Each case of tests/mesh/test_*.py becomes one test here, passing or failing with the subprocess's message.
+Each case of tests/mesh/test_*.py becomes one test here, passing or failing with the subprocess's message. The
+subprocess starts right after collection (tests/conftest.py) and runs alongside the rest of the suite.
 """
 
 import ast
@@ -10,6 +11,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import tempfile
 import xml.etree.ElementTree as ET
 
 import pytest
@@ -26,22 +28,42 @@ def _cases() -> list[str]:
   return out
 
 
-@pytest.fixture(scope="module")
-def mesh_results(tmp_path_factory) -> dict[str, tuple[str, str]]:
-  report = tmp_path_factory.mktemp("mesh") / "junit.xml"
+_RUN: dict[str, object] = {}  # the one background run of this session: {"proc", "report", "log"}
+
+
+def start_mesh_run() -> None:
+  """Starts the 8-device run in the background (once per session). tests/conftest.py calls this right after
+  collection, so the subprocess works on the second core while the single-device tests run."""
+  if _RUN:
+    return
+  tmp = pathlib.Path(tempfile.mkdtemp(prefix="proxjax-mesh-"))
   env = dict(os.environ, PROXJAX_MESH_TESTS="1", XLA_FLAGS="--xla_force_host_platform_device_count=8")
-  proc = subprocess.run([sys.executable, "-m", "pytest", str(MESH_DIR), "-q", "-p", "no:cacheprovider",
-                         "-o", "addopts=", "-m", "not slow", f"--junitxml={report}"], env=env, capture_output=True, text=True,
-                        timeout=1800, cwd=MESH_DIR.parent.parent)
+  log = open(tmp / "log.txt", "w+")  # noqa: SIM115 (closed when the results are read)
+  _RUN.update(report=tmp / "junit.xml", log=log, proc=subprocess.Popen(
+      [sys.executable, "-m", "pytest", str(MESH_DIR), "-q", "-p", "no:cacheprovider", "-o", "addopts=", "-m",
+       "not slow", f"--junitxml={tmp / 'junit.xml'}"], env=env, stdout=log, stderr=subprocess.STDOUT,
+      cwd=MESH_DIR.parent.parent))
+
+
+@pytest.fixture(scope="module")
+def mesh_results() -> dict[str, object]:
+  start_mesh_run()
+  proc, report, log = _RUN["proc"], _RUN["report"], _RUN["log"]
+  try:
+    proc.wait(timeout=1800)
+  except subprocess.TimeoutExpired:
+    proc.kill()
+  log.seek(0)
+  output = log.read()[-10000:]
   if not report.exists():
-    pytest.fail(f"the 8-device test run produced no report (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-  results = {}
+    pytest.fail(f"the 8-device test run produced no report (exit {proc.returncode}):\n{output}")
+  results: dict[str, object] = {}
   for case in ET.parse(report).getroot().iter("testcase"):
     name = f"{case.get('classname').rsplit('.', 1)[-1]}::{case.get('name').split('[')[0]}"
     bad = next(iter(list(case.iterfind("failure")) + list(case.iterfind("error"))), None)
     status = "failed" if bad is not None else ("skipped" if case.find("skipped") is not None else "passed")
     results.setdefault(name, []).append((status, "" if bad is None else (bad.text or bad.get("message") or "")))
-  results["__output__"] = proc.stdout[-5000:] + proc.stderr[-5000:]
+  results["__output__"] = output
   return results
 
 
