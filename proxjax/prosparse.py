@@ -1,0 +1,848 @@
+r"""ProSparse: high activation sparsity in the FFN of a SwiGLU LLM (Song et al., arXiv 2402.13516, COLING 2025).
+
+The recipe, on :class:`proxjax.models.LlamaForCausalLM` (SPEC-proxsparse.md, section ProSparse):
+
+1. **ReLU substitution** (:func:`with_activation`): the gate activation SiLU becomes ReLU, weights unchanged.
+2. **Continued training** (:func:`train_prosparse`) on the language-modelling loss plus an L1 penalty on the FFN
+   intermediate activations ``a_l = act(gate_l(x))`` (``(B, T, I)`` per block ``l``, ``I`` = intermediate size):
+
+   .. math::  \mathcal L(\theta; t) = \mathrm{NLL}(\theta) + \lambda(t)\, R(a),\qquad
+              R(a) = \sum_{l=1}^{L} \frac{1}{B T} \sum_{b, t'} \sum_{u=1}^{I} |a_{l, b, t', u}|
+
+   (:func:`activation_l1`): the L1 norm of all FFN intermediate activations of a token, summed over units **and
+   layers**, averaged over every token of the batch (all ``B·T`` positions, whereas the NLL averages the ``B(T−1)``
+   predicted ones). ``λ`` is therefore per token, not per unit: it scales with the number of layers and units, and
+   ``λ · R`` is what adds to the NLL (in nats). After ReLU, ``a ≥ 0`` so ``|a| = a``; the penalty's gradient pushes
+   positive gate pre-activations towards 0 (towards the ReLU's zero region).
+3. **λ schedule** (:func:`l1_schedule`): a warm-up stage at a small constant ``λ₀``, then ``K`` stages, each rising
+   along a quarter sine to a new peak, constant after the last one (the exact formula of the paper was not
+   retrievable; this is our reading, see :func:`l1_schedule`).
+4. **Threshold shift** (:func:`with_activation` with ``threshold=θ``): FATReLU ``a = x if x > θ else 0``
+   (``θ = 0.01`` in the released ProSparse configs).
+5. **Measurement** (:func:`activation_sparsity`): the fraction of **exact** zeros of ``a_l`` over evaluation tokens,
+   per layer and overall, to report next to perplexity.
+
+**Export.** A ReLU model (``θ = 0``) saves as ``"hidden_act": "relu"``, which transformers runs faithfully. FATReLU
+(``θ > 0``) has no transformers equivalent: :func:`proxjax.models.save_pretrained` refuses it unless
+``allow_fatrelu=True`` (``"hidden_act": "fatrelu", "hidden_act_param": θ``, the MiniCPM-S / ProSparse convention,
+which :func:`proxjax.models.load_pretrained` honours and transformers' Llama refuses to build).
+
+**Command line** (:func:`register_cli`)::
+
+  proxjax prosparse smollm2 out/prosparse --steps 120 --batch-size 4 --seqlen 256 --lr 2e-4 --lr-warmup-steps 10 \
+      --l1-warmup 1e-5 --l1-warmup-steps 40 --l1-stages 80:5e-5 120:1e-4 --threshold 0.01 --export fatrelu \
+      --eval lee --eval-seqlen 512 --max-windows 16 --eval-batch-size 4 --save-every 20
+
+Step ``t = 0 … S−1`` uses ``λ(t)``: a stage ending at ``STEP = --steps`` is just short of its peak at the last step (the
+report's ``l1.final_lambda`` is the last ``λ`` used). For SmolLM2-135M (30 layers × 1536 units) ``R ≈ 1.2·10⁴`` right
+after the ReLU switch, so ``λ = 10⁻⁴`` adds about 1.2 nats to the loss at first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from proxjax.finetune import lm_loss
+from proxjax.models.llama import LlamaForCausalLM
+
+__all__ = [
+    "ActivationSparsity",
+    "LossParts",
+    "TrainResult",
+    "activation_l1",
+    "activation_sparsity",
+    "l1_schedule",
+    "parse_stage",
+    "prosparse_loss",
+    "register_cli",
+    "train_prosparse",
+    "with_activation",
+]
+
+_F32 = jnp.float32
+_STATE_VERSION = 1
+
+
+# ------------------------------------------------------------------------------------------------------- model --
+
+
+def with_activation(model: LlamaForCausalLM, hidden_act: str = "relu", threshold: float = 0.0) -> LlamaForCausalLM:
+  """The same weights with another gate activation: ``hidden_act`` (``"relu"`` or ``"silu"``) and FATReLU threshold.
+
+  ``threshold = θ > 0`` (only with ReLU) gives FATReLU ``a = x if x > θ else 0``; ``θ = 0`` is plain ReLU. The
+  returned model has new NNX variables holding the same (immutable) arrays, so nothing is copied and training one
+  model does not change the other.
+
+  Raises:
+    UnsupportedModelError: an unknown activation, or ``threshold > 0`` with SiLU.
+    ValueError: a negative or non-finite threshold.
+
+  Example:
+    >>> from flax import nnx
+    >>> from proxjax.models import LlamaConfig, LlamaForCausalLM
+    >>> c = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+    ...                 num_attention_heads=2)
+    >>> relu = with_activation(nnx.eval_shape(lambda: LlamaForCausalLM(c, rngs=nnx.Rngs(0))), "relu", 0.01)
+    >>> relu.config.hidden_act, relu.config.activation_threshold, relu.model.layers[0].mlp.activation_threshold
+    ('relu', 0.01, 0.01)
+  """
+  config = dataclasses.replace(model.config, hidden_act=hidden_act, activation_threshold=threshold)
+  abstract = nnx.eval_shape(lambda: LlamaForCausalLM(config, rngs=nnx.Rngs(0), dtype=model.dtype,
+                                                     param_dtype=model.param_dtype))
+  return nnx.merge(nnx.graphdef(abstract), nnx.state(model), copy=True)
+
+
+def activation_l1(activations: Sequence[jax.Array]) -> jax.Array:
+  r"""The ProSparse penalty ``R = Σ_l (1/(B·T)) Σ_{b,t} Σ_u |a_{l,b,t,u}|`` (float32 scalar).
+
+  ``activations`` are the per-block FFN intermediate activations ``(B, T, I)`` of
+  ``model(ids, return_activations=True)``: the L1 norm over units and layers, averaged over the ``B·T`` tokens.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> a = jnp.array([[[1., 0., 2.], [0., 0., 3.]]])  # one layer, B = 1, T = 2, I = 3
+    >>> float(activation_l1([a, -a]))  # per layer: (3 + 3) / 2 tokens = 3; two layers
+    6.0
+  """
+  if not activations:
+    raise ValueError("no activations: the model has no FFN layers")
+  return sum(jnp.mean(jnp.sum(jnp.abs(a.astype(_F32)), axis=-1)) for a in activations)
+
+
+class LossParts(NamedTuple):
+  """The parts of the ProSparse loss of one batch (float32 scalars).
+
+  Attributes:
+    total: ``lm + lam · l1`` (what is differentiated).
+    lm: the mean next-token NLL (:func:`proxjax.finetune.lm_loss`).
+    l1: the penalty ``R`` of :func:`activation_l1`.
+    lam: the factor ``λ`` used.
+    zero_fraction: the fraction of exact zeros in the FFN intermediate activations of the batch (all layers and
+      tokens; not differentiated).
+  """
+
+  total: jax.Array
+  lm: jax.Array
+  l1: jax.Array
+  lam: jax.Array
+  zero_fraction: jax.Array
+
+
+def prosparse_loss(model: LlamaForCausalLM, ids: jax.Array, lam: jax.Array | float) -> tuple[jax.Array, LossParts]:
+  r"""``(NLL + λ R, LossParts)`` of token windows ``ids`` ``(B, T)`` from one forward pass.
+
+  For ``nnx.value_and_grad(prosparse_loss, has_aux=True)``; ``lam`` may be traced.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from proxjax.models import LlamaConfig, LlamaForCausalLM
+    >>> c = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+    ...                 num_attention_heads=2, hidden_act="relu")
+    >>> model = LlamaForCausalLM(c, rngs=nnx.Rngs(0))
+    >>> loss, parts = nnx.jit(prosparse_loss)(model, jnp.zeros((2, 6), jnp.int32), 0.5)
+    >>> bool(jnp.isclose(loss, parts.lm + 0.5 * parts.l1)), 0.0 < float(parts.zero_fraction) < 1.0
+    (True, True)
+  """
+  logits, acts = model(ids, return_activations=True)
+  lm = lm_loss(lambda _: logits, ids)
+  l1 = activation_l1(acts)
+  lam = jnp.asarray(lam, _F32)
+  zeros = sum(jnp.sum(a == 0, dtype=_F32) for a in acts) / float(sum(a.size for a in acts))
+  total = lm + lam * l1
+  return total, LossParts(total, lm, l1, lam, jax.lax.stop_gradient(zeros))
+
+
+# ---------------------------------------------------------------------------------------------------- schedule --
+
+
+def parse_stage(text: str) -> tuple[int, float]:
+  """``"STEP:PEAK"`` → ``(STEP, PEAK)``, one stage of :func:`l1_schedule` (``STEP`` is where it ends).
+
+  Example:
+    >>> parse_stage("200:5e-5")
+    (200, 5e-05)
+  """
+  step, sep, peak = str(text).partition(":")
+  try:
+    if not sep:
+      raise ValueError
+    return int(step), float(peak)
+  except ValueError:
+    raise ValueError(f"a λ stage must be STEP:PEAK (an int step where the stage ends and its peak λ), "
+                     f"got {text!r}") from None
+
+
+def l1_schedule(warmup_value: float, warmup_steps: int = 0,
+                stages: Sequence[tuple[int, float]] = ()) -> optax.Schedule:
+  r"""ProSparse's multi-stage sine schedule of the L1 factor, as an optax-style schedule ``step → λ`` (float32).
+
+  With ``T₀ = warmup_steps``, ``λ₀ = warmup_value`` and ``stages = [(T₁, λ₁), …, (T_K, λ_K)]``
+  (``T₀ < T₁ < … < T_K``):
+
+  * warm-up, ``t < T₀``: ``λ(t) = λ₀``;
+  * stage ``i``, ``T_{i−1} ≤ t < T_i``:
+    ``λ(t) = λ_{i−1} + (λ_i − λ_{i−1}) · sin(π/2 · (t − T_{i−1}) / (T_i − T_{i−1}))``;
+  * ``t ≥ T_K``: ``λ(t) = λ_K`` (no stages: ``λ₀`` throughout).
+
+  So ``λ`` is continuous, monotone within each stage (rising fast, then flattening: the sine's slope is largest at the
+  stage start) and equals ``λ_i`` exactly from ``t = T_i``. This is our reading of the paper (the SPEC notes that the
+  exact formula was not retrievable); the warm-up's small ``λ₀`` lets the model adapt to ReLU first.
+
+  The schedule is built from ``jnp`` operations: ``step`` may be a traced int or float (e.g. an optax step count under
+  ``jit``) or an array of steps.
+
+  Args:
+    warmup_value: ``λ₀ ≥ 0``.
+    warmup_steps: ``T₀ ≥ 0``.
+    stages: ``(end step T_i, peak λ_i ≥ 0)`` pairs, ends strictly increasing and above ``T₀``.
+
+  Raises:
+    ValueError: a negative or non-finite value, or stage ends out of order.
+
+  Example:
+    >>> s = l1_schedule(1e-5, 10, [(20, 1e-4), (40, 1e-3)])
+    >>> [round(float(s(t)), 6) for t in (0, 9, 10, 15, 20, 30, 40, 99)]
+    [1e-05, 1e-05, 1e-05, 7.4e-05, 0.0001, 0.000736, 0.001, 0.001]
+  """
+  values = [warmup_value] + [float(p) for _, p in stages]
+  for v in values:
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v < 0:
+      raise ValueError(f"λ values must be finite numbers >= 0, got {v!r}")
+  if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int | np.integer) or warmup_steps < 0:
+    raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
+  bounds = [int(warmup_steps)]
+  for end, _ in stages:
+    if isinstance(end, bool) or not isinstance(end, int | np.integer) or end <= bounds[-1]:
+      raise ValueError(f"λ stage ends must be ints increasing strictly from warmup_steps={warmup_steps}, got "
+                       f"{[int(warmup_steps)] + [e for e, _ in stages]}")
+    bounds.append(int(end))
+  b = np.asarray(bounds, np.float32)
+  v = np.asarray(values, np.float32)
+  k = len(stages)
+
+  def schedule(step: Any) -> jax.Array:
+    t = jnp.asarray(step, _F32)
+    if k == 0:
+      return jnp.full(t.shape, v[0], _F32)
+    bj, vj = jnp.asarray(b), jnp.asarray(v)
+    i = jnp.clip(jnp.searchsorted(bj, t, side="right"), 1, k)  # T_{i-1} <= t < T_i (clipped at both ends)
+    lo, hi, a, z = bj[i - 1], bj[i], vj[i - 1], vj[i]
+    frac = jnp.clip((t - lo) / (hi - lo), 0.0, 1.0)
+    s = jnp.sin(_F32(0.5 * math.pi) * frac)
+    return jnp.where(frac >= 1.0, z, a + s * (z - a))  # exactly λ_i from T_i on
+
+  return schedule
+
+
+def _lr_schedule(learning_rate: float, kind: str, steps: int, warmup_steps: int, min_ratio: float) -> optax.Schedule:
+  if kind not in ("cosine", "constant"):
+    raise ValueError(f"lr_schedule must be 'cosine' or 'constant', got {kind!r}")
+  if not 0 <= warmup_steps < max(steps, 1):
+    raise ValueError(f"lr_warmup_steps must be in [0, steps={steps}), got {warmup_steps}")
+  if kind == "constant":
+    main = optax.constant_schedule(learning_rate)
+  else:
+    main = optax.cosine_decay_schedule(learning_rate, max(steps - warmup_steps, 1), alpha=min_ratio)
+  if warmup_steps == 0:
+    return main
+  return optax.join_schedules([optax.linear_schedule(0.0, learning_rate, warmup_steps), main], [warmup_steps])
+
+
+# ---------------------------------------------------------------------------------------------------- training --
+
+
+class TrainResult(NamedTuple):
+  """What :func:`train_prosparse` did, one entry per step in the histories (resumed steps included).
+
+  Attributes:
+    model: the trained model (use it rather than the argument: after a resume it is a restored copy).
+    losses: ``NLL + λ R`` per step.
+    lm_losses: NLL per step.
+    l1: ``R`` per step.
+    lambdas: ``λ`` per step.
+    zero_fractions: exact-zero fraction of the FFN activations of each step's batch.
+    learning_rates: the learning rate of each step.
+    seconds: wall time of each step (the first one of a run includes compilation).
+    steps: steps done in total.
+    resumed_from: the step the run resumed from (0 for a fresh run).
+  """
+
+  model: LlamaForCausalLM
+  losses: list[float]
+  lm_losses: list[float]
+  l1: list[float]
+  lambdas: list[float]
+  zero_fractions: list[float]
+  learning_rates: list[float]
+  seconds: list[float]
+  steps: int
+  resumed_from: int
+
+
+class _TrainState(nnx.Module):
+  """Model and optimizer in one NNX graph, saved and restored together."""
+
+  def __init__(self, model: LlamaForCausalLM, optimizer: nnx.Optimizer):
+    self.model = model
+    self.optimizer = optimizer
+
+
+@functools.cache
+def _optimizer_tx(clip_norm: float) -> optax.GradientTransformation:
+  """Global-norm clipping, then AdamW with its learning rate and weight decay injected as state (set every step):
+  one transformation object per ``clip_norm``, so repeated runs reuse the compiled step."""
+  return optax.chain(optax.clip_by_global_norm(clip_norm),
+                     optax.inject_hyperparams(optax.adamw)(learning_rate=0.0, b1=0.9, b2=0.999, weight_decay=0.0))
+
+
+def _hyperparams(optimizer: nnx.Optimizer) -> dict[str, Any]:
+  return optimizer.opt_state[1].hyperparams
+
+
+@functools.partial(nnx.jit, donate_argnames=("optimizer",))
+def _train_step(model, optimizer, ids, lam, lr):
+  (_, parts), grads = nnx.value_and_grad(prosparse_loss, has_aux=True)(model, ids, lam)
+  _hyperparams(optimizer)["learning_rate"][...] = lr
+  optimizer.update(model, grads)
+  return parts
+
+
+_HISTORY = ("losses", "lm_losses", "l1", "lambdas", "zero_fractions", "learning_rates", "seconds")
+
+
+def _json_roundtrip(obj: Any) -> Any:
+  from proxjax.report import _default  # pylint: disable=import-outside-toplevel
+  return json.loads(json.dumps(obj, default=_default, sort_keys=True))
+
+
+def _schedule_values(schedule: Callable[[Any], Any], steps: int) -> np.ndarray:
+  """``schedule(t)`` for ``t = 0 … steps−1``, in one jitted call when the schedule broadcasts over an array."""
+  try:
+    values = np.asarray(jax.jit(schedule)(jnp.arange(steps)), np.float64)
+    if values.shape == (steps,):
+      return values
+  except Exception:  # noqa: BLE001  (a schedule that does not broadcast: evaluate it step by step)
+    pass
+  return np.asarray([float(schedule(t)) for t in range(steps)], np.float64)
+
+
+def _open_state_dir(state_dir: str, fingerprint: dict[str, Any]) -> None:
+  os.makedirs(state_dir, exist_ok=True)
+  run = os.path.join(state_dir, "run.json")
+  if os.path.exists(run):
+    with open(run) as f:
+      saved = json.load(f)
+    if saved != fingerprint:
+      diff = sorted(k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k))
+      raise ValueError(f"state directory {state_dir} belongs to a different run (differs in: {', '.join(diff)}); "
+                       "use another state directory or delete this one to start over")
+  else:
+    from proxjax.report import write_json  # pylint: disable=import-outside-toplevel
+    write_json(run, fingerprint)
+
+
+def _latest_checkpoint(state_dir: str) -> str | None:
+  done = sorted(d for d in os.listdir(state_dir)
+                if d.startswith("step-") and os.path.isfile(os.path.join(state_dir, d, "progress.json")))
+  return os.path.join(state_dir, done[-1]) if done else None
+
+
+def _save_checkpoint(state_dir: str, state: _TrainState, step: int, history: dict[str, list[float]]) -> None:
+  """Writes ``step-NNNNNNNN/{state/, progress.json}`` into a temporary directory, renames it into place, then removes
+  the older checkpoints: a killed save leaves the previous checkpoint intact."""
+  from proxjax.models.hf import save_state  # pylint: disable=import-outside-toplevel
+  from proxjax.report import write_json  # pylint: disable=import-outside-toplevel
+  final = os.path.join(state_dir, f"step-{step:08d}")
+  tmp = os.path.join(state_dir, f".tmp-{uuid.uuid4().hex[:12]}")
+  os.mkdir(tmp)
+  try:
+    save_state(state, os.path.join(tmp, "state"))
+    write_json(os.path.join(tmp, "progress.json"), {"version": _STATE_VERSION, "step": step, **history})
+    if os.path.isdir(final):
+      shutil.rmtree(final)
+    os.rename(tmp, final)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  for d in os.listdir(state_dir):
+    if (d.startswith("step-") and d != os.path.basename(final)) or d.startswith(".tmp-"):
+      shutil.rmtree(os.path.join(state_dir, d), ignore_errors=True)
+
+
+def train_prosparse(model: LlamaForCausalLM, batches: Any, *, l1: Callable[[Any], Any],
+                    learning_rate: float = 5e-5, lr_schedule: str = "cosine", lr_warmup_steps: int = 0,
+                    lr_min_ratio: float = 0.1, weight_decay: float = 0.0, clip_norm: float = 1.0,
+                    state_dir: str | os.PathLike[str] | None = None, save_every: int = 0,
+                    run_info: Mapping[str, Any] | None = None, progress: bool = True,
+                    callback: Callable[[int, LossParts], None] | None = None) -> TrainResult:
+  r"""Continued training of a ReLU model on ``NLL + λ(t) R`` (see the module docstring), in its parameter dtype.
+
+  Step ``t = 0 … S−1`` takes batch ``batches[t]`` and the factor ``λ = l1(t)``, and applies
+  ``optax.chain(optax.clip_by_global_norm(clip_norm), optax.adamw(lr(t), b1=0.9, b2=0.999,
+  weight_decay=weight_decay))`` to every parameter (embeddings and norms included), where ``lr`` is ``"constant"``
+  or ``"cosine"`` (decaying from ``learning_rate`` to ``lr_min_ratio · learning_rate`` at the last step), after a
+  linear warm-up from 0 over ``lr_warmup_steps`` steps.
+
+  **Resuming.** With ``state_dir``, the model, the optimizer state and the histories are saved every ``save_every``
+  steps (and after the last one) with orbax (:func:`proxjax.models.save_state`) into ``state_dir/step-NNNNNNNN``,
+  written to a temporary directory and renamed, so a killed run leaves the previous checkpoint intact. A later call
+  with the same ``state_dir`` continues from the latest checkpoint, after checking that the run is the same one
+  (``state_dir/run.json``: the batches' hash, the λ values, the optimizer settings, the model config and
+  ``run_info``); the data order is fixed by ``batches``, so a resumed run takes the same steps.
+
+  Args:
+    model: a ReLU :class:`~proxjax.models.LlamaForCausalLM` (convert with :func:`with_activation`) with float32
+      parameters for training (bfloat16 parameters train, but AdamW updates below their resolution are lost). It may
+      be updated in place: use :attr:`TrainResult.model`.
+    batches: ``(S, B, T)`` integer token windows, one batch per step.
+    l1: the λ schedule (e.g. :func:`l1_schedule`).
+    learning_rate: the peak learning rate.
+    lr_schedule: ``"cosine"`` or ``"constant"``.
+    lr_warmup_steps: linear learning-rate warm-up steps.
+    lr_min_ratio: the cosine schedule's final learning rate, relative to ``learning_rate``.
+    weight_decay: AdamW's decoupled weight decay.
+    clip_norm: the global gradient-norm clip.
+    state_dir: resume directory (``None``: nothing saved).
+    save_every: save every this many steps (0: only after the last step).
+    run_info: JSON-serialisable facts that identify the run (e.g. the source checkpoint), checked on resume.
+    progress: a tqdm bar with loss, NLL, R, λ and the batch's zero fraction.
+    callback: called as ``callback(step, parts)`` after every step (``parts`` as host floats).
+
+  Returns:
+    A :class:`TrainResult`.
+
+  Raises:
+    ValueError: a SiLU model, malformed batches, bad settings, or a ``state_dir`` of another run.
+    FloatingPointError: the loss became NaN or infinite (the message names the step; the model is then unusable,
+      the last checkpoint in ``state_dir`` is intact).
+
+  Example:
+    >>> import numpy as np
+    >>> from flax import nnx
+    >>> from proxjax.models import LlamaConfig, LlamaForCausalLM
+    >>> c = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+    ...                 num_attention_heads=2, hidden_act="relu")
+    >>> batches = np.random.default_rng(0).integers(0, 32, (3, 2, 8))
+    >>> r = train_prosparse(LlamaForCausalLM(c, rngs=nnx.Rngs(0)), batches, l1=l1_schedule(0.01),
+    ...                     learning_rate=1e-3, progress=False)
+    >>> r.steps, len(r.losses), r.lambdas[0]
+    (3, 3, 0.01)
+  """
+  from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
+
+  from proxjax.models.hf import restore_state  # pylint: disable=import-outside-toplevel
+
+  if model.config.hidden_act != "relu":
+    raise ValueError(f"ProSparse trains a ReLU model; this one has hidden_act={model.config.hidden_act!r}: convert "
+                     "it first with with_activation(model, 'relu')")
+  batches = np.asarray(batches)
+  if batches.ndim != 3 or not np.issubdtype(batches.dtype, np.integer) or 0 in batches.shape or batches.shape[2] < 2:
+    raise ValueError(f"batches must be integer token windows of shape (steps, batch, seqlen >= 2), got "
+                     f"{batches.dtype} {batches.shape}")
+  batches = batches.astype(np.int32)
+  steps = int(batches.shape[0])
+  if not isinstance(save_every, int | np.integer) or save_every < 0:
+    raise ValueError(f"save_every must be an int >= 0, got {save_every!r}")
+  if not (math.isfinite(learning_rate) and learning_rate > 0):
+    raise ValueError(f"learning_rate must be a positive number, got {learning_rate!r}")
+  lambdas = _schedule_values(l1, steps)
+  if not np.all(np.isfinite(lambdas)) or np.any(lambdas < 0):
+    raise ValueError("the λ schedule gives negative or non-finite values")
+  lr_fn = _lr_schedule(learning_rate, lr_schedule, steps, lr_warmup_steps, lr_min_ratio)
+  lrs = _schedule_values(lr_fn, steps)
+  if not (math.isfinite(clip_norm) and clip_norm > 0) or not (math.isfinite(weight_decay) and weight_decay >= 0):
+    raise ValueError(f"need clip_norm > 0 and weight_decay >= 0, got {clip_norm!r} and {weight_decay!r}")
+  optimizer = nnx.Optimizer(model, _optimizer_tx(float(clip_norm)), wrt=nnx.Param)
+  _hyperparams(optimizer)["weight_decay"][...] = weight_decay
+  state = _TrainState(model, optimizer)
+
+  history: dict[str, list[float]] = {k: [] for k in _HISTORY}
+  start = 0
+  if state_dir is not None:
+    state_dir = os.path.abspath(os.fspath(state_dir))
+    fingerprint = _json_roundtrip({
+        "version": _STATE_VERSION, "batches_sha256": hashlib.sha256(batches.tobytes()).hexdigest(),
+        "batches_shape": list(batches.shape), "lambdas_sha256": hashlib.sha256(lambdas.tobytes()).hexdigest(),
+        "learning_rate": learning_rate, "lr_schedule": lr_schedule, "lr_warmup_steps": lr_warmup_steps,
+        "lr_min_ratio": lr_min_ratio, "weight_decay": weight_decay, "clip_norm": clip_norm,
+        "config": model.config.to_hf(), "param_dtype": jnp.dtype(model.param_dtype).name,
+        "run_info": dict(run_info or {})})
+    _open_state_dir(state_dir, fingerprint)
+    latest = _latest_checkpoint(state_dir)
+    if latest is not None:
+      with open(os.path.join(latest, "progress.json")) as f:
+        saved = json.load(f)
+      state = restore_state(state, os.path.join(latest, "state"))
+      start = int(saved["step"])
+      history = {k: list(saved[k]) for k in _HISTORY}
+  resumed_from = start
+  model, optimizer = state.model, state.optimizer
+  lam32, lr32 = lambdas.astype(np.float32), lrs.astype(np.float32)
+
+  bar = tqdm(range(start, steps), total=steps, initial=start, desc="prosparse", unit="step", disable=not progress)
+  try:
+    for t in bar:
+      tic = time.perf_counter()
+      parts = _train_step(model, optimizer, batches[t], lam32[t], lr32[t])
+      host = LossParts(*(float(x) for x in jax.device_get(tuple(parts))))
+      if not (math.isfinite(host.total) and math.isfinite(host.lm) and math.isfinite(host.l1)):
+        saved_note = (f"; the last checkpoint in {state_dir} is intact" if state_dir is not None else "")
+        raise FloatingPointError(
+            f"ProSparse loss became {host.total} at step {t} (NLL {host.lm}, L1 {host.l1}, λ {host.lam:g}, "
+            f"lr {lrs[t]:g}): lower the learning rate or λ{saved_note}")
+      values = (host.total, host.lm, host.l1, host.lam, host.zero_fraction, float(lrs[t]), time.perf_counter() - tic)
+      for key, value in zip(_HISTORY, values):
+        history[key].append(value)
+      if progress:
+        bar.set_postfix(loss=f"{host.total:.4f}", nll=f"{host.lm:.4f}", l1=f"{host.l1:.4g}", lam=f"{host.lam:.3g}",
+                        zeros=f"{host.zero_fraction:.3f}")
+      if callback is not None:
+        callback(t, host)
+      done = t + 1
+      if state_dir is not None and ((save_every and done % save_every == 0) or done == steps):
+        _save_checkpoint(state_dir, _TrainState(model, optimizer), done, history)
+  finally:
+    bar.close()
+  return TrainResult(model, *(history[k] for k in _HISTORY), steps, resumed_from)
+
+
+# ------------------------------------------------------------------------------------------------- measurement --
+
+
+class ActivationSparsity(NamedTuple):
+  """The fraction of exact zeros in the FFN intermediate activations ``a_l = act(gate_l(x))`` over evaluation tokens.
+
+  Attributes:
+    overall: ``Σ_l zeros_l / (L · N · I)``.
+    per_layer: ``zeros_l / (N · I)`` for every block ``l``.
+    tokens: ``N``, the evaluation tokens (every position of every window, ``windows · seqlen``).
+    intermediate_size: ``I``, the units per layer.
+    hidden_act: the model's gate activation.
+    threshold: the model's FATReLU threshold (0 for plain ReLU / SiLU).
+  """
+
+  overall: float
+  per_layer: tuple[float, ...]
+  tokens: int
+  intermediate_size: int
+  hidden_act: str
+  threshold: float
+
+
+def _count_zeros(acts: Sequence[jax.Array]) -> jax.Array:
+  return jnp.stack([jnp.sum(a == 0, axis=(1, 2), dtype=jnp.int32) for a in acts])  # (L, B)
+
+
+@nnx.jit
+def _zero_counts(model, ids):
+  return _count_zeros(model(ids, return_activations=True)[1])
+
+
+@nnx.jit
+def _logits_and_zero_counts(model, ids):
+  logits, acts = model(ids, return_activations=True)
+  return logits, _count_zeros(acts)
+
+
+def activation_sparsity(model: LlamaForCausalLM, windows: Any, batch_size: int = 8, *,
+                        progress: bool = False) -> ActivationSparsity:
+  """Per-layer and overall fraction of **exact** zeros of ``act(gate(x))`` on token windows ``(W, T)``.
+
+  Every position of every window counts (``N = W · T`` tokens). Windows go ``batch_size`` at a time through one
+  jitted forward (the logits are not computed); a partial last batch is padded with copies of its first window (one
+  compiled shape) and the padded rows are not counted. For a SiLU model exact zeros are rare (only ``x = 0`` or an
+  underflow): its sparsity is ~0 by this measure, which is the point of the ReLU substitution.
+
+  Raises:
+    ValueError: bad windows or batch size.
+
+  Example:
+    >>> import numpy as np, jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from proxjax.models import LlamaConfig, LlamaForCausalLM
+    >>> c = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+    ...                 num_attention_heads=2, hidden_act="relu")
+    >>> model = LlamaForCausalLM(c, rngs=nnx.Rngs(0))
+    >>> s = activation_sparsity(model, np.arange(30).reshape(3, 10), batch_size=2)
+    >>> s.tokens, len(s.per_layer), 0.3 < s.overall < 0.7  # random weights: about half the ReLUs are off
+    (30, 2, True)
+  """
+  from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
+
+  w = np.asarray(windows)
+  if w.ndim != 2 or not np.issubdtype(w.dtype, np.integer) or w.shape[0] < 1 or w.shape[1] < 1:
+    raise ValueError(f"windows must be a non-empty 2-D integer array (windows, seqlen), got {w.dtype} {w.shape}")
+  if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer) or batch_size < 1:
+    raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+  n_windows, seqlen = w.shape
+  bs = int(min(batch_size, n_windows))
+  w = w.astype(np.int32)
+  config = model.config
+  zeros = np.zeros(config.num_hidden_layers, np.int64)
+  bar = tqdm(total=n_windows, desc="activation sparsity", unit="window", disable=not progress)
+  try:
+    for start in range(0, n_windows, bs):
+      batch = w[start:start + bs]
+      valid = batch.shape[0]
+      if valid < bs:
+        batch = np.concatenate([batch, np.repeat(batch[:1], bs - valid, axis=0)])
+      counts = np.asarray(_zero_counts(model, jnp.asarray(batch)))
+      zeros += counts[:, :valid].astype(np.int64).sum(axis=1)
+      bar.update(valid)
+  finally:
+    bar.close()
+  units = n_windows * seqlen * config.intermediate_size
+  return ActivationSparsity(float(zeros.sum() / (units * len(zeros))), tuple(float(z / units) for z in zeros),
+                            int(n_windows * seqlen), int(config.intermediate_size), config.hidden_act,
+                            float(config.activation_threshold))
+
+
+# ---------------------------------------------------------------------------------------------------------- cli --
+
+
+def register_cli(subparsers: Any) -> argparse.ArgumentParser:
+  """Adds the ``prosparse`` subcommand to an ``argparse`` subparsers object (``set_defaults(func=cmd_prosparse)``).
+
+  Example:
+    >>> import argparse
+    >>> parser = argparse.ArgumentParser(prog="proxjax")
+    >>> p = register_cli(parser.add_subparsers(dest="command"))
+    >>> args = parser.parse_args(["prosparse", "smollm2", "out", "--l1-stages", "50:1e-4", "100:2e-4"])
+    >>> args.func.__name__, args.l1_stages, args.threshold
+    ('cmd_prosparse', [(50, 0.0001), (100, 0.0002)], 0.0)
+  """
+  def stage(text: str) -> tuple[int, float]:
+    try:
+      return parse_stage(text)
+    except ValueError as e:
+      raise argparse.ArgumentTypeError(str(e)) from None
+
+  p = subparsers.add_parser(
+      "prosparse", help="ProSparse: SiLU→ReLU, L1 on FFN activations, threshold shift; report activation sparsity",
+      description="ProSparse (Song et al. 2024) on a LLaMA-family checkpoint: switch the gate activation to ReLU, "
+                  "continue training on NLL + λ(t)·R (R = L1 norm of all FFN intermediate activations of a token, "
+                  "summed over layers, averaged over tokens), optionally shift to FATReLU, and report activation "
+                  "sparsity (exact zeros) and perplexity on held-out text before and after.")
+  p.add_argument("model_dir", help="Hugging Face checkpoint directory, or 'smollm2' for the bundled model")
+  p.add_argument("out_dir")
+  p.add_argument("--train", default="wiki", help="training text: a load_documents source (calibration split) or "
+                 "a .txt/.jsonl/.parquet path (default wiki)")
+  p.add_argument("--steps", type=int, default=100, help="optimizer steps (default 100)")
+  p.add_argument("--batch-size", type=int, default=4, help="windows per step (default 4)")
+  p.add_argument("--seqlen", type=int, default=256, help="training window length, packed documents (default 256)")
+  p.add_argument("--seed", type=int, default=0, help="document shuffle seed of the packed windows (default 0)")
+  p.add_argument("--lr", type=float, default=5e-5, help="peak AdamW learning rate (default 5e-5)")
+  p.add_argument("--lr-schedule", choices=("cosine", "constant"), default="cosine",
+                 help="cosine decay to 10%% of --lr at the last step, or constant (default cosine)")
+  p.add_argument("--lr-warmup-steps", type=int, default=0, help="linear learning-rate warm-up (default 0)")
+  p.add_argument("--weight-decay", type=float, default=0.0)
+  p.add_argument("--l1-warmup", type=float, default=0.0, metavar="LAMBDA0",
+                 help="λ₀ of the warm-up stage (default 0)")
+  p.add_argument("--l1-warmup-steps", type=int, default=0, metavar="T0",
+                 help="steps of the warm-up stage (default 0)")
+  p.add_argument("--l1-stages", type=stage, nargs="+", default=[], metavar="STEP:PEAK",
+                 help="sine stages: each rises from the previous λ to PEAK, reached at absolute step STEP "
+                      "(increasing, after T0, at most --steps); λ stays at the last PEAK afterwards")
+  p.add_argument("--threshold", type=float, default=0.0,
+                 help="FATReLU threshold θ set after training (ProSparse: 0.01; default 0 = plain ReLU)")
+  p.add_argument("--export", choices=("fatrelu", "relu"),
+                 help="with --threshold > 0 (required then): 'fatrelu' writes config.json hidden_act 'fatrelu' + "
+                      "hidden_act_param θ (proxjax runs it exactly, transformers refuses to load it); 'relu' saves "
+                      "the trained weights as plain ReLU (θ = 0: what transformers runs faithfully)")
+  p.add_argument("--eval", default="lee", metavar="DATASET",
+                 help="held-out text for perplexity and activation sparsity before and after (default lee; "
+                      "'none' to skip)")
+  p.add_argument("--eval-seqlen", type=int, default=512)
+  p.add_argument("--eval-batch-size", type=int, default=8)
+  p.add_argument("--max-windows", type=int, help="evaluation windows at most")
+  p.add_argument("--state-dir", help="resume state (default OUT_DIR.proxjax-state); removed after success")
+  p.add_argument("--save-every", type=int, default=50, help="save the resume state every N steps (default 50)")
+  p.add_argument("--restart", action="store_true", help="discard existing resume state")
+  p.add_argument("--keep-state", action="store_true", help="keep the resume state after success")
+  p.add_argument("--report", help="JSON report path (default OUT_DIR/proxjax-prosparse.json)")
+  p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
+  p.add_argument("--quiet", action="store_true", help="no progress bars")
+  p.set_defaults(func=cmd_prosparse)
+  return p
+
+
+def _check_args(args: argparse.Namespace) -> None:
+  for name in ("steps", "batch_size", "eval_seqlen", "eval_batch_size"):
+    if getattr(args, name) < 1:
+      raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 1")
+  if args.seqlen < 2:
+    raise SystemExit("error: --seqlen must be >= 2")
+  if args.max_windows is not None and args.max_windows < 1:
+    raise SystemExit("error: --max-windows must be >= 1")
+  if args.save_every < 0 or args.lr_warmup_steps < 0 or args.l1_warmup_steps < 0:
+    raise SystemExit("error: --save-every, --lr-warmup-steps and --l1-warmup-steps must be >= 0")
+  if args.l1_warmup_steps > args.steps or any(end > args.steps for end, _ in args.l1_stages):
+    raise SystemExit(f"error: --l1-warmup-steps and every --l1-stages STEP must be <= --steps ({args.steps})")
+  if not math.isfinite(args.threshold) or args.threshold < 0:
+    raise SystemExit("error: --threshold must be a finite number >= 0")
+  if args.threshold > 0 and args.export is None:
+    raise SystemExit(
+        f"error: --threshold {args.threshold:g} makes a FATReLU model (x if x > θ else 0), which Hugging Face "
+        "transformers cannot run: choose how to save it, --export fatrelu (config.json hidden_act 'fatrelu', "
+        f"hidden_act_param {args.threshold:g}: exact in proxjax, refused by transformers) or --export relu (the "
+        "trained weights as plain ReLU, θ = 0, which transformers runs faithfully; both are measured)")
+  if args.threshold == 0 and args.export == "fatrelu":
+    raise SystemExit("error: --export fatrelu needs --threshold > 0")
+
+
+def _measure(model: Any, eval_data: Any, batch_size: int, progress: bool) -> dict[str, Any]:
+  """Perplexity (:func:`proxjax.evaluate.perplexity`, as ``proxjax eval``) and activation sparsity (as
+  :func:`activation_sparsity`) from the same forward passes: the zero counts of each batch are taken next to its
+  logits, and the padded rows of the last batch (``perplexity`` pads with copies of the batch's first window, in
+  window order) are dropped."""
+  from proxjax import evaluate  # pylint: disable=import-outside-toplevel
+  windows = np.asarray(eval_data.windows)
+  n_windows, seqlen = windows.shape
+  bs = min(batch_size, n_windows)
+  counts: list[np.ndarray] = []
+
+  def logits_fn(ids: jax.Array) -> jax.Array:
+    logits, zeros = _logits_and_zero_counts(model, ids)
+    valid = min(bs, n_windows - bs * len(counts))
+    counts.append(np.asarray(zeros)[:, :valid].astype(np.int64).sum(axis=1))
+    return logits
+
+  ppl = evaluate.perplexity(logits_fn, windows, batch_size=batch_size, progress=progress)
+  if len(counts) != -(-n_windows // bs):  # perplexity's batching changed: the zero counts would be misattributed
+    raise RuntimeError(f"expected {-(-n_windows // bs)} batches from evaluate.perplexity, got {len(counts)}")
+  c = model.config
+  units = n_windows * seqlen * c.intermediate_size
+  zeros = np.sum(counts, axis=0)
+  return {"hidden_act": c.hidden_act, "threshold": c.activation_threshold, "ppl": ppl.ppl, "nll": ppl.nll,
+          "predicted_tokens": ppl.predicted_tokens, "sparsity": float(zeros.sum() / (units * len(zeros))),
+          "sparsity_per_layer": [float(z / units) for z in zeros], "sparsity_tokens": int(n_windows * seqlen)}
+
+
+def cmd_prosparse(args: argparse.Namespace) -> int:
+  """The ``proxjax prosparse`` command (see :func:`register_cli`)."""
+  import proxjax  # pylint: disable=import-outside-toplevel
+  from proxjax import cli, data, report  # pylint: disable=import-outside-toplevel
+  from proxjax.models import load_pretrained, save_pretrained  # pylint: disable=import-outside-toplevel
+
+  _check_args(args)
+  model_dir = cli._model_dir(args.model_dir)  # pylint: disable=protected-access
+  out_dir = cli._check_out_dir(args.out_dir, args.overwrite)  # pylint: disable=protected-access
+  state_dir = os.path.abspath(args.state_dir or out_dir.rstrip(os.sep) + ".proxjax-state")
+  if args.restart and os.path.isdir(state_dir):
+    shutil.rmtree(state_dir)
+  progress = not args.quiet
+  l1 = l1_schedule(args.l1_warmup, args.l1_warmup_steps, args.l1_stages)  # validates before any long work
+  t0 = time.perf_counter()
+
+  model = load_pretrained(model_dir, param_dtype=jnp.float32)  # trained in float32; saved in the source dtype
+  source_act, source_threshold = model.config.hidden_act, model.config.activation_threshold
+  tokenizer = data.load_tokenizer(model_dir)
+  documents = data.load_documents(args.train, split="calibration")
+  ids = data.calibration_windows(tokenizer, documents, nsamples=args.steps * args.batch_size, seqlen=args.seqlen,
+                                 seed=args.seed)
+  batches = ids.reshape(args.steps, args.batch_size, args.seqlen)
+  lambdas = _schedule_values(l1, args.steps)
+  result: dict[str, Any] = {
+      "proxjax_version": proxjax.__version__, "source_model": os.path.abspath(model_dir),
+      "source_hidden_act": source_act, "source_threshold": source_threshold,
+      "converted_to_relu": source_act != "relu",
+      "train": {"source": args.train, "split": "calibration", "documents": len(documents), "steps": args.steps,
+                "batch_size": args.batch_size, "seqlen": args.seqlen, "tokens": int(ids.size), "seed": args.seed,
+                "mode": "packed"},
+      "optimizer": {"name": "adamw", "learning_rate": args.lr, "lr_schedule": args.lr_schedule,
+                    "lr_warmup_steps": args.lr_warmup_steps, "lr_min_ratio": 0.1, "weight_decay": args.weight_decay,
+                    "betas": [0.9, 0.999], "clip_norm": 1.0, "param_dtype": "float32"},
+      "l1": {"penalty": "R = sum over layers of mean over tokens of sum over units |a| (a = act(gate(x)))",
+             "warmup": args.l1_warmup, "warmup_steps": args.l1_warmup_steps,
+             "stages": [{"end_step": e, "peak": v} for e, v in args.l1_stages],
+             "schedule": "lambda(t) = l_{i-1} + (l_i - l_{i-1}) sin(pi/2 (t - T_{i-1}) / (T_i - T_{i-1})) "
+                         "(our reading of ProSparse)", "final_lambda": float(lambdas[-1])},
+      "threshold": args.threshold,
+  }
+  print(f"proxjax {proxjax.__version__}: prosparse {model_dir} ({source_act}"
+        f"{f', threshold {source_threshold:g}' if source_threshold else ''}) -> {out_dir}; {args.steps} steps of "
+        f"{args.batch_size} x {args.seqlen} tokens from {args.train}", file=sys.stderr)
+
+  eval_data = None
+  if args.eval != "none":
+    eval_data = cli._eval_data(model_dir, args.eval, args.eval_seqlen, args.max_windows)  # pylint: disable=W0212
+    result["eval"] = {"dataset": args.eval, "protocol": dict(eval_data.protocol)}
+    cached = os.path.join(state_dir, "eval-before.json")
+    before = None
+    if os.path.isfile(cached):
+      with open(cached) as f:
+        saved = json.load(f)
+      if saved.get("protocol") == _json_roundtrip(eval_data.protocol) and saved.get("model") == result["source_model"]:
+        before = saved["before"]
+    if before is None:
+      before = _measure(model, eval_data, args.eval_batch_size, progress)
+      os.makedirs(state_dir, exist_ok=True)
+      report.write_json(cached, {"protocol": eval_data.protocol, "model": result["source_model"], "before": before})
+    result["before"] = before
+
+  relu = with_activation(model, "relu", 0.0)  # SiLU → ReLU (a ReLU/FATReLU source trains as plain ReLU)
+  del model
+  trained = train_prosparse(
+      relu, batches, l1=l1, learning_rate=args.lr, lr_schedule=args.lr_schedule,
+      lr_warmup_steps=args.lr_warmup_steps, weight_decay=args.weight_decay, state_dir=state_dir,
+      save_every=args.save_every, progress=progress,
+      run_info={"source_model": result["source_model"], "train": result["train"]})
+  relu = trained.model
+  result["training"] = {"resumed_from": trained.resumed_from, "first_loss": trained.losses[0],
+                        "last_loss": trained.losses[-1], "losses": trained.losses, "lm_losses": trained.lm_losses,
+                        "l1": trained.l1, "lambdas": trained.lambdas, "zero_fractions": trained.zero_fractions,
+                        "learning_rates": trained.learning_rates, "seconds": trained.seconds}
+  final = with_activation(relu, "relu", args.threshold) if args.threshold > 0 else relu
+  if eval_data is not None:
+    result["after_relu"] = _measure(relu, eval_data, args.eval_batch_size, progress)
+    if args.threshold > 0:
+      result["after_threshold"] = _measure(final, eval_data, args.eval_batch_size, progress)
+    result["after"] = result["after_threshold" if args.threshold > 0 else "after_relu"]
+
+  saved_model = final if args.export != "relu" else relu
+  theta = saved_model.config.activation_threshold
+  result["export"] = {
+      "mode": args.export or "relu", "hidden_act": "fatrelu" if theta > 0 else "relu", "hidden_act_param": theta,
+      "threshold_applied": theta, "dtype": saved_model.config.dtype or "float32",
+      "note": ("FATReLU: config.json hidden_act 'fatrelu' with hidden_act_param (proxjax load_pretrained runs it "
+               "exactly; transformers' LlamaForCausalLM refuses it)" if theta > 0 else
+               "plain ReLU: transformers' LlamaForCausalLM runs it faithfully" +
+               (f" (trained for threshold {args.threshold:g}; saved without it, see after_relu)"
+                if args.threshold > 0 else ""))}
+  result["seconds"] = time.perf_counter() - t0
+  summary = {k: v for k, v in result.items() if k != "training"}
+  summary["training"] = {k: result["training"][k] for k in ("resumed_from", "first_loss", "last_loss")}
+  save_pretrained(saved_model, out_dir, source_dir=model_dir,
+                  metadata={**cli._provenance(model_dir), "prosparse": summary},  # pylint: disable=W0212
+                  overwrite=args.overwrite, allow_fatrelu=theta > 0)
+  report_path = args.report or os.path.join(out_dir, "proxjax-prosparse.json")
+  report.write_json(report_path, result)
+  if not args.keep_state and os.path.isdir(state_dir):
+    shutil.rmtree(state_dir)
+  msg = (f"wrote {out_dir} ({result['export']['hidden_act']}{f' {theta:g}' if theta else ''}): {args.steps} steps, "
+         f"loss {trained.losses[0]:.4f} -> {trained.losses[-1]:.4f}")
+  if eval_data is not None:
+    b, a = result["before"], result["after"]
+    msg += (f"; {args.eval} perplexity {b['ppl']:.3f} -> {a['ppl']:.3f}, activation sparsity "
+            f"{b['sparsity']:.4f} -> {a['sparsity']:.4f}")
+  print(msg + f"; report {report_path}")
+  return 0
