@@ -448,7 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--key", choices=("loss_after_refine", "loss_before_refine"), default="loss_after_refine")
   p.set_defaults(func=cmd_plot)
 
-  from proxjax import prosparse  # pylint: disable=import-outside-toplevel
+  from proxjax import prosparse, proxsparse  # pylint: disable=import-outside-toplevel
+  proxsparse.register_cli(sub)
   prosparse.register_cli(sub)
   return parser
 

@@ -40,6 +40,7 @@ from flax import nnx
 from jax.typing import ArrayLike
 
 from proxjax import nm
+from proxjax import prox as _prox
 from proxjax.prox import prox_24
 from proxjax.spec import Spec, _flat_spec, _is_none
 
@@ -70,8 +71,13 @@ class Prox24UpdateState(NamedTuple):
 
   Attributes:
     count: number of updates done so far (``int32``); ``λ_t`` and ``η_t`` are evaluated at it.
+    multipliers: ``None`` (no per-leaf multipliers), or a pytree structured like the pure params holding a float32
+      scalar ``c_i`` on every selected leaf (the leaf's prox strength is ``c_i η_t λ_t``) and ``None`` elsewhere. Kept
+      in the state so that under ``jit`` they are arguments, and so that a restored state keeps the values computed at
+      ``init`` (e.g. from the pretrained weights).
   """
   count: jax.Array
+  multipliers: Any = None
 
 
 class ProjectNMUpdateState(NamedTuple):
@@ -132,21 +138,32 @@ def _spans_devices(x: Any) -> bool:
 
 
 def _prox_many(zs: list[jax.Array], axes: list[int], lam: jax.Array, eta: jax.Array,
-               fuse: bool = True) -> list[jax.Array]:
-  """``prox_24(z, lam, eta, axis=ax)`` for every ``z``; with ``fuse``, ONE solver per dtype.
+               fuse: bool = True, mults: list[jax.Array] | None = None) -> list[jax.Array]:
+  """``prox_24(z, lam · c, eta, axis=ax)`` for every ``z`` (``c`` its multiplier, 1 without ``mults``); with
+  ``fuse``, ONE solver per dtype.
 
   The prox is separable over groups, so the groups of all leaves of one dtype are laid side by side as a ``(4, G)``
   array and solved at once: under ``jit`` the solver is compiled once per step instead of once per leaf (the solver
-  is a few hundred elementwise ops, which XLA would otherwise duplicate for every kernel of the model). Without
+  is a few hundred elementwise ops, which XLA would otherwise duplicate for every kernel of the model). With
+  multipliers the batch carries one strength per group (a ``(G,)`` row built from the traced multipliers). Without
   ``fuse`` each leaf is solved in its own shape, which keeps its sharding.
   """
   if not fuse:
-    return [prox_24(z, lam, eta, axis=ax) for z, ax in zip(zs, axes)]
+    if mults is None:
+      return [prox_24(z, lam, eta, axis=ax) for z, ax in zip(zs, axes)]
+    return [prox_24(z, lam * c, eta, axis=ax) for z, ax, c in zip(zs, axes, mults)]
   out: list[jax.Array | None] = [None] * len(zs)
   for dtype in dict.fromkeys(z.dtype for z in zs):
     idx = [i for i, z in enumerate(zs) if z.dtype == dtype]
     rows = [_to_rows(zs[i], axes[i]) for i in idx]
-    solved = prox_24(jnp.concatenate(rows, axis=1) if len(rows) > 1 else rows[0], lam, eta, axis=0)
+    cat = jnp.concatenate(rows, axis=1) if len(rows) > 1 else rows[0]
+    if mults is None:
+      solved = prox_24(cat, lam, eta, axis=0)
+    else:
+      ct = _prox._compute_dtype(dtype)  # pylint: disable=protected-access
+      strength = jnp.concatenate([jnp.broadcast_to(jnp.asarray(mults[i], ct), (r.shape[1],))
+                                  for i, r in zip(idx, rows)])
+      solved = _prox._prox_leaf(cat, strength * jnp.asarray(lam * eta, ct), 0)  # pylint: disable=protected-access
     start = 0
     for i, r in zip(idx, rows):
       out[i] = _from_rows(solved[:, start:start + r.shape[1]], zs[i].shape, axes[i])
@@ -167,7 +184,7 @@ def _map_selected(name: str, updates: Any, params: Any, spec: Spec, m: int,
 
 
 def prox_24_update(hyperparams: ScalarOrSchedule, scaling: ScalarOrSchedule, *, spec: Spec = None,
-                   fuse: bool | None = None) -> optax.GradientTransformationExtraArgs:
+                   fuse: bool | None = None, multipliers: Any = None) -> optax.GradientTransformationExtraArgs:
   """Proximal step on the 2:4 regularizer ``λ R``, applied to the final update of a chain (place it **last**).
 
   With ``u_t`` the incoming update (e.g. ``−η_t · adam_direction``) and ``p_t`` the params, every selected leaf
@@ -198,12 +215,23 @@ def prox_24_update(hyperparams: ScalarOrSchedule, scaling: ScalarOrSchedule, *, 
   ``None`` fuses unless a concrete param spans several devices; inside ``jit`` params are traced and carry no
   sharding under ``AxisType.Auto``, so say ``fuse=False`` explicitly there. Both give the same values.
 
+  **Per-leaf strength** (``multipliers``): leaf ``i`` gets ``prox_{c_i η_t λ_t R}``, i.e. ``λ_t`` is multiplied by a
+  fixed ``c_i ≥ 0`` (``c_i = 0`` switches the prox off for that leaf). ``multipliers`` is a callable ``(path, param)
+  -> scalar`` evaluated **once, at init**, on every selected leaf (``path`` as in a callable spec; ``param`` is the
+  leaf's value then, typically the pretrained weights), or a pytree (prefix) of scalars / ``None`` (= 1). The values
+  live in the state (:class:`Prox24UpdateState`), so a restored state keeps them. Because ``R`` is homogeneous of
+  degree 3, ``prox_{λR}(s y) = s · prox_{sλR}(y)``: with ``c_i = 1 / mean|W_i|`` (``W_i`` the leaf at init) the
+  result scales with the weights (scaling a leaf by ``s`` scales its prox output by ``s``), so one ``λ`` is
+  comparable across layers and models. Without multipliers the state's ``multipliers`` is ``None`` (as before).
+
   Args:
     hyperparams: ``λ``, a scalar or an optax schedule (a callable of the step count).
     scaling: ``η``, a scalar or an optax schedule; required (see above).
     spec: which leaves and along which axis (see :mod:`proxjax.spec`); default: 2-D ``kernel`` leaves, axis 0.
     fuse: solve all selected leaves of a dtype as one batch (``True``) or each alone (``False``, for sharded
       params); ``None``: batch unless a concrete param spans several devices.
+    multipliers: optional per-leaf factors ``c_i`` of ``λ`` (see above): a callable ``(path, param) -> scalar``
+      evaluated at init, or a pytree (prefix) of non-negative scalars or ``None``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state :class:`Prox24UpdateState`; ``update`` requires
@@ -222,8 +250,9 @@ def prox_24_update(hyperparams: ScalarOrSchedule, scaling: ScalarOrSchedule, *, 
 
   def init_fn(params):
     _need_params(name, params)
-    _flat_spec(params, spec, m=4)  # validate early
-    return Prox24UpdateState(count=jnp.zeros([], jnp.int32))
+    pure, axes = _flat_spec(params, spec, m=4)  # validate early
+    mults = None if multipliers is None else _resolve_multipliers(multipliers, pure, axes)
+    return Prox24UpdateState(count=jnp.zeros([], jnp.int32), multipliers=mults)
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
@@ -234,16 +263,52 @@ def prox_24_update(hyperparams: ScalarOrSchedule, scaling: ScalarOrSchedule, *, 
     u_leaves, treedef = jax.tree.flatten(updates)
     p_leaves = jax.tree.leaves(params)
     sel = [i for i, ax in enumerate(axes) if ax is not None]
+    mults = None
+    if state.multipliers is not None:
+      flat = jax.tree.leaves(state.multipliers, is_leaf=_is_none)
+      if len(flat) != len(p_leaves):
+        raise ValueError(f"{name}: the state's multipliers have {len(flat)} leaves, the params {len(p_leaves)}")
+      mults = [jnp.asarray(1.0 if flat[i] is None else flat[i], jnp.float32) for i in sel]
     batch = fuse if fuse is not None else not any(_spans_devices(p_leaves[i]) for i in sel)
-    ws = _prox_many([_applied(p_leaves[i], u_leaves[i]) for i in sel], [axes[i] for i in sel], lam, eta, batch)
+    ws = _prox_many([_applied(p_leaves[i], u_leaves[i]) for i in sel], [axes[i] for i in sel], lam, eta, batch,
+                    mults)
     new = list(u_leaves)
-    for i, w in zip(sel, ws):
+    for k, (i, w) in enumerate(zip(sel, ws)):
       u, p = u_leaves[i], p_leaves[i]
       out = _out_dtype(p, u)
-      new[i] = jnp.where(lam * eta > 0, _to_target(p, w, out), u.astype(out))
-    return jax.tree.unflatten(treedef, new), Prox24UpdateState(count=optax.safe_increment(state.count))
+      strength = lam * eta if mults is None else lam * eta * mults[k]
+      new[i] = jnp.where(strength > 0, _to_target(p, w, out), u.astype(out))
+    return jax.tree.unflatten(treedef, new), state._replace(count=optax.safe_increment(state.count))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _resolve_multipliers(multipliers: Any, pure: Any, axes: list[int | None]) -> Any:
+  """The state's multiplier tree: a float32 scalar on every selected leaf (``None`` entries become 1), ``None`` on the
+  others. Concrete values must be finite and non-negative."""
+  path_leaves, treedef = jax.tree_util.tree_flatten_with_path(pure)
+  if callable(multipliers):
+    values = [None if ax is None else multipliers(path, leaf) for (path, leaf), ax in zip(path_leaves, axes)]
+  else:
+    try:
+      values = treedef.flatten_up_to(jax.tree.broadcast(nnx.as_pure(multipliers), pure, is_leaf=_is_none))
+    except (ValueError, TypeError) as e:
+      raise ValueError(
+          "prox_24_update: the multipliers must be a callable (path, param) -> scalar or a pytree with the structure "
+          f"of the params (or a prefix of it) with scalar or None leaves. Details: {e}") from None
+  out = []
+  for (path, _), value, ax in zip(path_leaves, values, axes):
+    if ax is None:
+      out.append(None)
+      continue
+    c = jnp.asarray(1.0 if value is None else value, jnp.float32)
+    where = jax.tree_util.keystr(path) or "<root>"
+    if c.ndim:
+      raise ValueError(f"prox_24_update: the multiplier for {where} must be a scalar, got shape {c.shape}")
+    if not isinstance(c, jax.core.Tracer) and not (bool(jnp.isfinite(c)) and float(c) >= 0):
+      raise ValueError(f"prox_24_update: the multiplier for {where} must be finite and >= 0, got {float(c)}")
+    out.append(c)
+  return jax.tree.unflatten(treedef, out)
 
 
 def project_nm_update(n: int = 2, m: int = 4, *, spec: Spec = None) -> optax.GradientTransformationExtraArgs:

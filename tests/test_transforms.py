@@ -159,6 +159,45 @@ def test_prox_matches_the_groupwise_prox_for_mixed_shapes_axes_and_dtypes():
                                err_msg=str(path))
 
 
+def test_prox_multipliers_scale_lambda_per_leaf_fused_and_alone():
+  ks = jax.random.split(jax.random.key(5), 3)
+  params = {"a": {"kernel": jax.random.normal(ks[0], (8, 12))},
+            "b": {"kernel": 0.5 * jax.random.normal(ks[1], (12, 4))},
+            "c": {"kernel": jax.random.normal(ks[2], (4, 4))}}
+  updates = jax.tree.map(lambda p: 0.05 * jnp.ones_like(p), params)
+  z = optax.apply_updates(params, updates)
+  mults = {"a": {"kernel": 2.0}, "b": {"kernel": None}, "c": {"kernel": 0.0}}
+  for fuse in (True, False):
+    tx = proxjax.prox_24_update(0.3, 0.5, multipliers=mults, fuse=fuse)
+    out, state = jax.jit(tx.update)(updates, tx.init(params), params)
+    new = optax.apply_updates(params, out)
+    np.testing.assert_allclose(new["a"]["kernel"], proxjax.prox_24(z["a"]["kernel"], 0.6, 0.5), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(new["b"]["kernel"], proxjax.prox_24(z["b"]["kernel"], 0.3, 0.5), rtol=1e-6, atol=1e-6)
+    assert jnp.array_equal(out["c"]["kernel"], updates["c"]["kernel"])  # c = 0: the prox is off for that leaf
+    assert [float(state.multipliers[k]["kernel"]) for k in "abc"] == [2.0, 1.0, 0.0] and int(state.count) == 1
+  assert proxjax.prox_24_update(0.3, 0.5).init(params).multipliers is None  # unchanged state without multipliers
+  with pytest.raises(ValueError, match=r"multiplier for \['a'\]\['kernel'\] must be finite and >= 0"):
+    proxjax.prox_24_update(0.3, 0.5, multipliers={"a": -1.0, "b": None, "c": None}).init(params)
+
+
+def test_prox_multipliers_from_init_params_make_the_step_scale_equivariant():
+  # c = 1 / mean|W| computed at init: scaling the weights (and their updates) by s scales the result by s (R is cubic).
+  inv_mean = lambda path, p: 1.0 / jnp.mean(jnp.abs(p))  # noqa: E731
+  params = _params()
+  updates = jax.tree.map(lambda p: 0.1 * jnp.ones_like(p), params)
+  outs = []
+  for s in (1.0, 8.0):
+    tx = proxjax.prox_24_update(0.5, 1.0, multipliers=inv_mean)
+    p_s, u_s = jax.tree.map(lambda x: s * x, params), jax.tree.map(lambda x: s * x, updates)
+    out, state = tx.update(u_s, tx.init(p_s), p_s)
+    outs.append(optax.apply_updates(p_s, out)["dense"]["kernel"] / s)
+    want = 1.0 / float(jnp.mean(jnp.abs(p_s["dense"]["kernel"])))
+    assert float(state.multipliers["dense"]["kernel"]) == pytest.approx(want)
+    assert state.multipliers["dense"]["bias"] is None
+  np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-6)
+  assert 0.1 < float(jnp.mean(outs[0] == 0)) < 0.5  # a real, partial prox step
+
+
 def test_prox_requires_scaling_and_params():
   with pytest.raises(TypeError):
     proxjax.prox_24_update(1.0)  # pylint: disable=no-value-for-parameter

@@ -1,0 +1,904 @@
+r"""ProxSparse: 2:4 masks learned end to end on the language-modelling loss (Liu et al., ICML 2025).
+
+SPEC-proxsparse.md. Every parameter of a pretrained LLaMA ``θ`` (embeddings and norms too) is trained on documents
+``x_t`` with
+
+.. math::  \theta_{t+1} = \mathrm{prox}_{\eta_t \lambda_1 c\, R}\Big(\theta_t + \mathrm{AdamW}_t\big(\mathrm{clip}_1
+           \nabla_\theta [\,\mathcal L(\theta_t; x_t) + \lambda_2 P(\theta_t)\,]\big)\Big),
+
+where
+
+* ``L`` is the mean next-token NLL of the document (:func:`masked_lm_loss`, :func:`proxjax.finetune.lm_loss` on
+  unpadded batches);
+* ``P(W) = Σ [W ⊙ (W − W₀) / (|W₀| + ε)]²`` over the pruned kernels (:func:`lam2_term`; ``W₀`` the frozen pretrained
+  weights), zero both at ``W = W₀`` and at ``W = 0``;
+* ``clip_1`` is ``optax.clip_by_global_norm(1.0)``, ``AdamW_t`` is ``optax.adamw`` (β 0.9/0.999, ε 1e-8, no weight
+  decay) with the learning rate of :func:`lr_schedule` (linear warm-up over the first ``ceil(0.1 T)`` steps, then
+  linear decay to 0 at ``T``; Hugging Face's ``get_linear_schedule_with_warmup``);
+* the prox is the **exact** prox of the 2:4 regularizer ``R`` (SPEC §2, :func:`proxjax.prox_24_update`, last in the
+  chain), applied per kernel to the q/k/v/o/gate/up/down projections of every block (groups of 4 along the input
+  axis; embeddings, norms and ``lm_head`` are trained but never regularized), after every optimizer step, warm-up
+  included;
+* ``η_t`` is the prox scaling: ``prox_scaling="strength"`` (the reference's, the default) takes ``η_t = 1``, so
+  ``λ₁`` itself is the per-step prox strength; ``prox_scaling="lr"`` takes ``η_t`` = the learning rate (proximal
+  gradient on ``L + λ₁R``; ``λ₁`` then needs to be about ``1/lr`` times larger);
+* ``c`` is the per-kernel multiplier: 1 (absolute λ, the reference), or with ``lam_relative=True``
+  ``c_i = 1 / mean|W₀,i|`` (mean magnitude of kernel ``i`` of the pretrained model, :func:`inverse_mean_abs`,
+  fixed at the start). ``R`` is homogeneous of degree 3, so ``prox_{λR}(s y) = s · prox_{sλR}(y)``: a model whose
+  weights are ``s`` times larger needs ``λ/s`` for the same relative effect. With ``c_i = 1/mean|W₀,i|`` the step is
+  scale-equivariant per kernel, so one relative ``λ₁`` means the same across layers and models (the reference's
+  absolute λ₁ ranges from 0.2 to 25 across models for this reason).
+
+**Mask extraction** (:func:`extract_masks`, :func:`apply_masks`): after the last step, in every group of 4 the 2
+entries of largest learned ``|W|`` are kept (ties: lower index, :func:`proxjax.nm_mask`) and the mask is applied to
+the **original** ``W₀``; every other parameter is reset to its original value, so no weight is updated at all: the
+result differs from the pretrained model only by the zeros.
+
+**Data** (the reference): one document per step, truncated to ``seqlen`` tokens (:func:`tokenize_documents`), no
+packing, batch 1, documents in their given order, cycling when ``steps × batch_size`` exceeds their number (step ``t``
+uses documents ``t·B … t·B + B − 1`` modulo the count). With ``batch_size > 1`` the documents of a step are
+right-padded to the longest one and the loss is the mean over all real next-token targets of the batch (padding is
+masked; causal attention keeps the real positions exact). Lengths are padded up to the next power of two (at most the
+longest document), which bounds the number of compiled step shapes by about ``log2(seqlen)``.
+
+**Resume**: with ``state_dir``, every ``save_every`` steps and at the end the training state (params, optimizer
+state incl. step counts and multipliers) is saved with orbax (atomic: a finished checkpoint directory, then an
+atomically replaced ``proxsparse-state.json`` naming it, with the step and the per-step history); a later call with
+the same ``state_dir``, hyperparameters and documents continues from there and gives the same result as an
+uninterrupted run. The data position is a function of the step, so it needs no state of its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.typing import ArrayLike
+
+from proxjax import _xla, nm, transforms
+from proxjax.finetune import lm_loss
+
+__all__ = [
+    "PROX_SCALINGS",
+    "ProxSparseResult",
+    "apply_masks",
+    "cmd_proxsparse",
+    "document_batch",
+    "extract_masks",
+    "fraction_24",
+    "inverse_mean_abs",
+    "lam2_term",
+    "lr_schedule",
+    "masked_lm_loss",
+    "proxsparse",
+    "proxsparse_tx",
+    "pruned_spec",
+    "register_cli",
+    "tokenize_documents",
+]
+
+PROX_SCALINGS = ("strength", "lr")
+"""``"strength"``: ``η_t = 1`` (λ₁ is the per-step prox strength; the reference); ``"lr"``: ``η_t`` = learning rate."""
+
+STATE_FILE = "proxsparse-state.json"
+_HISTORY = ("losses", "regularizer", "lam2_terms", "fraction_24", "learning_rates", "grad_norms", "tokens")
+
+
+class ProxSparseResult(NamedTuple):
+  """The outcome of :func:`proxsparse`.
+
+  Attributes:
+    model: the model passed in, now holding ``mask ⊙ W₀`` on the pruned kernels and ``W₀`` everywhere else.
+    masks: pytree like ``nnx.as_pure(nnx.state(model, nnx.Param))``: bool masks (``True`` = kept) on the pruned
+      kernels, ``None`` elsewhere.
+    losses: per step ``t``, the LM loss ``L(θ_t; x_t)`` of that step's batch (before its update).
+    regularizer: per step, ``Σ_i c_i R(W_{t,i})`` over the pruned kernels at ``θ_t`` (``λ₁ ·`` this is the
+      regularization term; ``c_i = 1`` without ``lam_relative``).
+    lam2_terms: per step, ``P(θ_t)`` (:func:`lam2_term`; 0 when ``lam2 = 0``).
+    fraction_24: per step, the fraction of groups of the pruned kernels that are 2:4 (at most 2 non-zeros) after the
+      step's update.
+    learning_rates: per step, the AdamW learning rate used.
+    grad_norms: per step, the global norm of the gradient before clipping.
+    tokens: per step, the number of predicted (non-padding) tokens.
+    final_fraction_24: the fraction of 2:4 groups of the learned weights, before mask extraction.
+    lam1_effective: kernel name (e.g. ``"model.layers.0.mlp.up_proj"``) → ``λ₁ c_i``, the per-step prox strength of
+      that kernel (times ``η_t``).
+    steps: the number of steps.
+    resumed_from: the step the run continued from (0 for a fresh run).
+    learned: the learned params before extraction (pure ``nnx.State``) with ``return_learned=True``, else ``None``.
+    optimizer: the ``nnx.Optimizer`` after training (adam moments, step counts, λ multipliers) with
+      ``return_learned=True``, else ``None``.
+  """
+  model: Any
+  masks: Any
+  losses: list[float]
+  regularizer: list[float]
+  lam2_terms: list[float]
+  fraction_24: list[float]
+  learning_rates: list[float]
+  grad_norms: list[float]
+  tokens: list[int]
+  final_fraction_24: float
+  lam1_effective: dict[str, float]
+  steps: int
+  resumed_from: int
+  learned: Any = None
+  optimizer: Any = None
+
+
+# ------------------------------------------------------------------------------------------------- pure functions --
+
+
+def _names(path: Sequence[Any]) -> list[str]:
+  names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+  return [n for n in names if n != "value"]
+
+
+@functools.cache
+def _linear_suffixes() -> frozenset[tuple[str, str]]:
+  from proxjax.models.llama import LINEAR_NAMES  # pylint: disable=import-outside-toplevel
+  return frozenset(tuple(n.split(".")) for n in LINEAR_NAMES)
+
+
+def pruned_spec(path: Sequence[Any], leaf: Any) -> int | None:
+  """The sparsity spec of ProxSparse: ``0`` for the 2-D kernel of a q/k/v/o/gate/up/down projection of a decoder
+  block (``…layers.N.self_attn.q_proj.kernel`` etc., groups along the input axis), ``None`` for everything else
+  (embeddings, norms, biases, ``lm_head``).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from jax.tree_util import DictKey as K
+    >>> pruned_spec((K("model"), K("layers"), K(0), K("mlp"), K("up_proj"), K("kernel")), jnp.ones((8, 4)))
+    0
+    >>> pruned_spec((K("lm_head"), K("kernel")), jnp.ones((8, 4))) is None
+    True
+  """
+  names = _names(path)
+  if len(names) < 4 or names[-1] != "kernel" or "layers" not in names or tuple(names[-3:-1]) not in _linear_suffixes():
+    return None
+  shape, dtype = getattr(leaf, "shape", ()), getattr(leaf, "dtype", None)
+  return 0 if len(shape) == 2 and dtype is not None and jnp.issubdtype(dtype, jnp.floating) else None
+
+
+def _selected(params: Any) -> list[tuple[Any, jax.Array]]:
+  """``(path, leaf)`` of the pruned kernels of a pure params tree, in leaf order."""
+  return [(p, x) for p, x in jax.tree_util.tree_flatten_with_path(params)[0] if pruned_spec(p, x) is not None]
+
+
+def _kernel_name(path: Sequence[Any]) -> str:
+  return ".".join(_names(path)[:-1])
+
+
+def inverse_mean_abs(path: Sequence[Any], w: ArrayLike) -> jax.Array:
+  """The relative-λ multiplier ``c = 1 / mean|w|`` of a kernel (``0`` for an all-zero kernel: no prox there).
+
+  Used as ``prox_24_update(..., multipliers=inverse_mean_abs)``, it is evaluated once, on the pretrained weights.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> float(inverse_mean_abs((), jnp.array([0.5, -1.5, 0.0, 2.0])))
+    1.0
+  """
+  del path
+  return _inverse_mean_abs(jnp.asarray(w))
+
+
+@jax.jit
+def _inverse_mean_abs(w: jax.Array) -> jax.Array:
+  m = jnp.mean(jnp.abs(w.astype(jnp.float32)))
+  return jnp.where(m > 0, 1.0 / jnp.where(m > 0, m, 1.0), 0.0)
+
+
+def lam2_term(w: Any, w0: Any, eps: float = 0.5) -> jax.Array:
+  r"""``P(W) = Σ [W ⊙ (W − W₀) / (|W₀| + ε)]²`` (float32 scalar), summed over all leaves of matching pytrees.
+
+  ``P = 0`` where every weight is at its pretrained value **or** exactly 0, so ``λ₂ P`` pulls each weight back to
+  ``W₀`` or on to zero.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> w0 = jnp.array([1., -2.])
+    >>> float(lam2_term(w0, w0)), float(lam2_term(jnp.array([0., -2.]), w0))
+    (0.0, 0.0)
+    >>> round(float(lam2_term(jnp.array([2., 1.]), w0, eps=0.5)), 4)  # (2·1/1.5)² + (1·3/2.5)²
+    3.2178
+  """
+  def leaf(a, b):
+    a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
+    return jnp.sum(jnp.square(a * (a - b) / (jnp.abs(b) + eps)))
+
+  return sum(jax.tree.leaves(jax.tree.map(leaf, w, w0)), jnp.zeros((), jnp.float32))
+
+
+def _groups_24(x: jax.Array, axis: int = 0) -> jax.Array:
+  return jnp.sum(jnp.sum(nm.split_groups(x != 0, 4, axis), axis=axis + 1) <= 2, dtype=jnp.int32)
+
+
+def fraction_24(params: Any, spec: Any = pruned_spec) -> jax.Array:
+  """The fraction of groups of 4 (along each selected leaf's spec axis) holding at most 2 non-zeros (float32).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> float(fraction_24({"k": jnp.array([[1., 1.], [0., 1.], [0., 1.], [2., 1.]])}, spec=0))
+    0.5
+  """
+  pure, axes = transforms._flat_spec(params, spec, m=4)  # pylint: disable=protected-access
+  leaves = jax.tree.leaves(pure)
+  sel = [(x, ax) for x, ax in zip(leaves, axes) if ax is not None]
+  if not sel:
+    raise ValueError("fraction_24: the spec selects no leaf")
+  good = sum(_groups_24(x, ax) for x, ax in sel)
+  return good.astype(jnp.float32) / sum(x.size // 4 for x, _ in sel)
+
+
+def extract_masks(params: Any, spec: Any = pruned_spec) -> Any:
+  """The 2:4 masks of learned weights: per group of 4 along the spec axis, the 2 largest ``|w|`` (ties: lower index).
+
+  Returns a pytree like the pure params with bool masks on the selected leaves and ``None`` elsewhere.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> extract_masks({"k": jnp.array([[0.5], [-0.5], [0.5], [0.]])}, spec=0)["k"].ravel()
+    Array([ True,  True, False, False], dtype=bool)
+  """
+  pure, axes = transforms._flat_spec(params, spec, m=4)  # pylint: disable=protected-access
+  leaves, treedef = jax.tree.flatten(pure)
+  masks = [None if ax is None else nm.nm_mask(jnp.abs(x), 2, 4, axis=ax) for x, ax in zip(leaves, axes)]
+  return jax.tree.unflatten(treedef, masks)
+
+
+def apply_masks(original: Any, masks: Any) -> Any:
+  """``where(mask, W₀, 0)`` on the leaves with a mask; the other leaves of ``original`` unchanged (same arrays).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> apply_masks({"k": jnp.array([1., 2., 3., 4.]), "b": jnp.ones(1)},
+    ...             {"k": jnp.array([True, False, False, True]), "b": None})["k"]
+    Array([1., 0., 0., 4.], dtype=float32)
+  """
+  pure = nnx.as_pure(original)
+  leaves, treedef = jax.tree.flatten(pure)
+  flat = treedef.flatten_up_to(jax.tree.broadcast(masks, pure, is_leaf=lambda v: v is None))
+  out = [x if mk is None else jnp.where(mk, x, jnp.zeros((), x.dtype)) for x, mk in zip(leaves, flat)]
+  return jax.tree.unflatten(treedef, out)
+
+
+def masked_lm_loss(model: Any, ids: jax.Array, valid: jax.Array | None = None) -> jax.Array:
+  r"""Mean next-token NLL over the real targets: ``Σ_{b,t} v_{b,t+1} ℓ_{b,t} / Σ v_{b,t+1}``, where ``ℓ_{b,t} =
+  −log p(x_{b,t+1} | x_{b,≤t})`` and ``v`` marks real (non-padding) tokens; :func:`proxjax.finetune.lm_loss` when
+  ``valid`` is ``None``. Right-padding does not change the real positions' logits (causal attention).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> class Uniform:
+    ...   def __call__(self, ids):
+    ...     return jnp.zeros(ids.shape + (10,))
+    >>> ids, valid = jnp.zeros((1, 6), jnp.int32), jnp.array([[True] * 4 + [False] * 2])
+    >>> round(float(masked_lm_loss(Uniform(), ids, valid)), 4) == round(float(jnp.log(10.0)), 4)
+    True
+  """
+  if valid is None:
+    return lm_loss(model, ids)
+  logits = model(ids)[:, :-1].astype(jnp.float32)
+  targets = ids[:, 1:]
+  nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  w = valid[:, 1:].astype(jnp.float32)
+  return jnp.sum(nll * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+
+def lr_schedule(learning_rate: float, steps: int, warmup_fraction: float = 0.1) -> optax.Schedule:
+  """Linear warm-up then linear decay to 0 (Hugging Face's ``get_linear_schedule_with_warmup``).
+
+  With ``W = ceil(warmup_fraction · steps)``: ``lr(t) = lr · t / W`` for ``t < W``, else
+  ``lr · max(0, (steps − t) / max(1, steps − W))``.
+
+  Example:
+    >>> s = lr_schedule(1.0, 20)
+    >>> [round(float(s(t)), 3) for t in (0, 1, 2, 11, 20)]
+    [0.0, 0.5, 1.0, 0.5, 0.0]
+  """
+  warm = math.ceil(warmup_fraction * steps)
+
+  def schedule(count):
+    t = jnp.asarray(count, jnp.float32)
+    up = t / max(1, warm)
+    down = jnp.maximum(0.0, (steps - t) / max(1, steps - warm))
+    return learning_rate * jnp.where(t < warm, up, down)
+
+  return schedule
+
+
+def _lr_at(learning_rate: float, steps: int, t: int, warmup_fraction: float = 0.1) -> float:
+  """:func:`lr_schedule` at step ``t`` in float32, computed on the host."""
+  warm = math.ceil(warmup_fraction * steps)
+  frac = np.float32(t) / np.float32(max(1, warm)) if t < warm else max(np.float32(0), np.float32(steps - t) /
+                                                                        np.float32(max(1, steps - warm)))
+  return float(np.float32(learning_rate) * np.float32(frac))
+
+
+def proxsparse_tx(steps: int, learning_rate: float, lam1: Any, *, prox_scaling: str = "strength",
+                  lam_relative: bool = False, fuse: bool | None = None) -> optax.GradientTransformationExtraArgs:
+  """The ProxSparse optax chain: ``clip_by_global_norm(1.0)`` → ``adamw(lr_schedule, b1=0.9, b2=0.999,
+  weight_decay=0)`` → ``prox_24_update(λ₁, η, spec=pruned_spec, multipliers=c)`` (see the module docs).
+
+  Args:
+    steps: total steps (for the learning-rate schedule).
+    learning_rate: peak learning rate.
+    lam1: ``λ₁ ≥ 0``, a float or an optax schedule.
+    prox_scaling: ``"strength"`` (``η = 1``) or ``"lr"`` (``η`` = the learning-rate schedule).
+    lam_relative: multiply λ₁ per kernel by ``1/mean|W₀|`` (:func:`inverse_mean_abs`, evaluated at ``init``).
+    fuse: passed to :func:`proxjax.prox_24_update` (``False`` for sharded params).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> tx = proxsparse_tx(10, 1e-3, 0.5)
+    >>> len(tx.init({"w": jnp.ones(3)}))  # clip, adamw, prox states
+    3
+  """
+  if prox_scaling not in PROX_SCALINGS:
+    raise ValueError(f"prox_scaling must be one of {PROX_SCALINGS}, got {prox_scaling!r}")
+  return _tx(steps, float(learning_rate), lam1, prox_scaling, bool(lam_relative), fuse)
+
+
+@functools.lru_cache(maxsize=16)
+def _tx(steps, learning_rate, lam1, prox_scaling, lam_relative, fuse):
+  # Cached: runs with equal settings get the same transformation object, hence equal graph definitions and one
+  # compilation of the training step.
+  lr = lr_schedule(learning_rate, steps)
+  return optax.chain(
+      optax.clip_by_global_norm(1.0),
+      optax.adamw(lr, b1=0.9, b2=0.999, weight_decay=0.0),
+      transforms.prox_24_update(lam1, 1.0 if prox_scaling == "strength" else lr, spec=pruned_spec, fuse=fuse,
+                                multipliers=inverse_mean_abs if lam_relative else None))
+
+
+# ----------------------------------------------------------------------------------------------------------- data --
+
+
+def tokenize_documents(tokenizer: Any, documents: Sequence[str], seqlen: int) -> list[np.ndarray]:
+  """Each non-empty document encoded (``tokenizer.encode``, special tokens included) and truncated to its first
+  ``seqlen`` tokens; documents with fewer than 2 tokens (nothing to predict) are dropped.
+
+  Example:
+    >>> from tokenizers import Tokenizer, models, pre_tokenizers
+    >>> from proxjax import data
+    >>> t = Tokenizer(models.WordLevel({"<eos>": 0, "a": 1, "b": 2}, unk_token="<eos>"))
+    >>> t.pre_tokenizer = pre_tokenizers.Whitespace()
+    >>> [d.tolist() for d in tokenize_documents(data.load_tokenizer(t), ["a b a b", "b", "", "b a"], seqlen=3)]
+    [[1, 2, 1], [2, 1]]
+  """
+  if not isinstance(seqlen, (int, np.integer)) or seqlen < 2:
+    raise ValueError(f"seqlen must be an int >= 2, got {seqlen!r}")
+  if isinstance(documents, str):
+    raise ValueError("documents must be a sequence of strings, got a single string (wrap it in a list)")
+  texts = [d for d in documents if d.strip()]
+  encoded = tokenizer.encode_batch(texts) if texts else []
+  out = [np.asarray(ids[:seqlen], np.int32) for ids in encoded if len(ids) >= 2]
+  if not out:
+    raise ValueError(f"none of the {len(documents)} documents has 2 or more tokens")
+  return out
+
+
+def _pad_length(n: int, cap: int) -> int:
+  return min(1 << max(n - 1, 1).bit_length(), cap)
+
+
+def document_batch(documents: Sequence[np.ndarray], step: int, batch_size: int = 1,
+                   max_length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """The batch of step ``step``: documents ``step·B … step·B + B − 1`` (modulo their number), right-padded with 0 to
+  the next power of two of the longest (at most ``max_length``, default the longest document overall).
+
+  Returns:
+    ``(ids, valid)``: ``int32`` and ``bool`` arrays ``(B, T)``; ``valid`` marks the real tokens.
+
+  Example:
+    >>> import numpy as np
+    >>> docs = [np.array([5, 6, 7, 8, 9]), np.array([8, 9, 10])]
+    >>> ids, valid = document_batch(docs, 1, batch_size=1)  # 3 tokens, padded to 4
+    >>> ids.tolist(), valid.tolist()
+    ([[8, 9, 10, 0]], [[True, True, True, False]])
+  """
+  n = len(documents)
+  cap = max(len(d) for d in documents) if max_length is None else max_length
+  chosen = [np.asarray(documents[(step * batch_size + i) % n])[:cap] for i in range(batch_size)]
+  length = _pad_length(max(len(d) for d in chosen), cap)
+  ids = np.zeros((batch_size, length), np.int32)
+  valid = np.zeros((batch_size, length), bool)
+  for i, d in enumerate(chosen):
+    ids[i, :len(d)] = d
+    valid[i, :len(d)] = True
+  return ids, valid
+
+
+# --------------------------------------------------------------------------------------------------- training step --
+
+
+def _train_step_impl(graphdef, state, ids, valid, w0, lam2, eps, out_shardings=None):
+  """One step on ``state = nnx.state((model, optimizer))``; ``out_shardings`` (a tuple, one per leaf of ``state``, or
+  ``None``) pins the new state to the placement of the old one (under ``AxisType.Auto`` XLA would choose its own)."""
+  model, optimizer = nnx.merge(graphdef, state)
+
+  def loss_fn(m):
+    lm = masked_lm_loss(m, ids, valid)
+    if w0 is None:
+      return lm, (lm, jnp.zeros((), jnp.float32))
+    kernels = [x for _, x in _selected(nnx.as_pure(nnx.state(m, nnx.Param)))]
+    pen = lam2_term(kernels, w0, eps)
+    return lm + lam2 * pen, (lm, pen)
+
+  (_, (lm, pen)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+  before = [x for _, x in _selected(nnx.as_pure(nnx.state(model, nnx.Param)))]
+  mults = nnx.as_pure(optimizer.opt_state[-1].multipliers)
+  weights = None if mults is None else [c for _, c in _selected_mults(mults)]
+  fuse = out_shardings is None  # on a mesh, per kernel: laying differently sharded kernels side by side gathers them
+  reg = _weighted_regularizer(before, weights, fuse)
+  grad_norm = optax.tree.norm(grads)
+  optimizer.update(model, grads)
+  after = _selected(nnx.as_pure(nnx.state(model, nnx.Param)))
+  frac = _fraction_rows([x for _, x in after], fuse)
+  metrics = {"loss": lm, "lam2_term": pen, "regularizer": reg, "fraction_24": frac, "grad_norm": grad_norm,
+             "tokens": jnp.sum(valid[:, 1:])}
+  new_state = nnx.state((model, optimizer))
+  if out_shardings is not None:
+    leaves, treedef = jax.tree.flatten(new_state)
+    new_state = jax.tree.unflatten(treedef, [jax.lax.with_sharding_constraint(x, sh)
+                                             for x, sh in zip(leaves, out_shardings)])
+  return new_state, metrics
+
+
+def _rows(kernels: list[jax.Array]) -> jax.Array:
+  """All groups of the kernels (groups along axis 0) as one ``(4, G)`` array: few ops, so a quick compile."""
+  rows = [transforms._to_rows(x, 0) for x in kernels]  # pylint: disable=protected-access
+  return jnp.concatenate(rows, axis=1) if len(rows) > 1 else rows[0]
+
+
+def _group_r(a1, a2, a3, a4):
+  return a1 * a2 * (a3 + a4) + a3 * a4 * (a1 + a2)
+
+
+def _weighted_regularizer(kernels: list[jax.Array], weights: list[jax.Array] | None, fuse: bool = True) -> jax.Array:
+  """``Σ_i c_i R(W_i)`` (``c_i = 1`` without weights), float32; ``fuse=False`` works kernel by kernel (sharded
+  kernels: no gathering)."""
+  if not fuse:
+    ws = [1.0] * len(kernels) if weights is None else weights
+    parts = [_group_r(*jnp.abs(nm.split_groups(x.astype(jnp.float32), 4, 0)).swapaxes(0, 1)) for x in kernels]
+    return sum((jnp.sum(r) * c for r, c in zip(parts, ws)), jnp.zeros((), jnp.float32))
+  r = _group_r(*jnp.abs(_rows(kernels).astype(jnp.float32)))
+  if weights is not None:
+    r = r * jnp.concatenate([jnp.broadcast_to(jnp.asarray(c, jnp.float32), (x.size // 4,))
+                             for x, c in zip(kernels, weights)])
+  return jnp.sum(r)
+
+
+def _fraction_rows(kernels: list[jax.Array], fuse: bool = True) -> jax.Array:
+  """The fraction of groups (along axis 0) with at most 2 non-zeros; integer counts, so exact up to the division."""
+  total = sum(x.size // 4 for x in kernels)
+  if not fuse:
+    good = sum(_groups_24(x).astype(jnp.int32) for x in kernels)
+  else:
+    good = jnp.sum(jnp.sum(_rows(kernels) != 0, axis=0) <= 2, dtype=jnp.int32)
+  return good.astype(jnp.float32) / total
+
+
+# XLA:CPU fast-math (proxjax.CPU_FAST_MATH) when running on CPU: the prox's Newton iterations are ~3x faster.
+_train_step = _xla.jit_fast_on_cpu(_train_step_impl, static_argnames=("graphdef", "out_shardings"),
+                                   donate_argnames=("state",))
+
+
+# ------------------------------------------------------------------------------------------------------ resumption --
+
+
+def _fingerprint(docs: Sequence[np.ndarray], params: Any, settings: dict[str, Any],
+                 run_info: dict[str, Any] | None) -> dict[str, Any]:
+  h = hashlib.sha256()
+  for d in docs:
+    h.update(np.int64(len(d)).tobytes())
+    h.update(np.ascontiguousarray(d, np.int32).tobytes())
+  shapes = hashlib.sha256(repr([(jax.tree_util.keystr(p), tuple(x.shape), str(x.dtype))
+                                for p, x in jax.tree_util.tree_flatten_with_path(params)[0]]).encode())
+  return {**settings, "documents": {"count": len(docs), "tokens": int(sum(len(d) for d in docs)),
+                                    "sha256": h.hexdigest()},
+          "params_sha256": shapes.hexdigest(), "run_info": run_info or {}}
+
+
+def _load_progress(state_dir: str, fingerprint: dict[str, Any]) -> dict[str, Any] | None:
+  path = os.path.join(state_dir, STATE_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path, encoding="utf-8") as f:
+    saved = json.load(f)
+  want = json.loads(json.dumps(fingerprint))
+  if saved.get("fingerprint") != want:
+    old = saved.get("fingerprint") or {}
+    diff = sorted(k for k in set(old) | set(want) if old.get(k) != want.get(k))
+    raise ValueError(f"state directory {state_dir} belongs to a different ProxSparse run (differs in: "
+                     f"{', '.join(diff)}); use another state directory or delete this one to start over")
+  return saved
+
+
+def _abstract(state: Any) -> Any:
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), state)
+
+
+def _save_progress(state_dir: str, step: int, state: Any, history: dict[str, list[Any]],
+                   fingerprint: dict[str, Any]) -> None:
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel  (slow to import)
+
+  from proxjax import report  # pylint: disable=import-outside-toplevel
+
+  name = f"step_{step:07d}"
+  path = os.path.join(os.path.abspath(state_dir), name)
+  if os.path.exists(path):
+    shutil.rmtree(path)
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(path, state)  # atomic: orbax finalizes by renaming a temporary directory
+  report.write_json(os.path.join(state_dir, STATE_FILE),
+                    {"fingerprint": fingerprint, "step": step, "checkpoint": name, "history": history})
+  for old in os.listdir(state_dir):  # earlier checkpoints (and unfinished orbax temporaries) are no longer needed
+    if old.startswith("step_") and old != name:
+      shutil.rmtree(os.path.join(state_dir, old), ignore_errors=True)
+
+
+def _restore(state_dir: str, saved: dict[str, Any], like: Any) -> Any:
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+
+  path = os.path.join(os.path.abspath(state_dir), saved["checkpoint"])
+  if not os.path.isdir(path):
+    raise ValueError(f"{os.path.join(state_dir, STATE_FILE)} names checkpoint {saved['checkpoint']}, which is "
+                     "missing; delete the state directory to start over")
+  with ocp.StandardCheckpointer() as checkpointer:
+    return checkpointer.restore(path, _abstract(like))
+
+
+# ------------------------------------------------------------------------------------------------------------ loop --
+
+
+def _check_settings(steps: Any, learning_rate: Any, lam1: Any, lam2: Any, eps: Any, prox_scaling: Any,
+                    batch_size: Any, save_every: Any) -> None:
+  if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or steps < 1:
+    raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+  if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+    raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+  if not isinstance(save_every, (int, np.integer)) or save_every < 0:
+    raise ValueError(f"save_every must be an int >= 0 (0: only at the end), got {save_every!r}")
+  if not (np.isfinite(learning_rate) and learning_rate >= 0):
+    raise ValueError(f"learning_rate must be finite and >= 0, got {learning_rate!r}")
+  if not callable(lam1) and not (np.isfinite(lam1) and lam1 >= 0):
+    raise ValueError(f"lam1 must be finite and >= 0 (or a schedule), got {lam1!r}")
+  if not (np.isfinite(lam2) and lam2 >= 0):
+    raise ValueError(f"lam2 must be finite and >= 0, got {lam2!r}")
+  if not (np.isfinite(eps) and eps > 0):
+    raise ValueError(f"eps must be finite and > 0, got {eps!r}")
+  if prox_scaling not in PROX_SCALINGS:
+    raise ValueError(f"prox_scaling must be one of {PROX_SCALINGS}, got {prox_scaling!r}")
+
+
+def _copy(x: jax.Array) -> jax.Array:
+  """A fresh buffer with the same sharding (the training step donates the live params)."""
+  return jax.device_put(x, x.sharding, may_alias=False)
+
+
+def proxsparse(model: nnx.Module, documents: Sequence[ArrayLike], *, steps: int, lam1: Any,
+               learning_rate: float = 1e-4, lam_relative: bool = False, lam2: float = 0.0, eps: float = 0.5,
+               prox_scaling: str = "strength", batch_size: int = 1, state_dir: str | os.PathLike[str] | None = None,
+               save_every: int = 50, mesh: Any = None, progress: bool = True, return_learned: bool = False,
+               run_info: dict[str, Any] | None = None) -> ProxSparseResult:
+  r"""Learns 2:4 masks of a LLaMA end to end (ProxSparse) and applies them to the original weights, in place.
+
+  Minimizes ``L(θ) + λ₂ P(θ)`` by AdamW with, after every step, the exact prox of ``λ₁ c R`` on the pruned kernels
+  (see the module docs for the full update rule, the schedule, the data order and ``c``); then keeps, per group of 4
+  along the input axis, the 2 largest learned ``|W|`` and sets the model to ``mask ⊙ W₀`` (every other parameter back
+  to ``W₀``).
+
+  Args:
+    model: a :class:`~proxjax.models.LlamaForCausalLM` (any NNX model whose projections live at
+      ``…layers.N.{self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj}.kernel``), with float32 parameters for training.
+    documents: token-id arrays, one document each, already truncated (:func:`tokenize_documents`).
+    steps: optimizer steps ``T`` (the reference: 400).
+    lam1: ``λ₁ ≥ 0`` (float or optax schedule): the prox strength per step (``prox_scaling="strength"``) or the weight
+      of ``R`` (``"lr"``); relative to ``mean|W₀|`` per kernel with ``lam_relative``.
+    learning_rate: peak AdamW learning rate (the reference: 1e-4).
+    lam_relative: per-kernel ``c_i = 1/mean|W₀,i|`` (scale-free λ₁) instead of ``c_i = 1``.
+    lam2: ``λ₂ ≥ 0``, the weight of :func:`lam2_term` in the loss (0: off, the default).
+    eps: ``ε > 0`` of :func:`lam2_term`.
+    prox_scaling: ``"strength"`` (``η = 1``, the reference; default) or ``"lr"`` (``η`` = learning rate).
+    batch_size: documents per step (the reference: 1; see the module docs for padding).
+    state_dir: resume directory (``None``: no saving); see the module docs.
+    save_every: save every this many steps (0: only at the end), with ``state_dir``.
+    mesh: a :mod:`proxjax.sharding` mesh: params, optimizer state, ``W₀`` and batches are placed on their declared
+      shardings and the prox is solved per kernel (``fuse=False``).
+    progress: tqdm bar with the loss and the fraction of 2:4 groups.
+    return_learned: keep the learned (pre-extraction) params and the optimizer in the result.
+    run_info: JSON data identifying the run (e.g. the checkpoint path); a state directory of another run is refused.
+
+  Returns:
+    A :class:`ProxSparseResult`.
+
+  Raises:
+    ValueError: bad settings (``λ < 0``, ``steps < 1``, …), no documents, a model without the LLaMA projections, a
+      ``state_dir`` of a different run.
+    FloatingPointError: the loss or gradient became NaN/inf (the message names the step). On this or any other
+      error (or an interrupt) during training the model is left with its original weights; with ``state_dir`` a
+      rerun continues from the last save.
+
+  Example:
+    >>> import numpy as np, proxjax
+    >>> from flax import nnx
+    >>> from proxjax.models import LlamaConfig, LlamaForCausalLM
+    >>> c = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+    ...                 num_attention_heads=2)
+    >>> model = LlamaForCausalLM(c, rngs=nnx.Rngs(0))
+    >>> docs = [np.arange(1, 9) % 32, np.arange(3, 12) % 32]
+    >>> res = proxsparse(model, docs, steps=2, lam1=1e3, learning_rate=1e-3, progress=False)
+    >>> res.fraction_24[-1], len(res.losses)
+    (1.0, 2)
+    >>> bool(proxjax.is_nm(model.model.layers[0].mlp.up_proj.kernel[...]))
+    True
+  """
+  from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
+
+  from proxjax import sharding  # pylint: disable=import-outside-toplevel
+
+  _check_settings(steps, learning_rate, lam1, lam2, eps, prox_scaling, batch_size, save_every)
+  if isinstance(documents, str) or any(isinstance(d, str) for d in documents):
+    raise ValueError("documents must be token-id arrays, not text: encode them with tokenize_documents(tokenizer, "
+                     "texts, seqlen)")
+  docs = [np.asarray(d).astype(np.int32).reshape(-1) for d in documents]
+  docs = [d for d in docs if d.size >= 2]
+  if not docs:
+    raise ValueError("proxsparse needs at least one document of 2 or more tokens")
+  params = nnx.as_pure(nnx.state(model, nnx.Param))
+  kernels = _selected(params)
+  if not kernels:
+    raise ValueError(
+        f"{type(model).__name__} has no LLaMA projections to prune: expected 2-D kernels at "
+        "'…layers.N.self_attn.{q,k,v,o}_proj.kernel' / '…layers.N.mlp.{gate,up,down}_proj.kernel'")
+  transforms._flat_spec(params, pruned_spec, m=4)  # pylint: disable=protected-access  (d_in % 4 checks, named)
+  vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+  if vocab is not None and any(int(d.min()) < 0 or int(d.max()) >= vocab for d in docs):
+    raise ValueError(f"the documents hold token ids outside [0, {vocab}) of the model's vocabulary")
+
+  if mesh is not None:
+    sharding.place(model, mesh)
+  original = jax.tree.map(_copy, nnx.as_pure(nnx.state(model, nnx.Param)))
+  w0 = [x for _, x in _selected(original)] if lam2 > 0 else None
+  tx = proxsparse_tx(steps, learning_rate, lam1, prox_scaling=prox_scaling, lam_relative=lam_relative,
+                     fuse=False if mesh is not None else None)
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  if mesh is not None:
+    sharding.place(optimizer, mesh, nnx.optimizer.OptState)
+  graphdef, state = nnx.split((model, optimizer))
+  out_shardings = None if mesh is None else tuple(x.sharding for x in jax.tree.leaves(state))
+
+  settings = {"steps": int(steps), "learning_rate": float(learning_rate),
+              "lam1": float(lam1) if not callable(lam1) else repr(lam1), "lam_relative": bool(lam_relative),
+              "lam2": float(lam2), "eps": float(eps), "prox_scaling": prox_scaling, "batch_size": int(batch_size)}
+  fingerprint = _fingerprint(docs, params, settings, run_info)
+  history: dict[str, list[Any]] = {k: [] for k in _HISTORY}
+  start = 0
+  if state_dir is not None:
+    state_dir = os.fspath(state_dir)
+    os.makedirs(state_dir, exist_ok=True)
+    saved = _load_progress(state_dir, fingerprint)
+    if saved is not None:
+      state = _restore(state_dir, saved, state)
+      history = {k: list(saved["history"][k]) for k in _HISTORY}
+      start = int(saved["step"])
+
+  max_length = max(d.size for d in docs)
+  bar = tqdm(total=steps, initial=start, desc="proxsparse", unit="step", disable=not progress)
+  try:
+    for t in range(start, steps):
+      ids, valid = document_batch(docs, t, batch_size, max_length)
+      if mesh is not None:
+        ids = jax.device_put(ids, sharding.activation_sharding(mesh, ids.shape))
+        valid = jax.device_put(valid, sharding.activation_sharding(mesh, valid.shape))
+      state, metrics = _train_step(graphdef, state, ids, valid, w0, jnp.float32(lam2), jnp.float32(eps),
+                                   out_shardings=out_shardings)
+      m = {k: v.item() for k, v in jax.device_get(metrics).items()}
+      if not all(np.isfinite(m[k]) for k in ("loss", "grad_norm", "regularizer", "lam2_term")):
+        raise FloatingPointError(
+            f"ProxSparse step {t}: the loss is {m['loss']}, the gradient norm {m['grad_norm']} (regularizer "
+            f"{m['regularizer']}, λ₂ term {m['lam2_term']}); lower the learning rate or λ, or check the model")
+      for key, name in (("loss", "losses"), ("regularizer", "regularizer"), ("lam2_term", "lam2_terms"),
+                        ("fraction_24", "fraction_24"), ("grad_norm", "grad_norms"), ("tokens", "tokens")):
+        history[name].append(m[key])
+      history["learning_rates"].append(_lr_at(learning_rate, steps, t))
+      bar.update(1)
+      bar.set_postfix(loss=f"{m['loss']:.4f}", frac24=f"{m['fraction_24']:.4f}")
+      done = t + 1
+      if state_dir is not None and (done == steps or (save_every and done % save_every == 0)):
+        _save_progress(state_dir, done, state, history, fingerprint)
+  except BaseException:
+    nnx.update(model, original)  # the live state was donated to the step: leave the model with its original weights
+    raise
+  finally:
+    bar.close()
+
+  nnx.update((model, optimizer), state)
+  learned = nnx.as_pure(nnx.state(model, nnx.Param))
+  masks, masked, final = _finish(learned, original)
+  final = float(final)
+  mults = nnx.as_pure(optimizer.opt_state[-1].multipliers)
+  lam_t = float(lam1(0)) if callable(lam1) else float(lam1)
+  if mults is None:
+    lam_eff = {_kernel_name(p): lam_t for p, _ in kernels}
+  else:
+    lam_eff = {_kernel_name(p): lam_t * float(c) for p, c in _selected_mults(mults)}
+  nnx.update(model, jax.device_put(masked, jax.tree.map(lambda x: x.sharding, original)))  # keep the placement
+  return ProxSparseResult(
+      model=model, masks=masks, losses=history["losses"], regularizer=history["regularizer"],
+      lam2_terms=history["lam2_terms"], fraction_24=history["fraction_24"],
+      learning_rates=history["learning_rates"], grad_norms=history["grad_norms"],
+      tokens=[int(n) for n in history["tokens"]], final_fraction_24=final, lam1_effective=lam_eff, steps=int(steps),
+      resumed_from=start, learned=learned if return_learned else None,
+      optimizer=optimizer if return_learned else None)
+
+
+@jax.jit
+def _finish(learned: Any, original: Any) -> tuple[Any, Any, jax.Array]:
+  """Masks of the learned weights, the masked original weights, and the learned fraction of 2:4 groups."""
+  masks = extract_masks(learned)
+  return masks, apply_masks(original, masks), fraction_24(learned)
+
+
+def _selected_mults(mults: Any) -> list[tuple[Any, jax.Array]]:
+  return [(p, c) for p, c in jax.tree_util.tree_flatten_with_path(mults, is_leaf=lambda v: v is None)[0]
+          if c is not None]
+
+
+# ------------------------------------------------------------------------------------------------------------- CLI --
+
+
+def register_cli(subparsers: Any) -> argparse.ArgumentParser:
+  """Adds the ``proxsparse`` subcommand to an ``argparse`` subparsers object (``set_defaults(func=cmd_proxsparse)``).
+
+  Example:
+    >>> import argparse
+    >>> parser = argparse.ArgumentParser(prog="proxjax")
+    >>> p = register_cli(parser.add_subparsers(dest="command"))
+    >>> args = parser.parse_args(["proxsparse", "smollm2", "out", "--lam1", "0.1", "--lam-relative"])
+    >>> args.func is cmd_proxsparse, args.steps, args.prox_scaling, args.lam_relative
+    (True, 400, 'strength', True)
+  """
+  p = subparsers.add_parser(
+      "proxsparse",
+      help="learn 2:4 masks end to end on the LM loss (ProxSparse) and apply them to the original weights",
+      description="ProxSparse: AdamW on the LM loss with the exact 2:4 prox after every step; the learned masks "
+                  "(2 largest |W| per group of 4) are applied to the ORIGINAL weights, nothing else changes.")
+  p.add_argument("model_dir", help="Hugging Face checkpoint directory, or 'smollm2' for the bundled model")
+  p.add_argument("out_dir")
+  p.add_argument("--steps", type=int, default=400, help="optimizer steps, one document per step (default 400)")
+  p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate: 10%% warm-up, linear decay (1e-4)")
+  p.add_argument("--lam1", type=float, required=True,
+                 help="λ₁: per-step prox strength (--prox-scaling strength) or weight of R (lr); with "
+                      "--lam-relative, relative to each kernel's mean |W₀|")
+  p.add_argument("--lam-relative", action="store_true",
+                 help="divide λ₁ by each kernel's mean |W₀| (one λ₁ works across models)")
+  p.add_argument("--lam2", type=float, default=0.0, help="λ₂ of Σ[W⊙(W−W₀)/(|W₀|+ε)]² in the loss (default 0: off)")
+  p.add_argument("--eps", type=float, default=0.5, help="ε of the λ₂ term (default 0.5)")
+  p.add_argument("--prox-scaling", choices=PROX_SCALINGS, default="strength",
+                 help="strength: λ₁ is the per-step prox strength (the reference; default); lr: λ₁ × learning rate")
+  p.add_argument("--train", default="wiki",
+                 help="training documents (a load_documents source, calibration split): wiki (default), lee, c4 "
+                      "(online), wikitext2, or a .txt/.jsonl/.parquet path")
+  p.add_argument("--max-documents", type=int, metavar="K",
+                 help="use only the first K documents (default: all; steps × batch size for c4)")
+  p.add_argument("--seqlen", type=int, default=512, help="tokens per document at most (default 512)")
+  p.add_argument("--batch-size", type=int, default=1, help="documents per step (default 1, the reference)")
+  p.add_argument("--state-dir", help="resume state (default OUT_DIR.proxjax-state)")
+  p.add_argument("--save-every", type=int, default=50, help="save the training state every N steps (default 50)")
+  p.add_argument("--restart", action="store_true", help="discard existing resume state")
+  p.add_argument("--keep-state", action="store_true", help="keep the resume state after success")
+  p.add_argument("--eval", metavar="DATASET", help="perplexity on DATASET before (dense) and after")
+  p.add_argument("--eval-seqlen", type=int, default=512)
+  p.add_argument("--eval-batch-size", type=int, default=8)
+  p.add_argument("--max-windows", type=int, help="evaluation windows at most")
+  p.add_argument("--report", help="JSON report path (default OUT_DIR/proxjax-report.json)")
+  p.add_argument("--quiet", action="store_true", help="no progress bars")
+  p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
+  p.add_argument("--mesh", metavar="SPEC",
+                 help="shard over a device mesh: 'auto', N, or 'data=D,model=M' (kernels' outputs over model)")
+  p.set_defaults(func=cmd_proxsparse)
+  return p
+
+
+def cmd_proxsparse(args: argparse.Namespace) -> int:
+  """The ``proxjax proxsparse`` command: train, extract, save the masked checkpoint, verify it is 2:4, report."""
+  import proxjax  # pylint: disable=import-outside-toplevel
+  from proxjax import cli, data, report, sharding  # pylint: disable=import-outside-toplevel
+  from proxjax.models import check_sparsity, load_pretrained, save_pretrained  # pylint: disable=import-outside-toplevel
+
+  _check_settings(args.steps, args.lr, args.lam1, args.lam2, args.eps, args.prox_scaling, args.batch_size,
+                  args.save_every)
+  if args.seqlen < 2:
+    raise ValueError(f"--seqlen must be >= 2, got {args.seqlen}")
+  # The command line's own helpers, so that proxsparse behaves like the other subcommands.
+  # pylint: disable-next=protected-access
+  model_dir_of, check_out_dir, mesh_of, eval_data_of, perplexity = (cli._model_dir, cli._check_out_dir, cli._mesh,
+                                                                    cli._eval_data, cli._perplexity)
+  model_dir = model_dir_of(args.model_dir)
+  out_dir = check_out_dir(args.out_dir, args.overwrite)
+  state_dir = args.state_dir or out_dir.rstrip(os.sep) + ".proxjax-state"
+  if args.restart and os.path.isdir(state_dir):
+    shutil.rmtree(state_dir)
+  mesh = mesh_of(args)
+  t0 = time.perf_counter()
+  model = load_pretrained(model_dir, param_dtype=jnp.float32,  # train in float32; saved in the source dtype
+                          sharding=None if mesh is None else sharding.checkpoint_sharding(mesh))
+  tokenizer = data.load_tokenizer(model_dir)
+  max_docs = args.max_documents
+  if max_docs is None and args.train == "c4":
+    max_docs = args.steps * args.batch_size  # streamed: the first documents of the shard (the reference: 400)
+  documents = data.load_documents(args.train, split="calibration", max_documents=max_docs)
+  docs = tokenize_documents(tokenizer, documents, args.seqlen)
+  train = {"source": args.train, "split": "calibration", "documents": len(docs), "seqlen": args.seqlen,
+           "batch_size": args.batch_size, "tokens_per_epoch": int(sum(d.size for d in docs)),
+           "order": "given order, one document per step, cycling", "padding": "right, masked, power-of-two lengths"}
+  options = {"steps": args.steps, "lr": args.lr, "lam1": args.lam1, "lam_relative": args.lam_relative,
+             "lam2": args.lam2, "eps": args.eps, "prox_scaling": args.prox_scaling}
+  print(f"proxjax {proxjax.__version__}: ProxSparse on {model_dir} ({options}); training data {train}",
+        file=sys.stderr)
+  full: dict[str, Any] = {}
+  eval_data = None
+  if args.eval:
+    eval_data = eval_data_of(model_dir, args.eval, args.eval_seqlen, args.max_windows)  # same windows before/after
+    full["ppl_before"] = perplexity(model, eval_data, args.eval_batch_size, not args.quiet).ppl
+  if os.path.exists(os.path.join(state_dir, STATE_FILE)):
+    print(f"resuming from {state_dir}", file=sys.stderr)
+  result = proxsparse(model, docs, steps=args.steps, lam1=args.lam1, learning_rate=args.lr,
+                      lam_relative=args.lam_relative, lam2=args.lam2, eps=args.eps, prox_scaling=args.prox_scaling,
+                      batch_size=args.batch_size, state_dir=state_dir, save_every=args.save_every, mesh=mesh,
+                      progress=not args.quiet, run_info={"model_dir": os.path.abspath(model_dir)})
+  provenance = {
+      "proxjax_version": proxjax.__version__, "source_model": os.path.abspath(model_dir), "method": "proxsparse",
+      "refine": None, "n": 2, "m": 4, "options": options, "calibration": train,
+      "final_fraction_24": result.final_fraction_24, "resumed_from": result.resumed_from,
+      "seconds": time.perf_counter() - t0, "mesh": None if mesh is None else dict(mesh.shape),
+      "note": "masks learned end to end (ProxSparse, exact 2:4 prox); kept weights are the original ones",
+  }
+  if eval_data is not None:
+    full["ppl_after"] = perplexity(model, eval_data, args.eval_batch_size, not args.quiet).ppl
+    full["eval"] = {"dataset": args.eval, "seqlen": args.eval_seqlen, "ppl_before": full["ppl_before"],
+                    "ppl": full["ppl_after"], "protocol": dict(eval_data.protocol)}
+  save_pretrained(model, out_dir, source_dir=model_dir, metadata=provenance, overwrite=args.overwrite)
+  rows = check_sparsity(out_dir)
+  bad = [r["name"] for r in rows if not r["ok"]]
+  if bad or not rows:
+    raise RuntimeError(f"the saved checkpoint {out_dir} is not 2:4 in {bad or 'any projection'} (please report this)")
+  full.update(provenance)
+  full.update({
+      "lam1_effective": result.lam1_effective, "losses": result.losses, "regularizer": result.regularizer,
+      "lam2_terms": result.lam2_terms, "fraction_24": result.fraction_24, "learning_rates": result.learning_rates,
+      "grad_norms": result.grad_norms, "tokens": result.tokens,
+      "lam1_schedule": {"lam1": args.lam1, "relative": args.lam_relative, "prox_scaling": args.prox_scaling,
+                        "per_step_strength": ("λ₁·c_i (constant)" if args.prox_scaling == "strength"
+                                              else "λ₁·c_i·learning_rate(t)")},
+      "sparsity": {"projections": len(rows), "all_2_4": True,
+                   "zeros": sum(r["zeros"] for r in rows), "size": sum(r["size"] for r in rows)},
+  })
+  report_path = args.report or os.path.join(out_dir, "proxjax-report.json")
+  report.write_json(report_path, full)
+  if not args.keep_state and os.path.isdir(state_dir):
+    shutil.rmtree(state_dir)
+  msg = (f"wrote {out_dir}: {args.steps} steps, loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}, "
+         f"{100 * result.final_fraction_24:.2f}% of groups 2:4 before extraction; report {report_path}")
+  print(msg, file=sys.stderr)
+  if eval_data is not None:
+    print(f"{args.eval} perplexity {full['ppl_before']:.3f} (dense) -> {full['ppl_after']:.3f} (ProxSparse 2:4), "
+          f"seqlen {args.eval_seqlen}")
+  return 0
