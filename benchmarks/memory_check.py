@@ -34,13 +34,13 @@ import platform
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bench_pruner import _best  # benchmarks/ is on sys.path when run as a script
 from proxjax import memory
 from proxjax.models import LlamaConfig
 
@@ -50,16 +50,6 @@ _TYPES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_
 
 LLAMA2_7B = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                         num_attention_heads=32, num_key_value_heads=32, dtype="bfloat16")
-
-
-def _best(fn: Callable[[], Any], repeats: int) -> float:
-  jax.block_until_ready(fn())  # warm-up (compile)
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - t)
-  return min(times)
 
 
 def _on_gpu() -> bool:

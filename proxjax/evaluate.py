@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-__all__ = ["PerplexityResult", "format_report", "perplexity"]
+__all__ = ["PerplexityResult", "format_report", "padded_batch", "perplexity"]
 
 
 class PerplexityResult(NamedTuple):
@@ -53,6 +53,23 @@ def _token_nll(logits: jax.Array, ids: jax.Array) -> tuple[jax.Array, jax.Array]
   lse = jax.nn.logsumexp(z, axis=-1)
   target = jnp.take_along_axis(z, ids[:, 1:, None].astype(jnp.int32), axis=-1)[..., 0]
   return lse - target, finite
+
+
+def padded_batch(windows: np.ndarray, start: int, batch_size: int) -> tuple[np.ndarray, int]:
+  """Rows ``start:start + batch_size`` of ``windows``, the last batch padded with copies of its first row to
+  ``batch_size`` rows (one compiled shape), and the number of real rows.
+
+  Example:
+    >>> import numpy as np
+    >>> batch, valid = padded_batch(np.arange(6).reshape(3, 2), 2, 2)
+    >>> batch.tolist(), valid
+    ([[4, 5], [4, 5]], 1)
+  """
+  batch = windows[start:start + batch_size]
+  valid = batch.shape[0]
+  if valid < batch_size:
+    batch = np.concatenate([batch, np.repeat(batch[:1], batch_size - valid, axis=0)])
+  return batch, valid
 
 
 def perplexity(logits_fn: Callable[[Any], Any], windows: Any, *, batch_size: int = 1,
@@ -99,10 +116,7 @@ def perplexity(logits_fn: Callable[[Any], Any], windows: Any, *, batch_size: int
   bar = tqdm(total=n_windows, desc="perplexity", unit="window", disable=not progress)
   try:
     for start in range(0, n_windows, bs):
-      batch = w[start:start + bs]
-      valid = batch.shape[0]
-      if valid < bs:
-        batch = np.concatenate([batch, np.repeat(batch[:1], bs - valid, axis=0)])
+      batch, valid = padded_batch(w, start, bs)
       ids = jnp.asarray(batch)
       logits = logits_fn(ids)
       shape = tuple(getattr(logits, "shape", ()))

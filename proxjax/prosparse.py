@@ -60,6 +60,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from proxjax.evaluate import padded_batch
 from proxjax.finetune import lm_loss
 from proxjax.models.llama import LlamaForCausalLM
 
@@ -601,10 +602,7 @@ def activation_sparsity(model: LlamaForCausalLM, windows: Any, batch_size: int =
   bar = tqdm(total=n_windows, desc="activation sparsity", unit="window", disable=not progress)
   try:
     for start in range(0, n_windows, bs):
-      batch = w[start:start + bs]
-      valid = batch.shape[0]
-      if valid < bs:
-        batch = np.concatenate([batch, np.repeat(batch[:1], bs - valid, axis=0)])
+      batch, valid = padded_batch(w, start, bs)
       counts = np.asarray(_zero_counts(model, jnp.asarray(batch)))
       zeros += counts[:, :valid].astype(np.int64).sum(axis=1)
       bar.update(valid)
