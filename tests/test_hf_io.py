@@ -427,3 +427,12 @@ def test_check_sparsity(source, tmp_path):
   assert all(r["sparsity"] == 0.5 and r["zeros"] * 2 == r["size"] for r in rows)
   assert rows[0]["shape"] == [32, 64]
   assert not any(r["ok"] for r in check_sparsity(tmp_path / "out", n=1, m=4))
+
+
+def test_saved_weights_get_the_usual_file_permissions(tmp_path):
+  from flax import nnx as _nnx
+  from proxjax.models import LlamaConfig as _Config, LlamaForCausalLM as _Model, save_pretrained as _save
+  cfg = _Config(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+  _save(_Model(cfg, rngs=_nnx.Rngs(0)), tmp_path / "ckpt")
+  modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "ckpt").iterdir()}
+  assert modes["model.safetensors"] == modes["config.json"], modes

@@ -367,6 +367,13 @@ def _natural_key(name: str) -> list[tuple[int, Any]]:
   return [(0, int(p)) if p.isdigit() else (1, p) for p in name.split(".")]
 
 
+def _default_permissions(path: str) -> None:
+  """Gives ``path`` the permissions a plain ``open(path, "w")`` would (safetensors writes its files as 0600)."""
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(path, 0o666 & ~umask)
+
+
 def _write_weights(model: LlamaForCausalLM, out_dir: str, np_dtype: np.dtype, max_shard_bytes: int | None) -> None:
   entries = sorted(((path_to_hf(path), path, var) for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))),
                    key=lambda e: _natural_key(e[0]))
@@ -391,6 +398,7 @@ def _write_weights(model: LlamaForCausalLM, out_dir: str, np_dtype: np.dtype, ma
       tensors[name] = np.ascontiguousarray((arr.T if _is_kernel(path) else arr).astype(np_dtype, copy=False))
       weight_map[name] = fname
     save_file(tensors, os.path.join(out_dir, fname), metadata={"format": "pt"})
+    _default_permissions(os.path.join(out_dir, fname))
     del tensors
   if n > 1:
     _write_json(os.path.join(out_dir, INDEX_FILE), {"metadata": {"total_size": int(sum(sizes))},
