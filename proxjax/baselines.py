@@ -221,6 +221,12 @@ def _sparsegpt(kernel, hessian, damp, n, m, blocksize, precision):
   return k.astype(kernel.dtype), keep, ok
 
 
+def _check_blocksize(blocksize: object, m: int) -> None:
+  if not isinstance(blocksize, int) or blocksize < 1 or blocksize % m:
+    raise ValueError(f"blocksize must be a positive multiple of m={m} (groups may not straddle blocks), "
+                     f"got {blocksize!r}")
+
+
 def sparsegpt_unchecked(kernel: ArrayLike, hessian: ArrayLike, *, n: int = 2, m: int = 4, blocksize: int = 128,
                         damp: float | jax.Array = 0.01,
                         precision: jax.lax.Precision = _HIGHEST) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -239,9 +245,7 @@ def sparsegpt_unchecked(kernel: ArrayLike, hessian: ArrayLike, *, n: int = 2, m:
   _check_kernel(kernel, m)
   _check_hessian(hessian, kernel)
   nm._check_nm(n, m)
-  if not isinstance(blocksize, int) or blocksize < 1 or blocksize % m:
-    raise ValueError(f"blocksize must be a positive multiple of m={m} (groups may not straddle blocks), "
-                     f"got {blocksize!r}")
+  _check_blocksize(blocksize, m)
   return _sparsegpt(kernel, hessian, jnp.asarray(damp, jnp.float32), n, m, blocksize, precision)
 
 

@@ -42,8 +42,8 @@ from proxjax import calibration as _cal
 from proxjax import nm as _nm
 from proxjax import pruner as _pruner
 from proxjax import sharding as _sharding
-from proxjax.report import _default as _json_default
 from proxjax.report import atomic_write as _atomic_write
+from proxjax.report import open_run_dir as _open_run_dir
 from proxjax.report import write_json as _write_json
 
 TRUE_SEQUENTIAL_STAGES = (
@@ -255,22 +255,6 @@ def _block_paths(state_dir: str, block: int) -> tuple[str, str]:
   return (os.path.join(state_dir, f"block_{block:04d}.safetensors"), os.path.join(state_dir, f"block_{block:04d}.json"))
 
 
-def _open_state(state_dir: str, fingerprint: dict[str, Any]) -> None:
-  os.makedirs(state_dir, exist_ok=True)
-  run = os.path.join(state_dir, "run.json")
-  if os.path.exists(run):
-    with open(run) as f:
-      saved = json.load(f)
-    if saved != json.loads(json.dumps(fingerprint, default=_json_default)):
-      diff = sorted(k for k in set(saved) | set(fingerprint)
-                    if json.dumps(saved.get(k), default=_json_default)
-                    != json.dumps(fingerprint.get(k), default=_json_default))
-      raise ValueError(f"state directory {state_dir} belongs to a different run (differs in: {', '.join(diff)}); "
-                       "use another state directory or delete this one to start over")
-  else:
-    _write_json(run, fingerprint)
-
-
 def _save_block(state_dir: str, block_idx: int, block: Any, names: tuple[str, ...],
                 reports: list[LayerReport]) -> None:
   from safetensors.numpy import save_file  # local import: safetensors is only needed with a state dir
@@ -383,7 +367,7 @@ def prune_model(model: Any, calibration_ids: Any, *, method: str = "prox", refin
   if mesh is not None:
     batch_size = -(-batch_size // mesh.size) * mesh.size
   if state_dir is not None:
-    _open_state(state_dir, _fingerprint(ids, method, refine, n, m, options, true_sequential, selected, run_info))
+    _open_run_dir(state_dir, _fingerprint(ids, method, refine, n, m, options, true_sequential, selected, run_info))
 
   from tqdm.auto import tqdm
   t_start = time.perf_counter()

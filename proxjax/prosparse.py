@@ -61,6 +61,7 @@ import optax
 from flax import nnx
 
 from proxjax.evaluate import padded_batch
+from proxjax.report import open_run_dir
 from proxjax.finetune import lm_loss
 from proxjax.models.llama import LlamaForCausalLM
 
@@ -346,21 +347,6 @@ def _schedule_values(schedule: Callable[[Any], Any], steps: int) -> np.ndarray:
   return np.asarray([float(schedule(t)) for t in range(steps)], np.float64)
 
 
-def _open_state_dir(state_dir: str, fingerprint: dict[str, Any]) -> None:
-  os.makedirs(state_dir, exist_ok=True)
-  run = os.path.join(state_dir, "run.json")
-  if os.path.exists(run):
-    with open(run) as f:
-      saved = json.load(f)
-    if saved != fingerprint:
-      diff = sorted(k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k))
-      raise ValueError(f"state directory {state_dir} belongs to a different run (differs in: {', '.join(diff)}); "
-                       "use another state directory or delete this one to start over")
-  else:
-    from proxjax.report import write_json  # pylint: disable=import-outside-toplevel
-    write_json(run, fingerprint)
-
-
 def _latest_checkpoint(state_dir: str) -> str | None:
   done = sorted(d for d in os.listdir(state_dir)
                 if d.startswith("step-") and os.path.isfile(os.path.join(state_dir, d, "progress.json")))
@@ -487,7 +473,7 @@ def train_prosparse(model: LlamaForCausalLM, batches: Any, *, l1: Callable[[Any]
         "lr_min_ratio": lr_min_ratio, "weight_decay": weight_decay, "clip_norm": clip_norm,
         "config": model.config.to_hf(), "param_dtype": jnp.dtype(model.param_dtype).name,
         "run_info": dict(run_info or {})})
-    _open_state_dir(state_dir, fingerprint)
+    open_run_dir(state_dir, fingerprint)
     latest = _latest_checkpoint(state_dir)
     if latest is not None:
       with open(os.path.join(latest, "progress.json")) as f:

@@ -414,9 +414,8 @@ def _split_options(method: str, options: dict[str, Any]) -> tuple[dict[str, Any]
 def _baseline(method: str, kernel: jax.Array, hessian: jax.Array, n: int, m: int, own: dict[str, Any],
               mesh: Any) -> tuple[jax.Array, jax.Array]:
   blocksize, damp = own.get("blocksize", 128), own.get("damp", 0.01)
-  if method == "sparsegpt" and not (isinstance(blocksize, int) and blocksize >= 1 and blocksize % m == 0):
-    raise ValueError(f"blocksize must be a positive multiple of m={m} (groups may not straddle blocks), "
-                     f"got {blocksize!r}")
+  if method == "sparsegpt":
+    baselines._check_blocksize(blocksize, m)  # pylint: disable=protected-access
   new_kernel, mask, ok = _run("baseline", mesh, kernel.shape, kernel, hessian, jnp.asarray(damp, _F32),
                               method=method, n=n, m=m, blocksize=blocksize)
   if not bool(ok):

@@ -66,6 +66,32 @@ def write_json(path: str, obj: Any) -> None:
   atomic_write(path, write)
 
 
+def open_run_dir(state_dir: str, fingerprint: dict[str, Any]) -> None:
+  """Creates the resume directory ``state_dir`` with ``run.json = fingerprint``, or checks that an existing one
+  belongs to the same run (the fingerprint compared as JSON) and refuses it with the differing keys otherwise.
+
+  Example:
+    >>> import tempfile
+    >>> d = tempfile.mkdtemp()
+    >>> open_run_dir(d, {"method": "prox"}); open_run_dir(d, {"method": "prox"})
+    >>> open_run_dir(d, {"method": "wanda"})
+    Traceback (most recent call last):
+    ValueError: state directory ... belongs to a different run (differs in: method); ...
+  """
+  os.makedirs(state_dir, exist_ok=True)
+  run = os.path.join(state_dir, "run.json")
+  if not os.path.exists(run):
+    write_json(run, fingerprint)
+    return
+  with open(run) as f:
+    saved = json.load(f)
+  as_json = lambda x: json.dumps(x, default=_default)  # noqa: E731
+  if saved != json.loads(as_json(fingerprint)):
+    diff = sorted(k for k in set(saved) | set(fingerprint) if as_json(saved.get(k)) != as_json(fingerprint.get(k)))
+    raise ValueError(f"state directory {state_dir} belongs to a different run (differs in: {', '.join(diff)}); "
+                     "use another state directory or delete this one to start over")
+
+
 def plot_layer_losses(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: str, *,
                       key: str = "loss_after_refine", title: str | None = None) -> None:
   """Plots per-layer relative local loss, one line per run (e.g. per method), to a PNG written atomically.
