@@ -369,17 +369,23 @@ def _tx(steps, learning_rate, lam1, prox_scaling, lam_relative, fuse):
 # ----------------------------------------------------------------------------------------------------------- data --
 
 
-def tokenize_documents(tokenizer: Any, documents: Sequence[str], seqlen: int) -> list[np.ndarray]:
+def tokenize_documents(tokenizer: Any, documents: Sequence[str], seqlen: int, *,
+                       split: bool = False) -> list[np.ndarray]:
   """Each non-empty document encoded (``tokenizer.encode``, special tokens included) and truncated to its first
-  ``seqlen`` tokens; documents with fewer than 2 tokens (nothing to predict) are dropped.
+  ``seqlen`` tokens (the reference), or with ``split=True`` cut into consecutive pieces of ``seqlen`` tokens (the
+  last one shorter; never across documents), so that long documents are used whole; pieces with fewer than 2 tokens
+  (nothing to predict) are dropped.
 
   Example:
     >>> from tokenizers import Tokenizer, models, pre_tokenizers
     >>> from proxjax import data
     >>> t = Tokenizer(models.WordLevel({"<eos>": 0, "a": 1, "b": 2}, unk_token="<eos>"))
     >>> t.pre_tokenizer = pre_tokenizers.Whitespace()
-    >>> [d.tolist() for d in tokenize_documents(data.load_tokenizer(t), ["a b a b", "b", "", "b a"], seqlen=3)]
+    >>> tok = data.load_tokenizer(t)
+    >>> [d.tolist() for d in tokenize_documents(tok, ["a b a b", "b", "", "b a"], seqlen=3)]
     [[1, 2, 1], [2, 1]]
+    >>> [d.tolist() for d in tokenize_documents(tok, ["a b a b a", "b a"], seqlen=2, split=True)]
+    [[1, 2], [1, 2], [2, 1]]
   """
   if not isinstance(seqlen, (int, np.integer)) or seqlen < 2:
     raise ValueError(f"seqlen must be an int >= 2, got {seqlen!r}")
@@ -387,7 +393,8 @@ def tokenize_documents(tokenizer: Any, documents: Sequence[str], seqlen: int) ->
     raise ValueError("documents must be a sequence of strings, got a single string (wrap it in a list)")
   texts = [d for d in documents if d.strip()]
   encoded = tokenizer.encode_batch(texts) if texts else []
-  out = [np.asarray(ids[:seqlen], np.int32) for ids in encoded if len(ids) >= 2]
+  starts = (lambda n: range(0, n, seqlen)) if split else (lambda n: range(min(n, 1)))
+  out = [np.asarray(ids[s:s + seqlen], np.int32) for ids in encoded for s in starts(len(ids)) if len(ids) - s >= 2]
   if not out:
     raise ValueError(f"none of the {len(documents)} documents has 2 or more tokens")
   return out
@@ -444,12 +451,11 @@ def _train_step_impl(graphdef, state, ids, valid, w0, lam2, eps, out_shardings=N
   before = [x for _, x in _selected(nnx.as_pure(nnx.state(model, nnx.Param)))]
   mults = nnx.as_pure(optimizer.opt_state[-1].multipliers)
   weights = None if mults is None else [c for _, c in _selected_mults(mults)]
-  fuse = out_shardings is None  # on a mesh, per kernel: laying differently sharded kernels side by side gathers them
-  reg = _weighted_regularizer(before, weights, fuse)
+  reg = _weighted_regularizer(before, weights)
   grad_norm = optax.tree.norm(grads)
   optimizer.update(model, grads)
   after = _selected(nnx.as_pure(nnx.state(model, nnx.Param)))
-  frac = _fraction_rows([x for _, x in after], fuse)
+  frac = _fraction_kernels([x for _, x in after])
   metrics = {"loss": lm, "lam2_term": pen, "regularizer": reg, "fraction_24": frac, "grad_norm": grad_norm,
              "tokens": jnp.sum(valid[:, 1:])}
   new_state = nnx.state((model, optimizer))
@@ -460,38 +466,22 @@ def _train_step_impl(graphdef, state, ids, valid, w0, lam2, eps, out_shardings=N
   return new_state, metrics
 
 
-def _rows(kernels: list[jax.Array]) -> jax.Array:
-  """All groups of the kernels (groups along axis 0) as one ``(4, G)`` array: few ops, so a quick compile."""
-  rows = [transforms._to_rows(x, 0) for x in kernels]  # pylint: disable=protected-access
-  return jnp.concatenate(rows, axis=1) if len(rows) > 1 else rows[0]
-
-
 def _group_r(a1, a2, a3, a4):
   return a1 * a2 * (a3 + a4) + a3 * a4 * (a1 + a2)
 
 
-def _weighted_regularizer(kernels: list[jax.Array], weights: list[jax.Array] | None, fuse: bool = True) -> jax.Array:
-  """``Σ_i c_i R(W_i)`` (``c_i = 1`` without weights), float32; ``fuse=False`` works kernel by kernel (sharded
-  kernels: no gathering)."""
-  if not fuse:
-    ws = [1.0] * len(kernels) if weights is None else weights
-    parts = [_group_r(*jnp.abs(nm.split_groups(x.astype(jnp.float32), 4, 0)).swapaxes(0, 1)) for x in kernels]
-    return sum((jnp.sum(r) * c for r, c in zip(parts, ws)), jnp.zeros((), jnp.float32))
-  r = _group_r(*jnp.abs(_rows(kernels).astype(jnp.float32)))
-  if weights is not None:
-    r = r * jnp.concatenate([jnp.broadcast_to(jnp.asarray(c, jnp.float32), (x.size // 4,))
-                             for x, c in zip(kernels, weights)])
-  return jnp.sum(r)
+def _weighted_regularizer(kernels: list[jax.Array], weights: list[jax.Array] | None) -> jax.Array:
+  """``Σ_i c_i R(W_i)`` (``c_i = 1`` without weights), float32, kernel by kernel (each in its own layout and
+  sharding: no concatenation, no gathering)."""
+  ws = [1.0] * len(kernels) if weights is None else weights
+  parts = [_group_r(*jnp.abs(nm.split_groups(x.astype(jnp.float32), 4, 0)).swapaxes(0, 1)) for x in kernels]
+  return sum((jnp.sum(r) * c for r, c in zip(parts, ws)), jnp.zeros((), jnp.float32))
 
 
-def _fraction_rows(kernels: list[jax.Array], fuse: bool = True) -> jax.Array:
+def _fraction_kernels(kernels: list[jax.Array]) -> jax.Array:
   """The fraction of groups (along axis 0) with at most 2 non-zeros; integer counts, so exact up to the division."""
-  total = sum(x.size // 4 for x in kernels)
-  if not fuse:
-    good = sum(_groups_24(x).astype(jnp.int32) for x in kernels)
-  else:
-    good = jnp.sum(jnp.sum(_rows(kernels) != 0, axis=0) <= 2, dtype=jnp.int32)
-  return good.astype(jnp.float32) / total
+  good = sum(_groups_24(x) for x in kernels)
+  return good.astype(jnp.float32) / sum(x.size // 4 for x in kernels)
 
 
 # XLA:CPU fast-math (proxjax.CPU_FAST_MATH) when running on CPU: the prox's Newton iterations are ~3x faster.
@@ -799,6 +789,9 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
   p.add_argument("--max-documents", type=int, metavar="K",
                  help="use only the first K documents (default: all; steps × batch size for c4)")
   p.add_argument("--seqlen", type=int, default=512, help="tokens per document at most (default 512)")
+  p.add_argument("--split-documents", action="store_true",
+                 help="cut each document into consecutive pieces of SEQLEN tokens instead of truncating it (long "
+                      "documents are then used whole; one piece per step)")
   p.add_argument("--batch-size", type=int, default=1, help="documents per step (default 1, the reference)")
   p.add_argument("--state-dir", help="resume state (default OUT_DIR.proxjax-state)")
   p.add_argument("--save-every", type=int, default=50, help="save the training state every N steps (default 50)")
@@ -845,8 +838,9 @@ def cmd_proxsparse(args: argparse.Namespace) -> int:
   if max_docs is None and args.train == "c4":
     max_docs = args.steps * args.batch_size  # streamed: the first documents of the shard (the reference: 400)
   documents = data.load_documents(args.train, split="calibration", max_documents=max_docs)
-  docs = tokenize_documents(tokenizer, documents, args.seqlen)
+  docs = tokenize_documents(tokenizer, documents, args.seqlen, split=args.split_documents)
   train = {"source": args.train, "split": "calibration", "documents": len(docs), "seqlen": args.seqlen,
+           "documents_split": bool(args.split_documents),
            "batch_size": args.batch_size, "tokens_per_epoch": int(sum(d.size for d in docs)),
            "order": "given order, one document per step, cycling", "padding": "right, masked, power-of-two lengths"}
   options = {"steps": args.steps, "lr": args.lr, "lam1": args.lam1, "lam_relative": args.lam_relative,
