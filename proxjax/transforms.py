@@ -200,14 +200,15 @@ def prox_24_update(hyperparams: ScalarOrSchedule, scaling: ScalarOrSchedule, *, 
 
   A large enough ``η λ`` gives exactly 2:4 groups; ``η_t λ_t ≤ 0`` leaves the chain's update unchanged. Zeros of the
   prox are exact zeros after ``optax.apply_updates`` (see the module docs; the replacing updates are at least
-  float32). The groups of all selected leaves of one dtype are solved as one batch, so under ``jit`` the solver is
-  compiled once per step rather than once per kernel, at the cost of one temporary copy of those leaves.
+  float32). Selected leaves of equal shape, dtype and axis are stacked and solved one after the other by one
+  ``lax.map``, so under ``jit`` the solver is compiled once per distinct shape rather than once per kernel (7 times
+  for a LLaMA), at the cost of one temporary copy of those leaves.
 
   **Sharded params** (a device mesh, :mod:`proxjax.sharding`): batching lays the groups of differently sharded
   kernels side by side, which makes XLA gather them; pass ``fuse=False`` to solve every leaf in its own shape and
   sharding (no communication: groups never straddle devices when kernels are split over outputs). The default
   ``None`` fuses unless a concrete param spans several devices; inside ``jit`` params are traced and carry no
-  sharding under ``AxisType.Auto``, so say ``fuse=False`` explicitly there. Both give the same values.
+  sharding under ``AxisType.Auto``, so say ``fuse=False`` explicitly there. Both give bitwise the same values.
 
   **Per-leaf strength** (``multipliers``): leaf ``i`` gets ``prox_{c_i η_t λ_t R}``, i.e. ``λ_t`` is multiplied by a
   fixed ``c_i ≥ 0`` (``c_i = 0`` switches the prox off for that leaf). ``multipliers`` is a callable ``(path, param)
@@ -222,7 +223,7 @@ def prox_24_update(hyperparams: ScalarOrSchedule, scaling: ScalarOrSchedule, *, 
     hyperparams: ``λ``, a scalar or an optax schedule (a callable of the step count).
     scaling: ``η``, a scalar or an optax schedule; required (see above).
     spec: which leaves and along which axis (see :mod:`proxjax.spec`); default: 2-D ``kernel`` leaves, axis 0.
-    fuse: solve all selected leaves of a dtype as one batch (``True``) or each alone (``False``, for sharded
+    fuse: solve the selected leaves of equal shape as one stack (``True``) or each alone (``False``, for sharded
       params); ``None``: batch unless a concrete param spans several devices.
     multipliers: optional per-leaf factors ``c_i`` of ``λ`` (see above): a callable ``(path, param) -> scalar``
       evaluated at init, or a pytree (prefix) of non-negative scalars or ``None``.

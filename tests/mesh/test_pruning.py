@@ -60,7 +60,9 @@ def test_prune_kernel_sharded_equals_single_device(method, refine, mesh_name):
   else:
     assert np.mean(np.asarray(one.mask) == np.asarray(many.mask)) >= 0.999
     assert abs(one.info.loss_after_refine - many.info.loss_after_refine) <= 1e-5
-    assert one.info.iterations == many.info.iterations
+    # The loop stops when the last group becomes 2:4; a sharded matmul's last-bit differences can move that group's
+    # crossing by one iteration (seen on one x86-64 machine: 105 vs 106, masks and losses as above).
+    assert abs(one.info.iterations - many.info.iterations) <= 1
   assert bool(proxjax.is_nm(many.kernel))
 
 
