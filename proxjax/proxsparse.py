@@ -39,7 +39,10 @@ packing, batch 1, documents in their given order, cycling when ``steps × batch_
 uses documents ``t·B … t·B + B − 1`` modulo the count). With ``batch_size > 1`` the documents of a step are
 right-padded to the longest one and the loss is the mean over all real next-token targets of the batch (padding is
 masked; causal attention keeps the real positions exact). Lengths are padded up to the next power of two (at most the
-longest document), which bounds the number of compiled step shapes by about ``log2(seqlen)``.
+longest document), which bounds the number of compiled step shapes by about ``log2(seqlen)``. Long documents
+(Wikipedia articles) can instead be cut into consecutive ``seqlen``-token pieces, one piece per step
+(``tokenize_documents(..., split=True)``, ``proxjax proxsparse --split-documents``), so that none of their text is
+thrown away.
 
 **Resume**: with ``state_dir``, every ``save_every`` steps and at the end the training state (params, optimizer
 state incl. step counts and multipliers) is saved with orbax (atomic: a finished checkpoint directory, then an
@@ -393,8 +396,8 @@ def tokenize_documents(tokenizer: Any, documents: Sequence[str], seqlen: int, *,
     raise ValueError("documents must be a sequence of strings, got a single string (wrap it in a list)")
   texts = [d for d in documents if d.strip()]
   encoded = tokenizer.encode_batch(texts) if texts else []
-  starts = (lambda n: range(0, n, seqlen)) if split else (lambda n: range(min(n, 1)))
-  out = [np.asarray(ids[s:s + seqlen], np.int32) for ids in encoded for s in starts(len(ids)) if len(ids) - s >= 2]
+  out = [np.asarray(ids[s:s + seqlen], np.int32) for ids in encoded
+         for s in (range(0, len(ids), seqlen) if split else (0,)) if len(ids) - s >= 2]
   if not out:
     raise ValueError(f"none of the {len(documents)} documents has 2 or more tokens")
   return out

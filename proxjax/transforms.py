@@ -204,8 +204,8 @@ def prox_24_update(hyperparams: ScalarOrSchedule, scaling: ScalarOrSchedule, *, 
   ``lax.map``, so under ``jit`` the solver is compiled once per distinct shape rather than once per kernel (7 times
   for a LLaMA), at the cost of one temporary copy of those leaves.
 
-  **Sharded params** (a device mesh, :mod:`proxjax.sharding`): batching lays the groups of differently sharded
-  kernels side by side, which makes XLA gather them; pass ``fuse=False`` to solve every leaf in its own shape and
+  **Sharded params** (a device mesh, :mod:`proxjax.sharding`): batching copies the kernels into one stack, which
+  XLA may gather or reshard; pass ``fuse=False`` to solve every leaf in its own shape and
   sharding (no communication: groups never straddle devices when kernels are split over outputs). The default
   ``None`` fuses unless a concrete param spans several devices; inside ``jit`` params are traced and carry no
   sharding under ``AxisType.Auto``, so say ``fuse=False`` explicitly there. Both give bitwise the same values.

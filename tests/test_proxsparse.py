@@ -67,6 +67,25 @@ def _objective(model, docs, lam_eff, lam2, eps, w0):
 # ----------------------------------------------------------------------------------------------- pure functions --
 
 
+def test_split_documents_uses_every_token_without_crossing_documents(checkpoint):  # noqa: F811
+  tok = data.load_tokenizer(str(checkpoint))
+  texts = _texts()
+  whole = [np.asarray(e) for e in tok.encode_batch(texts)]
+  pieces = ps.tokenize_documents(tok, texts, 8, split=True)
+  truncated = ps.tokenize_documents(tok, texts, 8)
+  assert len(truncated) == len(texts) and all(np.array_equal(t, w[:8]) for t, w in zip(truncated, whole))
+  assert all(2 <= p.size <= 8 for p in pieces)
+  it = iter(pieces)  # each document is exactly its pieces, in order (a last piece of 1 token is dropped)
+  for w in whole:
+    joined = []
+    while len(joined) < w.size - 1:
+      joined.extend(next(it).tolist())
+    assert joined == w[:len(joined)].tolist() and len(joined) >= w.size - 1
+  assert next(it, None) is None
+  args = _parser().parse_args(["proxsparse", "m", "o", "--lam1", "0.1", "--split-documents"])
+  assert args.split_documents and not _parser().parse_args(["proxsparse", "m", "o", "--lam1", "0.1"]).split_documents
+
+
 def test_lam2_term_hand_computed():
   w0 = {"a": jnp.array([1.0, -2.0]), "b": jnp.array([[0.5]])}
   assert float(ps.lam2_term(w0, w0)) == 0.0  # at the pretrained weights
