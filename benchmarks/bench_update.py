@@ -32,7 +32,6 @@ import optax
 
 import proxjax
 from proxjax import prox as _prox
-from proxjax import transforms
 
 SMOLLM2 = [(576, 576), (576, 192), (576, 192), (576, 576), (576, 1536), (576, 1536), (1536, 576)]
 

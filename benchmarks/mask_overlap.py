@@ -7,42 +7,39 @@ learned little from the loss; layer-wise methods (Wanda, SparseGPT, prox) move a
 Run from the repository root::
 
   python benchmarks/mask_overlap.py runs/proxsparse400 smollm2              # against magnitude masks of the dense
-  python benchmarks/mask_overlap.py runs/proxsparse400 runs/wanda --pruned  # against another pruned checkpoint
+  python benchmarks/mask_overlap.py runs/proxsparse400 runs/wanda --pruned-reference  # against another pruned one
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
-import glob
 import os
 
 import numpy as np
 from safetensors.numpy import load_file
 
+import proxjax
 from proxjax import cli
+from proxjax.models import hf
 from proxjax.models.llama import LINEAR_NAMES
 
 
 def _tensors(model_dir: str) -> dict[str, np.ndarray]:
+  """The projection weights of a checkpoint (single file or sharded index)."""
+  files, _ = hf._weight_files(model_dir)  # pylint: disable=protected-access
   out: dict[str, np.ndarray] = {}
-  for f in sorted(glob.glob(os.path.join(model_dir, "*.safetensors"))):
-    out.update({k: v for k, v in load_file(f).items() if any(k.endswith(n + ".weight") for n in LINEAR_NAMES)})
+  for f in files:
+    out.update({k: v for k, v in load_file(os.path.join(model_dir, f)).items()
+                if any(k.endswith(n + ".weight") for n in LINEAR_NAMES)})
   if not out:
-    raise SystemExit(f"{model_dir}: no projection weights found in *.safetensors")
+    raise SystemExit(f"{model_dir}: no projection weights found")
   return out
 
 
 def _groups(w: np.ndarray) -> np.ndarray:
-  """``(G, 4)`` groups along the input axis of a PyTorch ``(d_out, d_in)`` weight."""
-  return np.abs(w.astype(np.float32)).reshape(w.shape[0], -1, 4).reshape(-1, 4)
-
-
-def _top2(g: np.ndarray) -> np.ndarray:
-  order = np.argsort(-g, axis=1, kind="stable")[:, :2]  # ties: lower index first, as proxjax.nm_mask
-  mask = np.zeros(g.shape, bool)
-  np.put_along_axis(mask, order, True, axis=1)
-  return mask
+  """``(G, 4)`` magnitudes of the groups along the input axis of a PyTorch ``(d_out, d_in)`` weight."""
+  return np.abs(w.astype(np.float32)).reshape(-1, 4)
 
 
 def main() -> None:
@@ -60,7 +57,7 @@ def main() -> None:
       raise SystemExit(f"{name} is missing from {args.reference}")
     ga, gb = _groups(w), _groups(b[name])
     ma = ga != 0
-    mb = gb != 0 if args.pruned_ref else _top2(gb)
+    mb = gb != 0 if args.pruned_ref else np.asarray(proxjax.nm_mask(gb, 2, 4, axis=1))  # ties: lower index
     if (ma.sum(axis=1) > 2).any():
       raise SystemExit(f"{args.pruned}: {name} is not 2:4")
     kind = name.split(".")[-2]

@@ -458,7 +458,7 @@ def _train_step_impl(graphdef, state, ids, valid, w0, lam2, eps, out_shardings=N
   grad_norm = optax.tree.norm(grads)
   optimizer.update(model, grads)
   after = _selected(nnx.as_pure(nnx.state(model, nnx.Param)))
-  frac = _fraction_kernels([x for _, x in after])
+  frac = fraction_24([x for _, x in after], spec=0)
   metrics = {"loss": lm, "lam2_term": pen, "regularizer": reg, "fraction_24": frac, "grad_norm": grad_norm,
              "tokens": jnp.sum(valid[:, 1:])}
   new_state = nnx.state((model, optimizer))
@@ -479,12 +479,6 @@ def _weighted_regularizer(kernels: list[jax.Array], weights: list[jax.Array] | N
   ws = [1.0] * len(kernels) if weights is None else weights
   parts = [_group_r(*jnp.abs(nm.split_groups(x.astype(jnp.float32), 4, 0)).swapaxes(0, 1)) for x in kernels]
   return sum((jnp.sum(r) * c for r, c in zip(parts, ws)), jnp.zeros((), jnp.float32))
-
-
-def _fraction_kernels(kernels: list[jax.Array]) -> jax.Array:
-  """The fraction of groups (along axis 0) with at most 2 non-zeros; integer counts, so exact up to the division."""
-  good = sum(_groups_24(x) for x in kernels)
-  return good.astype(jnp.float32) / sum(x.size // 4 for x in kernels)
 
 
 # XLA:CPU fast-math (proxjax.CPU_FAST_MATH) when running on CPU: the prox's Newton iterations are ~3x faster.
