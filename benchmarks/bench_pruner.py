@@ -5,7 +5,7 @@
    1536→576 (``down_proj``: ``d_in = 1536``); also the prox alone. Best of ``--repeats`` after a warm-up.
 2. **CG vs GD**: the paper's 1000 masked GD steps against masked CG on the same layer and mask (Wanda mask,
    576→1536): CG iterations (and wall time) to reach GD's final loss, and CG's loss at its tolerance.
-3. **Iterations used vs the estimate** ``log(Lκ/λ₀)/log β`` for a few ``(λ₀, β)``, on the SPEC §8 toy and on
+3. **Iterations used vs the estimate** ``log(Lκ/λ₀)/log β`` for a few ``(λ₀, β)``, on the toy layer (docs/method.md, "The toy layer") and on
    128→512 and 576→1536 synthetic layers.
 4. **while_loop vs scan**: the prox loop as a ``lax.while_loop`` that exits when done against a ``lax.scan`` of ``cap``
    iterations whose body is a ``lax.cond`` no-op once done; also the cost of one no-op iteration relative to one
@@ -34,8 +34,10 @@ import jax.numpy as jnp
 import numpy as np
 
 import proxjax
-from proxjax import baselines, pruner, refine
-from proxjax.toy import correlated_pairs_layer
+from proxjax.pruning import baselines
+from proxjax.pruning import pruner
+from proxjax.pruning import refine
+from proxjax.core.toy import correlated_pairs_layer
 
 _HI = jax.lax.Precision.HIGHEST
 

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import optax
 
 import proxjax
-from proxjax import prox as _prox
+from proxjax.core import prox as _prox
 
 SMOLLM2 = [(576, 576), (576, 192), (576, 192), (576, 576), (576, 1536), (576, 1536), (1536, 576)]
 
@@ -39,7 +39,7 @@ SMOLLM2 = [(576, 576), (576, 192), (576, 192), (576, 576), (576, 1536), (576, 15
 def _one_batch(zs: list[jax.Array], lam: jax.Array) -> list[jax.Array]:
   """The previous fused layout: all groups as one ``(4, G)`` array, one solve."""
   rows = [jnp.moveaxis(x.reshape(x.shape[0] // 4, 4, x.shape[1]), 1, 0).reshape(4, -1) for x in zs]
-  solved = _prox._prox_leaf(jnp.concatenate(rows, axis=1), lam, 0)  # pylint: disable=protected-access
+  solved = _prox.prox_leaf(jnp.concatenate(rows, axis=1), lam, 0)  # pylint: disable=protected-access
   out, start = [], 0
   for x, r in zip(zs, rows):
     piece = solved[:, start:start + r.shape[1]].reshape(4, x.shape[0] // 4, x.shape[1])

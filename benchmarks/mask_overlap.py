@@ -20,7 +20,7 @@ import numpy as np
 from safetensors.numpy import load_file
 
 import proxjax
-from proxjax import cli
+from proxjax.workflows.common import model_dir
 from proxjax.models import hf
 from proxjax.models.llama import LINEAR_NAMES
 
@@ -49,8 +49,8 @@ def main() -> None:
   ap.add_argument("--pruned-reference", dest="pruned_ref", action="store_true",
                   help="the reference is pruned: compare non-zero patterns instead of magnitude masks")
   args = ap.parse_args()
-  a = _tensors(cli._model_dir(args.pruned))  # pylint: disable=protected-access
-  b = _tensors(cli._model_dir(args.reference))  # pylint: disable=protected-access
+  a = _tensors(model_dir(args.pruned))  # pylint: disable=protected-access
+  b = _tensors(model_dir(args.reference))  # pylint: disable=protected-access
   same, total = collections.Counter(), collections.Counter()
   for name, w in a.items():
     if name not in b:

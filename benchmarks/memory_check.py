@@ -1,17 +1,17 @@
-"""Checks :mod:`proxjax.memory`'s model against this machine, as ratios predicted / measured.
+"""Checks :mod:`proxjax.pipeline.memory`'s model against this machine, as ratios predicted / measured.
 
 1. **Memory** (``--configs``): for SmolLM2-135M's configuration (``LlamaConfig.from_dir(default_model_dir())``,
    float32) and a LLaMA-2-7B-shaped one (bfloat16), the predicted bytes live during every compiled piece,
-   :func:`proxjax.memory.pruner_pieces` (one per distinct kernel shape) and :func:`proxjax.memory.block_passes`
+   :func:`proxjax.pipeline.memory.pruner_pieces` (one per distinct kernel shape) and :func:`proxjax.pipeline.memory.block_passes`
    (the propagation forward and each stage's Hessian accumulation), against XLA's ``memory_analysis()`` of the very
-   pieces compiled on this backend (:func:`proxjax.memory.measure_pruner`, :func:`proxjax.memory.measure_block`:
+   pieces compiled on this backend (:func:`proxjax.pipeline.memory.measure_pruner`, :func:`proxjax.pipeline.memory.measure_block`:
    abstract arguments, nothing allocated). The model is meant to bound XLA from above within 2x (ratios in
    ``[1, 2]``). On a GPU the script also runs one :func:`proxjax.prune_kernel` (setup, prox loop, finish) of a
    4096x11008 layer and compares the predicted live bytes with the allocator's ``peak_bytes_in_use``.
 2. **Time** (``--report``): for a pipeline report (``proxjax-report.json``, written by ``proxjax prune``), this
    machine's float32 matmul rate (``Precision.HIGHEST``, ``H̃ @ V`` of the report's largest layer) and memory
    bandwidth (a large elementwise pass) are measured in the same run; with them and each layer's actual
-   ``iterations`` and ``refine_steps`` the roofline :func:`proxjax.memory.linear_cost` predicts each layer's
+   ``iterations`` and ``refine_steps`` the roofline :func:`proxjax.pipeline.memory.linear_cost` predicts each layer's
    ``seconds``. Printed: predicted / measured per linear type and in total, over all blocks and over blocks >= 1
    (block 0's seconds include the compilation of each new shape), and a second prediction that uses the matmul
    rate measured on each layer's own shape (small layers run far below the machine's large-matmul rate). The report
@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench_pruner import _best  # benchmarks/ is on sys.path when run as a script
-from proxjax import memory
+from proxjax.pipeline import memory
 from proxjax.models import LlamaConfig
 
 _HI = jax.lax.Precision.HIGHEST
@@ -64,7 +64,7 @@ def _configs(names: list[str]) -> list[tuple[str, LlamaConfig, Any, int, int]]:
   out = []
   for name in names:
     if name == "smollm2":
-      from proxjax import convert  # pylint: disable=import-outside-toplevel
+      from proxjax.models import convert  # pylint: disable=import-outside-toplevel
       cfg = LlamaConfig.from_dir(convert.default_model_dir())
       out.append(("SmolLM2-135M fp32, 8 x 512", cfg, jnp.float32, 8, 512))
     elif name == "7b":
@@ -198,7 +198,7 @@ def check_time(path: str, param_bytes: int) -> dict[str, float]:
   with open(path) as f:
     report = json.load(f)
   method, refine = report["method"], report.get("refine")
-  options = report.get("options") or {}
+  options = (report.get("config") or {}).get("options") or report.get("options") or {}
   layers = report["layers"]
   if not layers:
     raise SystemExit(f"{path}: no layers")

@@ -20,8 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 
 import proxjax
-from proxjax import calibration, data, pipeline
-from proxjax.convert import default_model_dir
+from proxjax import data
+from proxjax.pruning import calibration
+from proxjax.pipeline import prune as pipeline
+from proxjax.models.convert import default_model_dir
 from proxjax.models import LINEAR_NAMES, load_pretrained
 
 METHODS = (
@@ -59,11 +61,11 @@ def main() -> None:
     if b > max(args.blocks):
       break
     if b in args.blocks:
-      states = pipeline._hessians(block, h, rope, LINEAR_NAMES, 4)  # pylint: disable=protected-access
+      states = pipeline._hessians(block, h, rope, LINEAR_NAMES, 4, None)  # pylint: disable=protected-access
       for name in LINEAR_NAMES:
         kernel = pipeline._submodule(block, name).kernel[...]  # pylint: disable=protected-access
         layers[(b, name)] = (kernel, calibration.hessian_from_state(states[name]))
-    h = pipeline._propagate(block, h, rope, 4)  # pylint: disable=protected-access
+    h = pipeline._propagate(block, h, rope, 4, None)  # pylint: disable=protected-access
 
   results, times = {}, {}
   for label, method, refine, options in METHODS:

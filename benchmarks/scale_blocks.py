@@ -21,7 +21,7 @@ by side in one run:
    same shape and precision: **step / matmul**, and the matmul's TFLOP/s as a fraction of the assumed peak at that
    precision (H100/H200 SXM dense: bf16 989, TF32 495, FP32 without tensor cores 67 TFLOP/s; HIGHEST float32 is
    compared with FP32, DEFAULT with TF32). Also the setup time (preconditioning, ``λ_max(H̃)`` by ``eigvalsh``, κ).
-4. **Calibration**: ``H = XXᵀ/n`` accumulated with ``proxjax.calibration`` (float32, HIGHEST) from bf16 chunks of
+4. **Calibration**: ``H = XXᵀ/n`` accumulated with ``proxjax.pruning.calibration`` (float32, HIGHEST) from bf16 chunks of
    ``--chunk`` tokens generated on the device, inside one jitted ``lax.fori_loop``; its time with the generator's own
    time (timed alone) subtracted, its TFLOP/s counting ``2·n·d²``, and the ratio to the bare HIGHEST ``XᵀX`` matmul of
    one chunk.
@@ -111,7 +111,10 @@ import jax.numpy as jnp
 from jax import lax
 
 import proxjax
-from proxjax import calibration, pruner, refine, sharding
+from proxjax.pruning import calibration
+from proxjax.pruning import pruner
+from proxjax.pruning import refine
+from proxjax.core import sharding
 
 _HI = lax.Precision.HIGHEST
 _F32 = jnp.float32
@@ -279,7 +282,7 @@ def piece_memory(method: str, refine_: str | None, shape: tuple[int, int], preci
   this method (per device on a mesh). Uses proxjax's private piece table: ``None`` if that is not available. The
   executables are those the runs compiled (jit's cache), so this compiles nothing new."""
   d_in, d_out = shape
-  prec = refine._precision(precision)  # pylint: disable=protected-access
+  prec = refine.as_precision(precision)  # pylint: disable=protected-access
   k, h = _sds(shape, jnp.bfloat16), _sds((d_in, d_in), _F32)
   kf, mask, s = _sds(shape, _F32), _sds(shape, jnp.bool_), _sds((), _F32)
   i32 = _sds((), jnp.int32)
@@ -298,7 +301,7 @@ def piece_memory(method: str, refine_: str | None, shape: tuple[int, int], preci
   best = None
   try:
     for name, args, statics in pieces:
-      fn = pruner._compiled(name, mesh, shape, tuple(sorted(statics.items())))  # pylint: disable=protected-access
+      fn = pruner.compiled_piece(name, mesh, shape, tuple(sorted(statics.items())))  # pylint: disable=protected-access
       fn = getattr(fn, "fast" if jax.default_backend() == "cpu" else "strict", fn)
       ma = fn.lower(*args).compile().memory_analysis()
       if ma is None:
@@ -427,7 +430,7 @@ def measure_setup_and_step(kernel: jax.Array, hess: jax.Array, args: argparse.Na
   the paper schedule repeats: ``H̃(Ṽ − K̃₀)`` at ``--precision``, ``prox_24`` over all groups, the count of groups
   not yet 2:4, and the while loop's own overhead."""
   d_in, d_out = kernel.shape
-  precision = refine._precision(args.precision)  # pylint: disable=protected-access
+  precision = refine.as_precision(args.precision)  # pylint: disable=protected-access
   if mesh is not None:
     kernel = jax.device_put(kernel, sharding.kernel_sharding(mesh, kernel.shape))
     hess = jax.device_put(hess, sharding.replicated(mesh))
@@ -743,7 +746,7 @@ def main() -> None:
   p.add_argument("--outlier-scale", type=float, nargs=2, default=(20.0, 100.0))
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--repeats", type=int, default=3)
-  p.add_argument("--mesh", type=int, default=None, help="run on proxjax.sharding.make_mesh(model=N)")
+  p.add_argument("--mesh", type=int, default=None, help="run on proxjax.core.sharding.make_mesh(model=N)")
   p.add_argument("--deadline", type=float, default=None,
                  help="seconds after start: start no run past it, skip a prox run predicted to overrun it")
   p.add_argument("--memory-analysis", action="store_true", help="compiled memory_analysis() also on GPU")

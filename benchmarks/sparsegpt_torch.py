@@ -5,7 +5,7 @@ description: Python loops over blocks and over the columns of a block, ``torch.l
 ``torch.cholesky_inverse`` and the upper Cholesky factor of the inverse. Layout is the PyTorch one: ``W`` is
 ``(d_out, d_in)`` and the N:M groups run along a row.
 
-Deliberate differences from the reference, so that it can be compared exactly with ``proxjax.baselines.sparsegpt``:
+Deliberate differences from the reference, so that it can be compared exactly with ``proxjax.pruning.baselines.sparsegpt``:
 
 * ``n`` is the number of weights **kept** per group of ``m`` (the reference's ``prunen`` counts pruned ones; for 2:4
   both are 2), and the kept set is the ``n`` largest scores with ties going to the lower index (a stable sort)
@@ -101,7 +101,7 @@ def _main() -> None:
   rng = np.random.default_rng(0)
   d_in, d_out, tokens = args.d_in, args.d_out, args.tokens
   X = rng.normal(size=(d_in, tokens))
-  X[1::2] = 0.95 * X[0::2] + np.sqrt(1 - 0.95**2) * X[1::2]  # SPEC §8: correlated consecutive pairs
+  X[1::2] = 0.95 * X[0::2] + np.sqrt(1 - 0.95**2) * X[1::2]  # docs/method.md, "The toy layer": correlated consecutive pairs
   X *= rng.uniform(0.5, 2.0, size=(d_in, 1))
   H = X @ X.T / tokens
   W = rng.normal(size=(d_out, d_in))
@@ -128,7 +128,7 @@ def _main() -> None:
     import jax
     import jax.numpy as jnp
 
-    from proxjax import baselines
+    from proxjax.pruning import baselines
   except ImportError:
     return
   k, h = jnp.asarray(W.T, jnp.float32), jnp.asarray(H, jnp.float32)

@@ -1,4 +1,4 @@
-"""Local-loss quality table on the toy of SPEC §8 (correlated feature pairs), every method and refinement.
+"""Local-loss quality table on the toy layer of [docs/method.md](docs/method.md#the-toy-layer) (correlated feature pairs), every method and refinement.
 
 Run: ``python benchmarks/toy_quality.py [--seeds 0 1 2]``. Prints the relative local loss
 ``tr((K − K₀)ᵀ H (K − K₀)) / tr(K₀ᵀ H K₀)`` per method and seed (d_in = 64, d_out = 32, n = 4000 tokens).
@@ -11,7 +11,7 @@ import argparse
 import numpy as np
 
 import proxjax
-from proxjax.toy import correlated_pairs_layer
+from proxjax.core.toy import correlated_pairs_layer
 
 METHODS = [
     ("magnitude", "magnitude", None, {}),
@@ -29,7 +29,7 @@ METHODS = [
 
 
 def toy(seed: int) -> tuple[np.ndarray, np.ndarray]:
-  """SPEC §8 (:func:`proxjax.toy.correlated_pairs_layer`): the kernel and ``H`` float32."""
+  """docs/method.md, "The toy layer" (:func:`proxjax.core.toy.correlated_pairs_layer`): the kernel and ``H`` float32."""
   k, _, h = correlated_pairs_layer(seed=seed)
   return k, h.astype(np.float32)
 
@@ -39,7 +39,7 @@ def main() -> None:
   parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
   args = parser.parse_args()
   data = [toy(s) for s in args.seeds]
-  print(f"SPEC §8 toy, relative local loss, seeds {args.seeds}")
+  print(f"toy layer, relative local loss, seeds {args.seeds}")
   print(f"{'method':48s} " + " ".join(f"seed {s:<3d}" for s in args.seeds) + "  iterations (prox)")
   for name, method, refine, opts in METHODS:
     losses, iters = [], []

@@ -1,4 +1,4 @@
-"""Magnitude, Wanda and SparseGPT baselines (``proxjax.baselines``).
+"""Magnitude, Wanda and SparseGPT baselines (``proxjax.pruning.baselines``).
 
 Every reference here is written in the PyTorch ``(d_out, d_in)`` layout (groups along a row) and compared with the
 transposed result of the Flax-layout ``(d_in, d_out)`` implementation, on non-square and on square layers: a
@@ -17,8 +17,8 @@ import pytest
 import torch
 
 import proxjax
-from proxjax import baselines as bl
-from proxjax.toy import correlated_pairs_layer
+from proxjax.pruning import baselines as bl
+from proxjax.core.toy import correlated_pairs_layer
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks"))
 from sparsegpt_torch import sparsegpt_torch  # noqa: E402
@@ -35,7 +35,7 @@ def _keep_rows(scores: np.ndarray, n: int = 2, m: int = 4) -> np.ndarray:
 
 
 def _toy(d_in: int = 64, d_out: int = 32, tokens: int = 4000, seed: int = 0):
-  """SPEC §8 toy: the kernel ``(d_in, d_out)`` float32, ``X`` float64 and ``H = X Xᵀ / n`` float64."""
+  """toy layer: the kernel ``(d_in, d_out)`` float32, ``X`` float64 and ``H = X Xᵀ / n`` float64."""
   return correlated_pairs_layer(d_in, d_out, tokens, seed=seed)
 
 

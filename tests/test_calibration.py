@@ -1,4 +1,4 @@
-"""Streaming calibration statistics (``proxjax.calibration``) against NumPy float64 computed at once."""
+"""Streaming calibration statistics (``proxjax.pruning.calibration``) against NumPy float64 computed at once."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from proxjax import calibration as cal
+from proxjax.pruning import calibration as cal
 
 D_IN = 24
 

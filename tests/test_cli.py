@@ -17,7 +17,8 @@ import torch
 import transformers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from proxjax import cli, data
+from proxjax import data
+from proxjax import cli
 from test_llama import make_torch_model  # tests/ is on sys.path
 
 VOCAB = 320
@@ -110,7 +111,7 @@ def test_prox_prune_and_plot(checkpoint, corpus, tmp_path):
   out = tmp_path / "prox"
   assert _prune(checkpoint, corpus, out, "--method", "prox", "--budget", "20", "--ignore", "1.*") == 0
   report = json.loads((out / "proxjax-report.json").read_text())
-  assert [r["block"] for r in report["layers"]] == [0] * 7 and report["options"] == {"budget": 20}
+  assert [r["block"] for r in report["layers"]] == [0] * 7 and report["config"]["options"]["budget"] == 20
   assert all(r["iterations"] > 0 for r in report["layers"])
   assert cli.main(["plot", str(out / "proxjax-report.json"), str(out / "proxjax-report.json"), "--out",
                    str(tmp_path / "cmp.png")]) == 0
@@ -139,8 +140,9 @@ def test_bad_inputs_give_clear_errors_and_no_output(checkpoint, corpus, tmp_path
     cli.main(["prune", str(tmp_path / "nope"), str(out)])
   out.mkdir()
   (out / "x").write_text("keep me")
-  with pytest.raises(SystemExit, match="not empty"):
-    _prune(checkpoint, corpus, out, "--method", "magnitude")
+  capsys.readouterr()
+  assert _prune(checkpoint, corpus, out, "--method", "magnitude") == 2
+  assert "not empty" in capsys.readouterr().err
   assert (out / "x").read_text() == "keep me"
 
 
@@ -170,3 +172,41 @@ def test_prune_dry_run_prints_the_memory_model_and_writes_nothing(checkpoint, tm
   text = capsys.readouterr().out
   assert "peak" in text and "whole model" in text and "accumulate down_proj" in text, text
   assert not out.exists()
+
+
+@pytest.mark.parametrize("extra, needles", [
+    (["--method", "wanda", "--damp", "0.01"], ["--damp", "'damp'", "'wanda'"]),
+    (["--method", "wanda", "--option", "lam0=0.1"], ["--option lam0", "'lam0'", "'wanda'"]),
+    (["--method", "sparsegpt", "--ridge", "0.1"], ["--ridge", "'sparsegpt'"]),
+    (["--method", "prox", "--option", "blocksize=64"], ["blocksize", "'prox'"]),
+    (["--method", "prox", "--n", "1"], ["2:4"]),
+    (["--method", "prox", "--budget", "0"], ["budget"]),
+    (["--method", "wanda", "--refine-steps", "10"], ["refine"]),
+    (["--nsamples", "0"], ["nsamples"]),
+])
+def test_option_errors_exit_2_before_jax_is_imported(checkpoint, tmp_path, extra, needles):
+  """An option that does not belong to the method (or a bad value) is refused in one line, exit code 2, before any
+  model is loaded: the process never even imports JAX."""
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  code = ("import sys; from proxjax import cli\n"
+          "try:\n  rc = cli.main(sys.argv[1:])\nexcept SystemExit as e:\n  rc = e.code\n"
+          "print('jax imported' if 'jax' in sys.modules else 'no jax', rc)")
+  out = tmp_path / "never"
+  proc = subprocess.run([sys.executable, "-c", code, "prune", str(checkpoint), str(out), *extra],
+                        capture_output=True, text=True, timeout=60)
+  assert proc.stdout.split() == ["no", "jax", "2"], (proc.stdout, proc.stderr)
+  err = proc.stderr.strip()
+  assert len(err.splitlines()) == 1 and "error" in err, err
+  assert all(n in err for n in needles), err
+  assert not out.exists()
+
+
+def test_help_imports_no_jax():
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  code = ("import sys; from proxjax import cli\n"
+          "try:\n  cli.main(['prune', '--help'])\nexcept SystemExit:\n  pass\n"
+          "print('JAX' if 'jax' in sys.modules else 'NO-JAX')")
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+  assert proc.stdout.strip().endswith("NO-JAX") and "--method" in proc.stdout, proc.stdout[-300:]

@@ -1,4 +1,4 @@
-"""Tests for proxjax.convert: GGUF -> Hugging Face directory, checked against transformers' own GGUF loading.
+"""Tests for proxjax.models.convert: GGUF -> Hugging Face directory, checked against transformers' own GGUF loading.
 
 A tiny LLaMA GGUF is written here with gguf-py (q and k permuted exactly as llama.cpp's ``convert_hf_to_gguf.py``
 does), so the weights before permutation are known. The real bundled SmolLM2-135M-Instruct GGUF is tested when the
@@ -30,7 +30,7 @@ gguf = pytest.importorskip("gguf")
 from safetensors.numpy import load_file  # noqa: E402
 from tokenizers import Tokenizer  # noqa: E402
 
-import proxjax.convert as conv  # noqa: E402
+import proxjax.models.convert as conv  # noqa: E402
 
 TINY = dict(n_layers=2, hidden=64, n_head=4, n_kv=2, head_dim=16, inter=128, ctx=128)
 TEXTS = [
@@ -56,7 +56,7 @@ def _llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def _byte_chars() -> list[str]:
-  """GPT-2's bytes_to_unicode table, written out independently of proxjax.convert."""
+  """GPT-2's bytes_to_unicode table, written out independently of proxjax.models.convert."""
   bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
   cs, n = bs[:], 0
   for b in range(256):

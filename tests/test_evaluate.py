@@ -1,4 +1,4 @@
-"""Tests for proxjax.evaluate: perplexity against independent NumPy references, batching, errors, the report."""
+"""Tests for proxjax.pipeline.evaluate: perplexity against independent NumPy references, batching, errors, the report."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from proxjax.evaluate import PerplexityResult, format_report, perplexity
+from proxjax.pipeline.evaluate import PerplexityResult, format_report, perplexity
 
 V = 7
 

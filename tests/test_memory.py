@@ -1,4 +1,4 @@
-"""The memory and time model (``proxjax.memory``): hand-computed parts, XLA's own numbers, scaling, validation.
+"""The memory and time model (``proxjax.pipeline.memory``): hand-computed parts, XLA's own numbers, scaling, validation.
 
 Everything here is abstract (``jax.ShapeDtypeStruct`` / ``nnx.eval_shape``): nothing big is allocated, only small
 programs are compiled (a few seconds on 2 cores).
@@ -18,7 +18,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 import pytest
 
-from proxjax import memory
+from proxjax.pipeline import memory
+from proxjax.pruning.methods import PruneConfig
 from proxjax.models import LlamaConfig
 
 TINY = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
@@ -40,7 +41,7 @@ def _phase(est, name):
 def test_tiny_parts_equal_hand_counts():
   # TINY: D = 32, I = 64, 4 heads of 8, 2 blocks, float32; N = 4 sequences of T = 16, batch b = 2.
   est = memory.estimate(TINY, nsamples=4, seqlen=16, batch_size=2)
-  assert est.param_bytes == 4 and est.batch_size == 2 and est.refine_steps == 50
+  assert est.param_bytes == 4 and est.batch_size == 2 and est.refine_steps == 200
   assert est.iterations == memory.DEFAULT_PROX_ITERATIONS == 1500
   assert est.host["calibration activations"] == 2 * 4 * 16 * 32 * 4  # inputs and outputs of a block, float32
   block_params = 2 * 32 + 4 * 32 * 32 + 2 * 32 * 64 + 64 * 32  # norms, q/k/v/o, gate/up, down
@@ -97,7 +98,7 @@ def test_flops_hand_counts():
   prox = timed.block_cost["prox"]
   assert prox.seconds == pytest.approx(max(prox.flops / 1e12, prox.bytes / 1e9))
   assert timed.total.seconds == pytest.approx(timed.num_blocks * timed.block.seconds)
-  assert memory.estimate(TINY, nsamples=4, seqlen=16, options={"budget": 300}).iterations == 300
+  assert memory.estimate(TINY, nsamples=4, seqlen=16, method=PruneConfig.from_options("prox", budget=300)).iterations == 300
   sgpt = memory.estimate(TINY, nsamples=4, seqlen=16, method="sparsegpt")
   assert sgpt.refine is None and sgpt.iterations == 0 and "prox" not in sgpt.block_cost
   assert sgpt.block_cost["baseline"].flops > 0
@@ -196,7 +197,7 @@ def test_model_devices_split_kernels():
   assert e8.phases[0].parts["weights"] - norms == (e1.phases[0].parts["weights"] - norms) // 8
   assert e8.batch_size == 8 and e8.device_batch == 1
   assert e8.peak_bytes < e1.peak_bytes
-  # 13 does not divide 4096: the kernels are replicated, as proxjax.sharding does.
+  # 13 does not divide 4096: the kernels are replicated, as proxjax.core.sharding does.
   assert memory.pruner_pieces(4096, 4096, model_devices=13) == memory.pruner_pieces(4096, 4096)
 
 

@@ -1,4 +1,4 @@
-"""N:M masks, projections and checks (``proxjax.nm``) and ``regularizer_24`` against NumPy brute force."""
+"""N:M masks, projections and checks (``proxjax.core.nm``) and ``regularizer_24`` against NumPy brute force."""
 
 from __future__ import annotations
 
@@ -62,10 +62,16 @@ def test_nm_mask_counts_and_ties(n, m):
   np.testing.assert_array_equal(mask.reshape(16 // m, m, 8).sum(axis=1), n)
 
 
-def test_nm_mask_ties_lowest_index_and_integers():
+def test_nm_mask_ties_lowest_index_and_non_floating_refused():
   np.testing.assert_array_equal(np.asarray(proxjax.nm_mask(jnp.array([3.0, 1.0, 3.0, 2.0]))), [1, 0, 1, 0])
   np.testing.assert_array_equal(np.asarray(proxjax.nm_mask(jnp.array([1.0, 1.0, 1.0, 1.0]))), [1, 1, 0, 0])
-  np.testing.assert_array_equal(np.asarray(proxjax.nm_mask(jnp.array([0, 5, 5, 5]))), [0, 1, 1, 0])  # int scores
+  for bad in (jnp.array([0, 5, 5, 5]), jnp.array([True, False, True, False])):  # non-floating: refused
+    with pytest.raises(ValueError, match="floating"):
+      proxjax.nm_mask(bad)
+    with pytest.raises(ValueError, match="floating"):
+      proxjax.is_nm(bad)
+    with pytest.raises(ValueError, match="floating"):
+      proxjax.project_nm(bad)
 
 
 def test_nan_is_kept():

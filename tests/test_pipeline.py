@@ -1,4 +1,4 @@
-"""The sequential block-by-block pipeline (``proxjax.pipeline``) against a PyTorch reference, resume, selection.
+"""The sequential block-by-block pipeline (``proxjax.pipeline.prune``) against a PyTorch reference, resume, selection.
 
 The reference re-does the calibration in transformers' PyTorch Llama with forward hooks: for every stage of every
 block it takes OUR pruned weights for everything pruned before that stage (so both sides see the same inputs up to
@@ -19,7 +19,8 @@ import torch
 from flax import nnx
 
 import proxjax
-from proxjax import pipeline
+from proxjax.pipeline import prune as pipeline
+from proxjax.pruning.methods import PruneConfig
 from proxjax.models import load_pretrained, save_pretrained
 from test_llama import make_torch_model  # tests/ is on sys.path (pytest rootdir conftest)
 
@@ -134,7 +135,7 @@ def test_resume_after_a_killed_run_gives_the_same_model(tmp_path, monkeypatch):
   state = str(tmp_path / "state")
   options = {"budget": 15}
   full = load_pretrained(path)
-  pipeline.prune_model(full, ids, method="prox", options=options, progress=False)
+  pipeline.prune_model(full, ids, method=PruneConfig.from_options("prox", **options), progress=False)
 
   real = pipeline._pruner.prune_kernel
   calls = []
@@ -147,23 +148,23 @@ def test_resume_after_a_killed_run_gives_the_same_model(tmp_path, monkeypatch):
 
   monkeypatch.setattr(pipeline._pruner, "prune_kernel", dying)
   with pytest.raises(KeyboardInterrupt):
-    pipeline.prune_model(load_pretrained(path), ids, method="prox", options=options, state_dir=state, progress=False)
+    pipeline.prune_model(load_pretrained(path), ids, method=PruneConfig.from_options("prox", **options), state_dir=state, progress=False)
   monkeypatch.setattr(pipeline._pruner, "prune_kernel", real)
   assert sorted(os.listdir(state)) == ["block_0000.json", "block_0000.safetensors", "run.json"]
 
   resumed = load_pretrained(path)  # a fresh process would load the dense model again
-  res = pipeline.prune_model(resumed, ids, method="prox", options=options, state_dir=state, progress=False)
+  res = pipeline.prune_model(resumed, ids, method=PruneConfig.from_options("prox", **options), state_dir=state, progress=False)
   assert res.resumed_blocks == [0] and len(res.layers) == 14
   flat = lambda m: {k: np.asarray(v[...]) for k, v in nnx.to_flat_state(nnx.state(m, nnx.Param))}  # noqa: E731
   a, b = flat(full), flat(resumed)
   for k in a:
     np.testing.assert_array_equal(a[k], b[k], err_msg=str(k))
 
-  with pytest.raises(ValueError, match="different run.*options"):
-    pipeline.prune_model(load_pretrained(path), ids, method="prox", options={"budget": 16}, state_dir=state,
+  with pytest.raises(ValueError, match="different run.*config"):
+    pipeline.prune_model(load_pretrained(path), ids, method=PruneConfig.from_options("prox", budget=16), state_dir=state,
                          progress=False)
   with pytest.raises(ValueError, match="different run.*calibration"):
-    pipeline.prune_model(load_pretrained(path), ids[:5], method="prox", options=options, state_dir=state,
+    pipeline.prune_model(load_pretrained(path), ids[:5], method=PruneConfig.from_options("prox", **options), state_dir=state,
                          progress=False)
 
 

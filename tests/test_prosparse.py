@@ -6,7 +6,7 @@ Every model is tiny (hidden ≤ 64, 2 layers); the CLI runs on tests/test_cli.py
 
 from __future__ import annotations
 
-import argparse
+import re
 import json
 import os
 
@@ -19,7 +19,9 @@ import pytest  # noqa: E402
 import transformers  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from proxjax import data, prosparse  # noqa: E402
+from proxjax import cli, data  # noqa: E402
+from proxjax.workflows.config import parse_stage  # noqa: E402
+from proxjax.training import prosparse  # noqa: E402
 from proxjax.models import (  # noqa: E402
     LlamaConfig,
     LlamaForCausalLM,
@@ -85,9 +87,9 @@ def test_l1_schedule_shape():
     kw = dict(warmup_value=1e-5, warmup_steps=10, stages=[]) | bad
     with pytest.raises(ValueError):
       prosparse.l1_schedule(**kw)
-  assert prosparse.parse_stage("40:2.5e-4") == (40, 2.5e-4)
+  assert parse_stage("40:2.5e-4") == (40, 2.5e-4)
   with pytest.raises(ValueError, match="STEP:PEAK"):
-    prosparse.parse_stage("40")
+    parse_stage("40")
 
 
 # --- model ------------------------------------------------------------------------------------------------------------
@@ -307,27 +309,18 @@ def test_fatrelu_export_refused_unless_opted_in(relu_pair, tmp_path):
 # --- command line -----------------------------------------------------------------------------------------------------
 
 
-def _parser():
-  parser = argparse.ArgumentParser(prog="proxjax")
-  prosparse.register_cli(parser.add_subparsers(dest="command", required=True))
-  return parser
-
-
 def test_cli_end_to_end(checkpoint, corpus, tmp_path, capsys):  # noqa: F811
   out = tmp_path / "sparse"
   argv = ["prosparse", str(checkpoint), str(out), "--train", str(corpus / "calib.txt"), "--steps", "6",
           "--batch-size", "2", "--seqlen", "32", "--lr", "3e-3", "--l1-warmup", "1e-3", "--l1-warmup-steps", "2",
           "--l1-stages", "4:1e-2", "6:3e-2", "--threshold", "0.01", "--eval", str(corpus / "eval.txt"),
           "--eval-seqlen", "32", "--max-windows", "5", "--eval-batch-size", "2", "--quiet"]
-  parser = _parser()
-  args = parser.parse_args(argv)  # --threshold without --export: refused before any work
-  with pytest.raises(SystemExit, match="--export fatrelu.*--export relu"):
-    args.func(args)
+  capsys.readouterr()
+  assert cli.main(argv) == 2  # --threshold without --export: refused before any work
+  assert re.search("export 'fatrelu'.*export 'relu'", capsys.readouterr().err)
   assert not out.exists()
 
-  args = parser.parse_args(argv + ["--export", "fatrelu"])
-  capsys.readouterr()
-  assert args.func(args) == 0
+  assert cli.main(argv + ["--export", "fatrelu"]) == 0
   printed = capsys.readouterr().out
   assert "perplexity" in printed and "activation sparsity" in printed
   rep = json.loads((out / "proxjax-prosparse.json").read_text())

@@ -1,4 +1,4 @@
-"""ProxSparse (proxjax.proxsparse): the training loop, mask extraction, resumption and the CLI, on the tiny checkpoint
+"""ProxSparse (proxjax.training.proxsparse): the training loop, mask extraction, resumption and the CLI, on the tiny checkpoint
 of tests/test_cli.py.
 
 Every run uses the same model, settings and (1, 32) batches, so the training step compiles once for the whole file.
@@ -6,7 +6,6 @@ Every run uses the same model, settings and (1, 32) batches, so the training ste
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 
@@ -19,8 +18,10 @@ from flax import nnx
 from safetensors.numpy import load_file
 
 import proxjax
-from proxjax import cli, data
-from proxjax import proxsparse as ps
+from proxjax import data
+from proxjax import cli
+from proxjax.workflows import common
+from proxjax.training import proxsparse as ps
 from proxjax.models import LlamaConfig, LlamaForCausalLM, check_sparsity, load_pretrained, save_pretrained
 from test_cli import checkpoint, corpus  # noqa: F401  (fixtures; tests/ is on sys.path)
 
@@ -57,7 +58,7 @@ def _penalties(kernels, w0, lam_eff, lam2, eps):
 def _objective(model, docs, lam_eff, lam2, eps, w0):
   """The regularized objective: mean LM loss over the first 8 documents + Σ λ₁c_i R(W_i) + λ₂ P(W)."""
   ids = jnp.asarray(np.stack(docs[:8]))
-  logits = cli._logits_fn()(model, ids)  # the (8, 32) forward that the CLI's evaluation compiles too
+  logits = common.logits_fn()(model, ids)  # the (8, 32) forward that the CLI's evaluation compiles too
   logp = jax.nn.log_softmax(logits[:, :-1], -1)
   lm = -float(jnp.mean(jnp.take_along_axis(logp, ids[:, 1:, None], -1)))
   kernels = {ps._kernel_name(p): x for p, x in _params(model).items() if ps.pruned_spec(p, x) is not None}
@@ -82,8 +83,8 @@ def test_split_documents_uses_every_token_without_crossing_documents(checkpoint)
       joined.extend(next(it).tolist())
     assert joined == w[:len(joined)].tolist() and len(joined) >= w.size - 1
   assert next(it, None) is None
-  args = _parser().parse_args(["proxsparse", "m", "o", "--lam1", "0.1", "--split-documents"])
-  assert args.split_documents and not _parser().parse_args(["proxsparse", "m", "o", "--lam1", "0.1"]).split_documents
+  args = cli.build_parser().parse_args(["proxsparse", "m", "o", "--lam1", "0.1", "--split-documents"])
+  assert args.split_documents and not cli.build_parser().parse_args(["proxsparse", "m", "o", "--lam1", "0.1"]).split_documents
 
 
 def test_lam2_term_hand_computed():
@@ -255,12 +256,6 @@ def test_bad_inputs_raise_clear_errors(checkpoint, docs):  # noqa: F811
 # ------------------------------------------------------------------------------------------------------------ CLI --
 
 
-def _parser():
-  parser = argparse.ArgumentParser(prog="proxjax")
-  ps.register_cli(parser.add_subparsers(dest="command", required=True))
-  return parser
-
-
 def test_cli_end_to_end(checkpoint, corpus, tmp_path, capsys):  # noqa: F811
   train = tmp_path / "train.jsonl"
   train.write_text("".join(json.dumps({"text": t}) + "\n" for t in _texts()))
@@ -269,8 +264,7 @@ def test_cli_end_to_end(checkpoint, corpus, tmp_path, capsys):  # noqa: F811
           "--steps", str(SETTINGS["steps"]), "--lr", str(SETTINGS["learning_rate"]), "--lam1", str(SETTINGS["lam1"]),
           "--lam-relative", "--lam2", str(SETTINGS["lam2"]), "--save-every", "4", "--eval", str(corpus / "eval.txt"),
           "--eval-seqlen", "32", "--quiet"]
-  args = _parser().parse_args(argv)
-  assert args.func(args) == 0
+  assert cli.main(argv) == 0
   assert "perplexity" in capsys.readouterr().out
   assert not os.path.exists(str(out) + ".proxjax-state")  # resume state removed after success
   files = set(os.listdir(out))
@@ -292,10 +286,10 @@ def test_cli_end_to_end(checkpoint, corpus, tmp_path, capsys):  # noqa: F811
     else:
       np.testing.assert_array_equal(after[name], w, err_msg=name)
   # Bad inputs fail before any work; an existing output directory is refused.
-  for bad in (["--lam1", "-1"], ["--steps", "0"]):
-    args = _parser().parse_args(argv[:2] + [str(tmp_path / "other")] + argv[3:] + bad)
-    with pytest.raises(ValueError):
-      args.func(args)
-  args = _parser().parse_args(argv)
-  with pytest.raises(SystemExit, match="not empty"):
-    args.func(args)
+  for bad, needle in ((["--lam1", "-1"], "lam1"), (["--steps", "0"], "steps")):
+    capsys.readouterr()
+    assert cli.main(argv[:2] + [str(tmp_path / "other")] + argv[3:] + bad) == 2
+    assert needle in capsys.readouterr().err
+    assert not (tmp_path / "other").exists()
+  assert cli.main(argv) == 2
+  assert "not empty" in capsys.readouterr().err

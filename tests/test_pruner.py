@@ -1,4 +1,4 @@
-"""The layer-wise prox pruner (``proxjax.pruner``): the SPEC §8 toy, masks, layouts, edge cases, compiles."""
+"""The layer-wise prox pruner (``proxjax.pruning.pruner``): the toy layer, masks, layouts, edge cases, compiles."""
 
 from __future__ import annotations
 
@@ -11,13 +11,15 @@ import numpy as np
 import pytest
 
 import proxjax
-from proxjax import baselines, pruner
-from proxjax.pruner import prune_kernel
-from proxjax.toy import correlated_pairs_layer
+from proxjax.pruning import baselines
+from proxjax.pruning import pruner
+from proxjax.pruning.methods import PruneConfig
+from proxjax.pruning.pruner import prune_kernel
+from proxjax.core.toy import correlated_pairs_layer
 
 
 def _toy(seed: int = 0):
-  """SPEC §8: d_in = 64, d_out = 32, n = 4000, features in correlated pairs, scales U(0.5, 2), W ~ N(0, 1)."""
+  """docs/method.md, "The toy layer": d_in = 64, d_out = 32, n = 4000, features in correlated pairs, scales U(0.5, 2), W ~ N(0, 1)."""
   k, _, h = correlated_pairs_layer(seed=seed)
   return k, h.astype(np.float32)
 
@@ -85,7 +87,7 @@ def test_prox_default_refinement_is_cg_and_matches_gd(toy_results):
 def test_toy_ordering(toy_results):
   k, _, res = toy_results
   loss = {name: r.info.loss_after_refine for name, r in res.items()}
-  print(loss)  # the SPEC's NumPy reconstruction: 0.122, 0.101, 0.044, 0.021
+  print(loss)  # an independent NumPy reconstruction: 0.122, 0.101, 0.044, 0.021
   assert loss["magnitude"] > loss["wanda"] > loss["wanda+gd"] > loss["prox+gd"]
   assert loss["prox+gd"] < 0.7 * loss["wanda+gd"]
   assert 0.08 < loss["magnitude"] < 0.2 and 0.01 < loss["prox+gd"] < 0.035
@@ -152,7 +154,7 @@ def test_dead_inputs_and_singular_hessian(damp):
   # 10 tokens for 32 inputs (rank <= 10) and two dead inputs; a whole group dead (inputs 8..11) too.
   dead = (3, 8, 9, 10, 11, 20)
   k, h = _small(tokens=10, dead=dead)
-  res = prune_kernel(k, h, lam0=0.01, beta=1.3, damp=damp, refine="cg", refine_damp=damp)
+  res = prune_kernel(k, h, lam0=0.01, beta=1.3, ridge=damp, refine="cg", refine_ridge=damp)
   _check_24(res, k)
   np.testing.assert_array_equal(np.asarray(res.kernel)[list(dead)], 0.0)
   wanda = prune_kernel(k, h, "wanda", refine="cg")
@@ -209,7 +211,7 @@ def test_one_compile_per_shape_and_options():
     prune_kernel(k, h, lam0=0.01, beta=1.2)
   assert first, "the compile counter saw nothing"
   with _count_compiles() as second:
-    res = prune_kernel(k * 2.0, h, lam0=0.003, beta=1.5, damp=0.01, cap=500, refine_steps=300, tail_fraction=0.01)
+    res = prune_kernel(k * 2.0, h, lam0=0.003, beta=1.5, ridge=0.01, cap=500, refine_steps=300, tail_fraction=0.01)
   assert second == [], second
   _check_24(res, k)
   # The progress bar (a host callback inside the compiled loops, its interval traced) adds no compile either.
@@ -269,5 +271,11 @@ def test_errors_nan_and_options():
     prune_kernel(np.where(np.arange(32)[:, None] == 3, np.nan, k), h)
   with pytest.raises(ValueError, match="finite"):
     prune_kernel(k, np.where(np.eye(32) > 0, np.inf, h))
-  with pytest.raises(TypeError, match="unexpected options"):
+  with pytest.raises(ValueError, match="method 'wanda' has no option 'lam0'"):
     prune_kernel(k, h, "wanda", lam0=0.1)
+  with pytest.raises(ValueError, match="method 'wanda' has no option 'damp'"):
+    prune_kernel(k, h, "wanda", damp=0.01)
+  with pytest.raises(ValueError, match="without a refinement"):
+    prune_kernel(k, h, "magnitude", refine_steps=10)
+  with pytest.raises(ValueError, match="either a PruneConfig"):
+    prune_kernel(k, h, PruneConfig(), refine="gd")

@@ -25,8 +25,10 @@ def test_smollm2_prune_two_blocks_and_evaluate(tmp_path):
   import torch  # pylint: disable=import-outside-toplevel
   import transformers  # pylint: disable=import-outside-toplevel
 
-  from proxjax import cli, data, evaluate  # pylint: disable=import-outside-toplevel
-  from proxjax.convert import default_model_dir  # pylint: disable=import-outside-toplevel
+  from proxjax import data  # pylint: disable=import-outside-toplevel
+  from proxjax import cli  # pylint: disable=import-outside-toplevel
+  from proxjax.pipeline import evaluate  # pylint: disable=import-outside-toplevel
+  from proxjax.models.convert import default_model_dir  # pylint: disable=import-outside-toplevel
   from proxjax.models import load_pretrained  # pylint: disable=import-outside-toplevel
 
   model_dir = default_model_dir()

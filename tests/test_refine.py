@@ -1,4 +1,4 @@
-"""Masked refinement (``proxjax.refine``) against the exact per-column masked least-squares solution."""
+"""Masked refinement (``proxjax.pruning.refine``) against the exact per-column masked least-squares solution."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import proxjax
-from proxjax import refine
+from proxjax.pruning import refine
 
 
 def _layer(d_in: int = 32, d_out: int = 8, n: int = 400, seed: int = 0, dead=(), rank=None):
@@ -102,7 +102,7 @@ def test_singular_hessian_and_dead_inputs(damp):
   k0, h, mask = _layer(rank=12, dead=(5, 18))
   want = _exact(k0, h, mask)
   for fn, kw in ((refine.refine_cg, dict(steps=200)), (refine.refine_gd, dict(steps=2000))):
-    got = np.asarray(fn(np.where(mask, k0, 0), mask, k0, h, damp=damp, **kw))
+    got = np.asarray(fn(np.where(mask, k0, 0), mask, k0, h, ridge=damp, **kw))
     assert np.all(np.isfinite(got))
     np.testing.assert_array_equal(got[[5, 18]], 0.0)
     np.testing.assert_array_equal(got[~mask], 0.0)

@@ -1,4 +1,4 @@
-"""Tests for proxjax.spec: default rule, callable and pytree specs, NNX states, errors."""
+"""Tests for proxjax.core.spec: default rule, callable and pytree specs, NNX states, errors."""
 
 import jax
 import jax.numpy as jnp

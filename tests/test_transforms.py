@@ -1,4 +1,4 @@
-"""Tests for proxjax.transforms: prox_24_update, project_nm_update, masked_updates (optax chains, jit, Flax NNX)."""
+"""Tests for proxjax.core.transforms: prox_24_update, project_nm_update, masked_updates (optax chains, jit, Flax NNX)."""
 
 import importlib.util
 import pathlib

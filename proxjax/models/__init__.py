@@ -1,51 +1,16 @@
-"""LLaMA-family models in Flax NNX (Llama, Mistral, Qwen2) and their Hugging Face / orbax checkpoint I/O."""
+"""LLaMA-family models in Flax NNX (Llama, Mistral, Qwen2), their Hugging Face / orbax checkpoint I/O and the GGUF
+converter (:mod:`proxjax.models.convert`). Names are imported on first use."""
 
-from proxjax.models.hf import (
-    check_sparsity,
-    hf_to_path,
-    load_pretrained,
-    path_to_hf,
-    restore_state,
-    save_pretrained,
-    save_state,
-)
-from proxjax.models.llama import (
-    LINEAR_NAMES,
-    SUPPORTED_ARCHITECTURES,
-    CheckpointError,
-    LlamaAttention,
-    LlamaConfig,
-    LlamaDecoderLayer,
-    LlamaForCausalLM,
-    LlamaMLP,
-    LlamaModel,
-    LlamaRMSNorm,
-    UnsupportedModelError,
-    apply_rope,
-    dtype_from_name,
-    rope_inv_freq,
-)
+from proxjax.core.lazy import lazy_exports
 
-__all__ = [
-    "CheckpointError",
-    "LINEAR_NAMES",
-    "LlamaAttention",
-    "LlamaConfig",
-    "LlamaDecoderLayer",
-    "LlamaForCausalLM",
-    "LlamaMLP",
-    "LlamaModel",
-    "LlamaRMSNorm",
-    "SUPPORTED_ARCHITECTURES",
-    "UnsupportedModelError",
-    "apply_rope",
-    "check_sparsity",
-    "dtype_from_name",
-    "hf_to_path",
-    "load_pretrained",
-    "path_to_hf",
-    "restore_state",
-    "rope_inv_freq",
-    "save_pretrained",
-    "save_state",
-]
+_EXPORTS = {
+    "proxjax.models.hf": ["check_sparsity", "hf_to_path", "load_pretrained", "path_to_hf", "restore_state",
+                          "save_pretrained", "save_state"],
+    "proxjax.models.llama": ["LINEAR_NAMES", "SUPPORTED_ARCHITECTURES", "CheckpointError", "LlamaAttention",
+                             "LlamaConfig", "LlamaDecoderLayer", "LlamaForCausalLM", "LlamaMLP", "LlamaModel",
+                             "LlamaRMSNorm", "UnsupportedModelError", "apply_rope", "dtype_from_name",
+                             "rope_inv_freq"],
+}
+
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = sorted(name for names in _EXPORTS.values() for name in names)

@@ -57,7 +57,7 @@ from proxjax.models.llama import (
     LlamaConfig,
     LlamaForCausalLM,
     UnsupportedModelError,
-    _dtype_name,
+    name_of_dtype,
     dtype_from_name,
 )
 
@@ -305,7 +305,7 @@ def check_sparsity(model_dir: str | os.PathLike[str], *, n: int = 2, m: int = 4)
   """Checks that every q/k/v/o/gate/up/down projection stored in a checkpoint is N:M sparse along its input axis.
 
   Reads the weight files tensor by tensor (no model is built). A Hugging Face weight is ``(d_out, d_in)``, so the
-  groups are ``m`` consecutive entries along its **last** axis (SPEC §1); a projection is ``ok`` when every group has
+  groups are ``m`` consecutive entries along its **last** axis (docs/method.md, "Notation and layout"); a projection is ``ok`` when every group has
   at most ``n`` non-zeros (an input size not divisible by ``m`` is never ok).
 
   Returns:
@@ -462,7 +462,7 @@ def save_pretrained(model: LlamaForCausalLM, out_dir: str | os.PathLike[str], *,
         "a Hugging Face checkpoint: transformers has ReLU but no FATReLU, so a config.json saying hidden_act='relu' "
         "would make transformers and other tools silently run a different model (gate activations in "
         f"(0, {theta:g}] kept instead of zeroed). Either save a plain ReLU model, which transformers runs faithfully "
-        "(proxjax.prosparse.with_activation(model, 'relu', threshold=0.0), i.e. LlamaConfig activation_threshold=0), "
+        "(proxjax.training.prosparse.with_activation(model, 'relu', threshold=0.0), i.e. LlamaConfig activation_threshold=0), "
         "or pass allow_fatrelu=True to write hidden_act='fatrelu' with hidden_act_param="
         f"{theta:g} (the MiniCPM-S/ProSparse convention): proxjax's load_pretrained runs it exactly, while "
         "transformers' LlamaForCausalLM refuses to build it.")
@@ -475,7 +475,7 @@ def save_pretrained(model: LlamaForCausalLM, out_dir: str | os.PathLike[str], *,
     raise ValueError(f"max_shard_bytes must be a positive int or None, got {max_shard_bytes!r}")
   if dtype is None:
     dtype = model.config.dtype or model.model.embed_tokens.embedding.get_value().dtype
-  dtype_name = _dtype_name(dtype_from_name(dtype) if isinstance(dtype, str) else dtype)
+  dtype_name = name_of_dtype(dtype_from_name(dtype) if isinstance(dtype, str) else dtype)
   np_dtype = jnp.dtype(dtype_from_name(dtype_name))
   if metadata is not None:
     metadata = json.loads(json.dumps(dict(metadata)))  # fail early (before writing) if it is not JSON

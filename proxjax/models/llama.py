@@ -95,7 +95,7 @@ def dtype_from_name(name: str | None) -> Any:
   return _DTYPES[key]
 
 
-def _dtype_name(dtype: Any) -> str:
+def name_of_dtype(dtype: Any) -> str:
   name = jnp.dtype(dtype).name
   if name not in _DTYPES:
     raise UnsupportedModelError(f"dtype {name!r} is not supported (supported: {', '.join(_DTYPES)})")
@@ -254,7 +254,7 @@ class LlamaConfig:
       if not _is_int(self.sliding_window) or self.sliding_window < 1:
         raise ValueError(f"config field 'sliding_window' must be a positive int or None, got {self.sliding_window!r}")
     if self.dtype is not None:
-      put("dtype", _dtype_name(dtype_from_name(self.dtype)))
+      put("dtype", name_of_dtype(dtype_from_name(self.dtype)))
     put("eos_token_id", _freeze(self.eos_token_id))
 
   def _normalize_rope_scaling(self, scaling: Any) -> tuple[tuple[str, Any], ...] | None:

@@ -7,8 +7,8 @@ import jax
 import numpy as np
 from flax import nnx
 
-from proxjax import proxsparse as ps
-from proxjax import sharding
+from proxjax.training import proxsparse as ps
+from proxjax.core import sharding
 from proxjax.models import LlamaConfig, LlamaForCausalLM
 
 SETTINGS = dict(steps=6, lam1=0.1, lam_relative=True, learning_rate=1e-2, lam2=0.1)

@@ -16,7 +16,11 @@ import pytest
 from flax import nnx
 
 import proxjax
-from proxjax import calibration, pipeline, pruner, sharding
+from proxjax.pruning import calibration
+from proxjax.pipeline import prune as pipeline
+from proxjax.pruning.methods import PruneConfig
+from proxjax.pruning import pruner
+from proxjax.core import sharding
 from proxjax.models import LlamaConfig, LlamaForCausalLM
 
 MESHES = {"model8": dict(model=8), "data2_model4": dict(model=4, data=2)}
@@ -74,7 +78,7 @@ def test_prox_loop_communicates_only_scalars():
   h = jax.device_put(jnp.asarray(hessian), sharding.replicated(mesh))
   pre, k0t, lip, _ = pruner._constants(k, h, 0.99, 0.0, mesh=mesh)
   assert k0t.sharding.spec == jax.sharding.PartitionSpec(None, "model")
-  fn = pruner._compiled("prox_loop", mesh, kernel.shape,
+  fn = pruner.compiled_piece("prox_loop", mesh, kernel.shape,
                         tuple(sorted(dict(loop="while", scan_length=None, precision=jax.lax.Precision.HIGHEST).items())))
   f32, i32 = jnp.float32, jnp.int32
   args = (k0t, pre.hessian, f32(1 / lip), f32(0), f32(0.01), f32(1.05), i32(0), i32(100), i32(0))
@@ -109,7 +113,7 @@ def test_hessian_accumulation_from_batch_split_activations():
   assert many["self_attn.k_proj"] is many["self_attn.q_proj"] is many["self_attn.v_proj"]  # one shared state
   graphdef, params = nnx.split(block)
   distinct = ("self_attn.q_proj", "mlp.down_proj")
-  fn = pipeline._block_fn("accumulate", graphdef, distinct, mesh, (8, 16, 64))
+  fn = pipeline.block_function("accumulate", graphdef, distinct, mesh, (8, 16, 64))
   x, valid = pipeline._padded(h, 0, 8, 8, mesh)
   assert tuple(x.sharding.spec)[0] == ("data", "model") and not any(tuple(x.sharding.spec)[1:])
   states = {n: calibration.hessian_init(pipeline._submodule(block, n).kernel.shape[0]) for n in distinct}
@@ -128,7 +132,7 @@ def test_prune_model_sharded_equals_single_device(method):
     runs.append(("offload", sharding.make_mesh(), True))
   for name, mesh, offload in runs:
     model = _tiny_llama()
-    rep = pipeline.prune_model(model, ids, method=method, options=opts, progress=False, mesh=mesh, offload=offload)
+    rep = pipeline.prune_model(model, ids, method=PruneConfig.from_options(method, **opts), progress=False, mesh=mesh, offload=offload)
     kernels = {f"{b}.{n}": pipeline._submodule(blk, n).kernel[...]
                for b, blk in enumerate(model.model.layers) for n in pipeline.TRUE_SEQUENTIAL_STAGES[0]
                + pipeline.TRUE_SEQUENTIAL_STAGES[2] + ("self_attn.o_proj", "mlp.down_proj")}

@@ -10,8 +10,8 @@ import optax
 from flax import nnx
 
 import proxjax
-from proxjax import sharding
-from proxjax.finetune import lm_loss
+from proxjax.core import sharding
+from proxjax.training.finetune import lm_loss
 from proxjax.models import LlamaConfig, LlamaForCausalLM
 
 

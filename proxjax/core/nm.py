@@ -14,14 +14,9 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-__all__ = ["nm_mask", "project_nm", "is_nm", "nm_rank", "group_axis", "split_groups", "merge_groups"]
+from proxjax.core.pattern import check_nm
 
-
-def _check_nm(n: int, m: int) -> None:
-  if not (isinstance(n, int) and isinstance(m, int)):
-    raise ValueError(f"n and m must be Python ints, got n={n!r}, m={m!r}")
-  if m < 1 or n < 0 or n >= m:
-    raise ValueError(f"N:M sparsity needs 0 <= n < m, got n={n}, m={m}")
+__all__ = ["check_nm", "nm_mask", "project_nm", "is_nm", "nm_rank", "group_axis", "split_groups", "merge_groups"]
 
 
 def group_axis(shape: tuple[int, ...], m: int, axis: int) -> int:
@@ -49,7 +44,8 @@ def merge_groups(g: jax.Array, axis: int) -> jax.Array:
   return g.reshape(g.shape[:axis] + (g.shape[axis] * g.shape[axis + 1],) + g.shape[axis + 2:])
 
 
-def _check_floating(x: jax.Array, what: str) -> None:
+def check_floating(x: jax.Array, what: str) -> None:
+  """Raises ``ValueError`` unless ``x`` has a floating-point dtype (integer and boolean arrays are refused)."""
   if not jnp.issubdtype(x.dtype, jnp.floating):
     raise ValueError(f"{what} must be a floating-point array, got dtype {x.dtype}")
 
@@ -60,11 +56,9 @@ def nm_rank(scores: ArrayLike, m: int = 4, *, axis: int = 0) -> jax.Array:
   ``rank_i = #{j : s_j > s_i} + #{j < i : s_j = s_i}``, a permutation of ``0..m-1`` in every group.
   """
   s = jnp.asarray(scores)
-  if not (jnp.issubdtype(s.dtype, jnp.floating) or jnp.issubdtype(s.dtype, jnp.integer)):
-    raise ValueError(f"scores must be a real array, got dtype {s.dtype}")
+  check_floating(s, "scores")
   ax = group_axis(s.shape, m, axis)
-  if jnp.issubdtype(s.dtype, jnp.floating):
-    s = jnp.where(jnp.isnan(s), jnp.inf, s)
+  s = jnp.where(jnp.isnan(s), jnp.inf, s)
   g = split_groups(s, m, ax)
   si = jnp.expand_dims(g, ax + 2)  # entry i along ax + 1
   sj = jnp.expand_dims(g, ax + 1)  # entry j along ax + 2
@@ -87,7 +81,7 @@ def nm_mask(scores: ArrayLike, n: int = 2, m: int = 4, *, axis: int = 0) -> jax.
     >>> proxjax.nm_mask(jnp.array([3., 1., 3., 2.]))
     Array([ True, False,  True, False], dtype=bool)
   """
-  _check_nm(n, m)
+  check_nm(n, m)
   return nm_rank(scores, m, axis=axis) < n
 
 
@@ -103,7 +97,7 @@ def project_nm(x: ArrayLike, n: int = 2, m: int = 4, *, axis: int = 0) -> jax.Ar
     Array([ 0., -2.,  1.,  0.], dtype=float32)
   """
   x = jnp.asarray(x)
-  _check_floating(x, "project_nm input")
+  check_floating(x, "project_nm input")
   return jnp.where(nm_mask(jnp.abs(x), n, m, axis=axis), x, jnp.zeros((), x.dtype))
 
 
@@ -115,8 +109,9 @@ def is_nm(x: ArrayLike, n: int = 2, m: int = 4, *, axis: int = 0) -> jax.Array:
     >>> bool(proxjax.is_nm(jnp.array([[1., 0.], [0., 2.], [0., 0.], [3., 4.]])))
     True
   """
-  _check_nm(n, m)
+  check_nm(n, m)
   x = jnp.asarray(x)
+  check_floating(x, "is_nm input")
   ax = group_axis(x.shape, m, axis)
   nnz = jnp.sum(split_groups(x, m, ax) != 0, axis=ax + 1)
   return jnp.all(nnz <= n)

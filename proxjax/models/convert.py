@@ -235,7 +235,7 @@ def convert_gguf(
     _write_json(
       tmp / _MARKER,
       {
-        "converter": "proxjax.convert.convert_gguf",
+        "converter": "proxjax.models.convert.convert_gguf",
         "converter_version": _CONVERTER_VERSION,
         "source": str(gguf_path.resolve()),
         "source_bytes": gguf_path.stat().st_size,

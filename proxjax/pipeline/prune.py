@@ -1,10 +1,10 @@
-r"""Whole-model pruning: sequential block-by-block calibration (SPEC §6), and pruning of any Flax parameter pytree.
+r"""Whole-model pruning: sequential block-by-block calibration (docs/method.md, "Pipeline"), and pruning of any Flax parameter pytree.
 
 :func:`prune_model` prunes every selected linear of a decoder-only model, one block at a time, each to minimize its
 local loss ``½ tr((K − K₀)ᵀ H (K − K₀))`` with ``H = X Xᵀ / n`` over the calibration tokens that reach it:
 
 1. the calibration sequences are embedded once; their hidden states are the inputs of block 0;
-2. for block ``b``, with ``true_sequential`` (default, SPEC §4) the projections are pruned in stages
+2. for block ``b``, with ``true_sequential`` (default, docs/method.md, "Pipeline") the projections are pruned in stages
    ``(q, k, v) → (o) → (gate, up) → (down)``: before each stage the block is re-run on the inputs with the stages
    already pruned, so a projection's ``H`` sees the error of the pruned projections before it; without it, every
    ``H`` comes from one pass of the dense block;
@@ -38,13 +38,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from proxjax import calibration as _cal
-from proxjax import nm as _nm
-from proxjax import pruner as _pruner
-from proxjax import sharding as _sharding
-from proxjax.report import atomic_write as _atomic_write
-from proxjax.report import open_run_dir as _open_run_dir
-from proxjax.report import write_json as _write_json
+from proxjax.pruning import calibration as _cal
+from proxjax.core import nm as _nm
+from proxjax.pruning import pruner as _pruner
+from proxjax.pruning.methods import MethodConfig, PruneConfig
+from proxjax.core import sharding as _sharding
+from proxjax.core.files import atomic_write as _atomic_write
+from proxjax.core.files import open_run_dir as _open_run_dir
+from proxjax.core.files import write_json as _write_json
 
 TRUE_SEQUENTIAL_STAGES = (
     ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
@@ -54,7 +55,7 @@ TRUE_SEQUENTIAL_STAGES = (
 )
 """The order in which ``true_sequential`` prunes a LLaMA block's projections (SparseGPT's grouping)."""
 
-_STATE_VERSION = 1
+_STATE_VERSION = 2
 
 
 class LayerReport(NamedTuple):
@@ -129,7 +130,15 @@ def select_linears(names: Sequence[str], num_blocks: int, include: Sequence[str]
   return out
 
 
-def _stages(selected: tuple[str, ...], true_sequential: bool) -> list[tuple[str, ...]]:
+def true_sequential_stages(selected: Sequence[str], true_sequential: bool) -> list[tuple[str, ...]]:
+  """The stages in which a block's ``selected`` linears are pruned: :data:`TRUE_SEQUENTIAL_STAGES` order (linears
+  outside it last), or one stage of all without ``true_sequential``.
+
+  Example:
+    >>> true_sequential_stages(["mlp.up_proj", "self_attn.q_proj", "mlp.down_proj"], True)
+    [('self_attn.q_proj',), ('mlp.up_proj',), ('mlp.down_proj',)]
+  """
+  selected = tuple(selected)
   if not true_sequential:
     return [selected] if selected else []
   staged = [tuple(n for n in stage if n in selected) for stage in TRUE_SEQUENTIAL_STAGES]
@@ -156,7 +165,7 @@ def _accumulate_impl(graphdef, params, h, valid, rope, states, *, names):
 
 
 @functools.lru_cache(maxsize=64)
-def _input_owners(graphdef: Any, names: tuple[str, ...], act_shape: tuple[int, ...], rope_shape: Any,
+def input_owners(graphdef: Any, names: tuple[str, ...], act_shape: tuple[int, ...], rope_shape: Any,
                   params_struct: Any = None) -> dict[str, str]:
   """For every linear, the first linear of ``names`` fed the very same array (q/k/v share one, gate/up another):
   found by tracing the block once on abstract values, so shared inputs get one ``XᵀX`` and one Hessian state."""
@@ -172,7 +181,7 @@ def _input_owners(graphdef: Any, names: tuple[str, ...], act_shape: tuple[int, .
   return owners
 
 
-class _Hashed:
+class ShapeKey:
   """A pytree of ShapeDtypeStructs hashed by its structure and shapes (a cache key for :func:`_input_owners`)."""
 
   def __init__(self, value: Any):
@@ -184,13 +193,13 @@ class _Hashed:
     return hash(self._key)
 
   def __eq__(self, other: Any) -> bool:
-    return isinstance(other, _Hashed) and self._key == other._key
+    return isinstance(other, ShapeKey) and self._key == other._key
 
 
 @functools.lru_cache(maxsize=64)
-def _block_fn(kind: str, graphdef: Any, names: tuple[str, ...], mesh: Any, act_shape: tuple[int, ...]):
+def block_function(kind: str, graphdef: Any, names: tuple[str, ...], mesh: Any, act_shape: tuple[int, ...]):
   """The jitted block forward (``kind="forward"``) or Hessian accumulation; on a mesh with the declared shardings:
-  parameters as placed (:func:`proxjax.sharding.place`), activations batch-split over every device, ``rope`` and the
+  parameters as placed (:func:`proxjax.core.sharding.place`), activations batch-split over every device, ``rope`` and the
   Hessian states replicated (the accumulation's output is the one all-reduce of the per-device ``XᵀX``)."""
   fun = (functools.partial(_forward_impl, graphdef) if kind == "forward"
          else functools.partial(_accumulate_impl, graphdef, names=names))
@@ -225,7 +234,7 @@ def _padded(h: np.ndarray, start: int, stop: int, batch_size: int, mesh: Any) ->
 def _propagate(block: Any, h: np.ndarray, rope: Any, batch_size: int, mesh: Any) -> np.ndarray:
   out = np.empty_like(h)
   graphdef, params = nnx.split(block)
-  fn = _block_fn("forward", graphdef, (), mesh, (batch_size,) + h.shape[1:])
+  fn = block_function("forward", graphdef, (), mesh, (batch_size,) + h.shape[1:])
   for start, stop in _batches(h.shape[0], batch_size):
     x, _ = _padded(h, start, stop, batch_size, mesh)
     out[start:stop] = np.asarray(fn(params, x, rope))[: stop - start]
@@ -237,11 +246,11 @@ def _hessians(block: Any, h: np.ndarray, rope: Any, names: tuple[str, ...], batc
   """The Hessian state of every linear in ``names``; linears fed the same array share one state object."""
   graphdef, params = nnx.split(block)
   act_shape = (batch_size,) + h.shape[1:]
-  struct = lambda tree: _Hashed(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree))  # noqa: E731
-  owners = _input_owners(graphdef, names, act_shape, struct(rope), struct(params))
+  struct = lambda tree: ShapeKey(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree))  # noqa: E731
+  owners = input_owners(graphdef, names, act_shape, struct(rope), struct(params))
   distinct = tuple(dict.fromkeys(owners[n] for n in names))
   states = {n: _cal.hessian_init(_submodule(block, n).kernel.shape[0]) for n in distinct}
-  fn = _block_fn("accumulate", graphdef, distinct, mesh, act_shape)
+  fn = block_function("accumulate", graphdef, distinct, mesh, act_shape)
   for start, stop in _batches(h.shape[0], batch_size):
     x, valid = _padded(h, start, stop, batch_size, mesh)
     states = fn(params, x, valid, rope, states)
@@ -284,23 +293,21 @@ def _load_block(state_dir: str, block_idx: int, block: Any) -> list[LayerReport]
 # ------------------------------------------------------------------------------------------------------- pipeline --
 
 
-def _fingerprint(calibration_ids: np.ndarray, method: str, refine: Any, n: int, m: int, options: Mapping[str, Any],
-                 true_sequential: bool, selected: list[tuple[str, ...]], run_info: Mapping[str, Any] | None):
+def _fingerprint(calibration_ids: np.ndarray, config: PruneConfig, true_sequential: bool,
+                 selected: list[tuple[str, ...]], run_info: Mapping[str, Any] | None):
   digest = hashlib.sha256(np.ascontiguousarray(calibration_ids, dtype=np.int64).tobytes()).hexdigest()
-  return {"version": _STATE_VERSION, "method": method, "refine": None if refine is _pruner._DEFAULT else refine,
-          "n": n, "m": m, "options": {k: options[k] for k in sorted(options) if k != "progress"},
-          "true_sequential": true_sequential, "selected": [list(s) for s in selected],
-          "calibration_shape": list(calibration_ids.shape), "calibration_sha256": digest,
-          "run_info": dict(run_info or {})}
+  return {"version": _STATE_VERSION, "config": config.to_dict(), "true_sequential": true_sequential,
+          "selected": [list(s) for s in selected], "calibration_shape": list(calibration_ids.shape),
+          "calibration_sha256": digest, "run_info": dict(run_info or {})}
 
 
-def prune_model(model: Any, calibration_ids: Any, *, method: str = "prox", refine: Any = _pruner._DEFAULT,
-                n: int = 2, m: int = 4, options: Mapping[str, Any] | None = None, true_sequential: bool = True,
+def prune_model(model: Any, calibration_ids: Any, method: str | MethodConfig | PruneConfig = "prox", *,
+                refine: Any = "auto", n: int = 2, m: int = 4, true_sequential: bool = True,
                 include: Sequence[str] | None = None, ignore: Sequence[str] | None = None,
                 linear_names: Sequence[str] | None = None, batch_size: int = 8, state_dir: str | None = None,
                 progress: bool = True, run_info: Mapping[str, Any] | None = None,
                 mesh: jax.sharding.Mesh | None = None, offload: bool = False) -> PipelineResult:
-  r"""Prunes a decoder-only model block by block, in place, each linear to N:M along its input axis (SPEC §6).
+  r"""Prunes a decoder-only model block by block, in place, each linear to N:M along its input axis (docs/method.md, "Pipeline").
 
   Each selected linear ``K₀`` of block ``b`` becomes :func:`proxjax.prune_kernel` ``(K₀, H, method, ...)``, the
   (approximate) minimizer of
@@ -314,11 +321,11 @@ def prune_model(model: Any, calibration_ids: Any, *, method: str = "prox", refin
   Args:
     model: the model, modified in place (see the module docstring for the interface it must have).
     calibration_ids: int token ids ``(sequences, seqlen)``.
-    method: ``"prox"``, ``"wanda"``, ``"sparsegpt"`` or ``"magnitude"`` (see :func:`proxjax.prune_kernel`).
-    refine: ``None``, ``"gd"`` or ``"cg"``; default: the method's default.
+    method: a :class:`~proxjax.pruning.methods.PruneConfig` (method, options, refinement, N:M), or a method name /
+      method configuration with ``refine``, ``n`` and ``m`` (see :func:`proxjax.prune_kernel`).
+    refine: ``"auto"`` (the method's default), ``"gd"``, ``"cg"``, ``None`` or a ``RefineConfig``.
     n: kept weights per group.
     m: group size.
-    options: keyword options of :func:`proxjax.prune_kernel` (``lam0``, ``beta``, ``budget``, ``damp``, ...).
     true_sequential: prune in stages q,k,v → o → gate,up → down, re-capturing inputs before each stage.
     include: fnmatch patterns over ``"{block}.{name}"`` (e.g. ``"*.mlp.*"``); default all.
     ignore: patterns to leave dense.
@@ -327,8 +334,8 @@ def prune_model(model: Any, calibration_ids: Any, *, method: str = "prox", refin
     state_dir: directory for per-block state (resume); ``None`` keeps nothing.
     progress: tqdm bars per block and per projection.
     run_info: extra items that identify the run for resuming (e.g. the model directory).
-    mesh: a ``("data", "model")`` :class:`jax.sharding.Mesh` (:func:`proxjax.sharding.make_mesh`): each block's
-      parameters are placed by :mod:`proxjax.sharding` (kernels' outputs over ``model``), calibration batches are
+    mesh: a ``("data", "model")`` :class:`jax.sharding.Mesh` (:func:`proxjax.core.sharding.make_mesh`): each block's
+      parameters are placed by :mod:`proxjax.core.sharding` (kernels' outputs over ``model``), calibration batches are
       split over every device (``batch_size`` is rounded up to a multiple of the device count; the padding rows
       are masked out of ``H``), ``H`` is replicated and every kernel is pruned sharded (see
       :func:`proxjax.prune_kernel`). ``None``: the default device.
@@ -351,7 +358,7 @@ def prune_model(model: Any, calibration_ids: Any, *, method: str = "prox", refin
     >>> len(result.layers), bool(proxjax.is_nm(model.model.layers[1].mlp.down_proj.kernel[...]))
     (14, True)
   """
-  options = dict(options or {})
+  config = _pruner.as_config(method, refine=refine, n=n, m=m)
   if linear_names is None:
     from proxjax.models.llama import LINEAR_NAMES as linear_names  # noqa: N811
   ids = np.asarray(calibration_ids)
@@ -367,7 +374,7 @@ def prune_model(model: Any, calibration_ids: Any, *, method: str = "prox", refin
   if mesh is not None:
     batch_size = -(-batch_size // mesh.size) * mesh.size
   if state_dir is not None:
-    _open_run_dir(state_dir, _fingerprint(ids, method, refine, n, m, options, true_sequential, selected, run_info))
+    _open_run_dir(state_dir, _fingerprint(ids, config, true_sequential, selected, run_info))
 
   from tqdm.auto import tqdm
   t_start = time.perf_counter()
@@ -376,7 +383,6 @@ def prune_model(model: Any, calibration_ids: Any, *, method: str = "prox", refin
                       for a, b in _batches(ids.shape[0], batch_size)])
   layers: list[LayerReport] = []
   resumed: list[int] = []
-  kwargs = {} if refine is _pruner._DEFAULT else {"refine": refine}
   bar = tqdm(total=sum(len(s) for s in selected), desc="pruning", unit="linear", disable=not progress)
   for b, block in enumerate(blocks):
     done = _load_block(state_dir, b, block) if state_dir is not None else None
@@ -388,7 +394,7 @@ def prune_model(model: Any, calibration_ids: Any, *, method: str = "prox", refin
       bar.update(len(selected[b]))
     else:
       reports = []
-      for stage in _stages(selected[b], true_sequential):
+      for stage in true_sequential_stages(selected[b], true_sequential):
         states = hessian = res = None  # free the previous stage's before accumulating the next
         states = _hessians(block, h, rope, stage, batch_size, mesh)
         for name in stage:
@@ -397,14 +403,15 @@ def prune_model(model: Any, calibration_ids: Any, *, method: str = "prox", refin
           t0 = time.perf_counter()
           hessian = _cal.hessian_from_state(states[name])
           try:
-            res = _pruner.prune_kernel(kernel[...], hessian, method, n=n, m=m, mesh=mesh, **kwargs, **options)
+            res = _pruner.prune_kernel(kernel[...], hessian, config, mesh=mesh)
           except ValueError as err:
             raise ValueError(f"block {b} {name} (model.layers.{b}.{name}): {err}") from err
           kernel[...] = res.kernel.astype(kernel.dtype)
-          if not bool(_nm.is_nm(kernel[...], n, m, axis=0)):
-            raise RuntimeError(f"block {b} {name}: the pruned kernel is not {n}:{m} (please report this bug)")
+          if not bool(_nm.is_nm(kernel[...], config.n, config.m, axis=0)):
+            raise RuntimeError(f"block {b} {name}: the pruned kernel is not {config.n}:{config.m} "
+                               "(please report this bug)")
           i = res.info
-          reports.append(LayerReport(b, name, tuple(kernel.shape), method, i.loss_before_refine,
+          reports.append(LayerReport(b, name, tuple(kernel.shape), config.method_name, i.loss_before_refine,
                                      i.loss_after_refine, i.iterations, i.cap_hit, i.groups_projected, i.refine,
                                      i.refine_steps, int(states[name].count), time.perf_counter() - t0))
           bar.update(1)
@@ -424,8 +431,8 @@ def prune_model(model: Any, calibration_ids: Any, *, method: str = "prox", refin
 # ------------------------------------------------------------------------------------------------- any Flax model --
 
 
-def prune_params(params: Any, hessians: Any, method: str = "prox", *, n: int = 2, m: int = 4, refine: Any = _pruner._DEFAULT,
-                 **options: Any) -> tuple[Any, Any, Any]:
+def prune_params(params: Any, hessians: Any, method: str | MethodConfig | PruneConfig = "prox", *, n: int = 2,
+                 m: int = 4, refine: Any = "auto") -> tuple[Any, Any, Any]:
   r"""Prunes the kernels of any Flax parameter pytree, given their calibration statistics.
 
   For every leaf of ``params`` whose counterpart in ``hessians`` is not ``None`` (an ``H`` array ``(d_in, d_in)`` or a
@@ -440,7 +447,7 @@ def prune_params(params: Any, hessians: Any, method: str = "prox", *, n: int = 2
 
   Example:
     >>> import jax, jax.numpy as jnp, proxjax
-    >>> from proxjax.pipeline import prune_params
+    >>> from proxjax.pipeline.prune import prune_params
     >>> params = {"dense": {"kernel": jax.random.normal(jax.random.key(0), (8, 3)), "bias": jnp.zeros(3)}}
     >>> hessians = {"dense": {"kernel": jnp.eye(8), "bias": None}}
     >>> new, masks, infos = prune_params(params, hessians, "magnitude")
@@ -450,7 +457,7 @@ def prune_params(params: Any, hessians: Any, method: str = "prox", *, n: int = 2
   is_leaf = lambda x: x is None or isinstance(x, _cal.HessianState)  # noqa: E731
   flat_h, treedef = jax.tree.flatten(hessians, is_leaf=is_leaf)
   flat_p = treedef.flatten_up_to(params)
-  kwargs = {} if refine is _pruner._DEFAULT else {"refine": refine}
+  config = _pruner.as_config(method, refine=refine, n=n, m=m)
   out_p, out_m, out_i = [], [], []
   for p, h in zip(flat_p, flat_h):
     if h is None:
@@ -458,7 +465,7 @@ def prune_params(params: Any, hessians: Any, method: str = "prox", *, n: int = 2
       continue
     if isinstance(h, _cal.HessianState):
       h = _cal.hessian_from_state(h)
-    res = _pruner.prune_kernel(p, h, method, n=n, m=m, **kwargs, **options)
+    res = _pruner.prune_kernel(p, h, config)
     out_p.append(res.kernel), out_m.append(res.mask), out_i.append(res.info)
   unflat = functools.partial(jax.tree.unflatten, treedef)
   return unflat(out_p), unflat(out_m), unflat(out_i)

@@ -2,7 +2,7 @@ r"""One-shot N:M pruning baselines: magnitude, Wanda and SparseGPT.
 
 Layout: a kernel is a Flax ``(d_in, d_out)`` array ``K``; N:M groups are ``m`` consecutive entries along axis 0 (the
 input axis). The maths is written for ``W = Kᵀ`` (``(d_out, d_in)``, one row per output, groups along a row) as in the
-spec. ``hessian`` is ``H = X Xᵀ / n`` (``(d_in, d_in)``, float32; see :mod:`proxjax.calibration`). Every top-n
+spec. ``hessian`` is ``H = X Xᵀ / n`` (``(d_in, d_in)``, float32; see :mod:`proxjax.pruning.calibration`). Every top-n
 selection uses :func:`proxjax.nm_mask` (ties: the lower index within the group wins). Masks are ``True`` where a
 weight is **kept**.
 
@@ -21,29 +21,30 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from proxjax import nm
+from proxjax.core import nm
+from proxjax.core.pattern import check_blocksize
 
 __all__ = ["magnitude_mask", "wanda_mask", "sparsegpt", "sparsegpt_unchecked", "sparsegpt_inverse_factor"]
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
-def _check_kernel(kernel: jax.Array, m: int) -> None:
+def check_kernel(kernel: jax.Array, m: int) -> None:
   if kernel.ndim != 2:
     raise ValueError(f"kernel must be a 2-D (d_in, d_out) array in Flax layout, got shape {kernel.shape}")
-  nm._check_floating(kernel, "kernel")
+  nm.check_floating(kernel, "kernel")
   if kernel.shape[0] % m:
     raise ValueError(f"the input axis of the kernel (d_in = {kernel.shape[0]}, axis 0) is not divisible by m = {m}")
 
 
-def _check_hessian(hessian: jax.Array, kernel: jax.Array) -> None:
+def check_hessian(hessian: jax.Array, kernel: jax.Array) -> None:
   if hessian.ndim != 2 or hessian.shape[0] != hessian.shape[1]:
     raise ValueError(f"hessian must be a square (d_in, d_in) matrix, got shape {hessian.shape}")
   if hessian.shape[0] != kernel.shape[0]:
     raise ValueError(f"hessian {hessian.shape} does not match the kernel's input axis: kernel {kernel.shape} is "
                      f"(d_in, d_out) in Flax layout, so the hessian must be ({kernel.shape[0]}, {kernel.shape[0]}) "
                      "(a PyTorch weight (d_out, d_in) must be transposed first)")
-  nm._check_floating(hessian, "hessian")
+  nm.check_floating(hessian, "hessian")
 
 
 def magnitude_mask(kernel: ArrayLike, n: int = 2, m: int = 4) -> jax.Array:
@@ -57,17 +58,17 @@ def magnitude_mask(kernel: ArrayLike, n: int = 2, m: int = 4) -> jax.Array:
     A bool ``(d_in, d_out)`` mask, ``True`` = kept (ties: lower input index wins).
 
   Example:
-    >>> import jax.numpy as jnp, proxjax.baselines as bl
+    >>> import jax.numpy as jnp, proxjax.pruning.baselines as bl
     >>> bl.magnitude_mask(jnp.array([[1.], [-3.], [2.], [0.5]]))[:, 0]
     Array([False,  True,  True, False], dtype=bool)
   """
   kernel = jnp.asarray(kernel)
-  _check_kernel(kernel, m)
+  check_kernel(kernel, m)
   return nm.nm_mask(jnp.abs(kernel), n, m, axis=0)
 
 
 @functools.partial(jax.jit, static_argnames=("n", "m"))
-def _wanda(kernel: jax.Array, hessian: jax.Array, n: int, m: int) -> jax.Array:
+def wanda_unchecked(kernel: jax.Array, hessian: jax.Array, n: int, m: int) -> jax.Array:
   norms = jnp.sqrt(jnp.maximum(jnp.diagonal(hessian).astype(jnp.float32), 0.0))
   return nm.nm_mask(jnp.abs(kernel.astype(jnp.float32)) * norms[:, None], n, m, axis=0)
 
@@ -88,16 +89,16 @@ def wanda_mask(kernel: ArrayLike, hessian: ArrayLike, n: int = 2, m: int = 4) ->
     A bool ``(d_in, d_out)`` mask, ``True`` = kept (ties: lower input index wins).
 
   Example:
-    >>> import jax.numpy as jnp, proxjax.baselines as bl
+    >>> import jax.numpy as jnp, proxjax.pruning.baselines as bl
     >>> k = jnp.array([[1.], [-3.], [2.], [0.5]])
     >>> bl.wanda_mask(k, jnp.diag(jnp.array([9., 1., 1., 100.])))[:, 0]  # scores 3, 3, 2, 5
     Array([ True, False, False,  True], dtype=bool)
   """
   kernel, hessian = jnp.asarray(kernel), jnp.asarray(hessian)
-  _check_kernel(kernel, m)
-  _check_hessian(hessian, kernel)
-  nm._check_nm(n, m)
-  return _wanda(kernel, hessian, n, m)
+  check_kernel(kernel, m)
+  check_hessian(hessian, kernel)
+  nm.check_nm(n, m)
+  return wanda_unchecked(kernel, hessian, n, m)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -137,7 +138,7 @@ def sparsegpt_inverse_factor(hessian: ArrayLike, damp: float = 0.01) -> jax.Arra
   diagonal. NaN entries mean ``H_s`` is not positive definite in float32.
 
   Example:
-    >>> import jax.numpy as jnp, proxjax.baselines as bl
+    >>> import jax.numpy as jnp, proxjax.pruning.baselines as bl
     >>> bl.sparsegpt_inverse_factor(jnp.diag(jnp.array([2., 0.])), damp=0.0)  # 2H = diag(4, 0) → diag(4, 1)
     Array([[0.5, 0. ],
            [0. , 1. ]], dtype=float32)
@@ -221,12 +222,6 @@ def _sparsegpt(kernel, hessian, damp, n, m, blocksize, precision):
   return k.astype(kernel.dtype), keep, ok
 
 
-def _check_blocksize(blocksize: object, m: int) -> None:
-  if not isinstance(blocksize, int) or blocksize < 1 or blocksize % m:
-    raise ValueError(f"blocksize must be a positive multiple of m={m} (groups may not straddle blocks), "
-                     f"got {blocksize!r}")
-
-
 def sparsegpt_unchecked(kernel: ArrayLike, hessian: ArrayLike, *, n: int = 2, m: int = 4, blocksize: int = 128,
                         damp: float | jax.Array = 0.01,
                         precision: jax.lax.Precision = _HIGHEST) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -236,16 +231,16 @@ def sparsegpt_unchecked(kernel: ArrayLike, hessian: ArrayLike, *, n: int = 2, m:
   is then all NaN, so a missed check cannot go unnoticed. Arguments as in :func:`sparsegpt`; ``damp`` may be traced.
 
   Example:
-    >>> import jax.numpy as jnp, proxjax.baselines as bl
+    >>> import jax.numpy as jnp, proxjax.pruning.baselines as bl
     >>> k, mask, ok = bl.sparsegpt_unchecked(jnp.ones((4, 1)), -jnp.eye(4))  # negative definite
     >>> bool(ok), bool(jnp.isnan(k).all())
     (False, True)
   """
   kernel, hessian = jnp.asarray(kernel), jnp.asarray(hessian)
-  _check_kernel(kernel, m)
-  _check_hessian(hessian, kernel)
-  nm._check_nm(n, m)
-  _check_blocksize(blocksize, m)
+  check_kernel(kernel, m)
+  check_hessian(hessian, kernel)
+  nm.check_nm(n, m)
+  check_blocksize(blocksize, m)
   return _sparsegpt(kernel, hessian, jnp.asarray(damp, jnp.float32), n, m, blocksize, precision)
 
 
@@ -292,7 +287,7 @@ def sparsegpt(kernel: ArrayLike, hessian: ArrayLike, *, n: int = 2, m: int = 4, 
       ``damp`` helps in the last case). Use :func:`sparsegpt_unchecked` under ``jit``.
 
   Example:
-    >>> import jax, jax.numpy as jnp, proxjax, proxjax.baselines as bl
+    >>> import jax, jax.numpy as jnp, proxjax, proxjax.pruning.baselines as bl
     >>> x = jax.random.normal(jax.random.key(0), (256, 8))
     >>> k = jax.random.normal(jax.random.key(1), (8, 3))
     >>> new, mask = bl.sparsegpt(k, x.T @ x / 256, blocksize=4)
@@ -302,11 +297,11 @@ def sparsegpt(kernel: ArrayLike, hessian: ArrayLike, *, n: int = 2, m: int = 4, 
   new, mask, ok = sparsegpt_unchecked(kernel, hessian, n=n, m=m, blocksize=blocksize, damp=damp,
                                       precision=precision)
   if not bool(ok):
-    raise _not_positive_definite(damp)
+    raise not_positive_definite_error(damp)
   return new, mask
 
 
-def _not_positive_definite(damp: float) -> ValueError:
+def not_positive_definite_error(damp: float) -> ValueError:
   return ValueError(
       "sparsegpt: the damped Hessian 2H + damp·mean(diag 2H)·I is not positive definite in float32 (its Cholesky "
       "factorization produced NaN). Check the Hessian for NaN/inf or negative eigenvalues; if it is merely "

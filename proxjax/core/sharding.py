@@ -94,7 +94,7 @@ def make_mesh(model: int | None = None, data: int = 1, devices: Sequence[Any] | 
     ValueError: ``data * model`` is not the number of devices.
 
   Example:
-    >>> from proxjax.sharding import make_mesh
+    >>> from proxjax.core.sharding import make_mesh
     >>> make_mesh().shape["data"]
     1
   """
@@ -117,7 +117,7 @@ def parse_mesh(text: str, devices: Sequence[Any] | None = None) -> Mesh:
   ``"data=2,model=4"``.
 
   Example:
-    >>> from proxjax.sharding import parse_mesh
+    >>> from proxjax.core.sharding import parse_mesh
     >>> dict(parse_mesh("model=1").shape)
     {'data': 1, 'model': 1}
   """
@@ -151,7 +151,7 @@ def spec_for(logical: Sequence[str | None], shape: Sequence[int], mesh: Mesh) ->
   tiny model's odd sizes still run, just less sharded).
 
   Example:
-    >>> from proxjax.sharding import make_mesh, spec_for
+    >>> from proxjax.core.sharding import make_mesh, spec_for
     >>> tuple(spec_for(("d_in", "d_out"), (8, 12), make_mesh()))  # one device: nothing to split
     (None, None)
   """
@@ -185,7 +185,7 @@ def kernel_sharding(mesh: Mesh, shape: Sequence[int]) -> NamedSharding:
   """A linear kernel ``(d_in, d_out)``: outputs over ``model``.
 
   Example:
-    >>> from proxjax.sharding import kernel_sharding, make_mesh
+    >>> from proxjax.core.sharding import kernel_sharding, make_mesh
     >>> tuple(kernel_sharding(make_mesh(), (8, 12)).spec)
     (None, None)
   """
@@ -204,7 +204,7 @@ def logical_axes(path: Sequence[Any], shape: Sequence[int]) -> tuple[str | None,
   anything else (norm scales, ...) → ``("embed",)`` for 1-D and replicated otherwise.
 
   Example:
-    >>> from proxjax.sharding import logical_axes
+    >>> from proxjax.core.sharding import logical_axes
     >>> logical_axes(("model", "layers", 0, "mlp", "up_proj", "kernel"), (576, 1536))
     ('d_in', 'd_out')
   """
@@ -227,7 +227,7 @@ def tree_shardings(tree: Any, mesh: Mesh) -> Any:
 
   Example:
     >>> import jax.numpy as jnp
-    >>> from proxjax.sharding import make_mesh, tree_shardings
+    >>> from proxjax.core.sharding import make_mesh, tree_shardings
     >>> tuple(tree_shardings({"up": {"kernel": jnp.zeros((8, 12))}}, make_mesh())["up"]["kernel"].spec)
     (None, None)
   """
@@ -239,7 +239,7 @@ def checkpoint_sharding(mesh: Mesh) -> Callable[[tuple[Any, ...], tuple[int, ...
   straight into its declared sharding as it is read.
 
   Example:
-    >>> from proxjax.sharding import checkpoint_sharding, make_mesh
+    >>> from proxjax.core.sharding import checkpoint_sharding, make_mesh
     >>> tuple(checkpoint_sharding(make_mesh())(("lm_head", "kernel"), (8, 12)).spec)
     (None, None)
   """
@@ -255,7 +255,7 @@ def place(module: Any, mesh: Mesh | None, variables: Any = None) -> None:
 
   Example:
     >>> import flax.nnx as nnx
-    >>> from proxjax.sharding import make_mesh, place
+    >>> from proxjax.core.sharding import make_mesh, place
     >>> layer = nnx.Linear(8, 12, rngs=nnx.Rngs(0))
     >>> place(layer, make_mesh())
     >>> tuple(layer.kernel[...].sharding.spec)

@@ -1,6 +1,6 @@
 r"""ProxSparse: 2:4 masks learned end to end on the language-modelling loss (Liu et al., ICML 2025).
 
-SPEC-proxsparse.md. Every parameter of a pretrained LLaMA ``θ`` (embeddings and norms too) is trained on documents
+docs/method.md, "ProxSparse". Every parameter of a pretrained LLaMA ``θ`` (embeddings and norms too) is trained on documents
 ``x_t`` with
 
 .. math::  \theta_{t+1} = \mathrm{prox}_{\eta_t \lambda_1 c\, R}\Big(\theta_t + \mathrm{AdamW}_t\big(\mathrm{clip}_1
@@ -8,14 +8,14 @@ SPEC-proxsparse.md. Every parameter of a pretrained LLaMA ``θ`` (embeddings and
 
 where
 
-* ``L`` is the mean next-token NLL of the document (:func:`masked_lm_loss`, :func:`proxjax.finetune.lm_loss` on
+* ``L`` is the mean next-token NLL of the document (:func:`masked_lm_loss`, :func:`proxjax.training.finetune.lm_loss` on
   unpadded batches);
 * ``P(W) = Σ [W ⊙ (W − W₀) / (|W₀| + ε)]²`` over the pruned kernels (:func:`lam2_term`; ``W₀`` the frozen pretrained
   weights), zero both at ``W = W₀`` and at ``W = 0``;
 * ``clip_1`` is ``optax.clip_by_global_norm(1.0)``, ``AdamW_t`` is ``optax.adamw`` (β 0.9/0.999, ε 1e-8, no weight
   decay) with the learning rate of :func:`lr_schedule` (linear warm-up over the first ``ceil(0.1 T)`` steps, then
   linear decay to 0 at ``T``; Hugging Face's ``get_linear_schedule_with_warmup``);
-* the prox is the **exact** prox of the 2:4 regularizer ``R`` (SPEC §2, :func:`proxjax.prox_24_update`, last in the
+* the prox is the **exact** prox of the 2:4 regularizer ``R`` (docs/method.md, "The 2:4 regularizer and its prox", :func:`proxjax.prox_24_update`, last in the
   chain), applied per kernel to the q/k/v/o/gate/up/down projections of every block (groups of 4 along the input
   axis; embeddings, norms and ``lm_head`` are trained but never regularized), after every optimizer step, warm-up
   included;
@@ -53,15 +53,12 @@ uninterrupted run. The data position is a function of the step, so it needs no s
 
 from __future__ import annotations
 
-import argparse
 import functools
 import hashlib
 import json
 import math
 import os
 import shutil
-import sys
-import time
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -72,14 +69,16 @@ import optax
 from flax import nnx
 from jax.typing import ArrayLike
 
-from proxjax import _xla, nm, transforms
-from proxjax.finetune import lm_loss
+from proxjax.core import xla
+from proxjax.core import nm
+from proxjax.core import transforms
+from proxjax.core.spec import flat_spec
+from proxjax.training.finetune import lm_loss
 
 __all__ = [
     "PROX_SCALINGS",
     "ProxSparseResult",
     "apply_masks",
-    "cmd_proxsparse",
     "document_batch",
     "extract_masks",
     "fraction_24",
@@ -90,7 +89,6 @@ __all__ = [
     "proxsparse",
     "proxsparse_tx",
     "pruned_spec",
-    "register_cli",
     "tokenize_documents",
 ]
 
@@ -239,7 +237,7 @@ def fraction_24(params: Any, spec: Any = pruned_spec) -> jax.Array:
     >>> float(fraction_24({"k": jnp.array([[1., 1.], [0., 1.], [0., 1.], [2., 1.]])}, spec=0))
     0.5
   """
-  pure, axes = transforms._flat_spec(params, spec, m=4)  # pylint: disable=protected-access
+  pure, axes = flat_spec(params, spec, m=4)
   leaves = jax.tree.leaves(pure)
   sel = [(x, ax) for x, ax in zip(leaves, axes) if ax is not None]
   if not sel:
@@ -258,7 +256,7 @@ def extract_masks(params: Any, spec: Any = pruned_spec) -> Any:
     >>> extract_masks({"k": jnp.array([[0.5], [-0.5], [0.5], [0.]])}, spec=0)["k"].ravel()
     Array([ True,  True, False, False], dtype=bool)
   """
-  pure, axes = transforms._flat_spec(params, spec, m=4)  # pylint: disable=protected-access
+  pure, axes = flat_spec(params, spec, m=4)
   leaves, treedef = jax.tree.flatten(pure)
   masks = [None if ax is None else nm.nm_mask(jnp.abs(x), 2, 4, axis=ax) for x, ax in zip(leaves, axes)]
   return jax.tree.unflatten(treedef, masks)
@@ -282,7 +280,7 @@ def apply_masks(original: Any, masks: Any) -> Any:
 
 def masked_lm_loss(model: Any, ids: jax.Array, valid: jax.Array | None = None) -> jax.Array:
   r"""Mean next-token NLL over the real targets: ``Σ_{b,t} v_{b,t+1} ℓ_{b,t} / Σ v_{b,t+1}``, where ``ℓ_{b,t} =
-  −log p(x_{b,t+1} | x_{b,≤t})`` and ``v`` marks real (non-padding) tokens; :func:`proxjax.finetune.lm_loss` when
+  −log p(x_{b,t+1} | x_{b,≤t})`` and ``v`` marks real (non-padding) tokens; :func:`proxjax.training.finetune.lm_loss` when
   ``valid`` is ``None``. Right-padding does not change the real positions' logits (causal attention).
 
   Example:
@@ -482,7 +480,7 @@ def _weighted_regularizer(kernels: list[jax.Array], weights: list[jax.Array] | N
 
 
 # XLA:CPU fast-math (proxjax.CPU_FAST_MATH) when running on CPU: the prox's Newton iterations are ~3x faster.
-_train_step = _xla.jit_fast_on_cpu(_train_step_impl, static_argnames=("graphdef", "out_shardings"),
+_train_step = xla.jit_fast_on_cpu(_train_step_impl, static_argnames=("graphdef", "out_shardings"),
                                    donate_argnames=("state",))
 
 
@@ -525,7 +523,7 @@ def _save_progress(state_dir: str, step: int, state: Any, history: dict[str, lis
                    fingerprint: dict[str, Any]) -> None:
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel  (slow to import)
 
-  from proxjax import report  # pylint: disable=import-outside-toplevel
+  from proxjax.core import files as report  # pylint: disable=import-outside-toplevel
 
   name = f"step_{step:07d}"
   path = os.path.join(os.path.abspath(state_dir), name)
@@ -606,7 +604,7 @@ def proxsparse(model: nnx.Module, documents: Sequence[ArrayLike], *, steps: int,
     batch_size: documents per step (the reference: 1; see the module docs for padding).
     state_dir: resume directory (``None``: no saving); see the module docs.
     save_every: save every this many steps (0: only at the end), with ``state_dir``.
-    mesh: a :mod:`proxjax.sharding` mesh: params, optimizer state, ``W₀`` and batches are placed on their declared
+    mesh: a :mod:`proxjax.core.sharding` mesh: params, optimizer state, ``W₀`` and batches are placed on their declared
       shardings and the prox is solved per kernel (``fuse=False``).
     progress: tqdm bar with the loss and the fraction of 2:4 groups.
     return_learned: keep the learned (pre-extraction) params and the optimizer in the result.
@@ -638,7 +636,7 @@ def proxsparse(model: nnx.Module, documents: Sequence[ArrayLike], *, steps: int,
   """
   from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
 
-  from proxjax import sharding  # pylint: disable=import-outside-toplevel
+  from proxjax.core import sharding  # pylint: disable=import-outside-toplevel
 
   _check_settings(steps, learning_rate, lam1, lam2, eps, prox_scaling, batch_size, save_every)
   if isinstance(documents, str) or any(isinstance(d, str) for d in documents):
@@ -654,7 +652,7 @@ def proxsparse(model: nnx.Module, documents: Sequence[ArrayLike], *, steps: int,
     raise ValueError(
         f"{type(model).__name__} has no LLaMA projections to prune: expected 2-D kernels at "
         "'…layers.N.self_attn.{q,k,v,o}_proj.kernel' / '…layers.N.mlp.{gate,up,down}_proj.kernel'")
-  transforms._flat_spec(params, pruned_spec, m=4)  # pylint: disable=protected-access  (d_in % 4 checks, named)
+  flat_spec(params, pruned_spec, m=4)  # d_in % 4 checks, named
   vocab = getattr(getattr(model, "config", None), "vocab_size", None)
   if vocab is not None and any(int(d.min()) < 0 or int(d.max()) >= vocab for d in docs):
     raise ValueError(f"the documents hold token ids outside [0, {vocab}) of the model's vocabulary")
@@ -746,150 +744,3 @@ def _finish(learned: Any, original: Any) -> tuple[Any, Any, jax.Array]:
 def _selected_mults(mults: Any) -> list[tuple[Any, jax.Array]]:
   return [(p, c) for p, c in jax.tree_util.tree_flatten_with_path(mults, is_leaf=lambda v: v is None)[0]
           if c is not None]
-
-
-# ------------------------------------------------------------------------------------------------------------- CLI --
-
-
-def register_cli(subparsers: Any) -> argparse.ArgumentParser:
-  """Adds the ``proxsparse`` subcommand to an ``argparse`` subparsers object (``set_defaults(func=cmd_proxsparse)``).
-
-  Example:
-    >>> import argparse
-    >>> parser = argparse.ArgumentParser(prog="proxjax")
-    >>> p = register_cli(parser.add_subparsers(dest="command"))
-    >>> args = parser.parse_args(["proxsparse", "smollm2", "out", "--lam1", "0.1", "--lam-relative"])
-    >>> args.func is cmd_proxsparse, args.steps, args.prox_scaling, args.lam_relative
-    (True, 400, 'strength', True)
-  """
-  p = subparsers.add_parser(
-      "proxsparse",
-      help="learn 2:4 masks end to end on the LM loss (ProxSparse) and apply them to the original weights",
-      description="ProxSparse: AdamW on the LM loss with the exact 2:4 prox after every step; the learned masks "
-                  "(2 largest |W| per group of 4) are applied to the ORIGINAL weights, nothing else changes.")
-  p.add_argument("model_dir", help="Hugging Face checkpoint directory, or 'smollm2' for the bundled model")
-  p.add_argument("out_dir")
-  p.add_argument("--steps", type=int, default=400, help="optimizer steps, one document per step (default 400)")
-  p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate: 10%% warm-up, linear decay (1e-4)")
-  p.add_argument("--lam1", type=float, required=True,
-                 help="λ₁: per-step prox strength (--prox-scaling strength) or weight of R (lr); with "
-                      "--lam-relative, relative to each kernel's mean |W₀|")
-  p.add_argument("--lam-relative", action="store_true",
-                 help="divide λ₁ by each kernel's mean |W₀| (one λ₁ works across models)")
-  p.add_argument("--lam2", type=float, default=0.0, help="λ₂ of Σ[W⊙(W−W₀)/(|W₀|+ε)]² in the loss (default 0: off)")
-  p.add_argument("--eps", type=float, default=0.5, help="ε of the λ₂ term (default 0.5)")
-  p.add_argument("--prox-scaling", choices=PROX_SCALINGS, default="strength",
-                 help="strength: λ₁ is the per-step prox strength (the reference; default); lr: λ₁ × learning rate")
-  p.add_argument("--train", default="wiki",
-                 help="training documents (a load_documents source, calibration split): wiki (default), lee, c4 "
-                      "(online), wikitext2, or a .txt/.jsonl/.parquet path")
-  p.add_argument("--max-documents", type=int, metavar="K",
-                 help="use only the first K documents (default: all; steps × batch size for c4)")
-  p.add_argument("--seqlen", type=int, default=512, help="tokens per document at most (default 512)")
-  p.add_argument("--split-documents", action="store_true",
-                 help="cut each document into consecutive pieces of SEQLEN tokens instead of truncating it (long "
-                      "documents are then used whole; one piece per step)")
-  p.add_argument("--batch-size", type=int, default=1, help="documents per step (default 1, the reference)")
-  p.add_argument("--state-dir", help="resume state (default OUT_DIR.proxjax-state)")
-  p.add_argument("--save-every", type=int, default=50, help="save the training state every N steps (default 50)")
-  p.add_argument("--restart", action="store_true", help="discard existing resume state")
-  p.add_argument("--keep-state", action="store_true", help="keep the resume state after success")
-  p.add_argument("--eval", metavar="DATASET", help="perplexity on DATASET before (dense) and after")
-  p.add_argument("--eval-seqlen", type=int, default=512)
-  p.add_argument("--eval-batch-size", type=int, default=8)
-  p.add_argument("--max-windows", type=int, help="evaluation windows at most")
-  p.add_argument("--report", help="JSON report path (default OUT_DIR/proxjax-report.json)")
-  p.add_argument("--quiet", action="store_true", help="no progress bars")
-  p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
-  p.add_argument("--mesh", metavar="SPEC",
-                 help="shard over a device mesh: 'auto', N, or 'data=D,model=M' (kernels' outputs over model)")
-  p.set_defaults(func=cmd_proxsparse)
-  return p
-
-
-def cmd_proxsparse(args: argparse.Namespace) -> int:
-  """The ``proxjax proxsparse`` command: train, extract, save the masked checkpoint, verify it is 2:4, report."""
-  import proxjax  # pylint: disable=import-outside-toplevel
-  from proxjax import cli, data, report, sharding  # pylint: disable=import-outside-toplevel
-  from proxjax.models import check_sparsity, load_pretrained, save_pretrained  # pylint: disable=import-outside-toplevel
-
-  _check_settings(args.steps, args.lr, args.lam1, args.lam2, args.eps, args.prox_scaling, args.batch_size,
-                  args.save_every)
-  if args.seqlen < 2:
-    raise ValueError(f"--seqlen must be >= 2, got {args.seqlen}")
-  # The command line's own helpers, so that proxsparse behaves like the other subcommands.
-  # pylint: disable-next=protected-access
-  model_dir_of, check_out_dir, mesh_of, eval_data_of, perplexity = (cli._model_dir, cli._check_out_dir, cli._mesh,
-                                                                    cli._eval_data, cli._perplexity)
-  model_dir = model_dir_of(args.model_dir)
-  out_dir = check_out_dir(args.out_dir, args.overwrite)
-  state_dir = args.state_dir or out_dir.rstrip(os.sep) + ".proxjax-state"
-  if args.restart and os.path.isdir(state_dir):
-    shutil.rmtree(state_dir)
-  mesh = mesh_of(args)
-  t0 = time.perf_counter()
-  model = load_pretrained(model_dir, param_dtype=jnp.float32,  # train in float32; saved in the source dtype
-                          sharding=None if mesh is None else sharding.checkpoint_sharding(mesh))
-  tokenizer = data.load_tokenizer(model_dir)
-  max_docs = args.max_documents
-  if max_docs is None and args.train == "c4":
-    max_docs = args.steps * args.batch_size  # streamed: the first documents of the shard (the reference: 400)
-  documents = data.load_documents(args.train, split="calibration", max_documents=max_docs)
-  docs = tokenize_documents(tokenizer, documents, args.seqlen, split=args.split_documents)
-  train = {"source": args.train, "split": "calibration", "documents": len(docs), "seqlen": args.seqlen,
-           "documents_split": bool(args.split_documents),
-           "batch_size": args.batch_size, "tokens_per_epoch": int(sum(d.size for d in docs)),
-           "order": "given order, one document per step, cycling", "padding": "right, masked, power-of-two lengths"}
-  options = {"steps": args.steps, "lr": args.lr, "lam1": args.lam1, "lam_relative": args.lam_relative,
-             "lam2": args.lam2, "eps": args.eps, "prox_scaling": args.prox_scaling}
-  print(f"proxjax {proxjax.__version__}: ProxSparse on {model_dir} ({options}); training data {train}",
-        file=sys.stderr)
-  full: dict[str, Any] = {}
-  eval_data = None
-  if args.eval:
-    eval_data = eval_data_of(model_dir, args.eval, args.eval_seqlen, args.max_windows)  # same windows before/after
-    full["ppl_before"] = perplexity(model, eval_data, args.eval_batch_size, not args.quiet).ppl
-  if os.path.exists(os.path.join(state_dir, STATE_FILE)):
-    print(f"resuming from {state_dir}", file=sys.stderr)
-  result = proxsparse(model, docs, steps=args.steps, lam1=args.lam1, learning_rate=args.lr,
-                      lam_relative=args.lam_relative, lam2=args.lam2, eps=args.eps, prox_scaling=args.prox_scaling,
-                      batch_size=args.batch_size, state_dir=state_dir, save_every=args.save_every, mesh=mesh,
-                      progress=not args.quiet, run_info={"model_dir": os.path.abspath(model_dir)})
-  provenance = {
-      "proxjax_version": proxjax.__version__, "source_model": os.path.abspath(model_dir), "method": "proxsparse",
-      "refine": None, "n": 2, "m": 4, "options": options, "calibration": train,
-      "final_fraction_24": result.final_fraction_24, "resumed_from": result.resumed_from,
-      "seconds": time.perf_counter() - t0, "mesh": None if mesh is None else dict(mesh.shape),
-      "note": "masks learned end to end (ProxSparse, exact 2:4 prox); kept weights are the original ones",
-  }
-  if eval_data is not None:
-    full["ppl_after"] = perplexity(model, eval_data, args.eval_batch_size, not args.quiet).ppl
-    full["eval"] = {"dataset": args.eval, "seqlen": args.eval_seqlen, "ppl_before": full["ppl_before"],
-                    "ppl": full["ppl_after"], "protocol": dict(eval_data.protocol)}
-  save_pretrained(model, out_dir, source_dir=model_dir, metadata=provenance, overwrite=args.overwrite)
-  rows = check_sparsity(out_dir)
-  bad = [r["name"] for r in rows if not r["ok"]]
-  if bad or not rows:
-    raise RuntimeError(f"the saved checkpoint {out_dir} is not 2:4 in {bad or 'any projection'} (please report this)")
-  full.update(provenance)
-  full.update({
-      "lam1_effective": result.lam1_effective, "losses": result.losses, "regularizer": result.regularizer,
-      "lam2_terms": result.lam2_terms, "fraction_24": result.fraction_24, "learning_rates": result.learning_rates,
-      "grad_norms": result.grad_norms, "tokens": result.tokens,
-      "lam1_schedule": {"lam1": args.lam1, "relative": args.lam_relative, "prox_scaling": args.prox_scaling,
-                        "per_step_strength": ("λ₁·c_i (constant)" if args.prox_scaling == "strength"
-                                              else "λ₁·c_i·learning_rate(t)")},
-      "sparsity": {"projections": len(rows), "all_2_4": True,
-                   "zeros": sum(r["zeros"] for r in rows), "size": sum(r["size"] for r in rows)},
-  })
-  report_path = args.report or os.path.join(out_dir, "proxjax-report.json")
-  report.write_json(report_path, full)
-  if not args.keep_state and os.path.isdir(state_dir):
-    shutil.rmtree(state_dir)
-  msg = (f"wrote {out_dir}: {args.steps} steps, loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}, "
-         f"{100 * result.final_fraction_24:.2f}% of groups 2:4 before extraction; report {report_path}")
-  print(msg, file=sys.stderr)
-  if eval_data is not None:
-    print(f"{args.eval} perplexity {full['ppl_before']:.3f} (dense) -> {full['ppl_after']:.3f} (ProxSparse 2:4), "
-          f"seqlen {args.eval_seqlen}")
-  return 0

@@ -1,16 +1,16 @@
-"""Run reports: atomic JSON files and the per-layer local-loss plot."""
+"""Files written so that a killed run never leaves a half-written one: atomic writes, JSON reports, run directories."""
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 
-def _default(obj: Any) -> Any:
+def json_default(obj: Any) -> Any:
   if isinstance(obj, np.generic) or (hasattr(obj, "shape") and hasattr(obj, "dtype")):
     arr = np.asarray(obj)
     return arr.item() if arr.ndim == 0 else arr.tolist()
@@ -19,6 +19,17 @@ def _default(obj: Any) -> Any:
   if hasattr(obj, "_asdict"):
     return obj._asdict()
   return str(obj)
+
+
+def json_roundtrip(obj: Any) -> Any:
+  """``obj`` as it reads back from a JSON file written by :func:`write_json` (keys sorted): what a saved fingerprint
+  compares equal to.
+
+  Example:
+    >>> json_roundtrip({"b": (1, 2), "a": np.float32(0.5)})
+    {'a': 0.5, 'b': [1, 2]}
+  """
+  return json.loads(json.dumps(obj, default=json_default, sort_keys=True))
 
 
 def atomic_write(path: str, write: Callable[[str], None]) -> None:
@@ -58,7 +69,7 @@ def write_json(path: str, obj: Any) -> None:
 
   def write(tmp: str) -> None:
     with open(tmp, "w") as f:
-      json.dump(obj, f, indent=1, default=_default)
+      json.dump(obj, f, indent=1, default=json_default)
       f.write("\n")
       f.flush()
       os.fsync(f.fileno())
@@ -85,54 +96,8 @@ def open_run_dir(state_dir: str, fingerprint: dict[str, Any]) -> None:
     return
   with open(run) as f:
     saved = json.load(f)
-  as_json = lambda x: json.dumps(x, default=_default)  # noqa: E731
+  as_json = lambda x: json.dumps(x, default=json_default)  # noqa: E731
   if saved != json.loads(as_json(fingerprint)):
     diff = sorted(k for k in set(saved) | set(fingerprint) if as_json(saved.get(k)) != as_json(fingerprint.get(k)))
     raise ValueError(f"state directory {state_dir} belongs to a different run (differs in: {', '.join(diff)}); "
                      "use another state directory or delete this one to start over")
-
-
-def plot_layer_losses(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: str, *,
-                      key: str = "loss_after_refine", title: str | None = None) -> None:
-  """Plots per-layer relative local loss, one line per run (e.g. per method), to a PNG written atomically.
-
-  Args:
-    runs: label → the ``layers`` list of a prune report (dicts with ``block``, ``name`` and ``key``).
-    path: the PNG to write.
-    key: which loss to plot (``"loss_after_refine"`` or ``"loss_before_refine"``).
-    title: the figure title.
-
-  The x axis is the linear's position in pruning order (block by block, projections in order), labelled by block;
-  the y axis is logarithmic.
-  """
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-
-  if not runs:
-    raise ValueError("nothing to plot: no runs given")
-  fig, ax = plt.subplots(figsize=(11, 4.5))
-  ticks: dict[int, int] = {}
-  for label, layers in runs.items():
-    if not layers:
-      raise ValueError(f"run {label!r} has no layers")
-    order = sorted(range(len(layers)), key=lambda i: (layers[i]["block"], i))
-    ys = [max(float(layers[i][key]), 1e-8) for i in order]
-    ax.plot(range(len(ys)), ys, marker=".", lw=1, ms=3, label=label)
-    for x, i in enumerate(order):
-      ticks.setdefault(int(layers[i]["block"]), x)
-  ax.set_yscale("log")
-  ax.set_xlabel("linear layer (pruning order; ticks mark the first linear of each block)")
-  ax.set_ylabel("relative local loss" + (" (before refinement)" if key == "loss_before_refine" else ""))
-  step = max(1, len(ticks) // 15)
-  blocks = sorted(ticks)[::step]
-  ax.set_xticks([ticks[b] for b in blocks], [str(b) for b in blocks])
-  ax.grid(True, which="both", alpha=0.3)
-  ax.legend()
-  if title:
-    ax.set_title(title)
-  fig.tight_layout()
-  try:
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
-  finally:
-    plt.close(fig)

@@ -1,6 +1,6 @@
 r"""ProSparse: high activation sparsity in the FFN of a SwiGLU LLM (Song et al., arXiv 2402.13516, COLING 2025).
 
-The recipe, on :class:`proxjax.models.LlamaForCausalLM` (SPEC-proxsparse.md, section ProSparse):
+The recipe, on :class:`proxjax.models.LlamaForCausalLM` (docs/method.md, "ProSparse"):
 
 1. **ReLU substitution** (:func:`with_activation`): the gate activation SiLU becomes ReLU, weights unchanged.
 2. **Continued training** (:func:`train_prosparse`) on the language-modelling loss plus an L1 penalty on the FFN
@@ -40,7 +40,6 @@ after the ReLU switch, so ``λ = 10⁻⁴`` adds about 1.2 nats to the loss at f
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import hashlib
@@ -48,7 +47,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -60,9 +58,10 @@ import numpy as np
 import optax
 from flax import nnx
 
-from proxjax.evaluate import padded_batch
-from proxjax.report import open_run_dir
-from proxjax.finetune import lm_loss
+from proxjax.pipeline import evaluate
+from proxjax.pipeline.evaluate import padded_batch
+from proxjax.core.files import json_roundtrip, open_run_dir
+from proxjax.training.finetune import lm_loss
 from proxjax.models.llama import LlamaForCausalLM
 
 __all__ = [
@@ -72,7 +71,6 @@ __all__ = [
     "activation_l1",
     "activation_sparsity",
     "l1_schedule",
-    "parse_stage",
     "prosparse_loss",
     "register_cli",
     "train_prosparse",
@@ -134,7 +132,7 @@ class LossParts(NamedTuple):
 
   Attributes:
     total: ``lm + lam · l1`` (what is differentiated).
-    lm: the mean next-token NLL (:func:`proxjax.finetune.lm_loss`).
+    lm: the mean next-token NLL (:func:`proxjax.training.finetune.lm_loss`).
     l1: the penalty ``R`` of :func:`activation_l1`.
     lam: the factor ``λ`` used.
     zero_fraction: the fraction of exact zeros in the FFN intermediate activations of the batch (all layers and
@@ -176,23 +174,6 @@ def prosparse_loss(model: LlamaForCausalLM, ids: jax.Array, lam: jax.Array | flo
 # ---------------------------------------------------------------------------------------------------- schedule --
 
 
-def parse_stage(text: str) -> tuple[int, float]:
-  """``"STEP:PEAK"`` → ``(STEP, PEAK)``, one stage of :func:`l1_schedule` (``STEP`` is where it ends).
-
-  Example:
-    >>> parse_stage("200:5e-5")
-    (200, 5e-05)
-  """
-  step, sep, peak = str(text).partition(":")
-  try:
-    if not sep:
-      raise ValueError
-    return int(step), float(peak)
-  except ValueError:
-    raise ValueError(f"a λ stage must be STEP:PEAK (an int step where the stage ends and its peak λ), "
-                     f"got {text!r}") from None
-
-
 def l1_schedule(warmup_value: float, warmup_steps: int = 0,
                 stages: Sequence[tuple[int, float]] = ()) -> optax.Schedule:
   r"""ProSparse's multi-stage sine schedule of the L1 factor, as an optax-style schedule ``step → λ`` (float32).
@@ -206,7 +187,7 @@ def l1_schedule(warmup_value: float, warmup_steps: int = 0,
   * ``t ≥ T_K``: ``λ(t) = λ_K`` (no stages: ``λ₀`` throughout).
 
   So ``λ`` is continuous, monotone within each stage (rising fast, then flattening: the sine's slope is largest at the
-  stage start) and equals ``λ_i`` exactly from ``t = T_i``. This is our reading of the paper (the SPEC notes that the
+  stage start) and equals ``λ_i`` exactly from ``t = T_i``. This is our reading of the paper (the
   exact formula was not retrievable); the warm-up's small ``λ₀`` lets the model adapt to ReLU first.
 
   The schedule is built from ``jnp`` operations: ``step`` may be a traced int or float (e.g. an optax step count under
@@ -331,12 +312,7 @@ def _train_step(model, optimizer, ids, lam, lr):
 _HISTORY = ("losses", "lm_losses", "l1", "lambdas", "zero_fractions", "learning_rates", "seconds")
 
 
-def _json_roundtrip(obj: Any) -> Any:
-  from proxjax.report import _default  # pylint: disable=import-outside-toplevel
-  return json.loads(json.dumps(obj, default=_default, sort_keys=True))
-
-
-def _schedule_values(schedule: Callable[[Any], Any], steps: int) -> np.ndarray:
+def schedule_values(schedule: Callable[[Any], Any], steps: int) -> np.ndarray:
   """``schedule(t)`` for ``t = 0 … steps−1``, in one jitted call when the schedule broadcasts over an array."""
   try:
     values = np.asarray(jax.jit(schedule)(jnp.arange(steps)), np.float64)
@@ -357,7 +333,7 @@ def _save_checkpoint(state_dir: str, state: _TrainState, step: int, history: dic
   """Writes ``step-NNNNNNNN/{state/, progress.json}`` into a temporary directory, renames it into place, then removes
   the older checkpoints: a killed save leaves the previous checkpoint intact."""
   from proxjax.models.hf import save_state  # pylint: disable=import-outside-toplevel
-  from proxjax.report import write_json  # pylint: disable=import-outside-toplevel
+  from proxjax.core.files import write_json  # pylint: disable=import-outside-toplevel
   final = os.path.join(state_dir, f"step-{step:08d}")
   tmp = os.path.join(state_dir, f".tmp-{uuid.uuid4().hex[:12]}")
   os.mkdir(tmp)
@@ -451,11 +427,11 @@ def train_prosparse(model: LlamaForCausalLM, batches: Any, *, l1: Callable[[Any]
     raise ValueError(f"save_every must be an int >= 0, got {save_every!r}")
   if not (math.isfinite(learning_rate) and learning_rate > 0):
     raise ValueError(f"learning_rate must be a positive number, got {learning_rate!r}")
-  lambdas = _schedule_values(l1, steps)
+  lambdas = schedule_values(l1, steps)
   if not np.all(np.isfinite(lambdas)) or np.any(lambdas < 0):
     raise ValueError("the λ schedule gives negative or non-finite values")
   lr_fn = _lr_schedule(learning_rate, lr_schedule, steps, lr_warmup_steps, lr_min_ratio)
-  lrs = _schedule_values(lr_fn, steps)
+  lrs = schedule_values(lr_fn, steps)
   if not (math.isfinite(clip_norm) and clip_norm > 0) or not (math.isfinite(weight_decay) and weight_decay >= 0):
     raise ValueError(f"need clip_norm > 0 and weight_decay >= 0, got {clip_norm!r} and {weight_decay!r}")
   optimizer = nnx.Optimizer(model, _optimizer_tx(float(clip_norm)), wrt=nnx.Param)
@@ -466,7 +442,7 @@ def train_prosparse(model: LlamaForCausalLM, batches: Any, *, l1: Callable[[Any]
   start = 0
   if state_dir is not None:
     state_dir = os.path.abspath(os.fspath(state_dir))
-    fingerprint = _json_roundtrip({
+    fingerprint = json_roundtrip({
         "version": _STATE_VERSION, "batches_sha256": hashlib.sha256(batches.tobytes()).hexdigest(),
         "batches_shape": list(batches.shape), "lambdas_sha256": hashlib.sha256(lambdas.tobytes()).hexdigest(),
         "learning_rate": learning_rate, "lr_schedule": lr_schedule, "lr_warmup_steps": lr_warmup_steps,
@@ -545,7 +521,8 @@ def _zero_counts(model, ids):
 
 
 @nnx.jit
-def _logits_and_zero_counts(model, ids):
+def logits_and_zero_counts(model, ids):
+  """The logits of ``ids`` and, per layer, the number of exact zeros of the FFN activations (one forward pass)."""
   logits, acts = model(ids, return_activations=True)
   return logits, _count_zeros(acts)
 
@@ -600,112 +577,18 @@ def activation_sparsity(model: LlamaForCausalLM, windows: Any, batch_size: int =
                             float(config.activation_threshold))
 
 
-# ---------------------------------------------------------------------------------------------------------- cli --
-
-
-def register_cli(subparsers: Any) -> argparse.ArgumentParser:
-  """Adds the ``prosparse`` subcommand to an ``argparse`` subparsers object (``set_defaults(func=cmd_prosparse)``).
-
-  Example:
-    >>> import argparse
-    >>> parser = argparse.ArgumentParser(prog="proxjax")
-    >>> p = register_cli(parser.add_subparsers(dest="command"))
-    >>> args = parser.parse_args(["prosparse", "smollm2", "out", "--l1-stages", "50:1e-4", "100:2e-4"])
-    >>> args.func.__name__, args.l1_stages, args.threshold
-    ('cmd_prosparse', [(50, 0.0001), (100, 0.0002)], 0.0)
-  """
-  def stage(text: str) -> tuple[int, float]:
-    try:
-      return parse_stage(text)
-    except ValueError as e:
-      raise argparse.ArgumentTypeError(str(e)) from None
-
-  p = subparsers.add_parser(
-      "prosparse", help="ProSparse: SiLU→ReLU, L1 on FFN activations, threshold shift; report activation sparsity",
-      description="ProSparse (Song et al. 2024) on a LLaMA-family checkpoint: switch the gate activation to ReLU, "
-                  "continue training on NLL + λ(t)·R (R = L1 norm of all FFN intermediate activations of a token, "
-                  "summed over layers, averaged over tokens), optionally shift to FATReLU, and report activation "
-                  "sparsity (exact zeros) and perplexity on held-out text before and after.")
-  p.add_argument("model_dir", help="Hugging Face checkpoint directory, or 'smollm2' for the bundled model")
-  p.add_argument("out_dir")
-  p.add_argument("--train", default="wiki", help="training text: a load_documents source (calibration split) or "
-                 "a .txt/.jsonl/.parquet path (default wiki)")
-  p.add_argument("--steps", type=int, default=100, help="optimizer steps (default 100)")
-  p.add_argument("--batch-size", type=int, default=4, help="windows per step (default 4)")
-  p.add_argument("--seqlen", type=int, default=256, help="training window length, packed documents (default 256)")
-  p.add_argument("--seed", type=int, default=0, help="document shuffle seed of the packed windows (default 0)")
-  p.add_argument("--lr", type=float, default=5e-5, help="peak AdamW learning rate (default 5e-5)")
-  p.add_argument("--lr-schedule", choices=("cosine", "constant"), default="cosine",
-                 help="cosine decay to 10%% of --lr at the last step, or constant (default cosine)")
-  p.add_argument("--lr-warmup-steps", type=int, default=0, help="linear learning-rate warm-up (default 0)")
-  p.add_argument("--weight-decay", type=float, default=0.0)
-  p.add_argument("--l1-warmup", type=float, default=0.0, metavar="LAMBDA0",
-                 help="λ₀ of the warm-up stage (default 0)")
-  p.add_argument("--l1-warmup-steps", type=int, default=0, metavar="T0",
-                 help="steps of the warm-up stage (default 0)")
-  p.add_argument("--l1-stages", type=stage, nargs="+", default=[], metavar="STEP:PEAK",
-                 help="sine stages: each rises from the previous λ to PEAK, reached at absolute step STEP "
-                      "(increasing, after T0, at most --steps); λ stays at the last PEAK afterwards")
-  p.add_argument("--threshold", type=float, default=0.0,
-                 help="FATReLU threshold θ set after training (ProSparse: 0.01; default 0 = plain ReLU)")
-  p.add_argument("--export", choices=("fatrelu", "relu"),
-                 help="with --threshold > 0 (required then): 'fatrelu' writes config.json hidden_act 'fatrelu' + "
-                      "hidden_act_param θ (proxjax runs it exactly, transformers refuses to load it); 'relu' saves "
-                      "the trained weights as plain ReLU (θ = 0: what transformers runs faithfully)")
-  p.add_argument("--eval", default="lee", metavar="DATASET",
-                 help="held-out text for perplexity and activation sparsity before and after (default lee; "
-                      "'none' to skip)")
-  p.add_argument("--eval-seqlen", type=int, default=512)
-  p.add_argument("--eval-batch-size", type=int, default=8)
-  p.add_argument("--max-windows", type=int, help="evaluation windows at most")
-  p.add_argument("--state-dir", help="resume state (default OUT_DIR.proxjax-state); removed after success")
-  p.add_argument("--save-every", type=int, default=50, help="save the resume state every N steps (default 50)")
-  p.add_argument("--restart", action="store_true", help="discard existing resume state")
-  p.add_argument("--keep-state", action="store_true", help="keep the resume state after success")
-  p.add_argument("--report", help="JSON report path (default OUT_DIR/proxjax-prosparse.json)")
-  p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
-  p.add_argument("--quiet", action="store_true", help="no progress bars")
-  p.set_defaults(func=cmd_prosparse)
-  return p
-
-
-def _check_args(args: argparse.Namespace) -> None:
-  for name in ("steps", "batch_size", "eval_seqlen", "eval_batch_size"):
-    if getattr(args, name) < 1:
-      raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 1")
-  if args.seqlen < 2:
-    raise SystemExit("error: --seqlen must be >= 2")
-  if args.max_windows is not None and args.max_windows < 1:
-    raise SystemExit("error: --max-windows must be >= 1")
-  if args.save_every < 0 or args.lr_warmup_steps < 0 or args.l1_warmup_steps < 0:
-    raise SystemExit("error: --save-every, --lr-warmup-steps and --l1-warmup-steps must be >= 0")
-  if args.l1_warmup_steps > args.steps or any(end > args.steps for end, _ in args.l1_stages):
-    raise SystemExit(f"error: --l1-warmup-steps and every --l1-stages STEP must be <= --steps ({args.steps})")
-  if not math.isfinite(args.threshold) or args.threshold < 0:
-    raise SystemExit("error: --threshold must be a finite number >= 0")
-  if args.threshold > 0 and args.export is None:
-    raise SystemExit(
-        f"error: --threshold {args.threshold:g} makes a FATReLU model (x if x > θ else 0), which Hugging Face "
-        "transformers cannot run: choose how to save it, --export fatrelu (config.json hidden_act 'fatrelu', "
-        f"hidden_act_param {args.threshold:g}: exact in proxjax, refused by transformers) or --export relu (the "
-        "trained weights as plain ReLU, θ = 0, which transformers runs faithfully; both are measured)")
-  if args.threshold == 0 and args.export == "fatrelu":
-    raise SystemExit("error: --export fatrelu needs --threshold > 0")
-
-
-def _measure(model: Any, eval_data: Any, batch_size: int, progress: bool) -> dict[str, Any]:
-  """Perplexity (:func:`proxjax.evaluate.perplexity`, as ``proxjax eval``) and activation sparsity (as
+def perplexity_and_sparsity(model: Any, eval_data: Any, batch_size: int = 8, progress: bool = False) -> dict[str, Any]:
+  """Perplexity (:func:`proxjax.pipeline.evaluate.perplexity`, as ``proxjax eval``) and activation sparsity (as
   :func:`activation_sparsity`) from the same forward passes: the zero counts of each batch are taken next to its
   logits, and the padded rows of the last batch (``perplexity`` pads with copies of the batch's first window, in
   window order) are dropped."""
-  from proxjax import evaluate  # pylint: disable=import-outside-toplevel
   windows = np.asarray(eval_data.windows)
   n_windows, seqlen = windows.shape
   bs = min(batch_size, n_windows)
   counts: list[np.ndarray] = []
 
   def logits_fn(ids: jax.Array) -> jax.Array:
-    logits, zeros = _logits_and_zero_counts(model, ids)
+    logits, zeros = logits_and_zero_counts(model, ids)
     valid = min(bs, n_windows - bs * len(counts))
     counts.append(np.asarray(zeros)[:, :valid].astype(np.int64).sum(axis=1))
     return logits
@@ -719,114 +602,3 @@ def _measure(model: Any, eval_data: Any, batch_size: int, progress: bool) -> dic
   return {"hidden_act": c.hidden_act, "threshold": c.activation_threshold, "ppl": ppl.ppl, "nll": ppl.nll,
           "predicted_tokens": ppl.predicted_tokens, "sparsity": float(zeros.sum() / (units * len(zeros))),
           "sparsity_per_layer": [float(z / units) for z in zeros], "sparsity_tokens": int(n_windows * seqlen)}
-
-
-def cmd_prosparse(args: argparse.Namespace) -> int:
-  """The ``proxjax prosparse`` command (see :func:`register_cli`)."""
-  import proxjax  # pylint: disable=import-outside-toplevel
-  from proxjax import cli, data, report  # pylint: disable=import-outside-toplevel
-  from proxjax.models import load_pretrained, save_pretrained  # pylint: disable=import-outside-toplevel
-
-  _check_args(args)
-  model_dir = cli._model_dir(args.model_dir)  # pylint: disable=protected-access
-  out_dir = cli._check_out_dir(args.out_dir, args.overwrite)  # pylint: disable=protected-access
-  state_dir = os.path.abspath(args.state_dir or out_dir.rstrip(os.sep) + ".proxjax-state")
-  if args.restart and os.path.isdir(state_dir):
-    shutil.rmtree(state_dir)
-  progress = not args.quiet
-  l1 = l1_schedule(args.l1_warmup, args.l1_warmup_steps, args.l1_stages)  # validates before any long work
-  t0 = time.perf_counter()
-
-  model = load_pretrained(model_dir, param_dtype=jnp.float32)  # trained in float32; saved in the source dtype
-  source_act, source_threshold = model.config.hidden_act, model.config.activation_threshold
-  tokenizer = data.load_tokenizer(model_dir)
-  documents = data.load_documents(args.train, split="calibration")
-  ids = data.calibration_windows(tokenizer, documents, nsamples=args.steps * args.batch_size, seqlen=args.seqlen,
-                                 seed=args.seed)
-  batches = ids.reshape(args.steps, args.batch_size, args.seqlen)
-  lambdas = _schedule_values(l1, args.steps)
-  result: dict[str, Any] = {
-      "proxjax_version": proxjax.__version__, "source_model": os.path.abspath(model_dir),
-      "source_hidden_act": source_act, "source_threshold": source_threshold,
-      "converted_to_relu": source_act != "relu",
-      "train": {"source": args.train, "split": "calibration", "documents": len(documents), "steps": args.steps,
-                "batch_size": args.batch_size, "seqlen": args.seqlen, "tokens": int(ids.size), "seed": args.seed,
-                "mode": "packed"},
-      "optimizer": {"name": "adamw", "learning_rate": args.lr, "lr_schedule": args.lr_schedule,
-                    "lr_warmup_steps": args.lr_warmup_steps, "lr_min_ratio": 0.1, "weight_decay": args.weight_decay,
-                    "betas": [0.9, 0.999], "clip_norm": 1.0, "param_dtype": "float32"},
-      "l1": {"penalty": "R = sum over layers of mean over tokens of sum over units |a| (a = act(gate(x)))",
-             "warmup": args.l1_warmup, "warmup_steps": args.l1_warmup_steps,
-             "stages": [{"end_step": e, "peak": v} for e, v in args.l1_stages],
-             "schedule": "lambda(t) = l_{i-1} + (l_i - l_{i-1}) sin(pi/2 (t - T_{i-1}) / (T_i - T_{i-1})) "
-                         "(our reading of ProSparse)", "final_lambda": float(lambdas[-1])},
-      "threshold": args.threshold,
-  }
-  print(f"proxjax {proxjax.__version__}: prosparse {model_dir} ({source_act}"
-        f"{f', threshold {source_threshold:g}' if source_threshold else ''}) -> {out_dir}; {args.steps} steps of "
-        f"{args.batch_size} x {args.seqlen} tokens from {args.train}", file=sys.stderr)
-
-  eval_data = None
-  if args.eval != "none":
-    eval_data = cli._eval_data(model_dir, args.eval, args.eval_seqlen, args.max_windows)  # pylint: disable=W0212
-    result["eval"] = {"dataset": args.eval, "protocol": dict(eval_data.protocol)}
-    cached = os.path.join(state_dir, "eval-before.json")
-    before = None
-    if os.path.isfile(cached):
-      with open(cached) as f:
-        saved = json.load(f)
-      if saved.get("protocol") == _json_roundtrip(eval_data.protocol) and saved.get("model") == result["source_model"]:
-        before = saved["before"]
-    if before is None:
-      before = _measure(model, eval_data, args.eval_batch_size, progress)
-      os.makedirs(state_dir, exist_ok=True)
-      report.write_json(cached, {"protocol": eval_data.protocol, "model": result["source_model"], "before": before})
-    result["before"] = before
-
-  relu = with_activation(model, "relu", 0.0)  # SiLU → ReLU (a ReLU/FATReLU source trains as plain ReLU)
-  del model
-  trained = train_prosparse(
-      relu, batches, l1=l1, learning_rate=args.lr, lr_schedule=args.lr_schedule,
-      lr_warmup_steps=args.lr_warmup_steps, weight_decay=args.weight_decay, state_dir=state_dir,
-      save_every=args.save_every, progress=progress,
-      run_info={"source_model": result["source_model"], "train": result["train"]})
-  relu = trained.model
-  result["training"] = {"resumed_from": trained.resumed_from, "first_loss": trained.losses[0],
-                        "last_loss": trained.losses[-1], "losses": trained.losses, "lm_losses": trained.lm_losses,
-                        "l1": trained.l1, "lambdas": trained.lambdas, "zero_fractions": trained.zero_fractions,
-                        "learning_rates": trained.learning_rates, "seconds": trained.seconds}
-  final = with_activation(relu, "relu", args.threshold) if args.threshold > 0 else relu
-  if eval_data is not None:
-    result["after_relu"] = _measure(relu, eval_data, args.eval_batch_size, progress)
-    if args.threshold > 0:
-      result["after_threshold"] = _measure(final, eval_data, args.eval_batch_size, progress)
-    result["after"] = result["after_threshold" if args.threshold > 0 else "after_relu"]
-
-  saved_model = final if args.export != "relu" else relu
-  theta = saved_model.config.activation_threshold
-  result["export"] = {
-      "mode": args.export or "relu", "hidden_act": "fatrelu" if theta > 0 else "relu", "hidden_act_param": theta,
-      "threshold_applied": theta, "dtype": saved_model.config.dtype or "float32",
-      "note": ("FATReLU: config.json hidden_act 'fatrelu' with hidden_act_param (proxjax load_pretrained runs it "
-               "exactly; transformers' LlamaForCausalLM refuses it)" if theta > 0 else
-               "plain ReLU: transformers' LlamaForCausalLM runs it faithfully" +
-               (f" (trained for threshold {args.threshold:g}; saved without it, see after_relu)"
-                if args.threshold > 0 else ""))}
-  result["seconds"] = time.perf_counter() - t0
-  summary = {k: v for k, v in result.items() if k != "training"}
-  summary["training"] = {k: result["training"][k] for k in ("resumed_from", "first_loss", "last_loss")}
-  save_pretrained(saved_model, out_dir, source_dir=model_dir,
-                  metadata={**cli._provenance(model_dir), "prosparse": summary},  # pylint: disable=W0212
-                  overwrite=args.overwrite, allow_fatrelu=theta > 0)
-  report_path = args.report or os.path.join(out_dir, "proxjax-prosparse.json")
-  report.write_json(report_path, result)
-  if not args.keep_state and os.path.isdir(state_dir):
-    shutil.rmtree(state_dir)
-  msg = (f"wrote {out_dir} ({result['export']['hidden_act']}{f' {theta:g}' if theta else ''}): {args.steps} steps, "
-         f"loss {trained.losses[0]:.4f} -> {trained.losses[-1]:.4f}")
-  if eval_data is not None:
-    b, a = result["before"], result["after"]
-    msg += (f"; {args.eval} perplexity {b['ppl']:.3f} -> {a['ppl']:.3f}, activation sparsity "
-            f"{b['sparsity']:.4f} -> {a['sparsity']:.4f}")
-  print(msg + f"; report {report_path}")
-  return 0

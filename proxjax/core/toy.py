@@ -1,4 +1,4 @@
-"""The toy layer of SPEC §8, on which the prox method visibly beats the layer-wise baselines.
+"""The toy layer of docs/method.md ("The toy layer"), on which the prox method visibly beats the layer-wise baselines.
 
 Consecutive input features come in strongly correlated pairs, so the best 2:4 support keeps one feature of a pair and
 lets refinement move the other's weight onto it; magnitude and Wanda scores cannot see that, the local loss can.
@@ -14,7 +14,7 @@ __all__ = ["correlated_pairs_layer"]
 
 def correlated_pairs_layer(d_in: int = 64, d_out: int = 32, tokens: int = 4000, *, rho: float = 0.95,
                            seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  r"""A random layer and calibration inputs with correlated feature pairs (SPEC §8).
+  r"""A random layer and calibration inputs with correlated feature pairs (docs/method.md, "The toy layer").
 
   ``z ~ N(0, I)``; ``x_{2j} = z_{2j}``, ``x_{2j+1} = ρ z_{2j} + \sqrt{1 − ρ²} z_{2j+1}``; every feature scaled by
   ``U(0.5, 2)``; ``W ~ N(0, 1)``.
@@ -25,7 +25,7 @@ def correlated_pairs_layer(d_in: int = 64, d_out: int = 32, tokens: int = 4000, 
 
   Example:
     >>> import numpy as np, proxjax
-    >>> from proxjax.toy import correlated_pairs_layer
+    >>> from proxjax.core.toy import correlated_pairs_layer
     >>> k, x, h = correlated_pairs_layer()
     >>> res = proxjax.prune_kernel(k, h.astype(np.float32), "wanda")
     >>> round(float(res.info.loss_after_refine), 3)

@@ -1,4 +1,4 @@
-r"""Text sources, a tokenizer wrapper, and calibration / evaluation token windows (SPEC §6–7).
+r"""Text sources, a tokenizer wrapper, and calibration / evaluation token windows (docs/method.md, "Text sources" and "Evaluation protocol").
 
 **Sources** (:func:`load_documents`), each a list of documents (strings) in a fixed order:
 
@@ -770,7 +770,7 @@ def calibration_windows(tokenizer: TextTokenizer, documents: Sequence[str], *, n
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Evaluation windows and the SPEC §7 protocols
+# Evaluation windows and their protocols
 # ---------------------------------------------------------------------------------------------------------------------
 
 
@@ -795,7 +795,7 @@ def evaluation_windows(tokenizer: TextTokenizer, documents: Sequence[str], *, se
   """Non-overlapping evaluation windows: ``joiner.join(documents)`` tokenized once, cut every ``seqlen`` tokens.
 
   The token stream is first truncated to ``max_tokens`` (if given), then cut into ``⌊n/seqlen⌋`` windows (the tail is
-  dropped), of which the first ``max_windows`` (if given) are kept. SPEC §7's C4 rule "first 256 × seqlen tokens" is
+  dropped), of which the first ``max_windows`` (if given) are kept. The C4 rule of docs/method.md ("Evaluation protocol") "first 256 × seqlen tokens" is
   ``max_tokens=256*seqlen`` (equivalently ``max_windows=256``).
 
   Args:
@@ -857,7 +857,7 @@ def evaluation_windows(tokenizer: TextTokenizer, documents: Sequence[str], *, se
 
 
 class EvalProtocol(NamedTuple):
-  """How a source is evaluated (SPEC §7).
+  """How a source is evaluated (docs/method.md, "Evaluation protocol").
 
   Attributes:
     source: the source name or path.
@@ -877,7 +877,7 @@ class EvalProtocol(NamedTuple):
 
 
 def evaluation_protocol(source: str | os.PathLike) -> EvalProtocol:
-  """The SPEC §7 evaluation protocol of a source.
+  """The evaluation protocol of a source.
 
   * ``"wikitext2"``: test split, all rows joined with ``"\\n\\n"``, all windows.
   * ``"c4"``: validation shard 0, first 1100 documents joined with ``" "``, first ``256 · seqlen`` tokens.

@@ -45,7 +45,7 @@ def hessian_init(d_in: int) -> HessianState:
   """An empty :class:`HessianState` for a layer with ``d_in`` inputs (zero sum, zero tokens).
 
   Example:
-    >>> import proxjax.calibration as cal
+    >>> import proxjax.pruning.calibration as cal
     >>> s = cal.hessian_init(3)
     >>> s.xtx.shape, s.xtx.dtype, int(s.count)
     ((3, 3), dtype('float32'), 0)
@@ -83,7 +83,7 @@ def hessian_update(state: HessianState, x: ArrayLike, mask: ArrayLike | None = N
     The new state. Pure and jit-compiled: one compile per distinct shape/dtype of ``x`` (and of ``mask``).
 
   Example:
-    >>> import jax.numpy as jnp, proxjax.calibration as cal
+    >>> import jax.numpy as jnp, proxjax.pruning.calibration as cal
     >>> s = cal.hessian_update(cal.hessian_init(2), jnp.array([[1., 2.], [3., 4.]]))
     >>> s.xtx
     Array([[10., 14.],
@@ -108,7 +108,7 @@ def hessian_merge(a: HessianState, b: HessianState) -> HessianState:
   """Combines the statistics of two disjoint token sets (sum of sums and counts; e.g. across data shards).
 
   Example:
-    >>> import jax.numpy as jnp, proxjax.calibration as cal
+    >>> import jax.numpy as jnp, proxjax.pruning.calibration as cal
     >>> s = cal.hessian_init(2)
     >>> a = cal.hessian_update(s, jnp.array([1., 2.]))
     >>> b = cal.hessian_update(s, jnp.array([3., 4.]))
@@ -129,7 +129,7 @@ def hessian_from_state(state: HessianState) -> jax.Array:
   impossible and ``n = 0`` gives NaN.
 
   Example:
-    >>> import jax.numpy as jnp, proxjax.calibration as cal
+    >>> import jax.numpy as jnp, proxjax.pruning.calibration as cal
     >>> s = cal.hessian_update(cal.hessian_init(2), jnp.array([[1., 2.], [3., 4.]]))
     >>> cal.hessian_from_state(s)
     Array([[ 5.,  7.],
@@ -144,7 +144,7 @@ def input_norms(state: HessianState) -> jax.Array:
   """The Wanda input norms ``‖X_j‖₂ = sqrt(Σ_t x_tj²) = sqrt(n·H_jj)`` over all tokens seen (``(d_in,)`` float32).
 
   Example:
-    >>> import jax.numpy as jnp, proxjax.calibration as cal
+    >>> import jax.numpy as jnp, proxjax.pruning.calibration as cal
     >>> s = cal.hessian_update(cal.hessian_init(2), jnp.array([[3., 0.], [4., 1.]]))
     >>> cal.input_norms(s)
     Array([5., 1.], dtype=float32)

@@ -43,7 +43,7 @@ KeyPath = Sequence[Any]
 Spec = None | Callable[[KeyPath, Any], "int | None"] | Any
 """A sparsity spec: ``None`` (default rule), a callable ``(path, leaf) -> int | None`` or a pytree of ints/None."""
 
-_is_none = lambda v: v is None  # noqa: E731  (None is an empty pytree node in JAX; treat it as a spec leaf)
+is_none = lambda v: v is None  # noqa: E731  (None is an empty pytree node in JAX; treat it as a spec leaf)
 
 
 def _key_name(key: Any) -> Any:
@@ -136,7 +136,7 @@ def _check_axis(path: KeyPath, leaf: Any, axis: Any, m: int) -> int | None:
   return axis
 
 
-def _flat_spec(params: Any, spec: Spec = None, *, m: int = 4) -> tuple[Any, list[int | None]]:
+def flat_spec(params: Any, spec: Spec = None, *, m: int = 4) -> tuple[Any, list[int | None]]:
   """Returns ``(pure_params, axes)``: Variables unwrapped, and one validated axis (or None) per leaf, in leaf order."""
   if params is None:
     raise ValueError("a sparsity spec needs the params pytree, got None")
@@ -150,7 +150,7 @@ def _flat_spec(params: Any, spec: Spec = None, *, m: int = 4) -> tuple[Any, list
     entries = [spec(path, leaf) for path, leaf in path_leaves]
   else:
     try:
-      entries = treedef.flatten_up_to(jax.tree.broadcast(nnx.as_pure(spec), params, is_leaf=_is_none))
+      entries = treedef.flatten_up_to(jax.tree.broadcast(nnx.as_pure(spec), params, is_leaf=is_none))
     except (ValueError, TypeError) as e:
       raise ValueError(
           "the spec pytree must have the structure of params (or a prefix of it) with int or None leaves; build it "
@@ -187,5 +187,5 @@ def resolve_spec(params: Any, spec: Spec = None, *, m: int = 4) -> Any:
     >>> proxjax.resolve_spec({'stack': {'kernel': jnp.ones((3, 8, 4))}}, {'stack': {'kernel': -2}})
     {'stack': {'kernel': 1}}
   """
-  params, axes = _flat_spec(params, spec, m=m)
+  params, axes = flat_spec(params, spec, m=m)
   return jax.tree.unflatten(jax.tree.structure(params), axes)

@@ -1,4 +1,4 @@
-r"""Masked refinement of a pruned linear layer on its local quadratic loss (SPEC §4.2, §4.6).
+r"""Masked refinement of a pruned linear layer on its local quadratic loss (docs/method.md, "Preconditioning" and "Refinement").
 
 Layout and loss (Flax): a kernel ``K`` is ``(d_in, d_out)``, ``H = X Xᵀ / n`` is the ``(d_in, d_in)`` second moment
 of the layer's calibration inputs, and the **local loss** of a candidate ``K`` against the dense ``K₀`` is
@@ -20,12 +20,12 @@ d_out)`` matmul per iteration) and both with the masked entries exactly 0:
   its own step scalars; it reaches the exact minimizer in at most ``|S|`` iterations in exact arithmetic and in far
   fewer than gradient descent in practice (``benchmarks/bench_pruner.py``).
 
-Both work in the **preconditioned coordinates** of :func:`precondition` (SPEC §4.2): ``d_j = sqrt(H_jj)``,
+Both work in the **preconditioned coordinates** of :func:`precondition` (docs/method.md, "Preconditioning"): ``d_j = sqrt(H_jj)``,
 ``K̃ = diag(d) K``, ``H̃ = diag(d)⁻¹ H diag(d)⁻¹`` (unit diagonal). The loss is the same in both coordinates
 (``Δ̃ᵀ H̃ Δ̃ = Δᵀ H Δ``), so this changes the iterates, not the problem: gradient descent in ``K̃`` is gradient descent
 with the diagonal (Jacobi) preconditioner ``diag(H)⁻¹``, and conjugate gradients in ``K̃`` is Jacobi-preconditioned CG.
 Inputs with ``H_jj = 0`` ("dead": the feature is always zero) carry no signal; their weights do not change the loss and
-are set to 0 by the refinement. An optional damping ``δ`` adds ``δ·I`` to ``H̃`` on the live inputs
+are set to 0 by the refinement. An optional ridge ``δ`` (option ``ridge``) adds ``δ·I`` to ``H̃`` on the live inputs
 (``δ·mean(diag H̃)``, the diagonal of ``H̃`` being 1), i.e. the term ``(δ/2)‖K̃ − K̃₀‖²``, which is ``H + δ·diag(H)`` in
 the original coordinates **[convention]**; the scaling ``d`` always comes from the undamped diagonal. Losses are
 always reported undamped.
@@ -37,15 +37,15 @@ the option ``precision`` (default ``"highest"``: full float32 also on GPUs, whos
 
 from __future__ import annotations
 
-import contextlib
 import functools
-from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike
+
+from proxjax.core import progress
 
 __all__ = ["Preconditioned", "precondition", "relative_local_loss", "refine_gd", "refine_cg"]
 
@@ -56,7 +56,7 @@ _HIGHEST = lax.Precision.HIGHEST
 
 
 class Preconditioned(NamedTuple):
-  """The Wanda-style diagonal preconditioning of a layer's Hessian (SPEC §4.2).
+  """The Wanda-style diagonal preconditioning of a layer's Hessian (docs/method.md, "Preconditioning").
 
   Attributes:
     scale: ``d`` ``(d_in,)``, ``sqrt(H_jj)`` (0 on dead inputs); ``K̃ = diag(d) K``.
@@ -74,7 +74,7 @@ class Preconditioned(NamedTuple):
   lipschitz: jax.Array
 
 
-def _precision(precision: PrecisionLike) -> lax.Precision:
+def as_precision(precision: PrecisionLike) -> lax.Precision:
   if precision is None:
     return lax.Precision.DEFAULT
   if isinstance(precision, lax.Precision):
@@ -82,7 +82,7 @@ def _precision(precision: PrecisionLike) -> lax.Precision:
   return lax.Precision(precision)
 
 
-def _precondition(hessian: jax.Array, lipschitz: bool = True) -> Preconditioned:
+def precondition_hessian(hessian: jax.Array, lipschitz: bool = True) -> Preconditioned:
   """See :func:`precondition`; with ``lipschitz=False`` the ``eigvalsh`` (``O(d_in³)``) is skipped and ``L = 1``."""
   h = jnp.asarray(hessian, _F32)
   h = 0.5 * (h + h.T)
@@ -117,13 +117,13 @@ def precondition(hessian: ArrayLike) -> Preconditioned:
     A :class:`Preconditioned` (float32), including ``L = λ_max(H̃)`` from ``eigvalsh``.
 
   Example:
-    >>> import jax.numpy as jnp, proxjax.refine as refine
+    >>> import jax.numpy as jnp, proxjax.pruning.refine as refine
     >>> p = refine.precondition(jnp.array([[4., 2.], [2., 1.]]))
     >>> p.scale, p.hessian, float(p.lipschitz)
     (Array([2., 1.], dtype=float32), Array([[1., 1.],
            [1., 1.]], dtype=float32), 2.0)
   """
-  return _precondition(jnp.asarray(hessian))
+  return precondition_hessian(jnp.asarray(hessian))
 
 
 def _quad(delta: jax.Array, hessian: jax.Array) -> jax.Array:
@@ -135,7 +135,7 @@ def _ratio(num: jax.Array, den: jax.Array) -> jax.Array:
   return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), jnp.where(num > 0, jnp.inf, 0.0))
 
 
-def _relative_loss_t(vt: jax.Array, k0t: jax.Array, ht: jax.Array) -> jax.Array:
+def relative_loss_preconditioned(vt: jax.Array, k0t: jax.Array, ht: jax.Array) -> jax.Array:
   """Relative local loss in preconditioned coordinates (undamped ``H̃``)."""
   return _ratio(_quad(vt - k0t, ht), _quad(k0t, ht))
 
@@ -152,7 +152,7 @@ def relative_local_loss(kernel: ArrayLike, kernel0: ArrayLike, hessian: ArrayLik
     hessian: ``H`` ``(d_in, d_in)``.
 
   Example:
-    >>> import jax.numpy as jnp, proxjax.refine as refine
+    >>> import jax.numpy as jnp, proxjax.pruning.refine as refine
     >>> k0 = jnp.array([[1.], [2.]])
     >>> float(refine.relative_local_loss(jnp.array([[1.], [0.]]), k0, jnp.eye(2)))
     0.8
@@ -164,80 +164,28 @@ def relative_local_loss(kernel: ArrayLike, kernel0: ArrayLike, hessian: ArrayLik
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Progress reporting from inside compiled loops: a host callback every `every` iterations updates a tqdm bar that the
-# (non-jitted) caller registered under a stage name. The callback function is a module-level object, so the compiled
-# program never captures a particular bar, and `every` is traced (0 = off): one compile serves every call, with the
-# bar on or off. The cost when off is one scalar `lax.cond` per iteration, next to a (d_in, d_in) @ (d_in, d_out)
-# matmul.
-
-_BARS: dict[str, Any] = {}
+# Cores on preconditioned float32 arrays, shared with proxjax.pruning.pruner (called inside its jitted functions).
 
 
-def _progress_callback(stage: str, k: Any, left: Any) -> None:
-  bar = _BARS.get(stage)
-  if bar is None:
-    return
-  k = int(k)
-  if k > bar.n:
-    bar.update(k - bar.n)
-  if int(left) >= 0:
-    bar.set_postfix(groups_left=int(left), refresh=False)
-
-
-def _tick(stage: str, k: jax.Array, every: jax.Array | None, left: jax.Array | int = -1) -> None:
-  """Calls the host progress callback at iterations ``k`` divisible by ``every`` (traced; never when ``every <= 0``).
-
-  ``every=None`` compiles no callback at all (the public refinement functions).
-  """
-  if every is None:
-    return
-  report = functools.partial(_progress_callback, stage)
-  left = jnp.asarray(left, jnp.int32)
-  every = jnp.asarray(every, jnp.int32)
-  due = (every > 0) & (k % jnp.maximum(every, 1) == 0)
-  lax.cond(due, lambda: jax.debug.callback(report, k, left), lambda: None)
-
-
-@contextlib.contextmanager
-def _progress_bar(stage: str, total: int, desc: str, enabled: bool) -> Iterator[None]:
-  """Registers a tqdm bar for ``stage`` while a (blocking) computation runs; flushes callbacks before closing."""
-  if not enabled:
-    yield
-    return
-  from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
-  bar = tqdm(total=total, desc=desc, leave=False)
-  _BARS[stage] = bar
-  try:
-    yield
-  finally:
-    jax.effects_barrier()
-    _BARS.pop(stage, None)
-    bar.close()
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Cores on preconditioned float32 arrays, shared with proxjax.pruner (called inside its jitted functions).
-
-
-def _grad(v: jax.Array, k0t: jax.Array, ht: jax.Array, damp: jax.Array, precision: lax.Precision) -> jax.Array:
+def local_grad(v: jax.Array, k0t: jax.Array, ht: jax.Array, ridge: jax.Array, precision: lax.Precision) -> jax.Array:
   """``(H̃ + δ I)(Ṽ − K̃₀)``; rows of dead inputs are zero in ``Ṽ − K̃₀`` (both are zero there)."""
   delta = v - k0t
-  return jnp.matmul(ht, delta, precision=precision) + damp * delta
+  return jnp.matmul(ht, delta, precision=precision) + ridge * delta
 
 
-def _gd_core(vt: jax.Array, mask: jax.Array, k0t: jax.Array, ht: jax.Array, eta: jax.Array, damp: jax.Array,
+def gd_core(vt: jax.Array, mask: jax.Array, k0t: jax.Array, ht: jax.Array, eta: jax.Array, ridge: jax.Array,
              steps: jax.Array, *, precision: lax.Precision, progress_every: jax.Array | None = None) -> jax.Array:
   """``steps`` iterations of ``Ṽ ← M ⊙ (Ṽ − η (H̃ + δI)(Ṽ − K̃₀))`` from ``M ⊙ Ṽ``."""
 
   def body(i, v):
-    v = jnp.where(mask, v - eta * _grad(v, k0t, ht, damp, precision), 0.0)
-    _tick("refine", i + 1, progress_every)
+    v = jnp.where(mask, v - eta * local_grad(v, k0t, ht, ridge, precision), 0.0)
+    progress.REFINE.tick(i + 1, progress_every)
     return v
 
   return lax.fori_loop(0, steps, body, jnp.where(mask, vt, 0.0))
 
 
-def _cg_core(vt: jax.Array, mask: jax.Array, k0t: jax.Array, ht: jax.Array, damp: jax.Array, steps: jax.Array,
+def cg_core(vt: jax.Array, mask: jax.Array, k0t: jax.Array, ht: jax.Array, ridge: jax.Array, steps: jax.Array,
              tol: jax.Array, *, precision: lax.Precision,
              progress_every: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """Batched masked CG on ``P_c (H̃ + δI) P_c k = P_c (H̃ + δI) k̃₀`` for every column ``c``, from ``M ⊙ Ṽ``.
@@ -247,8 +195,8 @@ def _cg_core(vt: jax.Array, mask: jax.Array, k0t: jax.Array, ht: jax.Array, damp
   column has stopped or after ``steps`` iterations. Returns ``(Ṽ, iterations)``.
   """
   x = jnp.where(mask, vt, 0.0)
-  b = jnp.where(mask, jnp.matmul(ht, k0t, precision=precision) + damp * k0t, 0.0)
-  r = -jnp.where(mask, _grad(x, k0t, ht, damp, precision), 0.0)
+  b = jnp.where(mask, jnp.matmul(ht, k0t, precision=precision) + ridge * k0t, 0.0)
+  r = -jnp.where(mask, local_grad(x, k0t, ht, ridge, precision), 0.0)
   rr = jnp.sum(r * r, axis=0)
   thresh = jnp.square(tol) * jnp.sum(b * b, axis=0)
   active = rr > thresh
@@ -259,7 +207,7 @@ def _cg_core(vt: jax.Array, mask: jax.Array, k0t: jax.Array, ht: jax.Array, damp
 
   def body(state):
     x, r, p, rr, active, k = state
-    ap = jnp.where(mask, jnp.matmul(ht, p, precision=precision) + damp * p, 0.0)
+    ap = jnp.where(mask, jnp.matmul(ht, p, precision=precision) + ridge * p, 0.0)
     pap = jnp.sum(p * ap, axis=0)
     active = active & (pap > 0)
     alpha = jnp.where(active, rr / jnp.where(active, pap, 1.0), 0.0)
@@ -270,25 +218,25 @@ def _cg_core(vt: jax.Array, mask: jax.Array, k0t: jax.Array, ht: jax.Array, damp
     p = jnp.where(active, r + beta * p, p)
     rr = jnp.where(active, rr_new, rr)
     active = active & (rr > thresh)
-    _tick("refine", k + 1, progress_every)
+    progress.REFINE.tick(k + 1, progress_every)
     return x, r, p, rr, active, k + 1
 
   x, _, _, _, _, k = lax.while_loop(cond, body, (x, r, r, rr, active, jnp.zeros((), jnp.int32)))
   return jnp.where(mask, x, 0.0), k
 
 
-def _to_preconditioned(kernel: jax.Array, pre: Preconditioned) -> jax.Array:
+def to_preconditioned(kernel: jax.Array, pre: Preconditioned) -> jax.Array:
   return pre.scale[:, None] * jnp.asarray(kernel, _F32)
 
 
-def _from_preconditioned(vt: jax.Array, pre: Preconditioned) -> jax.Array:
+def from_preconditioned(vt: jax.Array, pre: Preconditioned) -> jax.Array:
   return pre.inv_scale[:, None] * vt
 
 
 @functools.partial(jax.jit, static_argnames=("precision",))
 def refine_gd(kernel: ArrayLike, mask: ArrayLike, kernel0: ArrayLike, hessian: ArrayLike, *,
-              steps: ArrayLike = 1000, damp: ArrayLike = 0.0, precision: PrecisionLike = "highest") -> jax.Array:
-  r"""Masked gradient descent on the local loss (the paper's refinement, SPEC §4.6).
+              steps: ArrayLike = 1000, ridge: ArrayLike = 0.0, precision: PrecisionLike = "highest") -> jax.Array:
+  r"""Masked gradient descent on the local loss (the paper's refinement, docs/method.md, "Refinement").
 
   Approximately solves, for the support ``M``,
 
@@ -306,14 +254,14 @@ def refine_gd(kernel: ArrayLike, mask: ArrayLike, kernel0: ArrayLike, hessian: A
     kernel0: the dense kernel ``K₀`` ``(d_in, d_out)``.
     hessian: ``H = X Xᵀ / n`` ``(d_in, d_in)``.
     steps: number of iterations (traced: changing it does not recompile).
-    damp: ``δ >= 0``, damping relative to the (unit) diagonal of ``H̃``.
+    ridge: ``δ >= 0``, ridge relative to the (unit) diagonal of ``H̃``.
     precision: matmul precision of the gradient (``"highest"``, ``"high"``, ``"default"`` or a ``lax.Precision``).
 
   Returns:
     The refined kernel, ``kernel``'s dtype, exactly 0 where ``mask`` is ``False``.
 
   Example:
-    >>> import jax.numpy as jnp, proxjax.refine as refine
+    >>> import jax.numpy as jnp, proxjax.pruning.refine as refine
     >>> h = jnp.array([[1., .5], [.5, 1.]]); k0 = jnp.array([[1.], [1.]]); mask = jnp.array([[True], [False]])
     >>> refine.refine_gd(k0, mask, k0, h, steps=50)  # argmin over k1 of ½(k − k0)ᵀH(k − k0), k2 = 0: k1 = 1.5
     Array([[1.5],
@@ -321,18 +269,18 @@ def refine_gd(kernel: ArrayLike, mask: ArrayLike, kernel0: ArrayLike, hessian: A
   """
   kernel = jnp.asarray(kernel)
   mask = jnp.asarray(mask, bool)
-  pre = _precondition(jnp.asarray(hessian))
-  k0t = _to_preconditioned(kernel0, pre)
-  damp = jnp.asarray(damp, _F32)
-  eta = 1.0 / (pre.lipschitz + damp)
-  vt = _gd_core(_to_preconditioned(kernel, pre), mask, k0t, pre.hessian, eta, damp, jnp.asarray(steps, jnp.int32),
-                precision=_precision(precision))
-  return jnp.where(mask, _from_preconditioned(vt, pre), 0.0).astype(kernel.dtype)
+  pre = precondition_hessian(jnp.asarray(hessian))
+  k0t = to_preconditioned(kernel0, pre)
+  ridge = jnp.asarray(ridge, _F32)
+  eta = 1.0 / (pre.lipschitz + ridge)
+  vt = gd_core(to_preconditioned(kernel, pre), mask, k0t, pre.hessian, eta, ridge, jnp.asarray(steps, jnp.int32),
+                precision=as_precision(precision))
+  return jnp.where(mask, from_preconditioned(vt, pre), 0.0).astype(kernel.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("precision",))
 def refine_cg(kernel: ArrayLike, mask: ArrayLike, kernel0: ArrayLike, hessian: ArrayLike, *,
-              steps: ArrayLike = 200, tol: ArrayLike = 1e-6, damp: ArrayLike = 0.0,
+              steps: ArrayLike = 200, tol: ArrayLike = 1e-6, ridge: ArrayLike = 0.0,
               precision: PrecisionLike = "highest") -> jax.Array:
   r"""Masked conjugate gradients on the local loss: the exact per-column masked least-squares solution.
 
@@ -355,14 +303,14 @@ def refine_cg(kernel: ArrayLike, mask: ArrayLike, kernel0: ArrayLike, hessian: A
     hessian: ``H = X Xᵀ / n`` ``(d_in, d_in)``.
     steps: the cap on CG iterations (traced).
     tol: relative residual tolerance per column (traced).
-    damp: ``δ >= 0``, damping relative to the (unit) diagonal of ``H̃``.
+    ridge: ``δ >= 0``, ridge relative to the (unit) diagonal of ``H̃``.
     precision: matmul precision of the operator products.
 
   Returns:
     The refined kernel, ``kernel``'s dtype, exactly 0 where ``mask`` is ``False`` and on dead inputs.
 
   Example:
-    >>> import jax.numpy as jnp, proxjax.refine as refine
+    >>> import jax.numpy as jnp, proxjax.pruning.refine as refine
     >>> h = jnp.array([[1., .5], [.5, 1.]]); k0 = jnp.array([[1.], [1.]]); mask = jnp.array([[True], [False]])
     >>> refine.refine_cg(k0, mask, k0, h)
     Array([[1.5],
@@ -370,8 +318,8 @@ def refine_cg(kernel: ArrayLike, mask: ArrayLike, kernel0: ArrayLike, hessian: A
   """
   kernel = jnp.asarray(kernel)
   mask = jnp.asarray(mask, bool)
-  pre = _precondition(jnp.asarray(hessian), lipschitz=False)
-  k0t = _to_preconditioned(kernel0, pre)
-  vt, _ = _cg_core(_to_preconditioned(kernel, pre), mask, k0t, pre.hessian, jnp.asarray(damp, _F32),
-                   jnp.asarray(steps, jnp.int32), jnp.asarray(tol, _F32), precision=_precision(precision))
-  return jnp.where(mask, _from_preconditioned(vt, pre), 0.0).astype(kernel.dtype)
+  pre = precondition_hessian(jnp.asarray(hessian), lipschitz=False)
+  k0t = to_preconditioned(kernel0, pre)
+  vt, _ = cg_core(to_preconditioned(kernel, pre), mask, k0t, pre.hessian, jnp.asarray(ridge, _F32),
+                   jnp.asarray(steps, jnp.int32), jnp.asarray(tol, _F32), precision=as_precision(precision))
+  return jnp.where(mask, from_preconditioned(vt, pre), 0.0).astype(kernel.dtype)

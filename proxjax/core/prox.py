@@ -40,7 +40,8 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from proxjax import _xla, nm
+from proxjax.core import xla
+from proxjax.core import nm
 
 __all__ = ["prox_24", "regularizer_24"]
 
@@ -50,7 +51,7 @@ _HOMOTOPY = 6  # λ stages of the dense homotopy (one Newton step each)
 _CORRECT = 3  # extra Newton steps at the target λ for the dense face
 
 
-def _compute_dtype(dtype) -> jnp.dtype:
+def compute_dtype(dtype) -> jnp.dtype:
   return jnp.promote_types(dtype, jnp.float32)
 
 
@@ -157,9 +158,9 @@ def _prox_components(y: tuple[jax.Array, ...], lam: jax.Array) -> tuple[jax.Arra
   return tuple(out)
 
 
-@functools.partial(_xla.jit_fast_on_cpu, static_argnames=("axis",))
-def _prox_leaf(x: jax.Array, lam: jax.Array, axis: int) -> jax.Array:
-  ct = _compute_dtype(x.dtype)
+@functools.partial(xla.jit_fast_on_cpu, static_argnames=("axis",))
+def prox_leaf(x: jax.Array, lam: jax.Array, axis: int) -> jax.Array:
+  ct = compute_dtype(x.dtype)
   y = tuple(c.astype(ct) for c in _components(x, axis))
   w = _prox_components(y, jnp.asarray(lam, ct))
   return nm.merge_groups(jnp.stack(w, axis=axis + 1), axis).astype(x.dtype)
@@ -202,13 +203,13 @@ def prox_24(x: Any, hyperparams: Any, scaling: ArrayLike = 1.0, *, axis: int = 0
 
   def leaf(v, lam):
     v = jnp.asarray(v)
-    nm._check_floating(v, "prox_24 input")
+    nm.check_floating(v, "prox_24 input")
     ax = nm.group_axis(v.shape, 4, axis)
     lam = jnp.asarray(lam) * eta
     if lam.ndim:
       raise ValueError(f"prox_24 hyperparams and scaling must be scalars, got shape {lam.shape}")
     # A strongly typed λ of the compute dtype: Python floats and float32 scalars share one compile.
-    return _prox_leaf(v, jnp.asarray(lam, dtype=_compute_dtype(v.dtype)), ax)
+    return prox_leaf(v, jnp.asarray(lam, dtype=compute_dtype(v.dtype)), ax)
 
   if jax.tree.structure(hyperparams).num_leaves == 1 and jnp.ndim(jax.tree.leaves(hyperparams)[0]) == 0:
     lam0 = jax.tree.leaves(hyperparams)[0]
@@ -230,9 +231,9 @@ def regularizer_24(x: Any, *, axis: int = 0) -> jax.Array:
 
   def leaf(v):
     v = jnp.asarray(v)
-    nm._check_floating(v, "regularizer_24 input")
+    nm.check_floating(v, "regularizer_24 input")
     ax = nm.group_axis(v.shape, 4, axis)
-    a1, a2, a3, a4 = (jnp.abs(c).astype(_compute_dtype(v.dtype)) for c in _components(v, ax))
+    a1, a2, a3, a4 = (jnp.abs(c).astype(compute_dtype(v.dtype)) for c in _components(v, ax))
     return jnp.sum(a1 * a2 * (a3 + a4) + a3 * a4 * (a1 + a2))
 
   return sum(jax.tree.leaves(jax.tree.map(leaf, x)), jnp.zeros((), jnp.float32))

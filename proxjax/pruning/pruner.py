@@ -1,10 +1,10 @@
-r"""Layer-wise 2:4 pruning of a linear layer with the exact prox ("Algorithm 2: Matrix Prox Pruner 2:4", SPEC §4).
+r"""Layer-wise 2:4 pruning of a linear layer with the exact prox ("Algorithm 2: Matrix Prox Pruner 2:4", docs/method.md, "The prox method").
 
 Flax layout throughout: the kernel ``K`` is ``(d_in, d_out)``, 2:4 groups are 4 consecutive entries along **axis 0**
 (the input axis), ``H = X Xᵀ / n`` is ``(d_in, d_in)`` (mean over calibration tokens) and the local loss is
 ``f(K) = ½ tr((K − K₀)ᵀ H (K − K₀))``, ``∇f(K) = H (K − K₀)``.
 
-The prox method, in the preconditioned coordinates of :func:`proxjax.refine.precondition` (``d_j = sqrt(H_jj)``,
+The prox method, in the preconditioned coordinates of :func:`proxjax.pruning.refine.precondition` (``d_j = sqrt(H_jj)``,
 ``K̃ = diag(d) K``, ``H̃ = diag(d)⁻¹ H diag(d)⁻¹``, so ``|K̃|`` is the Wanda score):
 
 1. Dead inputs (``H_jj = 0``) are zeroed in ``K̃₀`` (this cannot change the loss) and so count as pruned.
@@ -19,11 +19,11 @@ The prox method, in the preconditioned coordinates of :func:`proxjax.refine.prec
    are left, or at the cap; the leftover groups are finished with :func:`proxjax.project_nm` (reported).
 3. Mask ``M = (Ṽ ≠ 0)``; a group left with fewer than 2 non-zeros is refilled to exactly 2 by the largest ``|K̃₀|``
    (ties: lower index). Every mask has exactly 2 ``True`` per group.
-4. Refinement on the support ``M`` (:mod:`proxjax.refine`): masked conjugate gradients (default) or the paper's
+4. Refinement on the support ``M`` (:mod:`proxjax.pruning.refine`): masked conjugate gradients (default) or the paper's
    masked gradient descent (1000 steps), started from the prox output; CG reaches GD's loss in far fewer steps.
 5. ``K = diag(d)⁻¹ Ṽ``, cast to the input dtype.
 
-**Iteration estimate** (SPEC §4.4). The prox at strength ``η λ`` leaves a group with sorted magnitudes
+**Iteration estimate** (docs/method.md, "Schedule and iteration estimate"). The prox at strength ``η λ`` leaves a group with sorted magnitudes
 ``a1 ≥ a2 ≥ a3 ≥ a4`` 2-sparse only if ``η λ a1 a2 ≥ a3`` (necessary, not sufficient), i.e. ``λ ≥ κ_g / η = L κ_g``
 with ``κ_g = a3/(a1 a2)``. With ``κ`` a high quantile of ``κ_g`` over the groups with ``a3 > 0`` at ``K̃₀``
 (a quantile, not the max: a few unimportant groups would set it), the schedule reaches ``L κ`` after
@@ -60,10 +60,14 @@ import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike
 
-from proxjax import _xla, baselines, nm
-from proxjax import sharding as _sharding
-from proxjax import refine as _refine
-from proxjax.prox import prox_24
+from proxjax.core import progress as progress_meter
+from proxjax.core import xla
+from proxjax.pruning import baselines
+from proxjax.core import nm
+from proxjax.core import sharding as _sharding
+from proxjax.pruning import refine as _refine
+from proxjax.core.prox import prox_24
+from proxjax.pruning.methods import MethodConfig, ProxConfig, PruneConfig, SparseGPTConfig
 
 __all__ = [
     "PruneInfo",
@@ -75,19 +79,11 @@ __all__ = [
 ]
 
 _F32 = jnp.float32
-METHODS = ("prox", "magnitude", "wanda", "sparsegpt")
-REFINES = (None, "gd", "cg")
 
 # Largest prox strength η·λ_k·max|K̃₀| the schedule may reach (keeps the prox's λ² terms finite in float32; at this
 # strength every group whose second magnitude is not ~1e-12 times its first is 2-sparse).
 _STRENGTH_LIMIT = 1e12
 
-_PROX_DEFAULTS = dict(lam0=0.01, beta=1.01, cap=3000, damp=0.0, quantile=0.99, lam0_relative=None, budget=None,
-                      tail_fraction=0.0, loop="while")
-_COMMON_DEFAULTS = dict(precision="highest", progress=False, refine_steps=None, refine_tol=1e-6, refine_damp=0.0)
-_SPARSEGPT_KEYS = ("blocksize", "damp")
-_REFINE_STEPS = {"gd": 1000, "cg": 200}
-_PROGRESS_EVERY = 10
 
 
 class Schedule(NamedTuple):
@@ -169,8 +165,8 @@ def _kappa(k0t: jax.Array, quantile: jax.Array) -> jax.Array:
 
 def _setup(kernel: jax.Array, hessian: jax.Array, quantile: jax.Array, *,
            lipschitz: bool = True) -> tuple[_refine.Preconditioned, jax.Array, jax.Array]:
-  pre = _refine._precondition(hessian, lipschitz)  # pylint: disable=protected-access
-  k0t = _refine._to_preconditioned(kernel, pre)  # pylint: disable=protected-access
+  pre = _refine.precondition_hessian(hessian, lipschitz)
+  k0t = _refine.to_preconditioned(kernel, pre)
   return pre, k0t, _kappa(k0t, quantile)
 
 
@@ -180,7 +176,7 @@ def _groups_left(v: jax.Array) -> jax.Array:
   return jnp.sum(nnz > 2, dtype=jnp.int32)
 
 
-def _prox_loop(k0t: jax.Array, ht: jax.Array, eta: jax.Array, damp: jax.Array, lam0: jax.Array, beta: jax.Array,
+def _prox_loop(k0t: jax.Array, ht: jax.Array, eta: jax.Array, ridge: jax.Array, lam0: jax.Array, beta: jax.Array,
                allowed: jax.Array, cap: jax.Array, progress_every: jax.Array, *, loop: str, scan_length: int | None,
                precision: lax.Precision) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   """The prox-gradient loop, projection and mask. Returns ``(Ṽ ⊙ M, M, iterations, groups left)``.
@@ -192,10 +188,10 @@ def _prox_loop(k0t: jax.Array, ht: jax.Array, eta: jax.Array, damp: jax.Array, l
 
   def step(v, k):
     lam = jnp.minimum(jnp.exp(log_lam0 + k.astype(_F32) * log_beta), lam_max)
-    y = v - eta * _refine._grad(v, k0t, ht, damp, precision)  # pylint: disable=protected-access
+    y = v - eta * _refine.local_grad(v, k0t, ht, ridge, precision)
     v = prox_24(y, lam, eta, axis=0)
     left = _groups_left(v)
-    _refine._tick("prox", k + 1, progress_every, left)  # pylint: disable=protected-access
+    progress_meter.PROX.tick(k + 1, progress_every, left)
     return v, left
 
   init = (k0t, jnp.zeros((), jnp.int32), _groups_left(k0t))
@@ -232,27 +228,28 @@ def _prox_loop(k0t: jax.Array, ht: jax.Array, eta: jax.Array, damp: jax.Array, l
 
 
 @jax.jit
-def _start(kernel: jax.Array, mask: jax.Array, scale: jax.Array) -> jax.Array:
+def start_preconditioned(kernel: jax.Array, mask: jax.Array, scale: jax.Array) -> jax.Array:
+  """``Ṽ = diag(scale) (M ⊙ K)`` in float32: a baseline's kernel in the preconditioned coordinates."""
   return jnp.where(mask, scale[:, None] * kernel.astype(_F32), 0.0)
 
 
-def _finish(vt: jax.Array, mask: jax.Array, k0t: jax.Array, pre: _refine.Preconditioned, damp: jax.Array,
+def _finish(vt: jax.Array, mask: jax.Array, k0t: jax.Array, pre: _refine.Preconditioned, ridge: jax.Array,
             steps: jax.Array, tol: jax.Array, progress_every: jax.Array, *, refine: str | None,
             precision: lax.Precision, out_dtype: Any) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   """Loss before, refinement, loss after, back to the original coordinates and dtype."""
   ht = pre.hessian
-  before = _refine._relative_loss_t(vt, k0t, ht)  # pylint: disable=protected-access
+  before = _refine.relative_loss_preconditioned(vt, k0t, ht)
   if refine == "gd":
-    eta = 1.0 / (pre.lipschitz + damp)
-    vt = _refine._gd_core(vt, mask, k0t, ht, eta, damp, steps,  # pylint: disable=protected-access
+    eta = 1.0 / (pre.lipschitz + ridge)
+    vt = _refine.gd_core(vt, mask, k0t, ht, eta, ridge, steps,
                           precision=precision, progress_every=progress_every)
     used = steps
   elif refine == "cg":
-    vt, used = _refine._cg_core(vt, mask, k0t, ht, damp, steps, tol,  # pylint: disable=protected-access
+    vt, used = _refine.cg_core(vt, mask, k0t, ht, ridge, steps, tol,
                                 precision=precision, progress_every=progress_every)
   else:
     used = jnp.zeros((), jnp.int32)
-  after = _refine._relative_loss_t(vt, k0t, ht)  # pylint: disable=protected-access
+  after = _refine.relative_loss_preconditioned(vt, k0t, ht)
   kernel = jnp.where(mask, pre.inv_scale[:, None] * vt, 0.0).astype(out_dtype)
   return kernel, before, after, used
 
@@ -265,13 +262,13 @@ def _baseline_core(kernel: jax.Array, hessian: jax.Array, damp: jax.Array, *, me
   if method == "magnitude":
     mask = nm.nm_mask(jnp.abs(kernel), n, m, axis=0)
   else:
-    mask = baselines._wanda(kernel, hessian, n, m)  # pylint: disable=protected-access
+    mask = baselines.wanda_unchecked(kernel, hessian, n, m)
   return kernel, mask, jnp.ones((), bool)
 
 
 # Each jitted piece: (function, in_shardings, out_shardings, CPU fast math), shardings as one letter per positional
 # argument / output: "K" a kernel-shaped array (outputs over the mesh's model axis), "R" replicated (H, scalars).
-_PIECES = {
+PIECES = {
     "setup": (_setup, "KRR", "RKR", False),
     "prox_loop": (_prox_loop, "KRRRRRRRR", "KKRR", True),
     "finish": (_finish, "KKKRRRRR", "KRRR", False),
@@ -280,12 +277,12 @@ _PIECES = {
 
 
 @functools.lru_cache(maxsize=256)
-def _compiled(name: str, mesh: Any, shape: tuple[int, ...], statics: tuple[tuple[str, Any], ...]):
+def compiled_piece(name: str, mesh: Any, shape: tuple[int, ...], statics: tuple[tuple[str, Any], ...]):
   """The jitted piece ``name`` with its static options bound; on ``mesh``, with its declared shardings for a kernel
-  of this shape (:mod:`proxjax.sharding`). Cached: one compile per piece, shape, option set and mesh."""
-  fun, ins, outs, fast = _PIECES[name]
+  of this shape (:mod:`proxjax.core.sharding`). Cached: one compile per piece, shape, option set and mesh."""
+  fun, ins, outs, fast = PIECES[name]
   fun = functools.partial(fun, **dict(statics))
-  jit = _xla.jit_fast_on_cpu if fast else jax.jit
+  jit = xla.jit_fast_on_cpu if fast else jax.jit
   if mesh is None:
     return jit(fun)
   pick = {"K": _sharding.kernel_sharding(mesh, shape), "R": _sharding.replicated(mesh)}
@@ -293,7 +290,7 @@ def _compiled(name: str, mesh: Any, shape: tuple[int, ...], statics: tuple[tuple
 
 
 def _run(name: str, mesh: Any, shape: tuple[int, ...], *args: Any, **statics: Any) -> Any:
-  return _compiled(name, mesh, tuple(shape), tuple(sorted(statics.items())))(*args)
+  return compiled_piece(name, mesh, tuple(shape), tuple(sorted(statics.items())))(*args)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -303,22 +300,22 @@ def _run(name: str, mesh: Any, shape: tuple[int, ...], *args: Any, **statics: An
 def _as_arrays(kernel: ArrayLike, hessian: ArrayLike, m: int) -> tuple[jax.Array, jax.Array]:
   kernel = jnp.asarray(kernel)
   hessian = jnp.asarray(hessian)
-  baselines._check_kernel(kernel, m)
-  baselines._check_hessian(hessian, kernel)
+  baselines.check_kernel(kernel, m)
+  baselines.check_hessian(hessian, kernel)
   if not bool(_all_finite(kernel, hessian)):
     raise ValueError("kernel and hessian must be finite (found NaN or inf)")
   return kernel, hessian
 
 
-def _constants(kernel: jax.Array, hessian: jax.Array, quantile: float, damp: float, lipschitz: bool = True,
+def _constants(kernel: jax.Array, hessian: jax.Array, quantile: float, ridge: float, lipschitz: bool = True,
                mesh: Any = None):
   if not 0.0 < quantile <= 1.0:
     raise ValueError(f"quantile must be in (0, 1], got {quantile}")
-  if damp < 0:
-    raise ValueError(f"damp must be >= 0, got {damp}")
+  if ridge < 0:
+    raise ValueError(f"ridge must be >= 0, got {ridge}")
   pre, k0t, kappa = _run("setup", mesh, kernel.shape, kernel, hessian, jnp.asarray(quantile, _F32),
                          lipschitz=lipschitz)
-  return pre, k0t, float(pre.lipschitz) + damp, float(kappa)
+  return pre, k0t, float(pre.lipschitz) + ridge, float(kappa)
 
 
 def _estimate(lipschitz: float, kappa: float, lam0: float, beta: float) -> int:
@@ -337,8 +334,8 @@ def _budget_beta(lipschitz: float, kappa: float, lam0: float, budget: int) -> fl
 
 
 def estimate_iterations(kernel: ArrayLike, hessian: ArrayLike, lam0: float = 0.01, beta: float = 1.01, *,
-                        quantile: float = 0.99, damp: float = 0.0) -> int:
-  r"""Estimated number of prox-gradient iterations until (almost) every group is 2:4 (SPEC §4.4).
+                        quantile: float = 0.99, ridge: float = 0.0) -> int:
+  r"""Estimated number of prox-gradient iterations until (almost) every group is 2:4 (docs/method.md, "Schedule and iteration estimate").
 
   .. math::  k_{\mathrm{stop}} = \Big\lceil \log(L\kappa/\lambda_0) / \log\beta \Big\rceil,
 
@@ -353,81 +350,69 @@ def estimate_iterations(kernel: ArrayLike, hessian: ArrayLike, lam0: float = 0.0
     lam0: ``λ₀``.
     beta: ``β > 1``.
     quantile: the quantile of ``a3/(a1 a2)`` used for ``κ``.
-    damp: the damping ``δ`` used by the pruner.
+    ridge: the ridgeing ``δ`` used by the pruner.
 
   Returns:
     The estimate (a Python int, 0 if ``λ₀ >= L κ``).
 
   Example:
-    >>> import jax.numpy as jnp, proxjax.pruner as pruner
+    >>> import jax.numpy as jnp, proxjax.pruning.pruner as pruner
     >>> k = jnp.array([[1.], [1.], [1.], [1.]])
     >>> pruner.estimate_iterations(k, jnp.eye(4), lam0=0.01, beta=10.0)  # L = 1, κ = 1: ⌈log(100)/log(10)⌉
     2
   """
   kernel, hessian = _as_arrays(kernel, hessian, 4)
-  _, _, lipschitz, kappa = _constants(kernel, hessian, quantile, damp)
+  _, _, lipschitz, kappa = _constants(kernel, hessian, quantile, ridge)
   return _estimate(lipschitz, kappa, lam0, beta)
 
 
 def beta_for_budget(kernel: ArrayLike, hessian: ArrayLike, budget: int, lam0: float = 0.01, *,
-                    quantile: float = 0.99, damp: float = 0.0) -> float:
+                    quantile: float = 0.99, ridge: float = 0.0) -> float:
   r"""The growth factor ``β = (L κ / λ₀)^{1/K}`` that reaches ``L κ`` in ``K = budget`` iterations.
 
   The constants are those of :func:`estimate_iterations`; when ``λ₀ >= L κ`` already, ``β = 1.001``.
 
   Example:
-    >>> import jax.numpy as jnp, proxjax.pruner as pruner
+    >>> import jax.numpy as jnp, proxjax.pruning.pruner as pruner
     >>> k = jnp.array([[1.], [1.], [1.], [1.]])
     >>> round(pruner.beta_for_budget(k, jnp.eye(4), 2, lam0=0.01), 6)  # 100 ** (1/2)
     10.0
   """
   kernel, hessian = _as_arrays(kernel, hessian, 4)
-  _, _, lipschitz, kappa = _constants(kernel, hessian, quantile, damp)
+  _, _, lipschitz, kappa = _constants(kernel, hessian, quantile, ridge)
   return _budget_beta(lipschitz, kappa, lam0, budget)
 
 
-def _progress_every(progress: Any) -> int:
-  if progress is True:
-    return _PROGRESS_EVERY
-  if progress is False or progress is None:
-    return 0
-  if isinstance(progress, int) and progress > 0:
-    return progress
-  raise ValueError(f"progress must be a bool or a positive int (report every N iterations), got {progress!r}")
-
-
-def _split_options(method: str, options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-  """Validated (common options, method options) with defaults filled in."""
-  common = dict(_COMMON_DEFAULTS)
-  own = dict(_PROX_DEFAULTS) if method == "prox" else {}
-  allowed = set(common) | (set(_PROX_DEFAULTS) if method == "prox" else set())
-  if method == "sparsegpt":
-    allowed |= set(_SPARSEGPT_KEYS)
-  unknown = sorted(set(options) - allowed)
-  if unknown:
-    raise TypeError(f"prune_kernel(method={method!r}) got unexpected options {unknown}; allowed: {sorted(allowed)}")
-  for key, value in options.items():
-    (common if key in common else own)[key] = value
-  return common, own
-
-
-def _baseline(method: str, kernel: jax.Array, hessian: jax.Array, n: int, m: int, own: dict[str, Any],
-              mesh: Any) -> tuple[jax.Array, jax.Array]:
-  blocksize, damp = own.get("blocksize", 128), own.get("damp", 0.01)
-  if method == "sparsegpt":
-    baselines._check_blocksize(blocksize, m)  # pylint: disable=protected-access
+def _baseline(config: PruneConfig, kernel: jax.Array, hessian: jax.Array, mesh: Any) -> tuple[jax.Array, jax.Array]:
+  method = config.method
+  blocksize, damp = (method.blocksize, method.damp) if isinstance(method, SparseGPTConfig) else (128, 0.01)
   new_kernel, mask, ok = _run("baseline", mesh, kernel.shape, kernel, hessian, jnp.asarray(damp, _F32),
-                              method=method, n=n, m=m, blocksize=blocksize)
+                              method=method.name, n=config.n, m=config.m, blocksize=blocksize)
   if not bool(ok):
-    raise baselines._not_positive_definite(damp)  # pylint: disable=protected-access
+    raise baselines.not_positive_definite_error(damp)
   return jnp.where(mask, new_kernel, jnp.zeros((), kernel.dtype)), mask
 
 
-_DEFAULT = object()
+def as_config(method: str | MethodConfig | PruneConfig = "prox", *, refine: Any = "auto", n: int = 2, m: int = 4,
+              **options: Any) -> PruneConfig:
+  """The :class:`~proxjax.pruning.methods.PruneConfig` of :func:`prune_kernel`'s arguments: ``method`` itself when
+  it is one (then nothing else may be given), else built from the name or method configuration and the flat
+  options (:meth:`PruneConfig.from_options`).
+
+  Example:
+    >>> as_config("wanda", refine="gd").refine.steps
+    1000
+  """
+  if isinstance(method, PruneConfig):
+    if refine != "auto" or (n, m) != (2, 4) or options:
+      raise ValueError("pass either a PruneConfig or the separate refine/n/m/options, not both")
+    return method
+  return PruneConfig.from_options(method, refine=refine, n=n, m=m, **options)
 
 
-def prune_kernel(kernel: ArrayLike, hessian: ArrayLike, method: str = "prox", *, n: int = 2, m: int = 4,
-                 refine: Any = _DEFAULT, mesh: jax.sharding.Mesh | None = None, **options: Any) -> PruneResult:
+def prune_kernel(kernel: ArrayLike, hessian: ArrayLike, method: str | MethodConfig | PruneConfig = "prox", *,
+                 n: int = 2, m: int = 4, refine: Any = "auto", mesh: jax.sharding.Mesh | None = None,
+                 progress: bool | int = False, **options: Any) -> PruneResult:
   r"""Prunes one linear layer to N:M sparsity along its input axis, minimizing the local loss.
 
   The local loss is ``f(K) = ½ tr((K − K₀)ᵀ H (K − K₀))`` with ``K₀ = kernel`` and ``H = hessian = X Xᵀ / n``.
@@ -436,122 +421,101 @@ def prune_kernel(kernel: ArrayLike, hessian: ArrayLike, method: str = "prox", *,
   .. math::  \min_K f(K) + \lambda R(K) \text{ for } \lambda = \lambda_0, \lambda_0\beta, \lambda_0\beta^2, \dots
 
   (2:4 only) until ``K`` is 2:4, then refines on the found support. ``"magnitude"``, ``"wanda"`` and ``"sparsegpt"``
-  call :mod:`proxjax.baselines`; with ``refine`` they become the paper's "+GD" baselines. ``refine`` minimizes ``f``
-  over the support (:mod:`proxjax.refine`).
+  call :mod:`proxjax.pruning.baselines`; with ``refine`` they become the paper's "+GD" baselines. ``refine``
+  minimizes ``f`` over the support (:mod:`proxjax.pruning.refine`). See docs/method.md, "The prox method".
 
   Not jittable itself (it checks values and returns Python numbers in ``info``); its pieces are jitted, once per
   shape and static option.
 
-  On a ``mesh`` (:func:`proxjax.sharding.make_mesh`) the kernel's outputs are split over the ``model`` axis and ``H``
-  is replicated (:mod:`proxjax.sharding`); every piece is compiled with those ``in_shardings``/``out_shardings``,
-  so the loop's only communication is the scalar count of groups not yet 2:4 (the stop is global). Results equal
-  the single-device ones bit for bit for the one-shot masks; the iterative methods may round differently in their
-  global reductions (the schedule's ``κ`` quantile, CG's inner products).
+  On a ``mesh`` (:func:`proxjax.core.sharding.make_mesh`) the kernel's outputs are split over the ``model`` axis and
+  ``H`` is replicated (:mod:`proxjax.core.sharding`); every piece is compiled with those
+  ``in_shardings``/``out_shardings``, so the loop's only communication is the scalar count of groups not yet 2:4
+  (the stop is global). Results equal the single-device ones bit for bit for the one-shot masks; the iterative
+  methods may round differently in their global reductions (the schedule's ``κ`` quantile, CG's inner products).
 
   Args:
     kernel: the dense kernel ``(d_in, d_out)`` (Flax layout; a PyTorch weight must be transposed), any float dtype.
     hessian: ``H`` ``(d_in, d_in)``, float32 recommended (accumulated as a mean over tokens).
-    method: ``"prox"``, ``"magnitude"``, ``"wanda"`` or ``"sparsegpt"``.
+    method: ``"prox"``, ``"magnitude"``, ``"wanda"`` or ``"sparsegpt"``, a method configuration
+      (:class:`~proxjax.pruning.methods.ProxConfig`, ...), or a whole
+      :class:`~proxjax.pruning.methods.PruneConfig`.
     n: kept entries per group.
     m: group size; groups are ``m`` consecutive entries along axis 0.
-    refine: ``None``, ``"gd"`` or ``"cg"``; default ``"cg"`` for ``"prox"`` (the paper uses ``"gd"``, 1000 steps;
-      CG reaches the same loss in a few dozen steps, see benchmarks/README.md), ``None`` for the baselines.
+    refine: ``"auto"`` (``"cg"`` for ``"prox"``, none for the baselines; the paper uses ``"gd"``, 1000 steps, and
+      CG reaches the same loss in a few dozen steps, see benchmarks/README.md), ``"gd"``, ``"cg"``, ``None`` or a
+      :class:`~proxjax.pruning.methods.RefineConfig`.
     mesh: an optional :class:`jax.sharding.Mesh` with axes ``("data", "model")``; the result stays sharded on it.
-    **options: for ``"prox"``: ``lam0`` (0.01), ``beta`` (1.01), ``cap`` (3000), ``damp`` (δ = 0: added as ``δ·I`` to
-      ``H̃`` inside the loop), ``quantile`` (0.99, for ``κ``), ``lam0_relative`` (None; else ``λ₀ = lam0_relative·Lκ``),
-      ``budget`` (None; else ``β = (Lκ/λ₀)^{1/budget}``), ``tail_fraction`` (0.0: stop when at most this fraction of
-      groups is not 2:4 and project those), ``loop`` (``"while"`` or ``"scan"``). For ``"sparsegpt"``:
-      ``blocksize``, ``damp`` (its own defaults). For all: ``refine_steps`` (1000 for GD, a cap of 200 for CG),
-      ``refine_tol`` (1e-6, CG), ``refine_damp`` (0.0), ``precision`` of the per-iteration matmuls (``"highest"``),
-      ``progress`` (False; True or N shows a tqdm bar updated every 10 or N iterations from inside the compiled loop).
+    progress: False; True or N shows tqdm bars updated every 10 or N iterations from inside the compiled loops.
+    **options: the method configuration's fields (for ``"prox"``: ``lam0`` 0.01, ``beta`` 1.01, ``cap`` 3000,
+      ``ridge`` 0, ``quantile`` 0.99, ``lam0_relative``, ``budget``, ``tail_fraction`` 0, ``loop`` ``"while"``; for
+      ``"sparsegpt"``: ``blocksize`` 128, ``damp`` 0.01), ``refine_steps`` (1000 for GD, a cap of 200 for CG),
+      ``refine_tol`` (1e-6), ``refine_ridge`` (0) and ``precision`` (``"highest"``); they are validated here, before
+      any work.
 
   Returns:
     A :class:`PruneResult` ``(kernel, mask, info)``.
 
   Raises:
     ValueError: bad shapes (non-2-D kernel, non-square hessian, mismatched ``d_in``, ``d_in`` not divisible by
-      ``m``), non-finite inputs, an unknown method or refinement, ``"prox"`` with ``(n, m) != (2, 4)``, bad options.
-    TypeError: an option the method does not take.
+      ``m``), non-finite inputs, an unknown method or refinement, ``"prox"`` with ``(n, m) != (2, 4)``, an option
+      the method does not take or a bad value.
 
   Example:
     >>> import jax, jax.numpy as jnp, proxjax
-    >>> from proxjax.pruner import prune_kernel
     >>> x = jax.random.normal(jax.random.key(0), (8, 256))
     >>> k = jax.random.normal(jax.random.key(1), (8, 4))
-    >>> res = prune_kernel(k, x @ x.T / 256, lam0=0.01, beta=1.2)
+    >>> res = proxjax.prune_kernel(k, x @ x.T / 256, lam0=0.01, beta=1.2)
     >>> bool(proxjax.is_nm(res.kernel)), res.mask.sum(axis=0).tolist()
     (True, [4, 4, 4, 4])
     >>> res.info.loss_after_refine <= res.info.loss_before_refine
     True
   """
-  if method not in METHODS:
-    raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
-  if refine is _DEFAULT:
-    refine = "cg" if method == "prox" else None
-  if refine not in REFINES:
-    raise ValueError(f"refine must be one of {REFINES}, got {refine!r}")
-  nm._check_nm(n, m)  # pylint: disable=protected-access
-  if method == "prox" and (n, m) != (2, 4):
-    raise ValueError(f"method='prox' prunes to 2:4 only (its regularizer is 2:4-specific), got n={n}, m={m}; "
-                     "use 'wanda' or 'sparsegpt' for other N:M patterns")
-  common, own = _split_options(method, options)
-  kernel, hessian = _as_arrays(kernel, hessian, m)
+  config = as_config(method, refine=refine, n=n, m=m, **options)
+  every = progress_meter.every_n(progress)
+  kernel, hessian = _as_arrays(kernel, hessian, config.m)
   if mesh is not None:
     kernel = jax.device_put(kernel, _sharding.kernel_sharding(mesh, kernel.shape))
     hessian = jax.device_put(hessian, _sharding.replicated(mesh))
-  precision = _refine._precision(common["precision"])  # pylint: disable=protected-access
-  every = _progress_every(common["progress"])
-  refine_steps = common["refine_steps"]
-  if refine_steps is None:
-    refine_steps = _REFINE_STEPS.get(refine, 0)
-  if not (isinstance(refine_steps, int) and refine_steps >= 0):
-    raise ValueError(f"refine_steps must be a non-negative int, got {refine_steps!r}")
-  if common["refine_damp"] < 0 or common["refine_tol"] < 0:
-    raise ValueError("refine_damp and refine_tol must be >= 0")
+  precision = _refine.as_precision(config.precision)
+  refine_cfg = config.refine
+  refine, refine_steps = config.refine_kind, (0 if refine_cfg is None else refine_cfg.steps)
+  refine_ridge, refine_tol = (0.0, 1e-6) if refine_cfg is None else (refine_cfg.ridge, refine_cfg.tol)
 
   schedule, iterations, cap_hit, projected = None, 0, False, 0
-  if method == "prox":
-    lam0, beta, cap = own["lam0"], own["beta"], own["cap"]
-    if not (isinstance(cap, int) and cap >= 1):
-      raise ValueError(f"cap must be a positive int, got {cap!r}")
-    if own["loop"] not in ("while", "scan"):
-      raise ValueError(f"loop must be 'while' or 'scan', got {own['loop']!r}")
-    if not 0.0 <= own["tail_fraction"] < 1.0:
-      raise ValueError(f"tail_fraction must be in [0, 1), got {own['tail_fraction']}")
-    pre, k0t, lipschitz, kappa = _constants(kernel, hessian, own["quantile"], own["damp"], mesh=mesh)
-    if own["lam0_relative"] is not None:
-      lam0 = own["lam0_relative"] * lipschitz * kappa if kappa > 0 else lam0
-    if own["budget"] is not None:
-      beta = _budget_beta(lipschitz, kappa, lam0, own["budget"])
+  own = config.method
+  if isinstance(own, ProxConfig):
+    lam0, beta, cap = own.lam0, own.beta, own.cap
+    pre, k0t, lipschitz, kappa = _constants(kernel, hessian, own.quantile, own.ridge, mesh=mesh)
+    if own.lam0_relative is not None:
+      lam0 = own.lam0_relative * lipschitz * kappa if kappa > 0 else lam0
+    if own.budget is not None:
+      beta = _budget_beta(lipschitz, kappa, lam0, own.budget)
     if not lam0 > 0:
       raise ValueError(f"lam0 must be > 0, got {lam0}")
-    if not beta >= 1.0:
-      raise ValueError(f"beta must be >= 1, got {beta}")
     estimate = _estimate(lipschitz, kappa, lam0, beta) if beta > 1.0 else cap
-    allowed = int(own["tail_fraction"] * (kernel.shape[0] // 4 * kernel.shape[1]))
-    with _refine._progress_bar("prox", cap, "prox 2:4", every > 0):  # pylint: disable=protected-access
+    allowed = int(own.tail_fraction * (kernel.shape[0] // 4 * kernel.shape[1]))
+    with progress_meter.PROX.show(cap, "prox 2:4", every > 0):
       vt, mask, k, left = _run("prox_loop", mesh, kernel.shape, k0t, pre.hessian,
-                               jnp.asarray(1.0 / lipschitz, _F32), jnp.asarray(own["damp"], _F32),
+                               jnp.asarray(1.0 / lipschitz, _F32), jnp.asarray(own.ridge, _F32),
                                jnp.asarray(lam0, _F32), jnp.asarray(beta, _F32), jnp.asarray(allowed, jnp.int32),
-                               jnp.asarray(cap, jnp.int32), jnp.asarray(every, jnp.int32), loop=own["loop"],
-                               scan_length=cap if own["loop"] == "scan" else None, precision=precision)
+                               jnp.asarray(cap, jnp.int32), jnp.asarray(every, jnp.int32), loop=own.loop,
+                               scan_length=cap if own.loop == "scan" else None, precision=precision)
       iterations, projected = int(k), int(left)
     cap_hit = projected > allowed
     schedule = Schedule(float(lam0), float(beta), cap, lipschitz, kappa, estimate)
     base_kernel = None
   else:
     pre, k0t, _, _ = _constants(kernel, hessian, 0.5, 0.0, lipschitz=refine == "gd", mesh=mesh)  # eigh: GD's η
-    base_kernel, mask = _baseline(method, kernel, hessian, n, m, own, mesh)
-    vt = _start(base_kernel, mask, pre.scale)
+    base_kernel, mask = _baseline(config, kernel, hessian, mesh)
+    vt = start_preconditioned(base_kernel, mask, pre.scale)
 
-  with _refine._progress_bar("refine", refine_steps, f"refine ({refine})",  # pylint: disable=protected-access
-                             every > 0 and refine is not None):
+  with progress_meter.REFINE.show(refine_steps, f"refine ({refine})", every > 0 and refine is not None):
     out, before, after, used = _run("finish", mesh, kernel.shape, vt, mask, k0t, pre,
-                                    jnp.asarray(common["refine_damp"], _F32), jnp.asarray(refine_steps, jnp.int32),
-                                    jnp.asarray(common["refine_tol"], _F32), jnp.asarray(every, jnp.int32),
+                                    jnp.asarray(refine_ridge, _F32), jnp.asarray(refine_steps, jnp.int32),
+                                    jnp.asarray(refine_tol, _F32), jnp.asarray(every, jnp.int32),
                                     refine=refine, precision=precision, out_dtype=jnp.dtype(kernel.dtype))
     before, after, used = float(before), float(after), int(used)
   if base_kernel is not None and refine is None:
     out = base_kernel  # the baseline's own values, bit for bit
-  info = PruneInfo(method, before, after, iterations, cap_hit, projected, schedule, refine, used)
+  info = PruneInfo(own.name, before, after, iterations, cap_hit, projected, schedule, refine, used)
   return PruneResult(out, mask, info)

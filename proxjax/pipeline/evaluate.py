@@ -1,4 +1,4 @@
-r"""Perplexity of a causal language model on fixed token windows (SPEC §7).
+r"""Perplexity of a causal language model on fixed token windows (docs/method.md, "Evaluation protocol").
 
 For windows :math:`x^{(w)} \in \{0..V-1\}^T`, ``w = 1..W``, and a model giving logits :math:`z_t` at every position,
 the token NLL is :math:`\ell_{w,t} = \mathrm{logsumexp}(z^{(w)}_t) - z^{(w)}_{t, x^{(w)}_{t+1}}` (the NLL of token

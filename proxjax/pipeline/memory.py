@@ -14,14 +14,14 @@ parameter; ``P = model_devices · data_devices`` devices):
   computed), i.e. ``2·4·N·T·D`` bytes; with ``offload`` also the whole model's weights.
 * Accelerators, per device. The batch is rounded up to a multiple of ``P`` and split over every device
   (``b/P`` sequences each); a kernel ``(d_in, d_out)`` is split over ``model_devices`` along ``d_out`` when that
-  divides it and replicated otherwise (:mod:`proxjax.sharding`); ``H`` is replicated. Writing
+  divides it and replicated otherwise (:mod:`proxjax.core.sharding`); ``H`` is replicated. Writing
   ``K = 4·d_in·d_out_local`` (a float32 copy of the local kernel) and ``𝓗 = 4·d_in²``:
 
   - weights: the current block's parameters (``offload``), or the whole model (no ``offload``);
   - the Hessian states of the current true-sequential stage ``(q, k, v) → (o) → (gate, up) → (down)``: one float32
     ``d_in × d_in`` state (and its int32 count) **per distinct input**, since linears fed the same array share one
-    (q/k/v one, gate/up one: :func:`proxjax.pipeline._hessians` accumulates only the first linear of each group, as
-    ``proxjax.pipeline._input_owners`` finds them, and hands the others the same state object); every
+    (q/k/v one, gate/up one: the pipeline accumulates only the first linear of each group, as
+    :func:`proxjax.pipeline.prune.input_owners` finds them, and hands the others the same state object); every
     true-sequential stage thus holds one state (a single stage, without ``true_sequential``: four);
   - during a Hessian pass: the states going in and the states coming out (``2·𝓗`` per distinct input), the batch
     (and the next one, dispatched asynchronously), and the pass's temporaries: the block's forward up to the stage's
@@ -77,22 +77,21 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
-from proxjax import pipeline as _pipeline
-from proxjax import pruner as _pruner
-from proxjax import sharding as _sharding
+from proxjax.pipeline import prune as _pipeline
+from proxjax.pruning import pruner as _pruner
+from proxjax.core import sharding as _sharding
 from proxjax.models.llama import LINEAR_NAMES, LlamaConfig
-from proxjax.refine import Preconditioned
+from proxjax.pruning.methods import MethodConfig, ProxConfig, PruneConfig, SparseGPTConfig
+from proxjax.pruning.refine import Preconditioned, as_precision
 
 __all__ = [
     "DEFAULT_PROX_ITERATIONS",
-    "DEFAULT_REFINE_STEPS",
     "CompiledMemory",
     "Cost",
     "Phase",
@@ -113,9 +112,6 @@ default schedule (``β = 1.01``, ``λ₀ = 0.01``) took 1072–1799 iterations p
 (``benchmarks/README.md``); with ``budget=K`` the loop takes about ``K`` (292–341 for ``K = 300``). The actual count
 depends on the layer (:func:`proxjax.estimate_iterations` estimates it from the kernel and ``H``)."""
 
-DEFAULT_REFINE_STEPS = {"cg": 50, "gd": 1000}
-"""Refinement steps assumed per linear: CG typically converges in a few dozen steps (its cap is 200); GD always runs
-its 1000."""
 
 PROX_PASSES = 8
 """Float32 kernel-sized memory passes per prox iteration (``Ṽ − K̃₀``, the matmul's output, ``y``, the prox's read
@@ -295,14 +291,8 @@ def _non_negative_int(name: str, value: Any) -> int:
   return value
 
 
-def _check_method(method: str, refine: Any) -> str | None:
-  if method not in _pruner.METHODS:
-    raise ValueError(f"unknown method {method!r}; expected one of {_pruner.METHODS}")
-  if refine is _pruner._DEFAULT:  # pylint: disable=protected-access
-    refine = "cg" if method == "prox" else None
-  if refine not in _pruner.REFINES:
-    raise ValueError(f"refine must be one of {_pruner.REFINES}, got {refine!r}")
-  return refine
+def _check_method(method: str | MethodConfig | PruneConfig, refine: Any) -> PruneConfig:
+  return _pruner.as_config(method, refine=refine)
 
 
 def _param_bytes(config: LlamaConfig, param_bytes: int | None) -> int:
@@ -388,7 +378,7 @@ def _pruner_steps(d_in: int, d_out: int, method: str, refine: str | None, pb: in
   return steps
 
 
-def pruner_pieces(d_in: int, d_out: int, *, method: str = "prox", refine: Any = _pruner._DEFAULT,
+def pruner_pieces(d_in: int, d_out: int, *, method: str | MethodConfig | PruneConfig = "prox", refine: Any = "auto",
                   param_bytes: int = 4, model_devices: int = 1) -> dict[str, PieceMemory]:
   r"""Predicted per-device memory of each compiled piece of :func:`proxjax.prune_kernel` for one kernel.
 
@@ -401,12 +391,13 @@ def pruner_pieces(d_in: int, d_out: int, *, method: str = "prox", refine: Any = 
   ``2𝓗 + 2.5K``, else ``K``) and ``start`` instead of ``prox_loop``. Compare with :func:`measure_pruner`.
 
   Example:
-    >>> from proxjax.memory import pruner_pieces
+    >>> from proxjax.pipeline.memory import pruner_pieces
     >>> p = pruner_pieces(256, 512)  # K = 512 KiB, 𝓗 = 256 KiB
     >>> sorted(p), p["prox_loop"].outputs  # Ṽ (float32) and the bool mask
     (['finish', 'prox_loop', 'setup'], 655360)
   """
-  refine = _check_method(method, refine)
+  cfg = _check_method(method, refine)
+  method, refine = cfg.method_name, cfg.refine_kind
   _positive_int("d_in", d_in), _positive_int("d_out", d_out)
   out = {}
   pb, md = _positive_int("param_bytes", param_bytes), _positive_int("model_devices", model_devices)
@@ -466,7 +457,7 @@ def _forward_temps(dm: _Dims, level: int) -> tuple[int, int]:
 
 def _inputs(names: Sequence[str]) -> list[str]:
   """The distinct inputs of ``names`` (``_INPUT`` keys), in order: one Hessian state each, as the pipeline keeps
-  (:func:`proxjax.pipeline._hessians`: linears fed the same array share one state)."""
+  (:func:`proxjax.pipeline.prune._hessians`: linears fed the same array share one state)."""
   return list(dict.fromkeys(_INPUT[n][0] for n in names))
 
 
@@ -512,7 +503,7 @@ def block_passes(config: LlamaConfig, *, batch_size: int, seqlen: int, param_byt
 
   Example:
     >>> from proxjax.models import LlamaConfig
-    >>> from proxjax.memory import block_passes
+    >>> from proxjax.pipeline.memory import block_passes
     >>> cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
     ...                   num_attention_heads=4)
     >>> p = block_passes(cfg, batch_size=2, seqlen=16)
@@ -526,7 +517,7 @@ def block_passes(config: LlamaConfig, *, batch_size: int, seqlen: int, param_byt
   dm = _Dims(b // devices, _positive_int("seqlen", seqlen), c, pb, model_devices)
   weights = _block_param_bytes(c, pb, model_devices)
   out = {}
-  for key, names in [("forward", None)] + [(_stage_key(s), s) for s in _pipeline._stages(LINEAR_NAMES,
+  for key, names in [("forward", None)] + [(_stage_key(s), s) for s in _pipeline.true_sequential_stages(LINEAR_NAMES,
                                                                                          true_sequential)]:
     p = _pass_parts(dm, names)
     outputs = p.get("output", 0) + p.get("states out", 0)
@@ -576,7 +567,7 @@ def _linear_work(d_in: int, d_out: int, method: str, refine: str | None, iterati
   return out
 
 
-def linear_cost(d_in: int, d_out: int, *, method: str = "prox", refine: Any = _pruner._DEFAULT,
+def linear_cost(d_in: int, d_out: int, *, method: str | MethodConfig | PruneConfig = "prox", refine: Any = "auto",
                 iterations: int | None = None, refine_steps: int | None = None, param_bytes: int = 4,
                 model_devices: int = 1, blocksize: int = 128, flops_per_s: float | None = None,
                 bytes_per_s: float | None = None) -> dict[str, Cost]:
@@ -601,7 +592,8 @@ def linear_cost(d_in: int, d_out: int, *, method: str = "prox", refine: Any = _p
     refine: ``None``, ``"gd"`` or ``"cg"``; default the method's.
     iterations: prox iterations (a report's ``iterations``); default :data:`DEFAULT_PROX_ITERATIONS`; ignored for
       the other methods.
-    refine_steps: refinement steps (a report's ``refine_steps``); default :data:`DEFAULT_REFINE_STEPS`.
+    refine_steps: refinement steps (a report's ``refine_steps``); default the refinement configuration's ``steps``
+      (GD's 1000; CG's cap of 200, an upper bound: CG usually stops after a few dozen).
     param_bytes: bytes per stored parameter (the kernel read by ``setup``).
     model_devices: devices along the mesh's ``model`` axis.
     blocksize: SparseGPT's block size.
@@ -616,20 +608,21 @@ def linear_cost(d_in: int, d_out: int, *, method: str = "prox", refine: Any = _p
     ValueError: an unknown method or refinement, a size or count that is not a positive (non-negative) int.
 
   Example:
-    >>> from proxjax.memory import linear_cost
+    >>> from proxjax.pipeline.memory import linear_cost
     >>> c = linear_cost(256, 512, iterations=100, refine_steps=10, flops_per_s=1e11, bytes_per_s=1e10)
     >>> sorted(c), c["prox"].flops == 100 * 2 * 256 ** 2 * 512, c["refine"].flops == 12 * 2 * 256 ** 2 * 512
     (['losses', 'prox', 'refine', 'setup'], True, True)
     >>> round(sum(part.seconds for part in c.values()), 4)  # 115 products of 67 MFLOP at 100 GFLOP/s, and setup
     0.0775
   """
-  refine = _check_method(method, refine)
+  cfg = _check_method(method, refine)
+  method, refine = cfg.method_name, cfg.refine_kind
   _positive_int("d_in", d_in), _positive_int("d_out", d_out)
   if method != "prox":
     iterations = 0
   iterations = _non_negative_int("iterations", DEFAULT_PROX_ITERATIONS if iterations is None else iterations)
   if refine_steps is None:
-    refine_steps = DEFAULT_REFINE_STEPS.get(refine, 0)
+    refine_steps = 0 if cfg.refine is None else cfg.refine.steps
   refine_steps = 0 if refine is None else _non_negative_int("refine_steps", refine_steps)
   pb, md = _positive_int("param_bytes", param_bytes), _positive_int("model_devices", model_devices)
   rate = dict(flops_per_s=_rate("flops_per_s", flops_per_s), bytes_per_s=_rate("bytes_per_s", bytes_per_s))
@@ -663,12 +656,11 @@ def _forward_flops_per_token(c: LlamaConfig, level: int) -> tuple[float, float, 
   return flops, floats, t_attn
 
 
-def estimate(config: LlamaConfig, *, nsamples: int, seqlen: int, method: str = "prox", refine: Any = _pruner._DEFAULT,
+def estimate(config: LlamaConfig, *, nsamples: int, seqlen: int, method: str | MethodConfig | PruneConfig = "prox", refine: Any = "auto",
              batch_size: int = 8, param_bytes: int | None = None, model_devices: int = 1, data_devices: int = 1,
              iterations: int | None = None, refine_steps: int | None = None, true_sequential: bool = True,
              offload: bool = True, flops_per_s: float | None = None, bytes_per_s: float | None = None,
-             host_bytes_per_s: float | None = None,
-             options: Mapping[str, Any] | None = None) -> PipelineEstimate:
+             host_bytes_per_s: float | None = None) -> PipelineEstimate:
   r"""Memory and time of :func:`proxjax.pipeline.prune_model` for a model, before running it.
 
   Host: ``2·4·N·T·D`` bytes of float32 calibration activations (a block's inputs and outputs), plus the model's
@@ -681,24 +673,23 @@ def estimate(config: LlamaConfig, *, nsamples: int, seqlen: int, method: str = "
     config: the model's :class:`~proxjax.models.LlamaConfig`.
     nsamples: calibration sequences ``N``.
     seqlen: tokens per sequence ``T``.
-    method: ``"prox"``, ``"wanda"``, ``"sparsegpt"`` or ``"magnitude"``.
-    refine: ``None``, ``"gd"`` or ``"cg"``; default the method's (``"cg"`` for prox, ``None`` otherwise).
+    method: the run's :class:`~proxjax.pruning.methods.PruneConfig` (its ``budget``, ``cap``, refinement steps and
+      SparseGPT ``blocksize`` are read), or a method name / method configuration with ``refine``.
+    refine: ``"auto"`` (the method's: ``"cg"`` for prox, none otherwise), ``"gd"``, ``"cg"``, ``None``.
     batch_size: sequences per forward pass (the pipeline's ``batch_size``).
     param_bytes: bytes per stored parameter; default from ``config.dtype`` (4 for float32, 2 for bfloat16/float16).
       Activations and the pruner always work in float32.
     model_devices: devices along the mesh's ``model`` axis (kernels' outputs split over them).
     data_devices: devices along ``data`` (more batch parallelism; kernels replicated).
-    iterations: prox iterations per linear; default the option ``budget`` if given, else
-      :data:`DEFAULT_PROX_ITERATIONS`, at most the option ``cap`` (3000).
-    refine_steps: refinement steps per linear; default the option ``refine_steps``, else
-      :data:`DEFAULT_REFINE_STEPS`.
+    iterations: prox iterations per linear; default the configuration's ``budget`` if set, else
+      :data:`DEFAULT_PROX_ITERATIONS`, at most its ``cap``.
+    refine_steps: refinement steps per linear; default the refinement configuration's ``steps`` (CG's cap: an
+      upper bound).
     true_sequential: the pipeline's ``true_sequential``.
     offload: the pipeline's ``offload`` (only the current block on the devices); without it the whole model is.
     flops_per_s: one device's sustained FLOP rate (float32; the pruner's matmuls use ``Precision.HIGHEST``).
     bytes_per_s: one device's memory bandwidth.
     host_bytes_per_s: host↔device bandwidth (activations and, with ``offload``, weights cross it every block).
-    options: the :func:`proxjax.prune_kernel` options of the run (``budget``, ``cap``, ``refine_steps``,
-      ``blocksize`` are read; others are ignored).
 
   Returns:
     A :class:`PipelineEstimate`.
@@ -708,7 +699,7 @@ def estimate(config: LlamaConfig, *, nsamples: int, seqlen: int, method: str = "
 
   Example:
     >>> from proxjax.models import LlamaConfig
-    >>> from proxjax.memory import estimate
+    >>> from proxjax.pipeline.memory import estimate
     >>> cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
     ...                   num_attention_heads=4)
     >>> est = estimate(cfg, nsamples=4, seqlen=16, batch_size=2)
@@ -720,8 +711,8 @@ def estimate(config: LlamaConfig, *, nsamples: int, seqlen: int, method: str = "
     True
   """
   c = _check_config(config)
-  refine = _check_method(method, refine)
-  options = dict(options or {})
+  cfg = _check_method(method, refine)
+  method, refine = cfg.method_name, cfg.refine_kind
   n = _positive_int("nsamples", nsamples)
   t = _positive_int("seqlen", seqlen)
   _positive_int("batch_size", batch_size)
@@ -730,26 +721,22 @@ def estimate(config: LlamaConfig, *, nsamples: int, seqlen: int, method: str = "
   dd = _positive_int("data_devices", data_devices)
   flops_per_s, bytes_per_s = _rate("flops_per_s", flops_per_s), _rate("bytes_per_s", bytes_per_s)
   host_bytes_per_s = _rate("host_bytes_per_s", host_bytes_per_s)
-  if method == "prox":
+  if isinstance(cfg.method, ProxConfig):
     if iterations is None:
-      iterations = options.get("budget") or DEFAULT_PROX_ITERATIONS
-      cap = options.get("cap", _pruner._PROX_DEFAULTS["cap"])  # pylint: disable=protected-access
-      iterations = min(iterations, cap)
+      iterations = min(cfg.method.budget or DEFAULT_PROX_ITERATIONS, cfg.method.cap)
     iterations = _non_negative_int("iterations", iterations)
   else:
     iterations = 0
   if refine_steps is None:
-    refine_steps = options.get("refine_steps")
-  if refine_steps is None:
-    refine_steps = DEFAULT_REFINE_STEPS.get(refine, 0)
+    refine_steps = 0 if cfg.refine is None else cfg.refine.steps
   refine_steps = 0 if refine is None else _non_negative_int("refine_steps", refine_steps)
-  blocksize = options.get("blocksize", 128)
+  blocksize = cfg.method.blocksize if isinstance(cfg.method, SparseGPTConfig) else SparseGPTConfig().blocksize
 
   devices = md * dd
   b = -(-min(batch_size, n) // devices) * devices
   dm = _Dims(b // devices, t, c, pb, md)
   lin = _linears(c)
-  stages = _pipeline._stages(LINEAR_NAMES, true_sequential)  # pylint: disable=protected-access
+  stages = _pipeline.true_sequential_stages(LINEAR_NAMES, true_sequential)
   block_w = _block_param_bytes(c, pb, md)
   weights = block_w if offload else block_w * c.num_hidden_layers + _outer_param_bytes(c, pb, md)
   counts = _param_counts(c)
@@ -861,7 +848,7 @@ def format_estimate(est: PipelineEstimate) -> str:
 
   Example:
     >>> from proxjax.models import LlamaConfig
-    >>> from proxjax.memory import estimate, format_estimate
+    >>> from proxjax.pipeline.memory import estimate, format_estimate
     >>> cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
     ...                   num_attention_heads=4)
     >>> print(format_estimate(estimate(cfg, nsamples=4, seqlen=16)).splitlines()[0])
@@ -916,29 +903,30 @@ def _local_bytes(x: jax.ShapeDtypeStruct, sharding: Any) -> int:
 
 
 def _lowerable(fn: Any) -> Any:
-  """The ``jax.jit`` object behind a piece (:func:`proxjax._xla.jit_fast_on_cpu` wraps two)."""
+  """The ``jax.jit`` object behind a piece (:func:`proxjax.core.xla.jit_fast_on_cpu` wraps two)."""
   if hasattr(fn, "lower"):
     return fn
   return fn.fast if jax.default_backend() == "cpu" else fn.strict
 
 
-def measure_pruner(d_in: int, d_out: int, *, method: str = "prox", refine: Any = _pruner._DEFAULT,
+def measure_pruner(d_in: int, d_out: int, *, method: str | MethodConfig | PruneConfig = "prox", refine: Any = "auto",
                    param_dtype: Any = jnp.float32, mesh: jax.sharding.Mesh | None = None) -> dict[str, CompiledMemory]:
   """XLA's per-device memory of the compiled pieces of :func:`proxjax.prune_kernel` for a ``(d_in, d_out)`` kernel.
 
   Compiles (nothing is allocated: the arguments are ``jax.ShapeDtypeStruct``) exactly the pieces the pruner runs,
-  ``proxjax.pruner._compiled(name, mesh, shape, statics)`` with the statics :func:`proxjax.prune_kernel` passes
+  ``proxjax.pruning.pruner.compiled_piece(name, mesh, shape, statics)`` with the statics :func:`proxjax.prune_kernel` passes
   (``loop="while"``, ``precision="highest"``, the refinement, SparseGPT's default ``blocksize=128``), and returns
   their ``memory_analysis()``; keys as in :func:`pruner_pieces`. On a ``mesh`` the kernel-shaped arrays are split
-  as :mod:`proxjax.sharding` declares.
+  as :mod:`proxjax.core.sharding` declares.
 
   Example:
-    >>> from proxjax.memory import measure_pruner
+    >>> from proxjax.pipeline.memory import measure_pruner
     >>> m = measure_pruner(16, 8, method="wanda")
     >>> sorted(m), m["baseline"].inputs  # kernel (512 B) + H (1024 B) + damp
     (['baseline', 'finish', 'setup', 'start'], 1540)
   """
-  refine = _check_method(method, refine)
+  cfg = _check_method(method, refine)
+  method, refine = cfg.method_name, cfg.refine_kind
   shape = (_positive_int("d_in", d_in), _positive_int("d_out", d_out))
   f32, i32, sds = jnp.float32, jnp.int32, jax.ShapeDtypeStruct
   param_dtype = jnp.dtype(param_dtype)
@@ -946,24 +934,28 @@ def measure_pruner(d_in: int, d_out: int, *, method: str = "prox", refine: Any =
   k32, mask = sds(shape, f32), sds(shape, jnp.bool_)
   pre = Preconditioned(sds((d_in,), f32), sds((d_in,), f32), hess, sds((d_in,), jnp.bool_), sds((), f32))
   s32, si = sds((), f32), sds((), i32)
-  highest = lax.Precision.HIGHEST
+  highest = as_precision(cfg.precision)
   pieces: list[tuple[str, dict[str, Any], tuple[Any, ...]]] = [
       ("setup", {"lipschitz": method == "prox" or refine == "gd"}, (kernel, hess, s32))]
   if method == "prox":
-    pieces.append(("prox_loop", {"loop": "while", "scan_length": None, "precision": highest},
+    loop = cfg.method.loop
+    pieces.append(("prox_loop", {"loop": loop, "scan_length": cfg.method.cap if loop == "scan" else None,
+                                 "precision": highest},
                    (k32, hess, s32, s32, s32, s32, si, si, si)))
   else:
-    pieces.append(("baseline", {"method": method, "n": 2, "m": 4, "blocksize": 128}, (kernel, hess, s32)))
+    blocksize = cfg.method.blocksize if isinstance(cfg.method, SparseGPTConfig) else SparseGPTConfig().blocksize
+    pieces.append(("baseline", {"method": method, "n": cfg.n, "m": cfg.m, "blocksize": blocksize},
+                   (kernel, hess, s32)))
   pieces.append(("finish", {"refine": refine, "precision": highest, "out_dtype": param_dtype},
                  (k32, mask, k32, pre, s32, si, s32, si)))
   out = {}
   for name, statics, args in pieces:
     key = tuple(sorted(statics.items()))
-    fn = _lowerable(_pruner._compiled(name, mesh, shape, key))  # pylint: disable=protected-access
-    letters = _pruner._PIECES[name][1]  # pylint: disable=protected-access
+    fn = _lowerable(_pruner.compiled_piece(name, mesh, shape, key))
+    letters = _pruner.PIECES[name][1]
     if name == "finish" and method != "prox":  # the baselines' start: Ṽ = diag(d)·(kernel ⊙ mask), its own jit
       start_args = (kernel, mask, sds((d_in,), f32))
-      out["start"] = _analysis(_pruner._start, start_args, sum(  # pylint: disable=protected-access
+      out["start"] = _analysis(_pruner.start_preconditioned, start_args, sum(
           _local_bytes(a, _sharding.kernel_sharding(mesh, shape) if mesh is not None and a.ndim == 2 else None)
           for a in start_args))
     inputs = 0
@@ -982,9 +974,9 @@ def measure_block(config: LlamaConfig, *, batch_size: int, seqlen: int, param_dt
   """XLA's per-device memory of the pipeline's compiled block passes (the forward and each stage's accumulation).
 
   Builds an abstract model (``nnx.eval_shape``: nothing is allocated), takes block 0's ``graphdef, params`` and
-  compiles ``proxjax.pipeline._block_fn(kind, graphdef, names, mesh, act_shape)`` on ``jax.ShapeDtypeStruct``
+  compiles ``proxjax.pipeline.prune.block_function(kind, graphdef, names, mesh, act_shape)`` on ``jax.ShapeDtypeStruct``
   arguments, as the pipeline calls it (``batch_size`` rounded up to a multiple of the mesh's devices; a stage's
-  accumulation with ``names`` its distinct-input linears only, as ``proxjax.pipeline._input_owners`` finds them,
+  accumulation with ``names`` its distinct-input linears only, as :func:`proxjax.pipeline.prune.input_owners` finds them,
   and one state each). Keys as in :func:`block_passes` (a stage is named after all its linears);
   :attr:`CompiledMemory.inputs` counts every argument, also the parameters a stage's pass does not read.
 
@@ -1002,7 +994,7 @@ def measure_block(config: LlamaConfig, *, batch_size: int, seqlen: int, param_dt
 
   Example:
     >>> from proxjax.models import LlamaConfig
-    >>> from proxjax.memory import measure_block
+    >>> from proxjax.pipeline.memory import measure_block
     >>> cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
     ...                   num_attention_heads=4)
     >>> m = measure_block(cfg, batch_size=2, seqlen=16, passes=["forward"])
@@ -1011,7 +1003,7 @@ def measure_block(config: LlamaConfig, *, batch_size: int, seqlen: int, param_dt
   """
   from flax import nnx  # pylint: disable=import-outside-toplevel
 
-  from proxjax import calibration as _cal  # pylint: disable=import-outside-toplevel
+  from proxjax.pruning import calibration as _cal  # pylint: disable=import-outside-toplevel
   from proxjax.models.llama import LlamaForCausalLM, dtype_from_name  # pylint: disable=import-outside-toplevel
 
   c = _check_config(config)
@@ -1037,27 +1029,27 @@ def measure_block(config: LlamaConfig, *, batch_size: int, seqlen: int, param_dt
   x, valid = sds(act_shape, f32), sds(act_shape[:2], jnp.bool_)
   rope = (sds((t, c.head_dim), f32), sds((t, c.head_dim), f32))
   base = p_bytes + _local_bytes(x, act_s) + sum(_local_bytes(r, None) for r in rope)
-  stages = _pipeline._stages(LINEAR_NAMES, true_sequential)  # pylint: disable=protected-access
+  stages = _pipeline.true_sequential_stages(LINEAR_NAMES, true_sequential)
   keys = ["forward"] + [_stage_key(s) for s in stages]
   wanted = set(keys if passes is None else passes)
   if wanted - set(keys):
     raise ValueError(f"unknown passes {sorted(wanted - set(keys))}; expected some of {keys}")
   out = {}
   if "forward" in wanted:
-    fn = _pipeline._block_fn("forward", graphdef, (), mesh, act_shape)  # pylint: disable=protected-access
+    fn = _pipeline.block_function("forward", graphdef, (), mesh, act_shape)
     out["forward"] = _analysis(fn, (params, x, rope), base)
   lin = _linears(c)
-  hashed = _pipeline._Hashed  # pylint: disable=protected-access
+  hashed = _pipeline.ShapeKey
   plain = lambda tree: hashed(jax.tree.map(lambda a: sds(a.shape, a.dtype), tree))  # noqa: E731
   for stage in stages:
     if _stage_key(stage) not in wanted:
       continue
     # As _hessians calls it: only the first linear of each group fed the same array, one state each.
-    owners = _pipeline._input_owners(graphdef, tuple(stage), act_shape, plain(rope),  # pylint: disable=protected-access
+    owners = _pipeline.input_owners(graphdef, tuple(stage), act_shape, plain(rope),
                                      plain(params))
     distinct = tuple(dict.fromkeys(owners[n] for n in stage))
     states = {n: _cal.HessianState(sds((lin[n][0],) * 2, f32), sds((), jnp.int32)) for n in distinct}
     inputs = base + _local_bytes(valid, valid_s) + sum(_local_bytes(v, None) for v in jax.tree.leaves(states))
-    fn = _pipeline._block_fn("accumulate", graphdef, distinct, mesh, act_shape)  # pylint: disable=protected-access
+    fn = _pipeline.block_function("accumulate", graphdef, distinct, mesh, act_shape)
     out[_stage_key(stage)] = _analysis(fn, (params, x, valid, rope, states), inputs)
   return out

@@ -10,7 +10,7 @@ All three act on the *final* update of a chain, so they go **last**::
 
 They work with any optax chain, under ``jax.jit``, and with ``nnx.Optimizer(model, tx, wrt=nnx.Param)``: at init it
 passes the state with its ``nnx.Variable`` wrappers, at update time the pure arrays (``nnx.as_pure``); both are
-accepted (Variables are unwrapped; see :mod:`proxjax.spec`).
+accepted (Variables are unwrapped; see :mod:`proxjax.core.spec`).
 
 Exactness of zeros: :func:`prox_24_update` and :func:`project_nm_update` return the update ``d = w − p`` where ``w``
 is the target (prox or projection of ``z = p + u``), and ``optax.apply_updates`` computes ``p + d``. Where ``w = 0``
@@ -39,10 +39,10 @@ import optax
 from flax import nnx
 from jax.typing import ArrayLike
 
-from proxjax import nm
-from proxjax import prox as _prox
-from proxjax.prox import prox_24
-from proxjax.spec import Spec, _flat_spec, _is_none
+from proxjax.core import nm
+from proxjax.core import prox as _prox
+from proxjax.core.prox import prox_24
+from proxjax.core.spec import Spec, flat_spec, is_none
 
 __all__ = [
     "MaskedUpdatesState",
@@ -147,14 +147,14 @@ def _prox_many(zs: list[jax.Array], axes: list[int], lam: jax.Array, eta: jax.Ar
     stacks.setdefault((z.shape, jnp.dtype(z.dtype), ax), []).append(i)
   out: list[jax.Array | None] = [None] * len(zs)
   for (_, dtype, ax), idx in stacks.items():
-    nm._check_floating(zs[idx[0]], "prox_24 input")  # pylint: disable=protected-access
-    ct = _prox._compute_dtype(dtype)  # pylint: disable=protected-access
+    nm.check_floating(zs[idx[0]], "prox_24 input")
+    ct = _prox.compute_dtype(dtype)
     # Each leaf's strength exactly as prox_24(z, lam · c, eta) computes it.
     strengths = jnp.stack([(jnp.asarray(lam) if mults is None else jnp.asarray(lam * mults[i])) * eta
                            for i in idx]).astype(ct)
 
     def solve(z_s, ax=ax):
-      return _prox._prox_leaf(z_s[0], z_s[1], ax)  # pylint: disable=protected-access
+      return _prox.prox_leaf(z_s[0], z_s[1], ax)
 
     if len(idx) == 1:
       out[idx[0]] = solve((zs[idx[0]], strengths[0]))
@@ -170,7 +170,7 @@ def _map_selected(name: str, updates: Any, params: Any, spec: Spec, m: int,
   """Applies ``fn(u, p, axis)`` to the selected leaves, passing the others' updates through."""
   _need_params(name, params)
   _check_same_tree(name, updates, params)
-  _, axes = _flat_spec(params, spec, m=m)
+  _, axes = flat_spec(params, spec, m=m)
   u_leaves, treedef = jax.tree.flatten(updates)
   p_leaves = jax.tree.leaves(params)
   new = [u if ax is None else fn(u, p, ax) for u, p, ax in zip(u_leaves, p_leaves, axes)]
@@ -204,7 +204,7 @@ def prox_24_update(hyperparams: ScalarOrSchedule, scaling: ScalarOrSchedule, *, 
   ``lax.map``, so under ``jit`` the solver is compiled once per distinct shape rather than once per kernel (7 times
   for a LLaMA), at the cost of one temporary copy of those leaves.
 
-  **Sharded params** (a device mesh, :mod:`proxjax.sharding`): batching copies the kernels into one stack, which
+  **Sharded params** (a device mesh, :mod:`proxjax.core.sharding`): batching copies the kernels into one stack, which
   XLA may gather or reshard; pass ``fuse=False`` to solve every leaf in its own shape and
   sharding (no communication: groups never straddle devices when kernels are split over outputs). The default
   ``None`` fuses unless a concrete param spans several devices; inside ``jit`` params are traced and carry no
@@ -222,7 +222,7 @@ def prox_24_update(hyperparams: ScalarOrSchedule, scaling: ScalarOrSchedule, *, 
   Args:
     hyperparams: ``λ``, a scalar or an optax schedule (a callable of the step count).
     scaling: ``η``, a scalar or an optax schedule; required (see above).
-    spec: which leaves and along which axis (see :mod:`proxjax.spec`); default: 2-D ``kernel`` leaves, axis 0.
+    spec: which leaves and along which axis (see :mod:`proxjax.core.spec`); default: 2-D ``kernel`` leaves, axis 0.
     fuse: solve the selected leaves of equal shape as one stack (``True``) or each alone (``False``, for sharded
       params); ``None``: batch unless a concrete param spans several devices.
     multipliers: optional per-leaf factors ``c_i`` of ``λ`` (see above): a callable ``(path, param) -> scalar``
@@ -245,7 +245,7 @@ def prox_24_update(hyperparams: ScalarOrSchedule, scaling: ScalarOrSchedule, *, 
 
   def init_fn(params):
     _need_params(name, params)
-    pure, axes = _flat_spec(params, spec, m=4)  # validate early
+    pure, axes = flat_spec(params, spec, m=4)  # validate early
     mults = None if multipliers is None else _resolve_multipliers(multipliers, pure, axes)
     return Prox24UpdateState(count=jnp.zeros([], jnp.int32), multipliers=mults)
 
@@ -253,14 +253,14 @@ def prox_24_update(hyperparams: ScalarOrSchedule, scaling: ScalarOrSchedule, *, 
     del extra_args
     _need_params(name, params)
     _check_same_tree(name, updates, params)
-    _, axes = _flat_spec(params, spec, m=4)
+    _, axes = flat_spec(params, spec, m=4)
     lam, eta = _value(hyperparams, state.count), _value(scaling, state.count)
     u_leaves, treedef = jax.tree.flatten(updates)
     p_leaves = jax.tree.leaves(params)
     sel = [i for i, ax in enumerate(axes) if ax is not None]
     mults = None
     if state.multipliers is not None:
-      flat = jax.tree.leaves(state.multipliers, is_leaf=_is_none)
+      flat = jax.tree.leaves(state.multipliers, is_leaf=is_none)
       if len(flat) != len(p_leaves):
         raise ValueError(f"{name}: the state's multipliers have {len(flat)} leaves, the params {len(p_leaves)}")
       mults = [jnp.asarray(1.0 if flat[i] is None else flat[i], jnp.float32) for i in sel]
@@ -286,7 +286,7 @@ def _resolve_multipliers(multipliers: Any, pure: Any, axes: list[int | None]) ->
     values = [None if ax is None else multipliers(path, leaf) for (path, leaf), ax in zip(path_leaves, axes)]
   else:
     try:
-      values = treedef.flatten_up_to(jax.tree.broadcast(nnx.as_pure(multipliers), pure, is_leaf=_is_none))
+      values = treedef.flatten_up_to(jax.tree.broadcast(nnx.as_pure(multipliers), pure, is_leaf=is_none))
     except (ValueError, TypeError) as e:
       raise ValueError(
           "prox_24_update: the multipliers must be a callable (path, param) -> scalar or a pytree with the structure "
@@ -316,7 +316,7 @@ def project_nm_update(n: int = 2, m: int = 4, *, spec: Spec = None) -> optax.Gra
   Args:
     n: non-zeros kept per group.
     m: group size.
-    spec: which leaves and along which axis (see :mod:`proxjax.spec`); default: 2-D ``kernel`` leaves, axis 0.
+    spec: which leaves and along which axis (see :mod:`proxjax.core.spec`); default: 2-D ``kernel`` leaves, axis 0.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` (state :class:`ProjectNMUpdateState`); ``update`` requires
@@ -330,12 +330,12 @@ def project_nm_update(n: int = 2, m: int = 4, *, spec: Spec = None) -> optax.Gra
     >>> optax.apply_updates(params, updates)['kernel'].ravel()
     Array([4., 0., 3., 0.], dtype=float32)
   """
-  nm._check_nm(n, m)
+  nm.check_nm(n, m)
   name = "project_nm_update"
 
   def init_fn(params):
     _need_params(name, params)
-    _flat_spec(params, spec, m=m)
+    flat_spec(params, spec, m=m)
     return ProjectNMUpdateState()
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -356,7 +356,7 @@ def _aligned_masks(masks: Any, tree: Any, what: str) -> list[Any]:
   pure = nnx.as_pure(tree)
   treedef = jax.tree.structure(pure)
   try:
-    flat = treedef.flatten_up_to(jax.tree.broadcast(masks, pure, is_leaf=_is_none))
+    flat = treedef.flatten_up_to(jax.tree.broadcast(masks, pure, is_leaf=is_none))
   except (ValueError, TypeError) as e:
     raise ValueError(
         f"masked_updates: the masks do not match the structure of the {what}; build them by mapping over the params "

@@ -20,7 +20,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from proxjax import transforms
+from proxjax.core import transforms
 
 
 class FinetuneResult(NamedTuple):

@@ -1,0 +1,297 @@
+r"""Typed configuration of the layer pruning methods and of refinement, and the registry of methods by name.
+
+Every setting of :func:`proxjax.prune_kernel`, :func:`proxjax.pipeline.prune_model`, the memory planner and the
+``proxjax prune`` command lives in one of these frozen dataclasses, validated when it is built, so a mistake is
+reported before any model is loaded. This module imports no JAX: the command line builds and checks its
+configuration before it pays for importing JAX.
+
+* :class:`ProxConfig`, :class:`WandaConfig`, :class:`SparseGPTConfig`, :class:`MagnitudeConfig`: one per method
+  (``METHODS`` maps the names to them); see docs/method.md, sections "The prox method", "Schedule and iteration
+  estimate" and "Baselines", for what each setting means.
+* :class:`RefineConfig`: masked GD or CG on the kept weights (docs/method.md, "Refinement").
+* :class:`PruneConfig`: a method, its refinement, the N:M pattern and the matmul precision.
+
+The two dampings have different names: SparseGPT's ``damp`` adds ``damp · mean(diag H)`` to the diagonal of ``H``
+before its inverse; the prox's and the refinement's ``ridge`` adds ``ridge · I`` to the preconditioned ``H̃`` (unit
+diagonal) inside their loops, i.e. the term ``(ridge/2)‖K̃ − K̃₀‖²``.
+
+Example:
+  >>> cfg = PruneConfig.from_options("sparsegpt", refine="cg", damp=0.02)
+  >>> cfg.method, cfg.refine.kind, cfg.refine.steps
+  (SparseGPTConfig(blocksize=128, damp=0.02), 'cg', 200)
+  >>> PruneConfig.from_options("wanda", damp=0.01)
+  Traceback (most recent call last):
+  ValueError: method 'wanda' has no option 'damp' (its options: none; refinement: refine_steps, refine_tol, refine_ridge; all: precision)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+from proxjax.core.pattern import check_blocksize, check_nm
+
+__all__ = [
+    "METHODS",
+    "MagnitudeConfig",
+    "MethodConfig",
+    "ProxConfig",
+    "PruneConfig",
+    "REFINES",
+    "RefineConfig",
+    "SparseGPTConfig",
+    "WandaConfig",
+    "method_config",
+]
+
+REFINES = ("gd", "cg")
+PRECISIONS = ("highest", "high", "default")
+
+
+def _number(name: str, value: Any, *, low: float | None = None, high: float | None = None, open_low: bool = False,
+            open_high: bool = False) -> float:
+  if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+    raise ValueError(f"{name} must be a number, got {value!r}")
+  if low is not None and (value < low or (open_low and value == low)):
+    raise ValueError(f"{name} must be {'>' if open_low else '>='} {low}, got {value!r}")
+  if high is not None and (value > high or (open_high and value == high)):
+    raise ValueError(f"{name} must be {'<' if open_high else '<='} {high}, got {value!r}")
+  return float(value)
+
+
+def _int(name: str, value: Any, *, low: int) -> int:
+  if isinstance(value, bool) or not isinstance(value, int) or value < low:
+    raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+  return value
+
+
+@dataclasses.dataclass(frozen=True)
+class ProxConfig:
+  """The prox method (docs/method.md, "The prox method" and "Schedule and iteration estimate").
+
+  Attributes:
+    lam0: the first ``λ₀ > 0``.
+    beta: ``β >= 1``, the growth of ``λ`` per iteration.
+    cap: the iteration cap.
+    ridge: ``δ >= 0`` added as ``δ·I`` to ``H̃`` inside the loop.
+    quantile: the quantile in ``(0, 1]`` of ``a3/(a1 a2)`` that sets ``κ``.
+    lam0_relative: if set, ``λ₀ = lam0_relative · L κ`` (scale-free).
+    budget: if set, ``β = (L κ / λ₀)^{1/budget}`` (about ``budget`` iterations).
+    tail_fraction: stop when at most this fraction of groups is not 2:4, and project those.
+    loop: ``"while"`` (stops when done) or ``"scan"`` (fixed length ``cap``, same iterates).
+  """
+  name: ClassVar[str] = "prox"
+  default_refine: ClassVar[str | None] = "cg"
+  lam0: float = 0.01
+  beta: float = 1.01
+  cap: int = 3000
+  ridge: float = 0.0
+  quantile: float = 0.99
+  lam0_relative: float | None = None
+  budget: int | None = None
+  tail_fraction: float = 0.0
+  loop: str = "while"
+
+  def __post_init__(self) -> None:
+    _number("lam0", self.lam0, low=0.0, open_low=True)
+    _number("beta", self.beta, low=1.0)
+    _int("cap", self.cap, low=1)
+    _number("ridge", self.ridge, low=0.0)
+    _number("quantile", self.quantile, low=0.0, high=1.0, open_low=True)
+    if self.lam0_relative is not None:
+      _number("lam0_relative", self.lam0_relative, low=0.0, open_low=True)
+    if self.budget is not None:
+      _int("budget", self.budget, low=1)
+    _number("tail_fraction", self.tail_fraction, low=0.0, high=1.0, open_high=True)
+    if self.loop not in ("while", "scan"):
+      raise ValueError(f"loop must be 'while' or 'scan', got {self.loop!r}")
+
+  def check_pattern(self, n: int, m: int) -> None:
+    if (n, m) != (2, 4):
+      raise ValueError(f"method 'prox' prunes to 2:4 only (its regularizer is 2:4-specific), got n={n}, m={m}; "
+                       "use 'wanda' or 'sparsegpt' for other N:M patterns")
+
+
+@dataclasses.dataclass(frozen=True)
+class WandaConfig:
+  """Wanda: keep the ``n`` largest ``|K_jc| · sqrt(H_jj)`` per group (docs/method.md, "Baselines")."""
+  name: ClassVar[str] = "wanda"
+  default_refine: ClassVar[str | None] = None
+
+  def check_pattern(self, n: int, m: int) -> None:
+    del n, m
+
+
+@dataclasses.dataclass(frozen=True)
+class MagnitudeConfig:
+  """Magnitude: keep the ``n`` largest ``|K_jc|`` per group (docs/method.md, "Baselines")."""
+  name: ClassVar[str] = "magnitude"
+  default_refine: ClassVar[str | None] = None
+
+  def check_pattern(self, n: int, m: int) -> None:
+    del n, m
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseGPTConfig:
+  """SparseGPT (docs/method.md, "Baselines").
+
+  Attributes:
+    blocksize: columns per lazy-update block, a positive multiple of ``m``.
+    damp: ``damp · mean(diag H)`` is added to the diagonal of ``H`` before its inverse.
+  """
+  name: ClassVar[str] = "sparsegpt"
+  default_refine: ClassVar[str | None] = None
+  blocksize: int = 128
+  damp: float = 0.01
+
+  def __post_init__(self) -> None:
+    check_blocksize(self.blocksize, 1)
+    _number("damp", self.damp, low=0.0)
+
+  def check_pattern(self, n: int, m: int) -> None:
+    del n
+    check_blocksize(self.blocksize, m)
+
+
+MethodConfig = ProxConfig | WandaConfig | SparseGPTConfig | MagnitudeConfig
+
+METHODS: dict[str, type] = {"prox": ProxConfig, "wanda": WandaConfig, "sparsegpt": SparseGPTConfig,
+                            "magnitude": MagnitudeConfig}
+"""The registry: method name → its configuration class."""
+
+
+def _fields(cls: type) -> list[str]:
+  return [f.name for f in dataclasses.fields(cls)]
+
+
+def method_config(name: str, **options: Any) -> MethodConfig:
+  """The configuration of method ``name`` with ``options``; an option the method does not take is a ValueError.
+
+  Example:
+    >>> method_config("prox", budget=300)
+    ProxConfig(lam0=0.01, beta=1.01, cap=3000, ridge=0.0, quantile=0.99, lam0_relative=None, budget=300, tail_fraction=0.0, loop='while')
+  """
+  if name not in METHODS:
+    raise ValueError(f"unknown method {name!r}; expected one of {tuple(METHODS)}")
+  cls = METHODS[name]
+  unknown = sorted(set(options) - set(_fields(cls)))
+  if unknown:
+    raise ValueError(f"method {name!r} has no option{'s' if len(unknown) > 1 else ''} "
+                     f"{', '.join(repr(u) for u in unknown)} (its options: {', '.join(_fields(cls)) or 'none'})")
+  return cls(**options)
+
+
+@dataclasses.dataclass(frozen=True)
+class RefineConfig:
+  """Refinement of the kept weights on the local loss (docs/method.md, "Refinement").
+
+  Attributes:
+    kind: ``"gd"`` (the paper's masked gradient descent) or ``"cg"`` (masked conjugate gradients).
+    steps: GD steps, or the cap on CG iterations; default 1000 for GD, 200 for CG.
+    tol: CG's relative residual tolerance per column.
+    ridge: ``δ >= 0`` added as ``δ·I`` to ``H̃``.
+  """
+  DEFAULT_STEPS: ClassVar[Mapping[str, int]] = {"gd": 1000, "cg": 200}
+  kind: str = "cg"
+  steps: int | None = None
+  tol: float = 1e-6
+  ridge: float = 0.0
+
+  def __post_init__(self) -> None:
+    if self.kind not in REFINES:
+      raise ValueError(f"refine must be one of {REFINES} or None, got {self.kind!r}")
+    if self.steps is None:
+      object.__setattr__(self, "steps", self.DEFAULT_STEPS[self.kind])
+    _int("refine_steps", self.steps, low=0)
+    _number("refine_tol", self.tol, low=0.0)
+    _number("refine_ridge", self.ridge, low=0.0)
+
+
+_REFINE_OPTIONS = {"refine_steps": "steps", "refine_tol": "tol", "refine_ridge": "ridge"}
+
+
+@dataclasses.dataclass(frozen=True)
+class PruneConfig:
+  """Everything that decides how one kernel is pruned.
+
+  Attributes:
+    method: a method configuration, or a method name for its defaults.
+    refine: a :class:`RefineConfig`, ``"gd"``, ``"cg"``, ``None`` / ``"none"`` (no refinement), or ``"auto"``: the
+      method's default (CG for the prox, none for the baselines).
+    n: kept weights per group.
+    m: group size (groups run along the kernel's input axis).
+    precision: matmul precision of the loops (``"highest"``: full float32 on every backend).
+  """
+  method: Any = dataclasses.field(default_factory=ProxConfig)
+  refine: Any = "auto"
+  n: int = 2
+  m: int = 4
+  precision: str = "highest"
+
+  def __post_init__(self) -> None:
+    method = self.method
+    if isinstance(method, str):
+      method = method_config(method)
+    if not isinstance(method, tuple(METHODS.values())):
+      raise ValueError(f"method must be one of {tuple(METHODS)} or its configuration, got {method!r}")
+    refine = self.refine
+    if refine == "auto":
+      refine = method.default_refine
+    if refine == "none":
+      refine = None
+    if isinstance(refine, str):
+      refine = RefineConfig(refine)
+    if refine is not None and not isinstance(refine, RefineConfig):
+      raise ValueError(f"refine must be 'gd', 'cg', None, 'auto' or a RefineConfig, got {refine!r}")
+    check_nm(self.n, self.m)
+    method.check_pattern(self.n, self.m)
+    if self.precision not in PRECISIONS:
+      raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+    object.__setattr__(self, "method", method)
+    object.__setattr__(self, "refine", refine)
+
+  @property
+  def method_name(self) -> str:
+    return self.method.name
+
+  @property
+  def refine_kind(self) -> str | None:
+    return None if self.refine is None else self.refine.kind
+
+  @classmethod
+  def from_options(cls, method: str | MethodConfig = "prox", *, refine: Any = "auto", n: int = 2, m: int = 4,
+                   **options: Any) -> PruneConfig:
+    """A configuration from flat keyword options, as :func:`proxjax.prune_kernel` and ``--option`` take them:
+    the method's own fields, ``refine_steps`` / ``refine_tol`` / ``refine_ridge`` and ``precision``."""
+    name = method if isinstance(method, str) else method.name
+    if name not in METHODS:
+      raise ValueError(f"unknown method {name!r}; expected one of {tuple(METHODS)}")
+    own = {k: v for k, v in options.items() if k in _fields(METHODS[name])}
+    ref = {_REFINE_OPTIONS[k]: v for k, v in options.items() if k in _REFINE_OPTIONS}
+    common = {k: v for k, v in options.items() if k == "precision"}
+    unknown = sorted(set(options) - set(own) - set(_REFINE_OPTIONS) - set(common))
+    if unknown:
+      raise ValueError(
+          f"method {name!r} has no option{'s' if len(unknown) > 1 else ''} {', '.join(repr(u) for u in unknown)} "
+          f"(its options: {', '.join(_fields(METHODS[name])) or 'none'}; refinement: "
+          f"{', '.join(_REFINE_OPTIONS)}; all: precision)")
+    if isinstance(method, str):
+      method = METHODS[name](**own)
+    elif own:
+      method = dataclasses.replace(method, **own)
+    if ref:
+      if refine == "auto":
+        refine = METHODS[name].default_refine
+      if refine is None or refine == "none":
+        raise ValueError(f"{', '.join(sorted(_REFINE_OPTIONS[k] for k in options if k in _REFINE_OPTIONS))} "
+                         "given without a refinement (refine is None)")
+      refine = dataclasses.replace(refine, **ref) if isinstance(refine, RefineConfig) else RefineConfig(refine, **ref)
+    return cls(method, refine, n, m, **common)
+
+  def to_dict(self) -> dict[str, Any]:
+    """A JSON-ready description (run fingerprints, reports, provenance)."""
+    return {"method": self.method.name, "options": dataclasses.asdict(self.method),
+            "refine": None if self.refine is None else dataclasses.asdict(self.refine),
+            "n": self.n, "m": self.m, "precision": self.precision}

@@ -1,0 +1,102 @@
+"""What every workflow shares: resolving the model argument, the output directory check, the provenance a pruned
+checkpoint carries, loading a model onto a mesh, evaluation windows and perplexity."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+import proxjax
+from proxjax import data
+from proxjax.core import sharding
+from proxjax.models import load_pretrained
+from proxjax.models.convert import default_model_dir
+from proxjax.models.hf import METADATA_FILE
+from proxjax.pipeline import evaluate
+from proxjax.workflows.config import EvalConfig, OutputConfig
+
+__all__ = ["check_out_dir", "evaluation_data", "load_model", "model_dir", "perplexity", "provenance", "run_dirs"]
+
+VERSION = proxjax.__version__
+
+
+def model_dir(name: str) -> str:
+  """The checkpoint directory of a model argument: ``smollm2`` is the bundled SmolLM2-135M (converted into the cache
+  directory at first use), anything else must be a directory."""
+  if name == "smollm2":
+    return str(default_model_dir())
+  if not os.path.isdir(name):
+    raise ValueError(f"{name} is not a directory (expected a Hugging Face checkpoint directory or 'smollm2')")
+  return name
+
+
+def check_out_dir(out_dir: str, overwrite: bool) -> str:
+  """The absolute output directory; a non-empty one is refused before any long work unless ``overwrite``."""
+  out_dir = os.path.abspath(out_dir)
+  if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
+    raise ValueError(f"{out_dir} exists and is not empty (use --overwrite)")
+  return out_dir
+
+
+def run_dirs(output: OutputConfig) -> tuple[str, str]:
+  """``(out_dir, state_dir)`` of a run, checked; the state directory is removed first with ``restart``."""
+  out_dir = check_out_dir(output.out_dir, output.overwrite)
+  state_dir = os.path.abspath(output.state_dir or out_dir.rstrip(os.sep) + ".proxjax-state")
+  if output.restart and os.path.isdir(state_dir):
+    shutil.rmtree(state_dir)
+  return out_dir, state_dir
+
+
+def finish_state(output: OutputConfig, state_dir: str) -> None:
+  """Removes the resume state after a successful run, unless it is to be kept."""
+  if not output.keep_state and os.path.isdir(state_dir):
+    shutil.rmtree(state_dir)
+
+
+def provenance(directory: str) -> dict[str, Any]:
+  """The ``proxjax.json`` a checkpoint written by proxjax carries (empty for any other checkpoint)."""
+  meta = os.path.join(directory, METADATA_FILE)
+  if not os.path.exists(meta):
+    return {}
+  with open(meta) as f:
+    return json.load(f)
+
+
+def mesh_of(spec: str | None) -> Any:
+  """The device mesh of a ``--mesh`` value (None without one)."""
+  return None if not spec else sharding.parse_mesh(spec)
+
+
+def load_model(directory: str, mesh: Any, offload: bool = False, param_dtype: Any = None) -> Any:
+  """The model, placed on the host (``offload``), straight into its shardings on ``mesh``, or on the default
+  device."""
+  kwargs = {} if param_dtype is None else {"param_dtype": param_dtype}
+  if offload:
+    return load_pretrained(directory, sharding=lambda path, shape: jax.devices("cpu")[0], **kwargs)
+  return load_pretrained(directory, sharding=None if mesh is None else sharding.checkpoint_sharding(mesh), **kwargs)
+
+
+def evaluation_data(directory: str, config: EvalConfig) -> data.EvalData:
+  """The evaluation windows of ``config`` tokenized with the model's tokenizer."""
+  return data.load_evaluation(data.load_tokenizer(directory), config.dataset, seqlen=config.seqlen,
+                              max_windows=config.max_windows)
+
+
+@functools.cache
+def logits_fn() -> Any:
+  """The one jitted ``model(ids)`` every evaluation uses (evaluating twice compiles once)."""
+  return nnx.jit(lambda m, ids: m(ids))  # one object: evaluating twice (before/after) compiles once
+
+
+def perplexity(model: Any, eval_data: data.EvalData, batch_size: int, progress: bool) -> evaluate.PerplexityResult:
+  """:func:`proxjax.pipeline.evaluate.perplexity` of ``model`` on ``eval_data``'s windows."""
+  logits = logits_fn()
+  return evaluate.perplexity(lambda ids: logits(model, jnp.asarray(ids)), eval_data.windows, batch_size=batch_size,
+                             progress=progress)

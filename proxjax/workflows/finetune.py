@@ -1,0 +1,66 @@
+"""The recovery fine-tuning workflow: train a pruned checkpoint's kept weights on the LM loss with its sparsity mask
+fixed, check that every pruned weight is still exactly zero, save it with ``proxjax-finetune.json``.
+
+Example::
+
+  from proxjax.workflows.config import EvalConfig, FinetuneJob
+  from proxjax.workflows.finetune import finetune
+  report = finetune(FinetuneJob("out/prox", "out/prox-ft", steps=100, eval=EvalConfig("lee")))
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from proxjax import data
+from proxjax.core import files
+from proxjax.models import save_pretrained
+from proxjax.training import finetune as ft
+from proxjax.workflows import common
+from proxjax.workflows.config import FinetuneJob
+
+__all__ = ["finetune"]
+
+
+def finetune(job: FinetuneJob) -> dict[str, Any]:
+  """Runs ``job`` and returns its report (also written to ``proxjax-finetune.json``)."""
+  model_dir = common.model_dir(job.model)
+  out_dir = common.check_out_dir(job.out_dir.out_dir, job.out_dir.overwrite)
+  model = common.load_model(model_dir, None, param_dtype=jnp.float32)  # train in float32; saved in the source's
+  tokenizer = data.load_tokenizer(model_dir)
+  documents = data.load_documents(job.train, split="calibration")
+  ids = data.calibration_windows(tokenizer, documents, nsamples=job.steps * job.batch_size, seqlen=job.seqlen,
+                                 seed=job.seed)
+  batches = ids.reshape(job.steps, job.batch_size, job.seqlen)
+  result: dict[str, Any] = {"source_model": os.path.abspath(model_dir), "train": job.train, "steps": job.steps,
+                            "batch_size": job.batch_size, "seqlen": job.seqlen, "learning_rate": job.learning_rate,
+                            "weight_decay": job.weight_decay, "seed": job.seed,
+                            "train_tokens": int(ids.size), "proxjax_version": common.VERSION}
+  eval_data = None
+  if job.eval is not None:
+    eval_data = common.evaluation_data(model_dir, job.eval)  # the same windows before and after
+    result["eval_protocol"] = dict(eval_data.protocol)
+    result["ppl_before"] = common.perplexity(model, eval_data, job.eval.batch_size, job.progress).ppl
+  masks = ft.sparsity_masks(model)
+  trained = ft.finetune_masked(model, batches, learning_rate=job.learning_rate, weight_decay=job.weight_decay,
+                               masks=masks, progress=job.progress)
+  result["losses"] = trained.losses
+  if job.check:  # every weight that was zero must still be exactly zero
+    params = nnx.as_pure(nnx.state(model, nnx.Param))
+    flat_m = jax.tree.leaves(masks, is_leaf=lambda x: x is None)
+    flat_p = jax.tree.leaves(params)
+    lost = [i for i, (mk, p) in enumerate(zip(flat_m, flat_p)) if mk is not None and bool(jnp.any((~mk) & (p != 0)))]
+    if lost:
+      raise RuntimeError(f"{len(lost)} pruned kernels gained non-zeros during fine-tuning (please report this bug)")
+  if eval_data is not None:
+    result["ppl_after"] = common.perplexity(model, eval_data, job.eval.batch_size, job.progress).ppl
+  save_pretrained(model, out_dir, source_dir=model_dir, metadata={**common.provenance(model_dir), "finetune": result},
+                  overwrite=job.out_dir.overwrite)
+  report_path = job.out_dir.report or os.path.join(out_dir, "proxjax-finetune.json")
+  files.write_json(report_path, result)
+  return {**result, "report_path": report_path}
