@@ -224,3 +224,27 @@ def test_prune_params_on_any_flax_pytree():
 def jax_tree_like(state, leaves):
   """``state`` with every leaf replaced by ``leaves.get(path)`` (``None`` elsewhere)."""
   return jax.tree.map_with_path(lambda p, _: leaves.get(tuple(k.key for k in p if hasattr(k, "key"))), state)
+
+
+def test_prune_params_with_a_spec_prunes_exactly_what_it_selects():
+  params = {"a": {"kernel": jnp.asarray(np.random.default_rng(0).normal(size=(8, 4)), jnp.float32)},
+            "b": {"kernel": jnp.asarray(np.random.default_rng(1).normal(size=(8, 4)), jnp.float32)}}
+  eye = jnp.eye(8)
+  spec = lambda path, leaf: 0 if "a" in str(path) else None  # noqa: E731
+  new, masks, _ = pipeline.prune_params(params, {"a": {"kernel": eye}, "b": {"kernel": eye}}, "magnitude",
+                                        spec=spec)
+  assert bool(proxjax.is_nm(new["a"]["kernel"])) and masks["b"]["kernel"] is None
+  np.testing.assert_array_equal(new["b"]["kernel"], params["b"]["kernel"])  # has a Hessian, not selected: dense
+  with pytest.raises(ValueError, match="no Hessian"):
+    pipeline.prune_params(params, {"a": {"kernel": None}, "b": {"kernel": eye}}, "magnitude", spec=spec)
+
+
+def test_the_spec_decides_which_linears_the_pipeline_prunes(tmp_path):
+  _, path = _checkpoint(tmp_path)
+  model = load_pretrained(path)
+  only_mlp = lambda path, leaf: 0 if "mlp" in path else None  # noqa: E731
+  res = pipeline.prune_model(model, _ids(), method="magnitude", spec=only_mlp, progress=False)
+  assert {r.name for r in res.layers} == {"mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}
+  assert not bool(proxjax.is_nm(model.model.layers[0].self_attn.q_proj.kernel[...]))
+  with pytest.raises(ValueError, match="no linear is selected"):
+    pipeline.prune_model(load_pretrained(path), _ids(), method="magnitude", ignore=["*"], progress=False)

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-__all__ = ["default_spec", "resolve_spec", "Spec"]
+__all__ = ["default_spec", "flat_spec", "path_names", "per_leaf", "resolve_spec", "Spec"]
 
 KeyPath = Sequence[Any]
 Spec = None | Callable[[KeyPath, Any], "int | None"] | Any
@@ -52,6 +52,18 @@ def _key_name(key: Any) -> Any:
     if hasattr(key, attr):
       return getattr(key, attr)
   return key
+
+
+def path_names(path: KeyPath) -> tuple[Any, ...]:
+  """The names along a key path (``DictKey.key``, ``GetAttrKey.name``, ``SequenceKey.idx``), without the
+  ``value`` keys of boxed ``nnx.Variable`` leaves.
+
+  Example:
+    >>> from jax.tree_util import DictKey, GetAttrKey
+    >>> path_names((DictKey("layers"), DictKey(0), DictKey("kernel"), GetAttrKey("value")))
+    ('layers', 0, 'kernel')
+  """
+  return tuple(n for n in (_key_name(k) for k in path) if n != "value")
 
 
 def _leaf_name(path: KeyPath) -> Any:
@@ -136,6 +148,25 @@ def _check_axis(path: KeyPath, leaf: Any, axis: Any, m: int) -> int | None:
   return axis
 
 
+def per_leaf(value: Any, pure: Any, what: str) -> list[Any]:
+  """One entry per leaf of the pure pytree ``pure``, in leaf order, from a callable ``value(path, leaf)`` or a pytree
+  ``value`` with the structure of ``pure`` (or a prefix of it: an entry applies to its whole subtree).
+
+  Example:
+    >>> per_leaf({"a": 1, "b": None}, {"a": [0.0, 0.0], "b": 0.0}, "spec")
+    [1, 1, None]
+  """
+  path_leaves, treedef = jax.tree_util.tree_flatten_with_path(pure)
+  if callable(value):
+    return [value(path, leaf) for path, leaf in path_leaves]
+  try:
+    return treedef.flatten_up_to(jax.tree.broadcast(nnx.as_pure(value), pure, is_leaf=is_none))
+  except (ValueError, TypeError) as e:
+    raise ValueError(
+        f"the {what} must be a callable (path, leaf) -> entry or a pytree with the structure of params (or a prefix "
+        f"of it); build it by mapping over params, e.g. jax.tree.map(..., params). Details: {e}") from None
+
+
 def flat_spec(params: Any, spec: Spec = None, *, m: int = 4) -> tuple[Any, list[int | None]]:
   """Returns ``(pure_params, axes)``: Variables unwrapped, and one validated axis (or None) per leaf, in leaf order."""
   if params is None:
@@ -143,18 +174,8 @@ def flat_spec(params: Any, spec: Spec = None, *, m: int = 4) -> tuple[Any, list[
   if not isinstance(m, int) or m < 1:
     raise ValueError(f"m must be a positive Python int, got {m!r}")
   params = nnx.as_pure(params)
-  path_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
-  if spec is None:
-    spec = default_spec
-  if callable(spec):
-    entries = [spec(path, leaf) for path, leaf in path_leaves]
-  else:
-    try:
-      entries = treedef.flatten_up_to(jax.tree.broadcast(nnx.as_pure(spec), params, is_leaf=is_none))
-    except (ValueError, TypeError) as e:
-      raise ValueError(
-          "the spec pytree must have the structure of params (or a prefix of it) with int or None leaves; build it "
-          f"by mapping over params, e.g. jax.tree.map(..., params). Details: {e}") from None
+  path_leaves, _ = jax.tree_util.tree_flatten_with_path(params)
+  entries = per_leaf(default_spec if spec is None else spec, params, "spec (int or None entries)")
   axes = [_check_axis(path, leaf, entry, m) for (path, leaf), entry in zip(path_leaves, entries)]
   return params, axes
 

@@ -42,7 +42,7 @@ from jax.typing import ArrayLike
 from proxjax.core import nm
 from proxjax.core import prox as _prox
 from proxjax.core.prox import prox_24
-from proxjax.core.spec import Spec, flat_spec, is_none
+from proxjax.core.spec import Spec, flat_spec, is_none, per_leaf
 
 __all__ = [
     "MaskedUpdatesState",
@@ -282,15 +282,10 @@ def _resolve_multipliers(multipliers: Any, pure: Any, axes: list[int | None]) ->
   """The state's multiplier tree: a float32 scalar on every selected leaf (``None`` entries become 1), ``None`` on the
   others. Concrete values must be finite and non-negative."""
   path_leaves, treedef = jax.tree_util.tree_flatten_with_path(pure)
-  if callable(multipliers):
+  if callable(multipliers):  # called on the selected leaves only
     values = [None if ax is None else multipliers(path, leaf) for (path, leaf), ax in zip(path_leaves, axes)]
   else:
-    try:
-      values = treedef.flatten_up_to(jax.tree.broadcast(nnx.as_pure(multipliers), pure, is_leaf=is_none))
-    except (ValueError, TypeError) as e:
-      raise ValueError(
-          "prox_24_update: the multipliers must be a callable (path, param) -> scalar or a pytree with the structure "
-          f"of the params (or a prefix of it) with scalar or None leaves. Details: {e}") from None
+    values = per_leaf(multipliers, pure, "prox_24_update multipliers (scalar or None entries)")
   out = []
   for (path, _), value, ax in zip(path_leaves, values, axes):
     if ax is None:

@@ -1,45 +1,5 @@
-"""Text for calibration and evaluation: tokenizers, offline and online corpora, calibration and evaluation windows."""
+"""Text for calibration and evaluation: tokenizers, offline and online corpora, calibration and evaluation windows
+(:mod:`proxjax.data.text`)."""
 
-from proxjax.data.text import (
-    LEE_FILE,
-    MIN_ARTICLE_CHARS,
-    SOURCES,
-    WIKI_FILE,
-    EvalData,
-    EvalProtocol,
-    TextTokenizer,
-    calibration_windows,
-    evaluation_protocol,
-    evaluation_windows,
-    gensim_data_dir,
-    load_documents,
-    load_evaluation,
-    load_tokenizer,
-    packed_token_stream,
-    split_documents,
-    wiki_articles,
-    wiki_to_text,
-    wikitext_articles,
-)
-
-__all__ = [
-    "EvalData",
-    "EvalProtocol",
-    "LEE_FILE",
-    "MIN_ARTICLE_CHARS",
-    "SOURCES",
-    "TextTokenizer",
-    "WIKI_FILE",
-    "calibration_windows",
-    "evaluation_protocol",
-    "evaluation_windows",
-    "gensim_data_dir",
-    "load_documents",
-    "load_evaluation",
-    "load_tokenizer",
-    "packed_token_stream",
-    "split_documents",
-    "wiki_articles",
-    "wiki_to_text",
-    "wikitext_articles",
-]
+from proxjax.data.text import *  # noqa: F403  (the public names of text.py, listed in its __all__)
+from proxjax.data.text import __all__  # noqa: F401

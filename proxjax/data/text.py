@@ -61,6 +61,9 @@ import numpy as np
 import tokenizers
 
 __all__ = [
+    "LEE_FILE",
+    "MIN_ARTICLE_CHARS",
+    "WIKI_FILE",
     "EvalData",
     "EvalProtocol",
     "TextTokenizer",

@@ -52,13 +52,16 @@ from flax import nnx
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from proxjax.core.pattern import check_nm
+
 from proxjax.models.llama import (
     CheckpointError,
     LlamaConfig,
     LlamaForCausalLM,
     UnsupportedModelError,
-    name_of_dtype,
     dtype_from_name,
+    name_of_dtype,
+    projection_spec,
 )
 
 __all__ = [
@@ -301,10 +304,13 @@ def load_pretrained(model_dir: str | os.PathLike[str], *, param_dtype: Any = Non
   return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
-def check_sparsity(model_dir: str | os.PathLike[str], *, n: int = 2, m: int = 4) -> list[dict[str, Any]]:
-  """Checks that every q/k/v/o/gate/up/down projection stored in a checkpoint is N:M sparse along its input axis.
+def check_sparsity(model_dir: str | os.PathLike[str], *, n: int = 2, m: int = 4,
+                   spec: Callable[[Any, Any], int | None] = projection_spec) -> list[dict[str, Any]]:
+  """Checks that every weight the sparsity ``spec`` selects (default :func:`proxjax.models.llama.projection_spec`:
+  the q/k/v/o/gate/up/down projections) is N:M sparse along its input axis.
 
-  Reads the weight files tensor by tensor (no model is built). A Hugging Face weight is ``(d_out, d_in)``, so the
+  Reads the weight files tensor by tensor (no model is built); a tensor is selected when ``spec`` gives axis 0 for
+  its NNX path (:func:`hf_to_path`) and kernel shape. A Hugging Face weight is ``(d_out, d_in)``, so the
   groups are ``m`` consecutive entries along its **last** axis (docs/method.md, "Notation and layout"); a projection is ``ok`` when every group has
   at most ``n`` non-zeros (an input size not divisible by ``m`` is never ok).
 
@@ -329,8 +335,7 @@ def check_sparsity(model_dir: str | os.PathLike[str], *, n: int = 2, m: int = 4)
     >>> len(rows), rows[0]["name"], rows[0]["sparsity"], rows[0]["ok"]
     (7, 'model.layers.0.mlp.down_proj.weight', 0.0, False)
   """
-  if not (isinstance(n, int) and isinstance(m, int) and 0 <= n <= m and m >= 1):
-    raise ValueError(f"need integers 0 <= n <= m, m >= 1; got n={n!r}, m={m!r}")
+  check_nm(n, m)
   model_dir = os.fspath(model_dir)
   if not os.path.isdir(model_dir):
     raise CheckpointError(f"{model_dir!r} is not a directory")
@@ -341,8 +346,13 @@ def check_sparsity(model_dir: str | os.PathLike[str], *, n: int = 2, m: int = 4)
     try:
       with safe_open(fpath, framework="numpy") as st:
         for name in st.keys():
-          match = _LINEAR_RE.fullmatch(name)
-          if not match or match[3] != "weight":
+          try:
+            path = hf_to_path(name)
+          except ValueError:
+            continue
+          shape, dtype = tuple(st.get_slice(name).get_shape()), st.get_slice(name).get_dtype()
+          kernel = jax.ShapeDtypeStruct(shape[::-1], jnp.float32 if dtype.startswith(("F", "BF")) else jnp.int32)
+          if spec(path, kernel) is None:
             continue
           w = st.get_tensor(name)
           zeros = int(w.size - np.count_nonzero(w))

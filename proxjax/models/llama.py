@@ -47,7 +47,7 @@ import dataclasses
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -57,9 +57,36 @@ from flax import nnx
 from jax import lax
 from jax.typing import ArrayLike
 
+from proxjax.core.spec import path_names
+
 LINEAR_NAMES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
                 "mlp.up_proj", "mlp.down_proj")
 """The prunable linears of a decoder block, as attribute paths relative to the block (= Hugging Face names)."""
+
+_LINEAR_PARTS = frozenset(tuple(n.split(".")) for n in LINEAR_NAMES)
+
+
+def projection_spec(path: Sequence[Any], leaf: Any) -> int | None:
+  """The sparsity spec of the LLaMA family: ``0`` (groups along the input axis) for the 2-D floating kernel of a
+  q/k/v/o/gate/up/down projection of a decoder block (``…layers.N.self_attn.q_proj.kernel`` etc.), ``None`` for
+  everything else (embeddings, norms, biases, ``lm_head``).
+
+  It is the one notion of "which weights are pruned" for these models: the block-by-block pipeline, ``proxjax
+  check``, the fine-tuning masks and ProxSparse all select with it (as a spec, see :mod:`proxjax.core.spec`).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from jax.tree_util import DictKey as K
+    >>> projection_spec((K("model"), K("layers"), K(0), K("mlp"), K("up_proj"), K("kernel")), jnp.ones((8, 4)))
+    0
+    >>> projection_spec((K("lm_head"), K("kernel")), jnp.ones((8, 4))) is None
+    True
+  """
+  names = [str(n) for n in path_names(path)] if path and not isinstance(path[0], str | int) else [str(p) for p in path]
+  if len(names) < 4 or names[-1] != "kernel" or "layers" not in names or tuple(names[-3:-1]) not in _LINEAR_PARTS:
+    return None
+  shape, dtype = getattr(leaf, "shape", ()), getattr(leaf, "dtype", None)
+  return 0 if len(shape) == 2 and dtype is not None and jnp.issubdtype(dtype, jnp.floating) else None
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 _MODEL_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}

@@ -30,7 +30,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -38,14 +38,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from proxjax.pruning import calibration as _cal
 from proxjax.core import nm as _nm
-from proxjax.pruning import pruner as _pruner
-from proxjax.pruning.methods import MethodConfig, PruneConfig
 from proxjax.core import sharding as _sharding
 from proxjax.core.files import atomic_write as _atomic_write
 from proxjax.core.files import open_run_dir as _open_run_dir
 from proxjax.core.files import write_json as _write_json
+from proxjax.core.spec import flat_spec
+from proxjax.models.llama import LINEAR_NAMES, projection_spec
+from proxjax.pruning import calibration as _cal
+from proxjax.pruning import pruner as _pruner
+from proxjax.pruning.methods import MethodConfig, PruneConfig
 
 TRUE_SEQUENTIAL_STAGES = (
     ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
@@ -144,6 +146,16 @@ def true_sequential_stages(selected: Sequence[str], true_sequential: bool) -> li
   staged = [tuple(n for n in stage if n in selected) for stage in TRUE_SEQUENTIAL_STAGES]
   rest = tuple(n for n in selected if not any(n in stage for stage in TRUE_SEQUENTIAL_STAGES))
   return [s for s in staged if s] + ([rest] if rest else [])
+
+
+def _selected_by(spec: Callable[[Any, Any], int | None], block: int, name: str, kernel: Any) -> bool:
+  """Whether ``spec`` selects the kernel of linear ``name`` in block ``block`` (it must say axis 0 if it does)."""
+  path = ("model", "layers", block, *name.split("."), "kernel")
+  axis = spec(path, kernel)
+  if axis is not None and axis != 0:
+    raise ValueError(f"the spec groups {'.'.join(map(str, path))} along axis {axis}; the pipeline prunes kernels "
+                     "(d_in, d_out) along their input axis 0")
+  return axis is not None
 
 
 def _submodule(module: Any, name: str) -> Any:
@@ -304,7 +316,8 @@ def _fingerprint(calibration_ids: np.ndarray, config: PruneConfig, true_sequenti
 def prune_model(model: Any, calibration_ids: Any, method: str | MethodConfig | PruneConfig = "prox", *,
                 refine: Any = "auto", n: int = 2, m: int = 4, true_sequential: bool = True,
                 include: Sequence[str] | None = None, ignore: Sequence[str] | None = None,
-                linear_names: Sequence[str] | None = None, batch_size: int = 8, state_dir: str | None = None,
+                linear_names: Sequence[str] | None = None, spec: Callable[[Any, Any], int | None] | None = None,
+                batch_size: int = 8, state_dir: str | None = None,
                 progress: bool = True, run_info: Mapping[str, Any] | None = None,
                 mesh: jax.sharding.Mesh | None = None, offload: bool = False) -> PipelineResult:
   r"""Prunes a decoder-only model block by block, in place, each linear to N:M along its input axis (docs/method.md, "Pipeline").
@@ -329,7 +342,11 @@ def prune_model(model: Any, calibration_ids: Any, method: str | MethodConfig | P
     true_sequential: prune in stages q,k,v → o → gate,up → down, re-capturing inputs before each stage.
     include: fnmatch patterns over ``"{block}.{name}"`` (e.g. ``"*.mlp.*"``); default all.
     ignore: patterns to leave dense.
-    linear_names: the linears of a block; default ``proxjax.models.llama.LINEAR_NAMES``.
+    linear_names: the candidate linears of a block; default ``proxjax.models.llama.LINEAR_NAMES``.
+    spec: the sparsity spec that decides which kernels are pruned (:mod:`proxjax.core.spec`), called with the
+      kernel's path ``("model", "layers", b, *name.split("."), "kernel")`` and the kernel; default
+      :func:`proxjax.models.llama.projection_spec`. A kernel it selects must be grouped along axis 0 (its input
+      axis); ``include``/``ignore`` narrow the selection further.
     batch_size: calibration sequences per forward pass.
     state_dir: directory for per-block state (resume); ``None`` keeps nothing.
     progress: tqdm bars per block and per projection.
@@ -360,14 +377,18 @@ def prune_model(model: Any, calibration_ids: Any, method: str | MethodConfig | P
   """
   config = _pruner.as_config(method, refine=refine, n=n, m=m)
   if linear_names is None:
-    from proxjax.models.llama import LINEAR_NAMES as linear_names  # noqa: N811
+    linear_names = LINEAR_NAMES
+  spec = projection_spec if spec is None else spec
   ids = np.asarray(calibration_ids)
   if ids.ndim != 2 or ids.shape[0] == 0 or ids.shape[1] == 0 or not np.issubdtype(ids.dtype, np.integer):
     raise ValueError(f"calibration_ids must be a non-empty int array (sequences, seqlen), got {ids.dtype} {ids.shape}")
   if batch_size < 1:
     raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
   blocks = model.model.layers
-  selected = select_linears(linear_names, len(blocks), include, ignore)
+  selected = [tuple(name for name in names if _selected_by(spec, b, name, _submodule(blocks[b], name).kernel[...]))
+              for b, names in enumerate(select_linears(linear_names, len(blocks), include, ignore))]
+  if not any(selected):
+    raise ValueError("no linear is selected for pruning (check include/ignore and the spec); nothing to do")
   batch_size = min(batch_size, ids.shape[0])
   if offload and mesh is None:
     mesh = _sharding.make_mesh(devices=jax.devices()[:1])
@@ -432,7 +453,7 @@ def prune_model(model: Any, calibration_ids: Any, method: str | MethodConfig | P
 
 
 def prune_params(params: Any, hessians: Any, method: str | MethodConfig | PruneConfig = "prox", *, n: int = 2,
-                 m: int = 4, refine: Any = "auto") -> tuple[Any, Any, Any]:
+                 m: int = 4, refine: Any = "auto", spec: Any = None) -> tuple[Any, Any, Any]:
   r"""Prunes the kernels of any Flax parameter pytree, given their calibration statistics.
 
   For every leaf of ``params`` whose counterpart in ``hessians`` is not ``None`` (an ``H`` array ``(d_in, d_in)`` or a
@@ -440,6 +461,10 @@ def prune_params(params: Any, hessians: Any, method: str | MethodConfig | PruneC
   approximate minimizer of ``½ tr((K − K₀)ᵀ H (K − K₀))`` subject to N:M along axis 0; other leaves are returned
   unchanged. ``hessians`` is a pytree with ``params``' structure (``None`` marks a leaf to keep dense), so
   ``jax.tree.map`` over both works; an ``nnx.State`` works too.
+
+  With a sparsity ``spec`` (:mod:`proxjax.core.spec`, e.g. :func:`proxjax.default_spec` or
+  :func:`proxjax.models.llama.projection_spec`) the spec decides instead: exactly the leaves it selects are pruned
+  (each needs a Hessian, and its group axis must be 0), whatever else ``hessians`` holds.
 
   Returns:
     ``(new_params, masks, infos)``: masks are bool arrays (``None`` where not pruned), infos are
@@ -458,6 +483,19 @@ def prune_params(params: Any, hessians: Any, method: str | MethodConfig | PruneC
   flat_h, treedef = jax.tree.flatten(hessians, is_leaf=is_leaf)
   flat_p = treedef.flatten_up_to(params)
   config = _pruner.as_config(method, refine=refine, n=n, m=m)
+  if spec is not None:
+    paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    _, axes = flat_spec(params, spec, m=config.m)
+    if len(axes) != len(flat_h):
+      raise ValueError("with a spec, hessians must have the structure of params (None where there is no Hessian)")
+    for path, axis, h in zip(paths, axes, flat_h):
+      where = jax.tree_util.keystr(tuple(path))
+      if axis not in (None, 0):
+        raise ValueError(f"the spec groups {where} along axis {axis}; prune_params prunes kernels (d_in, d_out) "
+                         "along axis 0")
+      if axis == 0 and h is None:
+        raise ValueError(f"the spec selects {where}, but hessians has no Hessian for it")
+    flat_h = [h if axis == 0 else None for axis, h in zip(axes, flat_h)]
   out_p, out_m, out_i = [], [], []
   for p, h in zip(flat_p, flat_h):
     if h is None:

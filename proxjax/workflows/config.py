@@ -32,6 +32,7 @@ __all__ = [
     "ProSparseJob",
     "ProxSparseJob",
     "PruneJob",
+    "TrainingJob",
     "C4_CALIBRATION_DOCUMENTS",
     "parse_stage",
 ]
@@ -173,6 +174,15 @@ class OutputConfig:
     if not isinstance(self.out_dir, str) or not self.out_dir:
       raise ValueError(f"the output directory must be a path, got {self.out_dir!r}")
 
+  @classmethod
+  def of(cls, value: str | OutputConfig) -> OutputConfig:
+    """``value`` itself, or an output configuration with defaults for the path ``value``."""
+    if isinstance(value, OutputConfig):
+      return value
+    if isinstance(value, str):
+      return cls(value)
+    raise ValueError(f"out_dir must be a path or an OutputConfig, got {value!r}")
+
 
 @dataclasses.dataclass(frozen=True)
 class PruneJob:
@@ -208,10 +218,7 @@ class PruneJob:
   progress: bool = True
 
   def __post_init__(self) -> None:
-    if isinstance(self.out_dir, str):
-      _set(self, "out_dir", OutputConfig(self.out_dir))
-    if not isinstance(self.out_dir, OutputConfig):
-      raise ValueError(f"out_dir must be a path or an OutputConfig, got {self.out_dir!r}")
+    _set(self, "out_dir", OutputConfig.of(self.out_dir))
     if not isinstance(self.prune, PruneConfig):
       raise ValueError(f"prune must be a PruneConfig, got {self.prune!r}")
     _set(self, "include", _patterns(self.include, "include"))
@@ -238,121 +245,108 @@ class EvalJob:
 
 
 @dataclasses.dataclass(frozen=True)
-class FinetuneJob:
-  """``proxjax finetune``: recovery fine-tuning with the sparsity mask fixed (:func:`proxjax.workflows.finetune`).
+class TrainingJob:
+  """What every training workflow shares (fields after ``out_dir`` are keyword-only).
 
   Attributes:
-    model: a pruned checkpoint directory.
+    model: a checkpoint directory or ``smollm2``.
     out_dir: the output directory (or an :class:`OutputConfig`).
     train: the training text (a corpus name or path; its calibration split).
     steps: optimizer steps.
-    batch_size: windows per step.
-    seqlen: tokens per window.
-    learning_rate: AdamW's (constant) learning rate.
-    weight_decay: AdamW's weight decay.
-    seed: the window sampling seed.
+    batch_size: sequences (windows or documents) per step.
+    seqlen: tokens per sequence (at most, for documents).
+    learning_rate: the (peak) learning rate.
     eval: perplexity before and after, or ``None``.
-    check: verify that every pruned weight is still exactly zero after training.
     progress: progress bars.
   """
   model: str
   out_dir: Any
+  _: dataclasses.KW_ONLY
   train: str = "wiki"
   steps: int = 100
   batch_size: int = 4
   seqlen: int = 256
   learning_rate: float = 2e-5
-  weight_decay: float = 0.0
-  seed: int = 0
   eval: EvalConfig | None = None
-  check: bool = True
   progress: bool = True
 
   def __post_init__(self) -> None:
-    if isinstance(self.out_dir, str):
-      _set(self, "out_dir", OutputConfig(self.out_dir))
+    _set(self, "out_dir", OutputConfig.of(self.out_dir))
     _int("steps", self.steps, 1)
     _int("batch_size", self.batch_size, 1)
     _int("seqlen", self.seqlen, 2)
     _finite("learning rate", self.learning_rate)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FinetuneJob(TrainingJob):
+  """``proxjax finetune``: recovery fine-tuning with the sparsity mask fixed (:func:`proxjax.workflows.finetune`);
+  the fields of :class:`TrainingJob` and:
+
+  Attributes:
+    weight_decay: AdamW's weight decay (the learning rate is constant).
+    seed: the window sampling seed.
+    check: verify that every pruned weight is still exactly zero after training.
+  """
+  weight_decay: float = 0.0
+  seed: int = 0
+  check: bool = True
+
+  def __post_init__(self) -> None:
+    super().__post_init__()
     _finite("weight decay", self.weight_decay)
     _int("seed", self.seed, 0)
 
 
-@dataclasses.dataclass(frozen=True)
-class ProxSparseJob:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ProxSparseJob(TrainingJob):
   """``proxjax proxsparse``: learn 2:4 masks end to end (:func:`proxjax.workflows.proxsparse`); docs/method.md,
-  "ProxSparse".
+  "ProxSparse". The fields of :class:`TrainingJob` (one batch of documents per step, 10 % warm-up then linear decay
+  of the learning rate) and:
 
   Attributes:
-    model: a checkpoint directory or ``smollm2``.
-    out_dir: the output directory (or an :class:`OutputConfig`).
     lam1: λ₁, the per-step prox strength (``prox_scaling="strength"``) or the weight of R (``"lr"``).
-    steps: optimizer steps, one batch of documents each.
-    learning_rate: the peak learning rate (10 % warm-up, linear decay).
     lam_relative: divide λ₁ by each kernel's mean ``|W₀|``.
     lam2: λ₂ of the pull towards ``W₀`` or 0.
     eps: ε of the λ₂ term.
     prox_scaling: ``strength`` or ``lr``.
-    train: the training documents (a corpus name or path; calibration split).
     max_documents: use only the first K documents.
-    seqlen: tokens per document at most.
     split_documents: cut documents into pieces of ``seqlen`` tokens instead of truncating them.
-    batch_size: documents per step.
     save_every: save the training state every N steps (0: only at the end).
-    eval: perplexity before and after, or ``None``.
     mesh: as for :class:`PruneJob`.
-    progress: progress bars.
   """
-  model: str
-  out_dir: Any
   lam1: float
   steps: int = 400
+  batch_size: int = 1
+  seqlen: int = 512
   learning_rate: float = 1e-4
   lam_relative: bool = False
   lam2: float = 0.0
   eps: float = 0.5
   prox_scaling: str = "strength"
-  train: str = "wiki"
   max_documents: int | None = None
-  seqlen: int = 512
   split_documents: bool = False
-  batch_size: int = 1
   save_every: int = 50
-  eval: EvalConfig | None = None
   mesh: str | None = None
-  progress: bool = True
 
   def __post_init__(self) -> None:
-    if isinstance(self.out_dir, str):
-      _set(self, "out_dir", OutputConfig(self.out_dir))
+    super().__post_init__()
     _finite("lam1", self.lam1)
-    _int("steps", self.steps, 1)
-    _finite("learning rate", self.learning_rate)
     _finite("lam2", self.lam2)
     _finite("eps", self.eps, strict=True)
     if self.prox_scaling not in ("strength", "lr"):
       raise ValueError(f"prox_scaling must be 'strength' or 'lr', got {self.prox_scaling!r}")
     _optional_int("max_documents", self.max_documents, 1)
-    _int("seqlen", self.seqlen, 2)
-    _int("batch_size", self.batch_size, 1)
     _int("save_every", self.save_every, 0)
 
 
-@dataclasses.dataclass(frozen=True)
-class ProSparseJob:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ProSparseJob(TrainingJob):
   """``proxjax prosparse``: ReLU, L1 on FFN activations, threshold shift (:func:`proxjax.workflows.prosparse`);
-  docs/method.md, "ProSparse".
+  docs/method.md, "ProSparse". The fields of :class:`TrainingJob` (packed windows) and:
 
   Attributes:
-    model: a checkpoint directory or ``smollm2``.
-    out_dir: the output directory (or an :class:`OutputConfig`).
-    train: training text (a corpus name or path; calibration split, packed windows).
-    steps: optimizer steps.
-    batch_size: windows per step.
-    seqlen: tokens per window.
     seed: the window shuffle seed.
-    learning_rate: the peak AdamW learning rate.
     lr_schedule: ``cosine`` (to 10 % at the last step) or ``constant``.
     lr_warmup_steps: linear warm-up steps.
     weight_decay: AdamW's weight decay.
@@ -361,18 +355,10 @@ class ProSparseJob:
     l1_stages: ``(end step, peak λ)`` of each sine stage.
     threshold: the FATReLU threshold set after training (0: plain ReLU).
     export: with ``threshold > 0`` (required then): ``fatrelu`` or ``relu``.
-    eval: perplexity and activation sparsity before and after, or ``None``.
     save_every: save the resume state every N steps.
-    progress: progress bars.
   """
-  model: str
-  out_dir: Any
-  train: str = "wiki"
-  steps: int = 100
-  batch_size: int = 4
-  seqlen: int = 256
-  seed: int = 0
   learning_rate: float = 5e-5
+  seed: int = 0
   lr_schedule: str = "cosine"
   lr_warmup_steps: int = 0
   weight_decay: float = 0.0
@@ -381,19 +367,12 @@ class ProSparseJob:
   l1_stages: Sequence[tuple[int, float]] = ()
   threshold: float = 0.0
   export: str | None = None
-  eval: EvalConfig | None = None
   save_every: int = 50
-  progress: bool = True
 
   def __post_init__(self) -> None:
-    if isinstance(self.out_dir, str):
-      _set(self, "out_dir", OutputConfig(self.out_dir))
+    super().__post_init__()
     _set(self, "l1_stages", tuple((int(e), float(v)) for e, v in self.l1_stages))
-    _int("steps", self.steps, 1)
-    _int("batch_size", self.batch_size, 1)
-    _int("seqlen", self.seqlen, 2)
     _int("seed", self.seed, 0)
-    _finite("learning rate", self.learning_rate)
     if self.lr_schedule not in ("cosine", "constant"):
       raise ValueError(f"lr_schedule must be 'cosine' or 'constant', got {self.lr_schedule!r}")
     _int("lr_warmup_steps", self.lr_warmup_steps, 0)
