@@ -33,6 +33,7 @@ from typing import Any
 
 from proxjax.pruning.methods import METHODS, PruneConfig, RefineConfig
 from proxjax.workflows import config as jobs
+from proxjax.workflows import paths
 
 _PROX_FLAGS = ("lam0", "beta", "cap", "budget", "lam0_relative", "ridge")
 _METHOD_DOC = "docs/method.md"
@@ -50,9 +51,18 @@ def _parse_value(text: str) -> Any:
 
 
 def _model_arg(name: str) -> str:
-  if name != "smollm2" and not os.path.isdir(name):
-    raise ArgumentError(f"{name} is not a directory (expected a Hugging Face checkpoint directory or 'smollm2')")
+  try:
+    paths.model_path(name)
+  except ValueError as err:
+    raise ArgumentError(f"MODEL_DIR {err}") from None
   return name
+
+
+def _checked(check: Any, *args: Any, **kwargs: Any) -> str:
+  try:
+    return check(*args, **kwargs)
+  except ValueError as err:
+    raise ArgumentError(str(err)) from None
 
 
 def _eval_config(dataset: str | None, seqlen: int, max_windows: int | None, batch_size: int) -> Any:
@@ -61,8 +71,18 @@ def _eval_config(dataset: str | None, seqlen: int, max_windows: int | None, batc
   return jobs.EvalConfig(dataset, seqlen=seqlen, max_windows=max_windows, batch_size=batch_size)
 
 
-def _output(args: argparse.Namespace) -> jobs.OutputConfig:
-  return jobs.OutputConfig(args.out_dir, overwrite=args.overwrite, state_dir=getattr(args, "state_dir", None),
+def _output(args: argparse.Namespace, model: str) -> jobs.OutputConfig:
+  """The output settings, with every path checked before anything is loaded: the source is never written."""
+  sources = [paths.model_path(model)]
+  out_dir = _checked(paths.check_output, args.out_dir, sources=sources, overwrite=args.overwrite)
+  state_dir = getattr(args, "state_dir", None)
+  if hasattr(args, "state_dir"):
+    _checked(paths.check_state_dir, state_dir or out_dir.rstrip(os.sep) + ".proxjax-state", sources=sources,
+             what="--state-dir" if state_dir else "the state directory")
+  for flag in ("report", "plot"):
+    if getattr(args, flag, None):
+      _checked(paths.check_file, getattr(args, flag), sources=sources + [out_dir], what=f"--{flag}")
+  return jobs.OutputConfig(args.out_dir, overwrite=args.overwrite, state_dir=state_dir,
                            restart=getattr(args, "restart", False), keep_state=getattr(args, "keep_state", False),
                            report=getattr(args, "report", None))
 
@@ -104,8 +124,8 @@ def _prune_job(args: argparse.Namespace) -> jobs.PruneJob:
                                        documents=args.calibration_documents, nsamples=args.nsamples,
                                        seqlen=args.seqlen, seed=args.seed)
   return jobs.PruneJob(
-      _model_arg(args.model_dir), _output(args), cfg, calibration, true_sequential=args.true_sequential,
-      include=args.include, ignore=args.ignore, batch_size=args.batch_size,
+      _model_arg(args.model_dir), _output(args, args.model_dir), cfg, calibration,
+      true_sequential=args.true_sequential, include=args.include, ignore=args.ignore, batch_size=args.batch_size,
       eval=_eval_config(args.eval, args.eval_seqlen, args.max_windows, args.batch_size), plot=args.plot,
       mesh=args.mesh, offload=args.offload, progress=not args.quiet)
 
@@ -132,7 +152,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-  job = jobs.EvalJob(_model_arg(args.model_dir), jobs.EvalConfig(args.dataset, seqlen=args.seqlen,
+  model = _model_arg(args.model_dir)
+  if args.json:
+    _checked(paths.check_file, args.json, sources=[paths.model_path(model)], what="--json")
+  job = jobs.EvalJob(model, jobs.EvalConfig(args.dataset, seqlen=args.seqlen,
                                                                    max_windows=args.max_windows,
                                                                    batch_size=args.batch_size),
                      json=args.json, mesh=args.mesh, progress=not args.quiet)
@@ -159,6 +182,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
+  _checked(paths.check_output, args.out_dir, sources=[args.file], overwrite=args.overwrite)
   from proxjax.models.convert import convert_gguf  # pylint: disable=import-outside-toplevel
   out = convert_gguf(args.file, args.out_dir, overwrite=args.overwrite)
   print(f"wrote {out}")
@@ -166,6 +190,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
+  _checked(paths.check_file, args.out, sources=args.reports, what="--out")
   runs = {}
   for path in args.reports:
     with open(path) as f:
@@ -181,8 +206,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-  job = jobs.FinetuneJob(_model_arg(args.model_dir), _output(args), train=args.train, steps=args.steps,
-                         batch_size=args.batch_size, seqlen=args.seqlen, learning_rate=args.lr,
+  job = jobs.FinetuneJob(_model_arg(args.model_dir), _output(args, args.model_dir), train=args.train,
+                         steps=args.steps, batch_size=args.batch_size, seqlen=args.seqlen, learning_rate=args.lr,
                          weight_decay=args.weight_decay, seed=args.seed,
                          eval=_eval_config(args.eval, args.eval_seqlen, args.max_windows, 8), check=args.check,
                          progress=not args.quiet)
@@ -197,8 +222,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 def cmd_proxsparse(args: argparse.Namespace) -> int:
   job = jobs.ProxSparseJob(
-      _model_arg(args.model_dir), _output(args), lam1=args.lam1, steps=args.steps, learning_rate=args.lr,
-      lam_relative=args.lam_relative, lam2=args.lam2, eps=args.eps, prox_scaling=args.prox_scaling,
+      _model_arg(args.model_dir), _output(args, args.model_dir), lam1=args.lam1, steps=args.steps,
+      learning_rate=args.lr, lam_relative=args.lam_relative, lam2=args.lam2, eps=args.eps,
+      prox_scaling=args.prox_scaling,
       train=args.train, max_documents=args.max_documents, seqlen=args.seqlen,
       split_documents=args.split_documents, batch_size=args.batch_size, save_every=args.save_every,
       eval=_eval_config(args.eval, args.eval_seqlen, args.max_windows, args.eval_batch_size), mesh=args.mesh,
@@ -216,8 +242,9 @@ def cmd_proxsparse(args: argparse.Namespace) -> int:
 
 def cmd_prosparse(args: argparse.Namespace) -> int:
   job = jobs.ProSparseJob(
-      _model_arg(args.model_dir), _output(args), train=args.train, steps=args.steps, batch_size=args.batch_size,
-      seqlen=args.seqlen, seed=args.seed, learning_rate=args.lr, lr_schedule=args.lr_schedule,
+      _model_arg(args.model_dir), _output(args, args.model_dir), train=args.train, steps=args.steps,
+      batch_size=args.batch_size, seqlen=args.seqlen, seed=args.seed, learning_rate=args.lr,
+      lr_schedule=args.lr_schedule,
       lr_warmup_steps=args.lr_warmup_steps, weight_decay=args.weight_decay, l1_warmup=args.l1_warmup,
       l1_warmup_steps=args.l1_warmup_steps, l1_stages=args.l1_stages, threshold=args.threshold, export=args.export,
       eval=_eval_config(args.eval, args.eval_seqlen, args.max_windows, args.eval_batch_size),
@@ -472,16 +499,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
   """Entry point of the ``proxjax`` command: 0 on success, 2 for a bad argument or input (one line on stderr)."""
-  parser = build_parser()
-  args = parser.parse_args(argv)
+  args = build_parser().parse_args(argv)
   try:
     return args.func(args)
   except ArgumentError as err:
-    parser.exit(2, f"proxjax {args.command}: error: {err}\n")
+    print(f"proxjax {args.command}: error: {err}", file=sys.stderr)
+    return 2
   except (ValueError, FileNotFoundError, FloatingPointError) as err:
     print(f"error: {err}", file=sys.stderr)
     return 2
-  return 0  # unreachable: parser.exit raises
 
 
 if __name__ == "__main__":

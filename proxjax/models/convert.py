@@ -138,6 +138,19 @@ def bundled_gguf_path() -> Path:
   return path
 
 
+def bundled_model_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+  """Where :func:`default_model_dir` keeps the converted bundled model (nothing is converted or checked here):
+  ``<cache>/smollm2-135m-instruct-f32`` with ``<cache>`` = ``cache_dir``, ``$PROXJAX_CACHE`` or ``~/.cache/proxjax``.
+
+  Example:
+    >>> bundled_model_dir("/tmp/cache").as_posix()
+    '/tmp/cache/smollm2-135m-instruct-f32'
+  """
+  if cache_dir is None:
+    cache_dir = os.environ.get("PROXJAX_CACHE") or Path.home() / ".cache" / "proxjax"
+  return Path(cache_dir).expanduser() / _BUNDLED_SUBDIR
+
+
 def default_model_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
   """The bundled SmolLM2-135M-Instruct as a float32 Hugging Face directory, converted at first use.
 
@@ -151,9 +164,7 @@ def default_model_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     >>> default_model_dir()  # doctest: +SKIP
     PosixPath('/home/me/.cache/proxjax/smollm2-135m-instruct-f32')
   """
-  if cache_dir is None:
-    cache_dir = os.environ.get("PROXJAX_CACHE") or Path.home() / ".cache" / "proxjax"
-  out_dir = Path(cache_dir).expanduser() / _BUNDLED_SUBDIR
+  out_dir = bundled_model_dir(cache_dir)
   if _is_current_conversion(out_dir, "float32"):
     return out_dir
   source = bundled_gguf_path()

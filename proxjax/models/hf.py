@@ -446,7 +446,8 @@ def save_pretrained(model: LlamaForCausalLM, out_dir: str | os.PathLike[str], *,
       refused. Ignored for SiLU and plain ReLU models.
 
   Raises:
-    CheckpointError: ``out_dir`` exists and is not empty (without ``overwrite``) or is not a directory.
+    CheckpointError: ``out_dir`` exists and is not empty (without ``overwrite``) or is not a directory, or it is,
+      lies inside or contains ``source_dir``.
     UnsupportedModelError: a FATReLU model without ``allow_fatrelu`` (nothing is written).
 
   Example:
@@ -465,6 +466,11 @@ def save_pretrained(model: LlamaForCausalLM, out_dir: str | os.PathLike[str], *,
     (16, 32)
   """
   out_dir = os.path.abspath(os.fspath(out_dir))
+  if source_dir is not None:
+    real_out, real_src = os.path.realpath(out_dir), os.path.realpath(os.fspath(source_dir))
+    if any(a == b or a.startswith(b.rstrip(os.sep) + os.sep) for a, b in ((real_out, real_src), (real_src, real_out))):
+      raise CheckpointError(f"refusing to write {out_dir!r}: it is, lies inside or contains the source checkpoint "
+                            f"{os.fspath(source_dir)!r} (the source is never written)")
   theta = model.config.activation_threshold
   if theta > 0 and not allow_fatrelu:
     raise UnsupportedModelError(

@@ -20,6 +20,7 @@ from proxjax.models import load_pretrained
 from proxjax.models.convert import default_model_dir
 from proxjax.models.hf import METADATA_FILE
 from proxjax.pipeline import evaluate
+from proxjax.workflows import paths
 from proxjax.workflows.config import EvalConfig, OutputConfig
 
 __all__ = ["check_out_dir", "evaluation_data", "load_model", "model_dir", "perplexity", "provenance", "run_dirs"]
@@ -37,18 +38,21 @@ def model_dir(name: str) -> str:
   return name
 
 
-def check_out_dir(out_dir: str, overwrite: bool) -> str:
-  """The absolute output directory; a non-empty one is refused before any long work unless ``overwrite``."""
-  out_dir = os.path.abspath(out_dir)
-  if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
-    raise ValueError(f"{out_dir} exists and is not empty (use --overwrite)")
+def check_out_dir(output: OutputConfig, source: str) -> str:
+  """The absolute output directory, checked before any long work (:func:`proxjax.workflows.paths.check_output`:
+  never the source, inside it or around it; a non-empty one only with ``overwrite`` and only a previous output), and
+  the report path (:func:`proxjax.workflows.paths.check_file`)."""
+  out_dir = paths.check_output(output.out_dir, sources=[source], overwrite=output.overwrite)
+  if output.report:
+    paths.check_file(output.report, sources=[source, out_dir], what="report")
   return out_dir
 
 
-def run_dirs(output: OutputConfig) -> tuple[str, str]:
+def run_dirs(output: OutputConfig, source: str) -> tuple[str, str]:
   """``(out_dir, state_dir)`` of a run, checked; the state directory is removed first with ``restart``."""
-  out_dir = check_out_dir(output.out_dir, output.overwrite)
-  state_dir = os.path.abspath(output.state_dir or out_dir.rstrip(os.sep) + ".proxjax-state")
+  out_dir = check_out_dir(output, source)
+  state_dir = paths.check_state_dir(output.state_dir or out_dir.rstrip(os.sep) + ".proxjax-state", sources=[source],
+                                    what="state directory")
   if output.restart and os.path.isdir(state_dir):
     shutil.rmtree(state_dir)
   return out_dir, state_dir

@@ -30,7 +30,7 @@ __all__ = ["finetune"]
 def finetune(job: FinetuneJob) -> dict[str, Any]:
   """Runs ``job`` and returns its report (also written to ``proxjax-finetune.json``)."""
   model_dir = common.model_dir(job.model)
-  out_dir = common.check_out_dir(job.out_dir.out_dir, job.out_dir.overwrite)
+  out_dir = common.check_out_dir(job.out_dir, model_dir)
   model = common.load_model(model_dir, None, param_dtype=jnp.float32)  # train in float32; saved in the source's
   tokenizer = data.load_tokenizer(model_dir)
   documents = data.load_documents(job.train, split="calibration")

@@ -33,7 +33,7 @@ __all__ = ["prosparse"]
 def prosparse(job: ProSparseJob) -> dict[str, Any]:
   """Runs ``job`` and returns its report (also written to ``proxjax-prosparse.json``); resumable."""
   model_dir = common.model_dir(job.model)
-  out_dir, state_dir = common.run_dirs(job.out_dir)
+  out_dir, state_dir = common.run_dirs(job.out_dir, model_dir)
   l1 = ps.l1_schedule(job.l1_warmup, job.l1_warmup_steps, job.l1_stages)  # validates before any long work
   t0 = time.perf_counter()
 

@@ -31,7 +31,7 @@ __all__ = ["proxsparse"]
 def proxsparse(job: ProxSparseJob) -> dict[str, Any]:
   """Runs ``job`` and returns its report (also written to ``proxjax-report.json``); resumable."""
   model_dir = common.model_dir(job.model)
-  out_dir, state_dir = common.run_dirs(job.out_dir)
+  out_dir, state_dir = common.run_dirs(job.out_dir, model_dir)
   mesh = common.mesh_of(job.mesh)
   t0 = time.perf_counter()
   model = common.load_model(model_dir, mesh, param_dtype=jnp.float32)  # train in float32; saved in the source's

@@ -34,7 +34,7 @@ def prune(job: PruneJob) -> dict[str, Any]:
   """Runs ``job``: writes the pruned checkpoint (with ``proxjax.json`` provenance), ``proxjax-report.json`` and
   ``proxjax-layer-losses.png``; resumes from the state directory of an interrupted run. Returns the report."""
   model_dir = common.model_dir(job.model)
-  out_dir, state_dir = common.run_dirs(job.out_dir)
+  out_dir, state_dir = common.run_dirs(job.out_dir, model_dir)
   cfg, cal = job.prune, job.calibration
   mesh = common.mesh_of(job.mesh)
   t0 = time.perf_counter()
