@@ -176,8 +176,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"{r['name']:<{width}}  {str(tuple(r['shape'])):>14}  sparsity {r['sparsity']:.4f}  "
           f"{'ok' if r['ok'] else 'NOT ' + f'{args.n}:{args.m}'}")
   total = sum(r["zeros"] for r in rows), sum(r["size"] for r in rows)
+  negative = sum(r["negative_zeros"] for r in rows)
   print(f"{len(rows)} projections, overall sparsity {total[0] / max(total[1], 1):.4f}; "
-        f"{len(bad)} not {args.n}:{args.m} along the input axis")
+        f"{len(bad)} not {args.n}:{args.m} along the input axis"
+        + (f"; {negative} zeros stored as -0.0 (some sparse tools read them as kept weights)" if negative else ""))
   return 1 if bad or not rows else 0
 
 
@@ -489,25 +491,50 @@ def build_parser() -> argparse.ArgumentParser:
   """The ``proxjax`` argument parser (imports no JAX)."""
   parser = argparse.ArgumentParser(prog="proxjax", description=__doc__.split("\n")[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
   sub = parser.add_subparsers(dest="command", required=True)
   adders: list[Callable[[Any], None]] = [_add_prune, _add_eval, _add_tools, _add_finetune, _add_proxsparse,
                                          _add_prosparse]
   for add in adders:
     add(sub)
+  for p in sub.choices.values():
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="show the Python traceback of an error")
   return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
   """Entry point of the ``proxjax`` command: 0 on success, 2 for a bad argument or input (one line on stderr)."""
   args = build_parser().parse_args(argv)
+  debug = getattr(args, "debug", False)
   try:
     return args.func(args)
   except ArgumentError as err:
     print(f"proxjax {args.command}: error: {err}", file=sys.stderr)
     return 2
   except (ValueError, FileNotFoundError, FloatingPointError) as err:
-    print(f"error: {err}", file=sys.stderr)
+    if debug:
+      raise
+    print(f"error: {_one_line(err)}", file=sys.stderr)
     return 2
+  except KeyboardInterrupt:
+    if debug:
+      raise
+    print("interrupted: finished work is kept in the state directory; rerun the same command to resume",
+          file=sys.stderr)
+    return 130
+  except Exception as err:  # pylint: disable=broad-exception-caught  (never a traceback without --debug)
+    if debug:
+      raise
+    environment = isinstance(err, OSError) or type(err).__name__ == "SafetensorError"
+    kind = "" if environment else (f"internal error ({type(err).__name__}, please report it; --debug shows the "
+                                   "traceback): ")
+    print(f"error: {kind}{_one_line(err)}", file=sys.stderr)
+    return 1
+
+
+def _one_line(err: BaseException) -> str:
+  return " ".join(str(err).split()) or type(err).__name__
 
 
 if __name__ == "__main__":

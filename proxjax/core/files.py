@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import json
 import os
-from collections.abc import Callable
+import socket
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -101,3 +104,68 @@ def open_run_dir(state_dir: str, fingerprint: dict[str, Any]) -> None:
     diff = sorted(k for k in set(saved) | set(fingerprint) if as_json(saved.get(k)) != as_json(fingerprint.get(k)))
     raise ValueError(f"state directory {state_dir} belongs to a different run (differs in: {', '.join(diff)}); "
                      "use another state directory or delete this one to start over")
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+@contextlib.contextmanager
+def run_lock(path: str, what: str) -> Iterator[None]:
+  """Holds the lock file ``path`` while a run writes ``what``: created exclusively with this process's host and pid,
+  removed at the end (also on errors). A second run on the same ``what`` refuses with a ``ValueError`` naming the
+  holder instead of racing it; a lock left by a process that no longer runs (same host, dead pid) is taken over.
+
+  Example:
+    >>> import tempfile, os
+    >>> lock = os.path.join(tempfile.mkdtemp(), "out.proxjax-lock")
+    >>> with run_lock(lock, "out"):
+    ...   with run_lock(lock, "out"):
+    ...     pass
+    Traceback (most recent call last):
+    ValueError: another proxjax run (pid ...) is writing out; wait for it to finish, or remove ... if it is gone
+    >>> os.path.exists(lock)
+    False
+  """
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  me = {"host": socket.gethostname(), "pid": os.getpid()}
+  for _ in range(2):
+    try:
+      fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+      try:
+        with open(path) as f:
+          holder = json.load(f)
+      except (OSError, ValueError):
+        holder = {}
+      if holder.get("host") == me["host"] and isinstance(holder.get("pid"), int) and not _alive(holder["pid"]):
+        with contextlib.suppress(FileNotFoundError):
+          os.remove(path)  # stale: its process is gone
+        continue
+      raise ValueError(f"another proxjax run (pid {holder.get('pid', '?')} on {holder.get('host', '?')}) is writing "
+                       f"{what}; wait for it to finish, or remove {path} if it is gone") from None
+    with os.fdopen(fd, "w") as f:
+      json.dump(me, f)
+    break
+  try:
+    yield
+  finally:
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(path)
+
+
+def remove_stale_temporaries(directory: str) -> list[str]:
+  """Removes what :func:`atomic_write` leaves behind when a process is killed mid-write (``NAME.tmp-PID...`` files
+  in ``directory``); call it while holding the run's lock. Returns the removed paths."""
+  removed = []
+  for p in glob.glob(os.path.join(glob.escape(directory), "*.tmp-*")):
+    if os.path.isfile(p):
+      os.remove(p)
+      removed.append(p)
+  return removed

@@ -154,7 +154,7 @@ def _prox_components(y: tuple[jax.Array, ...], lam: jax.Array) -> tuple[jax.Arra
   for k in range(4):
     wk = jnp.where(idx[0] == k, w[0], jnp.where(idx[1] == k, w[1], jnp.where(idx[2] == k, w[2], w[3])))
     wk = jnp.where(finite, jnp.sign(y[k]) * wk, jnp.nan)
-    out.append(jnp.where(lam > 0, wk, y[k]))
+    out.append(jnp.where(jnp.isnan(lam), jnp.nan, jnp.where(lam > 0, wk, y[k])))  # a NaN λ·η poisons, never skips
   return tuple(out)
 
 
@@ -181,6 +181,8 @@ def prox_24(x: Any, hyperparams: Any, scaling: ArrayLike = 1.0, *, axis: int = 0
     x: an array, or a pytree of arrays (processed leaf-wise), of any floating dtype. The group axis must be
       divisible by 4; all other axes are batch axes.
     hyperparams: ``λ``, a scalar, or a pytree of scalars matching ``x``. ``λ·scaling <= 0`` returns ``x`` unchanged.
+      A non-finite ``λ·η`` is a ``ValueError`` where it is concrete; where it is traced (a schedule under ``jit``),
+      a NaN strength makes the result NaN, so it shows in the loss instead of silently switching the prox off.
     scaling: ``η``, a scalar.
     axis: the group axis.
 
@@ -208,12 +210,17 @@ def prox_24(x: Any, hyperparams: Any, scaling: ArrayLike = 1.0, *, axis: int = 0
     lam = jnp.asarray(lam) * eta
     if lam.ndim:
       raise ValueError(f"prox_24 hyperparams and scaling must be scalars, got shape {lam.shape}")
+    if not isinstance(lam, jax.core.Tracer) and not bool(jnp.isfinite(lam)):
+      raise ValueError(f"prox_24: the strength λ·η must be finite, got λ·η = {float(lam)}")
     # A strongly typed λ of the compute dtype: Python floats and float32 scalars share one compile.
     return prox_leaf(v, jnp.asarray(lam, dtype=compute_dtype(v.dtype)), ax)
 
   if jax.tree.structure(hyperparams).num_leaves == 1 and jnp.ndim(jax.tree.leaves(hyperparams)[0]) == 0:
     lam0 = jax.tree.leaves(hyperparams)[0]
     return jax.tree.map(lambda v: leaf(v, lam0), x)
+  if jax.tree.structure(hyperparams) != jax.tree.structure(x):
+    raise ValueError(f"prox_24: hyperparams must be one scalar or a pytree of scalars with the structure of x; got "
+                     f"{jax.tree.structure(hyperparams)} for x of structure {jax.tree.structure(x)}")
   return jax.tree.map(leaf, x, hyperparams)
 
 

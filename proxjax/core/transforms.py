@@ -198,7 +198,9 @@ def prox_24_update(hyperparams: ScalarOrSchedule, scaling: ScalarOrSchedule, *, 
   * **ProxSparse-style**: ``scaling=1.0``, so ``λ_t`` alone is the prox strength of each step (independent of the
     learning rate), typically with an increasing ``λ`` schedule.
 
-  A large enough ``η λ`` gives exactly 2:4 groups; ``η_t λ_t ≤ 0`` leaves the chain's update unchanged. Zeros of the
+  A large enough ``η λ`` gives exactly 2:4 groups; ``η_t λ_t ≤ 0`` leaves the chain's update unchanged. A constant
+  non-finite ``λ`` or ``η`` is refused here; a schedule that returns NaN makes the selected leaves' updates NaN (so
+  the next loss is NaN and a training loop stops), it never silently switches the prox off. Zeros of the
   prox are exact zeros after ``optax.apply_updates`` (see the module docs; the replacing updates are at least
   float32). Selected leaves of equal shape, dtype and axis are stacked and solved one after the other by one
   ``lax.map``, so under ``jit`` the solver is compiled once per distinct shape rather than once per kernel (7 times
@@ -242,6 +244,10 @@ def prox_24_update(hyperparams: ScalarOrSchedule, scaling: ScalarOrSchedule, *, 
     Array([0., 0., 3., 4.], dtype=float32)
   """
   name = "prox_24_update"
+  for what, value in (("hyperparams", hyperparams), ("scaling", scaling)):
+    if (not callable(value) and not isinstance(value, jax.core.Tracer)
+        and not bool(jnp.all(jnp.isfinite(jnp.asarray(value, jnp.float32))))):
+      raise ValueError(f"{name}: {what} must be finite (or a schedule), got {value!r}")
 
   def init_fn(params):
     _need_params(name, params)
@@ -272,7 +278,8 @@ def prox_24_update(hyperparams: ScalarOrSchedule, scaling: ScalarOrSchedule, *, 
       u, p = u_leaves[i], p_leaves[i]
       out = _out_dtype(p, u)
       strength = lam * eta if mults is None else lam * eta * mults[k]
-      new[i] = jnp.where(strength > 0, _to_target(p, w, out), u.astype(out))
+      # A NaN strength (e.g. a schedule gone wrong under jit) poisons the update instead of switching the prox off.
+      new[i] = jnp.where(strength > 0, _to_target(p, w, out), jnp.where(jnp.isnan(strength), jnp.nan, u.astype(out)))
     return jax.tree.unflatten(treedef, new), state._replace(count=optax.safe_increment(state.count))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

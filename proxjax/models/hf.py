@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import hashlib
 import json
 import math
 import os
@@ -67,9 +68,11 @@ from proxjax.models.llama import (
 __all__ = [
     "CheckpointError",
     "check_sparsity",
+    "checkpoint_fingerprint",
     "hf_to_path",
     "load_pretrained",
     "path_to_hf",
+    "remove_unfinished_saves",
     "restore_state",
     "save_pretrained",
     "save_state",
@@ -139,6 +142,11 @@ def path_to_hf(path: Path) -> str:
   return name
 
 
+def _is_float(arr: np.ndarray) -> bool:
+  """Whether a NumPy array holds floating-point numbers (also bfloat16, which ml_dtypes registers as kind 'V')."""
+  return np.issubdtype(arr.dtype, np.floating) or arr.dtype == jnp.bfloat16
+
+
 def _is_kernel(path: Path) -> bool:
   return path[-1] == "kernel"
 
@@ -166,6 +174,65 @@ def _weight_files(model_dir: str) -> tuple[list[str], dict[str, str] | None]:
                   if p.endswith((".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5", ".safetensors")))
   hint = f" (found {', '.join(others)}: only safetensors checkpoints are supported)" if others else ""
   raise CheckpointError(f"no {SINGLE_FILE} or {INDEX_FILE} in {model_dir!r}{hint}")
+
+
+FULL_HASH_BYTES = 64 * 2 ** 20
+"""Files up to this size are fingerprinted by a full SHA-256; larger weight files by their safetensors header."""
+
+
+def _sha256(path: str, limit: int | None = None) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    if limit is None:
+      for chunk in iter(lambda: f.read(1 << 20), b""):
+        digest.update(chunk)
+    else:
+      digest.update(f.read(limit))
+  return digest.hexdigest()
+
+
+def _header_bytes(path: str) -> int:
+  with open(path, "rb") as f:
+    head = f.read(8)
+  return 8 + (int.from_bytes(head, "little") if len(head) == 8 else 0)
+
+
+def checkpoint_fingerprint(model_dir: str | os.PathLike[str]) -> dict[str, Any]:
+  """What identifies a checkpoint's content, for deciding whether an interrupted run may resume on it.
+
+  For every weight file: its size, modification time and a SHA-256 of its whole content when it is at most
+  :data:`FULL_HASH_BYTES`, else of its safetensors header (every tensor's name, dtype, shape and byte range). A full
+  hash of a multi-GB checkpoint would cost minutes at every start; the header, the size and the modification time
+  change with any rewrite of the weights (a same-size rewrite changes the time). ``config.json``, the index and the
+  tokenizer files are hashed in full (they are small). Touching a file without changing it therefore also refuses a
+  resume: the safe side.
+
+  Example:
+    >>> import os, tempfile, json
+    >>> d = tempfile.mkdtemp(); open(os.path.join(d, "config.json"), "w").write("{}")
+    2
+    >>> sorted(checkpoint_fingerprint(d))
+    ['config.json']
+  """
+  model_dir = os.fspath(model_dir)
+  out: dict[str, Any] = {}
+  try:
+    files, _ = _weight_files(model_dir)
+  except CheckpointError:
+    files = []
+  for name in files:
+    path = os.path.join(model_dir, name)
+    st = os.stat(path)
+    full = st.st_size <= FULL_HASH_BYTES
+    out[name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                 ("sha256" if full else "header_sha256"): _sha256(path, None if full else _header_bytes(path))}
+  small = ["config.json", INDEX_FILE, *TOKENIZER_FILES]
+  small += sorted(os.path.basename(p) for g in TOKENIZER_GLOBS for p in glob.glob(os.path.join(model_dir, g)))
+  for name in small:
+    path = os.path.join(model_dir, name)
+    if os.path.isfile(path):
+      out[name] = {"sha256": _sha256(path)}
+  return out
 
 
 def _problem_error(model_dir: str, problems: list[str], what: str) -> CheckpointError:
@@ -316,7 +383,8 @@ def check_sparsity(model_dir: str | os.PathLike[str], *, n: int = 2, m: int = 4,
 
   Returns:
     One dict per projection, in layer order: ``name`` (Hugging Face name), ``shape`` (``[d_out, d_in]``), ``zeros``,
-    ``size``, ``sparsity`` (``zeros / size``) and ``ok``.
+    ``size``, ``sparsity`` (``zeros / size``), ``ok`` and ``negative_zeros`` (zeros stored as -0.0, which some
+    sparse-format tools read as kept weights; proxjax writes every zero as +0.0).
 
   Raises:
     CheckpointError: as :func:`load_pretrained` for a directory without (readable) weight files.
@@ -339,6 +407,8 @@ def check_sparsity(model_dir: str | os.PathLike[str], *, n: int = 2, m: int = 4,
   model_dir = os.fspath(model_dir)
   if not os.path.isdir(model_dir):
     raise CheckpointError(f"{model_dir!r} is not a directory")
+  if _UNFINISHED.match(os.path.basename(os.path.abspath(model_dir))):
+    raise CheckpointError(f"{model_dir!r} is the temporary directory of an unfinished save, not a checkpoint")
   files, _ = _weight_files(model_dir)
   rows = []
   for fname in files:
@@ -356,12 +426,13 @@ def check_sparsity(model_dir: str | os.PathLike[str], *, n: int = 2, m: int = 4,
             continue
           w = st.get_tensor(name)
           zeros = int(w.size - np.count_nonzero(w))
+          negative_zeros = int(np.count_nonzero((w == 0) & np.signbit(w))) if _is_float(w) else 0
           ok = w.ndim == 2 and w.shape[-1] % m == 0
           if ok:
             nnz = np.count_nonzero(w.reshape(w.shape[0], -1, m), axis=-1)
             ok = bool(np.all(nnz <= n))
           rows.append({"name": name, "shape": list(w.shape), "zeros": zeros, "size": int(w.size),
-                       "sparsity": zeros / max(int(w.size), 1), "ok": ok})
+                       "sparsity": zeros / max(int(w.size), 1), "ok": ok, "negative_zeros": negative_zeros})
     except (SafetensorError, OSError) as e:
       raise CheckpointError(f"{fpath}: not a readable safetensors file (truncated or corrupt?): {e}") from e
   return sorted(rows, key=lambda r: _natural_key(r["name"]))
@@ -405,7 +476,10 @@ def _write_weights(model: LlamaForCausalLM, out_dir: str, np_dtype: np.dtype, ma
       name, path, var = entries[i]
       arr = np.asarray(jax.device_get(var.get_value()))
       # safetensors writes the raw buffer: a transposed view must be made contiguous or it is silently scrambled.
-      tensors[name] = np.ascontiguousarray((arr.T if _is_kernel(path) else arr).astype(np_dtype, copy=False))
+      arr = np.ascontiguousarray((arr.T if _is_kernel(path) else arr).astype(np_dtype, copy=False))
+      if _is_float(arr):
+        arr = np.where(arr == 0, np.zeros((), arr.dtype), arr)  # every zero as +0.0 (-0.0 reads as kept to some tools)
+      tensors[name] = arr
       weight_map[name] = fname
     save_file(tensors, os.path.join(out_dir, fname), metadata={"format": "pt"})
     _default_permissions(os.path.join(out_dir, fname))
@@ -529,6 +603,23 @@ def save_pretrained(model: LlamaForCausalLM, out_dir: str | os.PathLike[str], *,
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
+
+
+_UNFINISHED = re.compile(r"^\..+\.(tmp|old)-[0-9a-f]{12}$")
+
+
+def remove_unfinished_saves(out_dir: str | os.PathLike[str]) -> list[str]:
+  """Removes the temporary siblings (``.NAME.tmp-…``, ``.NAME.old-…``) that a :func:`save_pretrained` of
+  ``out_dir`` killed mid-way leaves behind; call it while no other save of ``out_dir`` runs (the workflows hold a
+  lock). Returns the removed paths."""
+  parent, base = os.path.split(os.path.abspath(os.fspath(out_dir)))
+  removed = []
+  for pattern in (f".{base}.tmp-*", f".{base}.old-*"):
+    for p in glob.glob(os.path.join(glob.escape(parent), pattern)):
+      if os.path.isdir(p) and _UNFINISHED.match(os.path.basename(p)):
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
+  return removed
 
 
 def save_state(model: nnx.Module, path: str | os.PathLike[str], *, overwrite: bool = False) -> None:

@@ -363,7 +363,7 @@ def _pruner_steps(d_in: int, d_out: int, method: str, refine: str | None, pb: in
   pre = hh + 2 * _F32 * d_in + d_in + _F32  # H̃, scale, inv_scale, live, L
   eig = method == "prox" or refine == "gd"  # setup computes L = λ_max(H̃) (eigvalsh) only for these
   setup_temps = (2 if eig else 1) * hh + (3 * k32) // 2 + small
-  steps = [("setup", {"kernel": kp, "H": hh}, {"pre": pre, "k0t": k32}, setup_temps)]
+  steps = [("setup", {"kernel": kp, "H": hh}, {"pre": pre, "k0t": k32, "scalars": 2 * _F32}, setup_temps)]
   if method == "prox":
     steps.append(("prox_loop", {"k0t": k32, "pre.hessian": hh}, {"vt": k32, "mask": kb}, PROX_PASSES * k32 + small))
   else:
@@ -706,7 +706,7 @@ def estimate(config: LlamaConfig, *, nsamples: int, seqlen: int, method: str | M
     >>> est.host["calibration activations"]  # 2 copies x 4 x 16 x 32 float32
     16384
     >>> est.peak.name, est.peak_bytes
-    ('prune down_proj: prox_loop', 182088)
+    ('prune down_proj: prox_loop', 182096)
     >>> est.total.flops == est.num_blocks * est.block.flops
     True
   """

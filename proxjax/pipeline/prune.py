@@ -30,6 +30,7 @@ import hashlib
 import json
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -146,6 +147,22 @@ def true_sequential_stages(selected: Sequence[str], true_sequential: bool) -> li
   staged = [tuple(n for n in stage if n in selected) for stage in TRUE_SEQUENTIAL_STAGES]
   rest = tuple(n for n in selected if not any(n in stage for stage in TRUE_SEQUENTIAL_STAGES))
   return [s for s in staged if s] + ([rest] if rest else [])
+
+
+def _check_ids(model: Any, ids: np.ndarray) -> None:
+  """Token ids outside the vocabulary are refused before any forward pass (an embedding lookup would silently give
+  NaN or clamp); a sequence longer than the trained context is warned about once."""
+  config = getattr(model, "config", None)
+  vocab = getattr(config, "vocab_size", None)
+  if vocab is not None and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+    bad = ids[(ids < 0) | (ids >= vocab)]
+    raise ValueError(f"calibration_ids hold {bad.size} token ids outside the model's vocabulary [0, {vocab}) (e.g. "
+                     f"{int(bad[0])}): the tokenizer does not match the model")
+  context = getattr(config, "max_position_embeddings", None)
+  if context is not None and ids.shape[1] > context:
+    warnings.warn(f"calibration sequences of {ids.shape[1]} tokens are longer than the model's trained context "
+                  f"({context} tokens, max_position_embeddings): positions beyond it are out of distribution",
+                  stacklevel=3)
 
 
 def _selected_by(spec: Callable[[Any, Any], int | None], block: int, name: str, kernel: Any) -> bool:
@@ -282,8 +299,13 @@ def _save_block(state_dir: str, block_idx: int, block: Any, names: tuple[str, ..
   arrays_path, report_path = _block_paths(state_dir, block_idx)
   # bfloat16 has no NumPy dtype of its own in safetensors.numpy: store float32 (exact) and cast back on load.
   tensors = {n: np.asarray(_submodule(block, n).kernel[...].astype(jnp.float32)) for n in names}
-  _atomic_write(arrays_path, lambda tmp: save_file(tensors, tmp))
-  _write_json(report_path, {"block": block_idx, "names": list(names), "layers": [r._asdict() for r in reports]})
+  try:
+    _atomic_write(arrays_path, lambda tmp: save_file(tensors, tmp))
+    _write_json(report_path, {"block": block_idx, "names": list(names), "layers": [r._asdict() for r in reports]})
+  except Exception as err:  # OSError, or safetensors' SafetensorError for a full disk
+    kept = f"blocks 0..{block_idx - 1} are kept there" if block_idx else "no block was finished"
+    raise OSError(f"could not write the resume state of block {block_idx} to {state_dir} ({' '.join(str(err).split())}"
+                  f"); {kept}: free space or fix the permission and rerun the same command to resume") from err
 
 
 def _load_block(state_dir: str, block_idx: int, block: Any) -> list[LayerReport] | None:
@@ -384,6 +406,7 @@ def prune_model(model: Any, calibration_ids: Any, method: str | MethodConfig | P
     raise ValueError(f"calibration_ids must be a non-empty int array (sequences, seqlen), got {ids.dtype} {ids.shape}")
   if batch_size < 1:
     raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
+  _check_ids(model, ids)
   blocks = model.model.layers
   selected = [tuple(name for name in names if _selected_by(spec, b, name, _submodule(blocks[b], name).kernel[...]))
               for b, names in enumerate(select_linears(linear_names, len(blocks), include, ignore))]

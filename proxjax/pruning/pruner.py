@@ -80,6 +80,9 @@ __all__ = [
 
 _F32 = jnp.float32
 
+# The most negative eigenvalue of H̃ (relative to its largest) taken for float32 rounding in eigvalsh.
+_CURVATURE_TOL = 1e-3
+
 # Largest prox strength η·λ_k·max|K̃₀| the schedule may reach (keeps the prox's λ² terms finite in float32; at this
 # strength every group whose second magnitude is not ~1e-12 times its first is 2-sparse).
 _STRENGTH_LIMIT = 1e12
@@ -150,8 +153,12 @@ class PruneResult(NamedTuple):
 
 
 @jax.jit
-def _all_finite(kernel: jax.Array, hessian: jax.Array) -> jax.Array:
-  return jnp.all(jnp.isfinite(kernel)) & jnp.all(jnp.isfinite(hessian))
+def _input_checks(kernel: jax.Array, hessian: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Whether both are finite, and whether ``H``'s diagonal has an entry below ``−1e-6·max|diag H|`` (a second
+  moment ``X Xᵀ/n`` has none)."""
+  diag = jnp.diagonal(hessian).astype(jnp.float32)
+  negative = jnp.any(diag < -1e-6 * jnp.max(jnp.abs(diag)))
+  return jnp.all(jnp.isfinite(kernel)) & jnp.all(jnp.isfinite(hessian)), negative
 
 
 def _kappa(k0t: jax.Array, quantile: jax.Array) -> jax.Array:
@@ -164,10 +171,10 @@ def _kappa(k0t: jax.Array, quantile: jax.Array) -> jax.Array:
 
 
 def _setup(kernel: jax.Array, hessian: jax.Array, quantile: jax.Array, *,
-           lipschitz: bool = True) -> tuple[_refine.Preconditioned, jax.Array, jax.Array]:
-  pre = _refine.precondition_hessian(hessian, lipschitz)
+           lipschitz: bool = True) -> tuple[_refine.Preconditioned, jax.Array, jax.Array, jax.Array]:
+  pre, lam_min = _refine.precondition_with_spectrum(hessian, lipschitz)
   k0t = _refine.to_preconditioned(kernel, pre)
-  return pre, k0t, _kappa(k0t, quantile)
+  return pre, k0t, _kappa(k0t, quantile), lam_min
 
 
 def _groups_left(v: jax.Array) -> jax.Array:
@@ -269,7 +276,7 @@ def _baseline_core(kernel: jax.Array, hessian: jax.Array, damp: jax.Array, *, me
 # Each jitted piece: (function, in_shardings, out_shardings, CPU fast math), shardings as one letter per positional
 # argument / output: "K" a kernel-shaped array (outputs over the mesh's model axis), "R" replicated (H, scalars).
 PIECES = {
-    "setup": (_setup, "KRR", "RKR", False),
+    "setup": (_setup, "KRR", "RKRR", False),
     "prox_loop": (_prox_loop, "KRRRRRRRR", "KKRR", True),
     "finish": (_finish, "KKKRRRRR", "KRRR", False),
     "baseline": (_baseline_core, "KRR", "KKR", False),
@@ -302,8 +309,12 @@ def _as_arrays(kernel: ArrayLike, hessian: ArrayLike, m: int) -> tuple[jax.Array
   hessian = jnp.asarray(hessian)
   baselines.check_kernel(kernel, m)
   baselines.check_hessian(hessian, kernel)
-  if not bool(_all_finite(kernel, hessian)):
+  finite, negative = _input_checks(kernel, hessian)
+  if not bool(finite):
     raise ValueError("kernel and hessian must be finite (found NaN or inf)")
+  if bool(negative):
+    raise ValueError("the hessian has negative diagonal entries: it is not a second-moment matrix X Xᵀ/n (positive "
+                     "semi-definite), so no method can give a meaningful answer")
   return kernel, hessian
 
 
@@ -313,8 +324,12 @@ def _constants(kernel: jax.Array, hessian: jax.Array, quantile: float, ridge: fl
     raise ValueError(f"quantile must be in (0, 1], got {quantile}")
   if ridge < 0:
     raise ValueError(f"ridge must be >= 0, got {ridge}")
-  pre, k0t, kappa = _run("setup", mesh, kernel.shape, kernel, hessian, jnp.asarray(quantile, _F32),
-                         lipschitz=lipschitz)
+  pre, k0t, kappa, lam_min = _run("setup", mesh, kernel.shape, kernel, hessian, jnp.asarray(quantile, _F32),
+                                  lipschitz=lipschitz)
+  if float(lam_min) < -_CURVATURE_TOL * float(pre.lipschitz):
+    raise ValueError(f"the hessian is not positive semi-definite: the preconditioned H has the eigenvalue "
+                     f"{float(lam_min):.3g} (largest {float(pre.lipschitz):.3g}); a second-moment matrix X Xᵀ/n has none "
+                     "below rounding")
   return pre, k0t, float(pre.lipschitz) + ridge, float(kappa)
 
 

@@ -82,8 +82,10 @@ def as_precision(precision: PrecisionLike) -> lax.Precision:
   return lax.Precision(precision)
 
 
-def precondition_hessian(hessian: jax.Array, lipschitz: bool = True) -> Preconditioned:
-  """See :func:`precondition`; with ``lipschitz=False`` the ``eigvalsh`` (``O(d_in³)``) is skipped and ``L = 1``."""
+def precondition_with_spectrum(hessian: jax.Array, lipschitz: bool = True) -> tuple[Preconditioned, jax.Array]:
+  """:func:`precondition_hessian` and the smallest eigenvalue of ``H̃`` from the same ``eigvalsh`` (0 when
+  ``lipschitz=False``, where no eigenvalues are computed). A clearly negative one means ``H`` is not a second-moment
+  matrix."""
   h = jnp.asarray(hessian, _F32)
   h = 0.5 * (h + h.T)
   diag = jnp.diagonal(h)
@@ -95,11 +97,17 @@ def precondition_hessian(hessian: jax.Array, lipschitz: bool = True) -> Precondi
   ht = jnp.where(eye, live.astype(_F32)[:, None], ht)  # exactly 1 on live inputs, 0 on dead ones
   if lipschitz:
     with jax.default_matmul_precision("highest"):  # for backends whose eigh is built from matmuls (TPU)
-      top = jnp.linalg.eigvalsh(ht)[-1]
+      evs = jnp.linalg.eigvalsh(ht)
+    top, bottom = evs[-1], evs[0]
     lip = jnp.where(jnp.any(live), jnp.maximum(top, 1.0), 1.0)  # λ_max >= max diagonal = 1
   else:
-    lip = jnp.ones((), _F32)
-  return Preconditioned(d, inv, ht, live, lip)
+    lip, bottom = jnp.ones((), _F32), jnp.zeros((), _F32)
+  return Preconditioned(d, inv, ht, live, lip), bottom
+
+
+def precondition_hessian(hessian: jax.Array, lipschitz: bool = True) -> Preconditioned:
+  """See :func:`precondition`; with ``lipschitz=False`` the ``eigvalsh`` (``O(d_in³)``) is skipped and ``L = 1``."""
+  return precondition_with_spectrum(hessian, lipschitz)[0]
 
 
 @jax.jit

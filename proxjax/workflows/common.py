@@ -3,10 +3,12 @@ checkpoint carries, loading a model onto a mesh, evaluation windows and perplexi
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -15,10 +17,10 @@ from flax import nnx
 
 import proxjax
 from proxjax import data
-from proxjax.core import sharding
+from proxjax.core import files, sharding
 from proxjax.models import load_pretrained
 from proxjax.models.convert import default_model_dir
-from proxjax.models.hf import METADATA_FILE
+from proxjax.models.hf import METADATA_FILE, remove_unfinished_saves
 from proxjax.pipeline import evaluate
 from proxjax.workflows import paths
 from proxjax.workflows.config import EvalConfig, OutputConfig
@@ -56,6 +58,17 @@ def run_dirs(output: OutputConfig, source: str) -> tuple[str, str]:
   if output.restart and os.path.isdir(state_dir):
     shutil.rmtree(state_dir)
   return out_dir, state_dir
+
+
+@contextlib.contextmanager
+def exclusive(out_dir: str, state_dir: str | None = None) -> Iterator[None]:
+  """Holds the run's lock (``OUT_DIR.proxjax-lock``: a second run on the same output refuses instead of racing it)
+  and first clears what a killed run left: unfinished saves of ``out_dir`` and half-written state files."""
+  with files.run_lock(out_dir.rstrip(os.sep) + ".proxjax-lock", out_dir):
+    remove_unfinished_saves(out_dir)
+    if state_dir is not None and os.path.isdir(state_dir):
+      files.remove_stale_temporaries(state_dir)
+    yield
 
 
 def finish_state(output: OutputConfig, state_dir: str) -> None:

@@ -23,6 +23,7 @@ import numpy as np
 from proxjax import data, pipeline
 from proxjax.core import files
 from proxjax.models import LlamaConfig, save_pretrained
+from proxjax.models.hf import checkpoint_fingerprint
 from proxjax.pipeline import memory, report as plots
 from proxjax.workflows import common
 from proxjax.workflows.config import PruneJob
@@ -35,6 +36,11 @@ def prune(job: PruneJob) -> dict[str, Any]:
   ``proxjax-layer-losses.png``; resumes from the state directory of an interrupted run. Returns the report."""
   model_dir = common.model_dir(job.model)
   out_dir, state_dir = common.run_dirs(job.out_dir, model_dir)
+  with common.exclusive(out_dir, state_dir):
+    return _prune(job, model_dir, out_dir, state_dir)
+
+
+def _prune(job: PruneJob, model_dir: str, out_dir: str, state_dir: str) -> dict[str, Any]:
   cfg, cal = job.prune, job.calibration
   mesh = common.mesh_of(job.mesh)
   t0 = time.perf_counter()
@@ -53,7 +59,8 @@ def prune(job: PruneJob) -> dict[str, Any]:
   result = pipeline.prune_model(
       model, ids, cfg, true_sequential=job.true_sequential, include=job.include, ignore=job.ignore,
       batch_size=job.batch_size, state_dir=state_dir, progress=job.progress,
-      run_info={"model_dir": os.path.abspath(model_dir)}, mesh=mesh, offload=job.offload)
+      run_info={"model_dir": os.path.abspath(model_dir), "checkpoint": checkpoint_fingerprint(model_dir)},
+      mesh=mesh, offload=job.offload)
   provenance = {
       "proxjax_version": common.VERSION, "source_model": os.path.abspath(model_dir), "method": cfg.method_name,
       "refine": cfg.refine_kind, "n": cfg.n, "m": cfg.m, "config": cfg.to_dict(),
@@ -65,7 +72,14 @@ def prune(job: PruneJob) -> dict[str, Any]:
   summary = {"linears": len(result.layers),
              "mean_relative_local_loss": float(losses.mean()) if losses.size else None,
              "max_relative_local_loss": float(losses.max()) if losses.size else None}
-  save_pretrained(model, out_dir, source_dir=model_dir, metadata=provenance, overwrite=job.out_dir.overwrite)
+  try:
+    save_pretrained(model, out_dir, source_dir=model_dir, metadata=provenance, overwrite=job.out_dir.overwrite)
+  except Exception as err:  # OSError, or safetensors' SafetensorError for a full disk
+    if isinstance(err, ValueError):
+      raise
+    raise OSError(f"could not write the checkpoint {out_dir} ({' '.join(str(err).split())}); every pruned block is "
+                  f"kept in {state_dir}: free space and rerun the same command to resume (no block is pruned again)"
+                  ) from err
   full = {**provenance, "summary": summary, "layers": [r._asdict() for r in result.layers]}
   if job.eval is not None:
     eval_data = common.evaluation_data(model_dir, job.eval)

@@ -1,0 +1,211 @@
+"""Reliability: the source checkpoint is never written, the library refuses what it cannot answer, zeros are +0.0.
+
+Each case asserts the message (and for the data-loss cases the bytes on disk before and after)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from safetensors.numpy import load_file, save_file
+
+import proxjax
+from proxjax import cli
+from proxjax.models import check_sparsity, load_pretrained, save_pretrained
+from proxjax.models.hf import CheckpointError
+from proxjax.workflows import paths
+from test_cli import checkpoint, corpus  # noqa: F401  (fixtures; tests/ is on sys.path)
+
+
+def _digest(directory) -> dict[str, str]:
+  out = {}
+  for root, _, files in os.walk(directory):
+    for f in files:
+      p = os.path.join(root, f)
+      with open(p, "rb") as fh:
+        out[os.path.relpath(p, directory)] = hashlib.sha256(fh.read()).hexdigest()
+  return out
+
+
+# --------------------------------------------------------------------------------------------- the source is sacred --
+
+
+@pytest.mark.parametrize("where", ["same", "inside", "around"])
+def test_no_command_writes_into_over_or_around_its_source(checkpoint, tmp_path, capsys, where):  # noqa: F811
+  before = _digest(checkpoint)
+  out = {"same": checkpoint, "inside": checkpoint / "sub", "around": checkpoint.parent}[where]
+  for argv in (["prune", str(checkpoint), str(out), "--overwrite"],
+               ["finetune", str(checkpoint), str(out), "--overwrite"],
+               ["proxsparse", str(checkpoint), str(out), "--lam1", "0.1", "--overwrite"],
+               ["prosparse", str(checkpoint), str(out), "--overwrite"]):
+    capsys.readouterr()
+    assert cli.main(argv + ["--quiet"]) == 2, argv
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "input checkpoint" in err and "OUT_DIR" in err, err
+  assert _digest(checkpoint) == before and not (checkpoint / "sub").exists()
+
+
+def test_save_pretrained_refuses_its_source(checkpoint, tmp_path):  # noqa: F811
+  model = load_pretrained(checkpoint)
+  before = _digest(checkpoint)
+  with pytest.raises(CheckpointError, match="source checkpoint"):
+    save_pretrained(model, checkpoint, source_dir=checkpoint, overwrite=True)
+  assert _digest(checkpoint) == before
+
+
+def test_output_paths_are_checked_before_anything_is_loaded(checkpoint, tmp_path, capsys):  # noqa: F811
+  afile = tmp_path / "a-file"
+  afile.write_text("x")
+  foreign = tmp_path / "foreign"
+  foreign.mkdir()
+  (foreign / "keep.txt").write_text("keep me")
+  cases = [
+      (["prune", str(checkpoint), str(afile / "out")], "is a file"),
+      (["prune", str(checkpoint), str(afile)], "is a file"),
+      (["prune", str(checkpoint), str(tmp_path / "o1"), "--state-dir", str(afile)], "--state-dir"),
+      (["prune", str(checkpoint), str(tmp_path / "o2"), "--report", str(tmp_path)], "--report"),
+      (["prune", str(checkpoint), str(tmp_path / "o3"), "--report", str(checkpoint / "r.json")], "input checkpoint"),
+      (["prune", str(checkpoint), str(foreign), "--overwrite"], "not a proxjax output"),
+      (["eval", str(checkpoint), "--dataset", "lee", "--seqlen", "32", "--json", str(afile / "x.json")], "--json"),
+  ]
+  for argv, needle in cases:
+    capsys.readouterr()
+    assert cli.main(argv + ["--quiet"]) == 2, argv
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err, (argv, err)
+  assert (foreign / "keep.txt").read_text() == "keep me" and afile.read_text() == "x"
+
+
+def test_overwrite_replaces_a_previous_output(tmp_path):
+  prev = tmp_path / "prev"
+  prev.mkdir()
+  (prev / "proxjax.json").write_text("{}")
+  assert paths.check_output(str(prev), overwrite=True) == str(prev)
+  with pytest.raises(ValueError, match="not empty"):
+    paths.check_output(str(prev), overwrite=False)
+
+
+# ------------------------------------------------------------------------------- the library refuses bad input ----
+
+
+def test_prox_refuses_a_non_finite_strength_and_a_mismatched_tree():
+  x = jnp.arange(8.0)
+  for lam, eta in ((jnp.nan, 1.0), (jnp.inf, 1.0), (1.0, jnp.nan)):
+    with pytest.raises(ValueError, match="finite"):
+      proxjax.prox_24(x, lam, eta)
+  traced = jax.jit(lambda lam: proxjax.prox_24(x, lam))(jnp.nan)  # traced: the NaN shows in the result
+  assert bool(jnp.all(jnp.isnan(traced)))
+  with pytest.raises(ValueError, match="structure"):
+    proxjax.prox_24({"a": x}, {"a": 1.0, "b": 2.0})
+
+
+def test_prox_update_never_switches_itself_off_silently():
+  params = {"kernel": jnp.ones((4, 2))}
+  with pytest.raises(ValueError, match="finite"):
+    proxjax.prox_24_update(float("nan"), 1.0)
+  tx = optax.chain(optax.sgd(0.1), proxjax.prox_24_update(lambda count: jnp.nan, 1.0))
+  step = jax.jit(lambda u, s, p: tx.update(u, s, p)[0])
+  updates = step({"kernel": jnp.zeros((4, 2))}, tx.init(params), params)
+  assert bool(jnp.all(jnp.isnan(updates["kernel"])))
+
+
+@pytest.mark.parametrize("method", ["prox", "wanda", "sparsegpt", "magnitude"])
+def test_every_method_refuses_a_hessian_with_negative_curvature(method):
+  k = np.random.default_rng(0).normal(size=(8, 4)).astype(np.float32)
+  with pytest.raises(ValueError, match="not a second-moment matrix"):
+    proxjax.prune_kernel(k, -np.eye(8, dtype=np.float32), method)
+  indefinite = np.eye(8, dtype=np.float32)
+  indefinite[0, 1] = indefinite[1, 0] = 2.0  # positive diagonal, eigenvalue -1
+  if method == "prox":  # the prox computes the spectrum anyway; Wanda and magnitude read only the diagonal
+    with pytest.raises(ValueError, match="not positive semi-definite"):
+      proxjax.prune_kernel(k, indefinite, method)
+  with pytest.raises(ValueError, match="not positive semi-definite"):
+    proxjax.prune_kernel(k, indefinite, method, refine="gd")
+
+
+# --------------------------------------------------------------------------------------------- zeros are +0.0 ------
+
+
+def test_checkpoints_store_zeros_as_positive_zero_and_check_reports_negative_ones(checkpoint, tmp_path):  # noqa: F811
+  model = load_pretrained(checkpoint)
+  kernel = model.model.layers[0].mlp.up_proj.kernel
+  kernel[...] = -jnp.abs(kernel[...]) * (jnp.arange(kernel.shape[0])[:, None] % 4 < 2)  # half -0.0, 2:4
+  assert bool(jnp.any(jnp.signbit(kernel[...]) & (kernel[...] == 0)))
+  out = tmp_path / "out"
+  save_pretrained(model, out, source_dir=checkpoint)
+  w = load_file(str(out / "model.safetensors"))["model.layers.0.mlp.up_proj.weight"]
+  assert np.count_nonzero(w == 0) == w.size // 2 and not np.any(np.signbit(w) & (w == 0))
+  rows = {r["name"]: r for r in check_sparsity(out)}
+  assert rows["model.layers.0.mlp.up_proj.weight"]["negative_zeros"] == 0
+  # a file written by another tool with -0.0 is reported
+  tensors = load_file(str(out / "model.safetensors"))
+  tensors["model.layers.0.mlp.up_proj.weight"] = np.where(w == 0, np.float32(-0.0), w)
+  save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+  rows = {r["name"]: r for r in check_sparsity(out)}
+  assert rows["model.layers.0.mlp.up_proj.weight"]["negative_zeros"] == w.size // 2
+
+
+# ---------------------------------------------------------------------------------------- a full disk, a lock ------
+
+_LIMITED = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes beyond the limit fail with EFBIG instead of killing us
+resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))
+from proxjax import cli
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def _prune_argv(checkpoint, corpus, out, *extra):  # noqa: F811
+  return ["prune", str(checkpoint), str(out), "--method", "wanda", "--calibration", str(corpus / "calib.txt"),
+          "--nsamples", "4", "--seqlen", "32", "--batch-size", "4", "--quiet", *extra]
+
+
+def test_a_full_disk_is_one_line_and_a_rerun_resumes(checkpoint, corpus, tmp_path):  # noqa: F811
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  ref = tmp_path / "ref"
+  assert cli.main(_prune_argv(checkpoint, corpus, ref, "--keep-state")) == 0
+  state_sizes = [p.stat().st_size for p in (tmp_path / "ref.proxjax-state").glob("block_*.safetensors")]
+  model_size = (ref / "model.safetensors").stat().st_size
+  assert max(state_sizes) < model_size
+  for limit, needle, kept in ((min(state_sizes) // 2, "resume state of block 0", "no block was finished"),
+                              ((max(state_sizes) + model_size) // 2, "could not write the checkpoint", "kept in")):
+    out = tmp_path / f"out-{limit}"
+    proc = subprocess.run([sys.executable, "-c", _LIMITED.format(limit=limit), *_prune_argv(checkpoint, corpus, out)],
+                          capture_output=True, text=True, timeout=300)
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert needle in err[-1] and kept in err[-1] and "rerun" in err[-1], err[-1]
+    assert not out.exists()  # nothing that looks like a finished checkpoint
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(f".out-{limit}.tmp-")]  # no half-written save
+    assert cli.main(_prune_argv(checkpoint, corpus, out)) == 0  # space freed: the rerun resumes and finishes
+    a, b = load_file(str(ref / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert all(a[k].tobytes() == b[k].tobytes() for k in a)
+
+
+def test_a_second_run_on_the_same_output_refuses(checkpoint, corpus, tmp_path, capsys):  # noqa: F811
+  from proxjax.core import files  # pylint: disable=import-outside-toplevel
+  out = tmp_path / "out"
+  with files.run_lock(str(out) + ".proxjax-lock", str(out)):  # as if another live run held it
+    capsys.readouterr()
+    assert cli.main(_prune_argv(checkpoint, corpus, out)) == 2
+    assert "another proxjax run" in capsys.readouterr().err
+  stale = tmp_path / "out.proxjax-lock"
+  stale.write_text('{"host": "%s", "pid": 999999999}' % __import__("socket").gethostname())  # its process is gone
+  (tmp_path / ".out.tmp-0123456789ab").mkdir()  # a save killed mid-way
+  assert cli.main(_prune_argv(checkpoint, corpus, out)) == 0
+  assert not stale.exists() and not (tmp_path / ".out.tmp-0123456789ab").exists()
+  with pytest.raises(CheckpointError, match="unfinished save"):
+    check_sparsity(_unfinished(tmp_path))
+
+
+def _unfinished(tmp_path):
+  d = tmp_path / ".x.tmp-0123456789ab"
+  d.mkdir()
+  return d
