@@ -209,3 +209,77 @@ def _unfinished(tmp_path):
   d = tmp_path / ".x.tmp-0123456789ab"
   d.mkdir()
   return d
+
+
+# ------------------------------------------------------------------------------------------- CLI argument fuzz ----
+
+_FLAGS = {
+    "prune": [("--method", ["prox", "wanda", "sparsegpt", "magnitude", "foo"]), ("--refine", ["none", "gd", "cg", "x"]),
+              ("--n", ["2", "1", "4", "-1", "two"]), ("--m", ["4", "8", "0"]), ("--lam0", ["0.01", "-1", "nan"]),
+              ("--beta", ["1.01", "0.5", "inf"]), ("--cap", ["10", "0", "1.5"]), ("--budget", ["5", "0"]),
+              ("--lam0-relative", ["0.1", "-0.1"]), ("--ridge", ["0", "-1"]), ("--damp", ["0.01", "-1"]),
+              ("--refine-steps", ["3", "-3"]), ("--option", ["blocksize=8", "tail_fraction=0.5", "loop=scan",
+                                                               "nope=1", "blocksize", "=3", "lam0=\"x\""]),
+              ("--nsamples", ["4", "0", "-2"]), ("--seqlen", ["16", "0"]), ("--seed", ["1", "-1"]),
+              ("--calibration", ["lee", "wiki", "nope", "/no/such.txt"]), ("--calibration-mode", ["packed", "random"]),
+              ("--calibration-documents", ["3", "0"]), ("--include", ["*.mlp.*", ""]), ("--ignore", ["1.*"]),
+              ("--batch-size", ["2", "0"]), ("--eval", ["lee", "nope"]), ("--eval-seqlen", ["32", "1"]),
+              ("--max-windows", ["2", "0"]), ("--mesh", ["1", "data=1,model=1", "bogus"])],
+    "eval": [("--dataset", ["lee", "nope"]), ("--seqlen", ["32", "1", "x"]), ("--max-windows", ["2", "0"]),
+             ("--batch-size", ["2", "-1"])],
+    "finetune": [("--steps", ["2", "0"]), ("--lr", ["1e-3", "nan", "-1"]), ("--seqlen", ["32", "1"]),
+                 ("--batch-size", ["2", "0"]), ("--weight-decay", ["0", "-1"]), ("--train", ["lee", "zzz"]),
+                 ("--eval", ["lee", "/no.txt"])],
+    "proxsparse": [("--lam1", ["0.1", "-1", "nan"]), ("--steps", ["2", "0"]), ("--lr", ["1e-4", "inf"]),
+                   ("--lam2", ["0", "-1"]), ("--eps", ["0.5", "0"]), ("--prox-scaling", ["lr", "zz"]),
+                   ("--seqlen", ["16", "1"]), ("--batch-size", ["1", "0"]), ("--save-every", ["0", "-1"]),
+                   ("--max-documents", ["3", "0"])],
+    "prosparse": [("--steps", ["4", "0"]), ("--l1-stages", ["2:1e-3", "9:1e-3", "x"]), ("--threshold", ["0", "0.01"]),
+                  ("--export", ["relu", "fatrelu", "nope"]), ("--lr-schedule", ["cosine", "x"]),
+                  ("--l1-warmup-steps", ["1", "99"]), ("--eval", ["none", "lee"])],
+}
+
+
+def test_cli_fuzz_never_a_traceback(checkpoint, tmp_path, monkeypatch, capsys):  # noqa: F811
+  """Random combinations of documented flags and bad values: each ends in success (the job reaches the workflow)
+  or one clear error line with exit code 2 (argparse's own usage errors exit 2 too), never a traceback."""
+  import random  # pylint: disable=import-outside-toplevel
+
+  import proxjax.workflows.evaluate, proxjax.workflows.finetune, proxjax.workflows.prune  # noqa: F401,E401
+  import proxjax.workflows.prosparse, proxjax.workflows.proxsparse  # noqa: F401,E401
+  reached = []
+
+  class _Any(float):  # a stand-in result: every key is another zero
+    def __getitem__(self, key):
+      return _Any(0.0)
+
+  for module, name in (("prune", "prune"), ("evaluate", "evaluate"), ("finetune", "finetune"),
+                       ("proxsparse", "proxsparse"), ("prosparse", "prosparse")):
+    def stub(job, _n=name):
+      reached.append(_n)
+      return (_Any(0.0), "text") if _n == "evaluate" else _Any(0.0)
+    monkeypatch.setattr(f"proxjax.workflows.{module}.{name}", stub)
+  rng = random.Random(0)
+  outcomes = {0: 0, 2: 0}
+  for i in range(80):
+    command = rng.choice(sorted(_FLAGS))
+    argv = [command, str(checkpoint)] + ([] if command == "eval" else [str(tmp_path / f"out{i}")])
+    if command == "eval" and rng.random() < 0.9:
+      argv += ["--dataset", "lee", "--seqlen", "32"]
+    if command == "proxsparse" and rng.random() < 0.9:
+      argv += ["--lam1", "0.1"]
+    for flag, values in rng.sample(_FLAGS[command], k=rng.randint(1, 4)):
+      argv += [flag, rng.choice(values)]
+    capsys.readouterr()
+    try:
+      code = cli.main(argv + ["--quiet"] if command != "eval" else argv)
+    except SystemExit as e:  # argparse's usage errors
+      code = e.code
+    err = capsys.readouterr().err
+    assert code in (0, 2), (argv, code, err)
+    assert "Traceback" not in err, (argv, err)
+    if code == 2:
+      assert err.strip() and "error" in err.strip().splitlines()[-1], (argv, err)
+    outcomes[code] += 1
+  assert outcomes[0] > 5 and outcomes[2] > 20, outcomes  # both kinds were exercised
+  assert len(reached) == outcomes[0]

@@ -58,16 +58,24 @@ def _model_arg(name: str) -> str:
   return name
 
 
-def _checked(check: Any, *args: Any, **kwargs: Any) -> str:
+def _checked(check: Any, *args: Any, prefix: str = "", **kwargs: Any) -> Any:
   try:
     return check(*args, **kwargs)
   except ValueError as err:
-    raise ArgumentError(str(err)) from None
+    raise ArgumentError(f"{prefix + ': ' if prefix else ''}{err}") from None
 
 
-def _eval_config(dataset: str | None, seqlen: int, max_windows: int | None, batch_size: int) -> Any:
+def _source_arg(source: str, flag: str) -> str:
+  from proxjax.data.text import check_source  # pylint: disable=import-outside-toplevel  (tokenizers, no JAX)
+  _checked(check_source, source, prefix=flag)
+  return source
+
+
+def _eval_config(dataset: str | None, seqlen: int, max_windows: int | None, batch_size: int,
+                 flag: str = "--eval") -> Any:
   if dataset is None or dataset == "none":
     return None
+  _source_arg(dataset, flag)
   return jobs.EvalConfig(dataset, seqlen=seqlen, max_windows=max_windows, batch_size=batch_size)
 
 
@@ -120,7 +128,8 @@ def prune_config(args: argparse.Namespace) -> PruneConfig:
 
 def _prune_job(args: argparse.Namespace) -> jobs.PruneJob:
   cfg = prune_config(args)
-  calibration = jobs.CalibrationConfig(args.calibration, mode=args.calibration_mode,
+  calibration = jobs.CalibrationConfig(_source_arg(args.calibration, "--calibration"),
+                                       mode=args.calibration_mode,
                                        documents=args.calibration_documents, nsamples=args.nsamples,
                                        seqlen=args.seqlen, seed=args.seed)
   return jobs.PruneJob(
@@ -155,9 +164,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
   model = _model_arg(args.model_dir)
   if args.json:
     _checked(paths.check_file, args.json, sources=[paths.model_path(model)], what="--json")
-  job = jobs.EvalJob(model, jobs.EvalConfig(args.dataset, seqlen=args.seqlen,
-                                                                   max_windows=args.max_windows,
-                                                                   batch_size=args.batch_size),
+  dataset = _source_arg(args.dataset, "--dataset")
+  job = jobs.EvalJob(model, jobs.EvalConfig(dataset, seqlen=args.seqlen, max_windows=args.max_windows,
+                                            batch_size=args.batch_size),
                      json=args.json, mesh=args.mesh, progress=not args.quiet)
   from proxjax.workflows.evaluate import evaluate  # pylint: disable=import-outside-toplevel
   _, text = evaluate(job)
@@ -208,7 +217,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-  job = jobs.FinetuneJob(_model_arg(args.model_dir), _output(args, args.model_dir), train=args.train,
+  job = jobs.FinetuneJob(_model_arg(args.model_dir), _output(args, args.model_dir),
+                         train=_source_arg(args.train, "--train"),
                          steps=args.steps, batch_size=args.batch_size, seqlen=args.seqlen, learning_rate=args.lr,
                          weight_decay=args.weight_decay, seed=args.seed,
                          eval=_eval_config(args.eval, args.eval_seqlen, args.max_windows, 8), check=args.check,
@@ -227,7 +237,7 @@ def cmd_proxsparse(args: argparse.Namespace) -> int:
       _model_arg(args.model_dir), _output(args, args.model_dir), lam1=args.lam1, steps=args.steps,
       learning_rate=args.lr, lam_relative=args.lam_relative, lam2=args.lam2, eps=args.eps,
       prox_scaling=args.prox_scaling,
-      train=args.train, max_documents=args.max_documents, seqlen=args.seqlen,
+      train=_source_arg(args.train, "--train"), max_documents=args.max_documents, seqlen=args.seqlen,
       split_documents=args.split_documents, batch_size=args.batch_size, save_every=args.save_every,
       eval=_eval_config(args.eval, args.eval_seqlen, args.max_windows, args.eval_batch_size), mesh=args.mesh,
       progress=not args.quiet)
@@ -244,7 +254,8 @@ def cmd_proxsparse(args: argparse.Namespace) -> int:
 
 def cmd_prosparse(args: argparse.Namespace) -> int:
   job = jobs.ProSparseJob(
-      _model_arg(args.model_dir), _output(args, args.model_dir), train=args.train, steps=args.steps,
+      _model_arg(args.model_dir), _output(args, args.model_dir), train=_source_arg(args.train, "--train"),
+      steps=args.steps,
       batch_size=args.batch_size, seqlen=args.seqlen, seed=args.seed, learning_rate=args.lr,
       lr_schedule=args.lr_schedule,
       lr_warmup_steps=args.lr_warmup_steps, weight_decay=args.weight_decay, l1_warmup=args.l1_warmup,

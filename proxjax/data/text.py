@@ -65,6 +65,7 @@ __all__ = [
     "MIN_ARTICLE_CHARS",
     "WIKI_FILE",
     "EvalData",
+    "check_source",
     "EvalProtocol",
     "TextTokenizer",
     "SOURCES",
@@ -604,6 +605,31 @@ def _file_documents(path: Path) -> list[str]:
 
 def _looks_like_path(source: str) -> bool:
   return os.sep in source or "/" in source or Path(source).suffix != "" or Path(source).exists()
+
+
+_FILE_SUFFIXES = (".txt", ".jsonl", ".json", ".jsonl.gz", ".json.gz", ".parquet")
+
+
+def check_source(source: str | os.PathLike) -> None:
+  """Raises ``ValueError`` unless ``source`` names a known text source (:data:`SOURCES`) or an existing file of a
+  supported kind; nothing is read (a cheap check before any long work).
+
+  Example:
+    >>> check_source("lee")
+    >>> check_source("wikitext3")
+    Traceback (most recent call last):
+    ValueError: unknown text source 'wikitext3': use one of wiki, lee, c4, wikitext2 or a path to a .txt, .jsonl, .json(.gz) or .parquet file
+  """
+  name = os.fspath(source)
+  if name in SOURCES:
+    return
+  if not _looks_like_path(name):
+    raise ValueError(f"unknown text source {name!r}: use one of {', '.join(SOURCES)} or a path to a .txt, .jsonl, "
+                     ".json(.gz) or .parquet file")
+  if not Path(name).is_file():
+    raise ValueError(f"text file {name} does not exist")
+  if not name.lower().endswith(_FILE_SUFFIXES):
+    raise ValueError(f"text file {name}: unsupported kind (use {', '.join(_FILE_SUFFIXES)})")
 
 
 def load_documents(source: str | os.PathLike, *, split: str = "evaluation", root: str | os.PathLike | None = None,
