@@ -21,7 +21,7 @@ from flax import nnx  # noqa: E402
 
 from proxjax import cli, data  # noqa: E402
 from proxjax.workflows.config import parse_stage  # noqa: E402
-from proxjax.training import prosparse  # noqa: E402
+from proxjax.training import loop, prosparse  # noqa: E402
 from proxjax.models import (  # noqa: E402
     LlamaConfig,
     LlamaForCausalLM,
@@ -248,14 +248,16 @@ def test_resume_and_nan(tmp_path):
 
   with pytest.raises(KeyboardInterrupt):
     prosparse.train_prosparse(_fresh(), BATCHES, state_dir=state, save_every=2, callback=stop, **kw)
-  assert sorted(os.listdir(state)) == ["run.json", "step-00000002"]
-  r = prosparse.train_prosparse(_fresh(), BATCHES, state_dir=state, save_every=2, **kw)
-  assert r.resumed_from == 2 and r.steps == 4 and len(r.losses) == 4
-  np.testing.assert_allclose(r.losses, ref.losses, rtol=1e-6)
+  assert sorted(os.listdir(state)) == sorted([loop.STATE_FILE, "step_0000002"])
+  model = _fresh()
+  r = prosparse.train_prosparse(model, BATCHES, state_dir=state, save_every=2, **kw)
+  assert r.resumed_from == 2 and r.steps == 4 and len(r.losses) == 4 and r.model is model
+  for field in ("losses", "lm_losses", "l1", "lambdas", "zero_fractions", "learning_rates"):  # bit for bit
+    assert getattr(r, field) == getattr(ref, field), field
   a, b = _params(r.model), _params(ref.model)
-  assert a.keys() == b.keys() and all(np.allclose(a[k], b[k], rtol=1e-6, atol=1e-7) for k in a)
-  assert sorted(os.listdir(state)) == ["run.json", "step-00000004"]
-  with pytest.raises(ValueError, match="different run.*learning_rate"):
+  assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+  assert sorted(os.listdir(state)) == sorted([loop.STATE_FILE, "step_0000004"])
+  with pytest.raises(ValueError, match="different ProSparse run.*learning_rate"):
     prosparse.train_prosparse(_fresh(), BATCHES, state_dir=state, **(kw | {"learning_rate": 2e-2}))
   bad = BATCHES.copy()
   bad[1, 0, 3] = 32  # outside the vocabulary: NaN embedding at step 1

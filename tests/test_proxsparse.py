@@ -1,5 +1,5 @@
-"""ProxSparse (proxjax.training.proxsparse): the training loop, mask extraction, resumption and the CLI, on the tiny checkpoint
-of tests/test_cli.py.
+"""ProxSparse (proxjax.training.proxsparse): its recipe of the training loop, mask extraction, resumption and the CLI,
+on the tiny checkpoint of tests/test_cli.py.
 
 Every run uses the same model, settings and (1, 32) batches, so the training step compiles once for the whole file.
 """
@@ -21,6 +21,7 @@ import proxjax
 from proxjax import data
 from proxjax import cli
 from proxjax.workflows import common
+from proxjax.training import loop
 from proxjax.training import proxsparse as ps
 from proxjax.models import LlamaConfig, LlamaForCausalLM, check_sparsity, load_pretrained, save_pretrained
 from test_cli import checkpoint, corpus  # noqa: F401  (fixtures; tests/ is on sys.path)
@@ -110,13 +111,13 @@ def test_mask_extraction_ties_and_masks_apply_to_the_original_weights():
   assert float(ps.fraction_24(learned, spec=0)) == 0.5  # the first group of each column has 4 non-zeros
 
 
-def test_masked_lm_loss_ignores_padding():
+def test_lm_loss_ignores_padding():
   cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
   model = LlamaForCausalLM(cfg, rngs=nnx.Rngs(0))
   ids = np.random.default_rng(0).integers(0, 32, 12).astype(np.int32)
   padded, valid = ps.document_batch([ids, ids[:5]], 0, batch_size=2, max_length=16)
   assert padded.shape == (2, 16) and valid.sum(1).tolist() == [12, 5] and not padded[1, 5:].any()
-  got = float(nnx.jit(ps.masked_lm_loss)(model, jnp.asarray(padded), jnp.asarray(valid)))
+  got = float(nnx.jit(loop.lm_loss)(model, jnp.asarray(padded), jnp.asarray(valid)))
   # Per-token NLLs of the unpadded first document; the second is its 5-token prefix, so (causal) its NLLs are the
   # first 4 of them. The batch loss is the token-weighted mean (11 ℓ₁ + 4 ℓ₂) / 15.
   logits = nnx.jit(lambda m, x: m(x))(model, jnp.asarray(ids[None]))[0, :-1]
@@ -199,26 +200,34 @@ class _Stop(Exception):
   pass
 
 
-def test_resume_gives_the_uninterrupted_result(checkpoint, docs, tmp_path, monkeypatch):  # noqa: F811
-  full = ps.proxsparse(_model(checkpoint), docs, progress=False, **SETTINGS)
+def test_resume_gives_the_uninterrupted_result(checkpoint, docs, tmp_path):  # noqa: F811
+  full = ps.proxsparse(_model(checkpoint), docs, progress=False, return_learned=True, **SETTINGS)
   state_dir = tmp_path / "state"
-  step, calls = ps._train_step, []
+  seen = []
 
-  def interrupted(*args, **kwargs):
-    calls.append(1)
-    if len(calls) == 6:  # dies during step 5; steps 2 and 4 were saved
+  def stop(t, metrics):
+    seen.append(metrics)
+    if t == 4:  # killed after step 4 ran, before step 5 was saved; steps 2 and 4 were saved
       raise _Stop()
-    return step(*args, **kwargs)
 
-  monkeypatch.setattr(ps, "_train_step", interrupted)
+  interrupted = _model(checkpoint)
+  before = [np.asarray(x) for x in jax.tree.leaves(nnx.state(interrupted, nnx.Param))]
   with pytest.raises(_Stop):
-    ps.proxsparse(_model(checkpoint), docs, progress=False, state_dir=state_dir, save_every=2, **SETTINGS)
-  monkeypatch.setattr(ps, "_train_step", step)
-  saved = json.loads((state_dir / ps.STATE_FILE).read_text())
-  assert saved["step"] == 4 and sorted(os.listdir(state_dir)) == [ps.STATE_FILE, "step_0000004"]
+    ps.proxsparse(interrupted, docs, progress=False, state_dir=state_dir, save_every=2, callback=stop, **SETTINGS)
+  assert [m["loss"] for m in seen] == full.losses[:5] and set(seen[0]) >= {"grad_norm", "fraction_24", "seconds"}
+  for a, b in zip(jax.tree.leaves(nnx.state(interrupted, nnx.Param)), before):  # back to the original weights
+    np.testing.assert_array_equal(np.asarray(a), b)
+  saved = json.loads((state_dir / loop.STATE_FILE).read_text())
+  assert saved["step"] == 4 and sorted(os.listdir(state_dir)) == sorted([loop.STATE_FILE, "step_0000004"])
+  assert saved["fingerprint"]["method"] == "ProxSparse" and saved["history"]["losses"] == full.losses[:4]
   model = _model(checkpoint)
-  resumed = ps.proxsparse(model, docs, progress=False, state_dir=state_dir, save_every=2, **SETTINGS)
+  resumed = ps.proxsparse(model, docs, progress=False, state_dir=state_dir, save_every=2, return_learned=True,
+                          **SETTINGS)
   assert resumed.resumed_from == 4
+  for a, b in zip(jax.tree.leaves(resumed.learned), jax.tree.leaves(full.learned)):  # the learned weights, bitwise
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  for a, b in zip(jax.tree.leaves(nnx.state(resumed.optimizer)), jax.tree.leaves(nnx.state(full.optimizer))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   for field in ("losses", "regularizer", "lam2_terms", "fraction_24", "learning_rates", "grad_norms", "tokens",
                 "final_fraction_24", "lam1_effective"):
     assert getattr(resumed, field) == getattr(full, field), field
@@ -226,7 +235,7 @@ def test_resume_gives_the_uninterrupted_result(checkpoint, docs, tmp_path, monke
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   for a, b in zip(jax.tree.leaves(nnx.state(model, nnx.Param)), jax.tree.leaves(nnx.state(full.model, nnx.Param))):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  assert json.loads((state_dir / ps.STATE_FILE).read_text())["step"] == SETTINGS["steps"]  # final state saved
+  assert json.loads((state_dir / loop.STATE_FILE).read_text())["step"] == SETTINGS["steps"]  # final state saved
   with pytest.raises(ValueError, match="different ProxSparse run .*lam1"):
     ps.proxsparse(_model(checkpoint), docs, progress=False, state_dir=state_dir, **{**SETTINGS, "lam1": 0.2})
 

@@ -1,6 +1,7 @@
 r"""Recovery fine-tuning of a pruned model on the language-modelling loss with its sparsity mask fixed.
 
-The loss of a batch of token windows ``x`` (``(B, T)``) is the mean next-token negative log-likelihood
+A :class:`~proxjax.training.loop.Recipe` of the one training loop: the loss of a batch of token windows ``x``
+``(B, T)`` is the mean next-token NLL (:func:`proxjax.training.loop.lm_loss`)
 
 .. math::  \mathcal L(\theta) = -\frac{1}{B(T-1)} \sum_{b,t<T} \log p_\theta(x_{b,t+1} \mid x_{b,\le t}),
 
@@ -10,8 +11,8 @@ exactly zero (the N:M pattern survives training) while kept weights, norms and e
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Iterable
+import os
+from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
 import jax
@@ -21,30 +22,15 @@ import optax
 from flax import nnx
 
 from proxjax.core import transforms
+from proxjax.training import loop
+
+__all__ = ["FinetuneResult", "finetune_masked", "sparsity_masks"]
 
 
 class FinetuneResult(NamedTuple):
-  """Losses per step (``losses``) and the number of steps taken."""
+  """Losses per step (``losses``, resumed steps included) and the number of steps taken."""
   losses: list[float]
   steps: int
-
-
-def lm_loss(model: Any, ids: jax.Array) -> jax.Array:
-  """Mean next-token NLL of ``ids`` ``(B, T)`` under ``model`` (logits ``(B, T, V)``), float32.
-
-  Example:
-    >>> import jax.numpy as jnp
-    >>> class Uniform:
-    ...   def __call__(self, ids):
-    ...     return jnp.zeros(ids.shape + (10,))
-    >>> round(float(lm_loss(Uniform(), jnp.zeros((2, 5), jnp.int32))), 4) == round(float(jnp.log(10.0)), 4)
-    True
-  """
-  logits = model(ids)[:, :-1].astype(jnp.float32)
-  targets = ids[:, 1:]
-  logz = jax.nn.logsumexp(logits, axis=-1)
-  picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-  return jnp.mean(logz - picked)
 
 
 def sparsity_masks(model: nnx.Module, names: Iterable[str] | None = None) -> Any:
@@ -52,6 +38,16 @@ def sparsity_masks(model: nnx.Module, names: Iterable[str] | None = None) -> Any
 
   Returns a pytree matching ``nnx.state(model, nnx.Param)`` with bool arrays on those kernels and ``None`` elsewhere,
   ready for :func:`proxjax.masked_updates`.
+
+  Example:
+    >>> import jax
+    >>> from flax import nnx
+    >>> from proxjax.models import LlamaConfig, LlamaForCausalLM
+    >>> c = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+    ...                 num_attention_heads=2)
+    >>> masks = sparsity_masks(LlamaForCausalLM(c, rngs=nnx.Rngs(0)))
+    >>> len(jax.tree.leaves(masks))  # the 7 projections of the block
+    7
   """
   if names is None:
     from proxjax.models.llama import LINEAR_NAMES as names  # pylint: disable=import-outside-toplevel
@@ -71,19 +67,23 @@ def _is_value_key(k: Any) -> bool:
   return getattr(k, "name", None) == "value"
 
 
-@functools.partial(nnx.jit, donate_argnames=("optimizer",))
-def _step(model, optimizer, ids):
-  loss, grads = nnx.value_and_grad(lm_loss)(model, ids)
-  optimizer.update(model, grads)
-  return loss
+def _loss(model, ids):
+  loss = loop.lm_loss(model, ids)
+  return loss, {"loss": loss}
+
+
+_RECIPE = loop.Recipe("fine-tune", loop.train_step(_loss), ("losses",), lambda t, m: {"losses": m["loss"]})
 
 
 def finetune_masked(model: nnx.Module, batches: Iterable[Any], *, learning_rate: float = 2e-5,
-                    weight_decay: float = 0.0, masks: Any = None, progress: bool = True) -> FinetuneResult:
-  """Trains ``model`` in place with AdamW on :func:`lm_loss`, pruned weights held at exactly zero.
+                    weight_decay: float = 0.0, masks: Any = None, progress: bool = True,
+                    state_dir: str | os.PathLike[str] | None = None, save_every: int = 0,
+                    run_info: dict[str, Any] | None = None,
+                    callback: Callable[[int, dict[str, Any]], None] | None = None) -> FinetuneResult:
+  """Trains ``model`` in place with AdamW on :func:`~proxjax.training.loop.lm_loss`, pruned weights held at zero.
 
   The chain is ``optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(lr, weight_decay=wd),
-  proxjax.masked_updates(masks))``.
+  proxjax.masked_updates(masks))``; the loop is :func:`proxjax.training.loop.run`.
 
   Args:
     model: a causal LM (``model(ids) -> logits``), trained in its parameter dtype (use float32 parameters).
@@ -92,22 +92,44 @@ def finetune_masked(model: nnx.Module, batches: Iterable[Any], *, learning_rate:
     weight_decay: AdamW weight decay.
     masks: :func:`sparsity_masks` of the model (default: computed from the current zeros).
     progress: tqdm bar with the running loss.
+    state_dir: resume directory (``None``: nothing saved; see :mod:`proxjax.training.loop`); the batches are then
+      read into one array and are part of the run's fingerprint.
+    save_every: save every this many steps (0: only after the last one), with ``state_dir``.
+    run_info: JSON data identifying the run, checked on resume.
+    callback: called as ``callback(step, metrics)`` after every step (host scalars ``loss`` and ``seconds``).
 
   Returns:
     A :class:`FinetuneResult`.
+
+  Raises:
+    FloatingPointError: the loss became NaN or infinite (the message names the step; the model holds the last
+      step's weights).
+
+  Example:
+    >>> import numpy as np, jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from proxjax.models import LlamaConfig, LlamaForCausalLM
+    >>> c = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+    ...                 num_attention_heads=2)
+    >>> model = LlamaForCausalLM(c, rngs=nnx.Rngs(0))
+    >>> up = model.model.layers[0].mlp.up_proj.kernel
+    >>> up[...] = up[...].at[0].set(0.0)  # a pruned row
+    >>> r = finetune_masked(model, np.ones((2, 1, 8), np.int32), learning_rate=1e-2, progress=False)
+    >>> r.steps, bool(jnp.all(up[...][0] == 0)), bool(jnp.all(up[...][1] != 0))
+    (2, True, True)
   """
-  from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
   masks = sparsity_masks(model) if masks is None else masks
   tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(learning_rate, weight_decay=weight_decay),
                    transforms.masked_updates(masks))
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-  losses = []
-  bar = tqdm(batches, desc="fine-tune", unit="step", disable=not progress)
-  for ids in bar:
-    loss = float(_step(model, optimizer, jnp.asarray(np.asarray(ids), jnp.int32)))
-    if not np.isfinite(loss):
-      raise FloatingPointError(f"fine-tuning loss became {loss} at step {len(losses)}; lower the learning rate")
-    losses.append(loss)
-    bar.set_postfix(loss=f"{loss:.4f}")
-  bar.close()
-  return FinetuneResult(losses, len(losses))
+  fingerprint = None
+  if state_dir is not None:
+    batches = np.asarray(list(batches)).astype(np.int32)
+    fingerprint = {"learning_rate": float(learning_rate), "weight_decay": float(weight_decay),
+                   "batches": loop.digest([batches]), "masks": loop.digest(jax.tree.leaves(masks)),
+                   "run_info": run_info or {}}
+  steps = len(batches) if hasattr(batches, "__len__") else None
+  data = (jnp.asarray(np.asarray(ids), jnp.int32) for ids in batches)
+  result = loop.run(_RECIPE, model, optimizer, data, steps=steps, state_dir=state_dir, save_every=save_every,
+                    fingerprint=fingerprint, progress=progress, callback=callback)
+  return FinetuneResult(result.history["losses"], result.steps)

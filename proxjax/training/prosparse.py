@@ -3,7 +3,8 @@ r"""ProSparse: high activation sparsity in the FFN of a SwiGLU LLM (Song et al.,
 The recipe, on :class:`proxjax.models.LlamaForCausalLM` (docs/method.md, "ProSparse"):
 
 1. **ReLU substitution** (:func:`with_activation`): the gate activation SiLU becomes ReLU, weights unchanged.
-2. **Continued training** (:func:`train_prosparse`) on the language-modelling loss plus an L1 penalty on the FFN
+2. **Continued training** (:func:`train_prosparse`, a :class:`~proxjax.training.loop.Recipe` of the one training
+   loop :func:`proxjax.training.loop.run`) on the language-modelling loss plus an L1 penalty on the FFN
    intermediate activations ``a_l = act(gate_l(x))`` (``(B, T, I)`` per block ``l``, ``I`` = intermediate size):
 
    .. math::  \mathcal L(\theta; t) = \mathrm{NLL}(\theta) + \lambda(t)\, R(a),\qquad
@@ -27,7 +28,7 @@ The recipe, on :class:`proxjax.models.LlamaForCausalLM` (docs/method.md, "ProSpa
 ``allow_fatrelu=True`` (``"hidden_act": "fatrelu", "hidden_act_param": θ``, the MiniCPM-S / ProSparse convention,
 which :func:`proxjax.models.load_pretrained` honours and transformers' Llama refuses to build).
 
-**Command line** (:func:`register_cli`)::
+**Command line** (``proxjax prosparse``, :mod:`proxjax.workflows.prosparse`)::
 
   proxjax prosparse smollm2 out/prosparse --steps 120 --batch-size 4 --seqlen 256 --lr 2e-4 --lr-warmup-steps 10 \
       --l1-warmup 1e-5 --l1-warmup-steps 40 --l1-stages 80:5e-5 120:1e-4 --threshold 0.01 --export fatrelu \
@@ -42,13 +43,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
-import json
 import math
 import os
-import shutil
-import time
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -60,25 +56,27 @@ from flax import nnx
 
 from proxjax.pipeline import evaluate
 from proxjax.pipeline.evaluate import padded_batch
-from proxjax.core.files import json_roundtrip, open_run_dir
-from proxjax.training.finetune import lm_loss
 from proxjax.models.llama import LlamaForCausalLM
+from proxjax.training import loop
 
 __all__ = [
     "ActivationSparsity",
+    "LR_SCHEDULES",
     "LossParts",
+    "ProSparseSettings",
     "TrainResult",
     "activation_l1",
     "activation_sparsity",
     "l1_schedule",
+    "logits_and_zero_counts",
+    "perplexity_and_sparsity",
     "prosparse_loss",
-    "register_cli",
+    "schedule_values",
     "train_prosparse",
     "with_activation",
 ]
 
 _F32 = jnp.float32
-_STATE_VERSION = 1
 
 
 # ------------------------------------------------------------------------------------------------------- model --
@@ -132,7 +130,7 @@ class LossParts(NamedTuple):
 
   Attributes:
     total: ``lm + lam · l1`` (what is differentiated).
-    lm: the mean next-token NLL (:func:`proxjax.training.finetune.lm_loss`).
+    lm: the mean next-token NLL (:func:`proxjax.training.loop.lm_loss`).
     l1: the penalty ``R`` of :func:`activation_l1`.
     lam: the factor ``λ`` used.
     zero_fraction: the fraction of exact zeros in the FFN intermediate activations of the batch (all layers and
@@ -163,7 +161,7 @@ def prosparse_loss(model: LlamaForCausalLM, ids: jax.Array, lam: jax.Array | flo
     (True, True)
   """
   logits, acts = model(ids, return_activations=True)
-  lm = lm_loss(lambda _: logits, ids)
+  lm = loop.lm_loss(lambda _: logits, ids)
   l1 = activation_l1(acts)
   lam = jnp.asarray(lam, _F32)
   zeros = sum(jnp.sum(a == 0, dtype=_F32) for a in acts) / float(sum(a.size for a in acts))
@@ -236,20 +234,6 @@ def l1_schedule(warmup_value: float, warmup_steps: int = 0,
   return schedule
 
 
-def _lr_schedule(learning_rate: float, kind: str, steps: int, warmup_steps: int, min_ratio: float) -> optax.Schedule:
-  if kind not in ("cosine", "constant"):
-    raise ValueError(f"lr_schedule must be 'cosine' or 'constant', got {kind!r}")
-  if not 0 <= warmup_steps < max(steps, 1):
-    raise ValueError(f"lr_warmup_steps must be in [0, steps={steps}), got {warmup_steps}")
-  if kind == "constant":
-    main = optax.constant_schedule(learning_rate)
-  else:
-    main = optax.cosine_decay_schedule(learning_rate, max(steps - warmup_steps, 1), alpha=min_ratio)
-  if warmup_steps == 0:
-    return main
-  return optax.join_schedules([optax.linear_schedule(0.0, learning_rate, warmup_steps), main], [warmup_steps])
-
-
 # ---------------------------------------------------------------------------------------------------- training --
 
 
@@ -257,7 +241,8 @@ class TrainResult(NamedTuple):
   """What :func:`train_prosparse` did, one entry per step in the histories (resumed steps included).
 
   Attributes:
-    model: the trained model (use it rather than the argument: after a resume it is a restored copy).
+    model: the trained model (the argument, trained in place; after a resume it holds the restored and continued
+      state).
     losses: ``NLL + λ R`` per step.
     lm_losses: NLL per step.
     l1: ``R`` per step.
@@ -281,12 +266,62 @@ class TrainResult(NamedTuple):
   resumed_from: int
 
 
-class _TrainState(nnx.Module):
-  """Model and optimizer in one NNX graph, saved and restored together."""
+LR_SCHEDULES = ("cosine", "constant")
+"""The learning-rate schedules of :func:`train_prosparse` (after the optional linear warm-up)."""
 
-  def __init__(self, model: LlamaForCausalLM, optimizer: nnx.Optimizer):
-    self.model = model
-    self.optimizer = optimizer
+
+def _finite(x: Any, low: float, strict: bool) -> bool:
+  return (not isinstance(x, bool) and isinstance(x, int | float | np.floating | np.integer) and math.isfinite(x)
+          and (x > low if strict else x >= low))
+
+
+@dataclasses.dataclass(frozen=True)
+class ProSparseSettings:
+  """The optimizer settings of a ProSparse run (see :func:`train_prosparse`), checked when built.
+
+  Example:
+    >>> ProSparseSettings(learning_rate=2e-4, lr_warmup_steps=10).lr_schedule
+    'cosine'
+    >>> ProSparseSettings(lr_schedule="linear")
+    Traceback (most recent call last):
+    ValueError: lr_schedule must be 'cosine' or 'constant', got 'linear'
+  """
+
+  learning_rate: float = 5e-5
+  lr_schedule: str = "cosine"
+  lr_warmup_steps: int = 0
+  lr_min_ratio: float = 0.1
+  weight_decay: float = 0.0
+  clip_norm: float = 1.0
+
+  def __post_init__(self):
+    if not _finite(self.learning_rate, 0.0, strict=True):
+      raise ValueError(f"learning_rate must be a positive number, got {self.learning_rate!r}")
+    if self.lr_schedule not in LR_SCHEDULES:
+      raise ValueError(f"lr_schedule must be 'cosine' or 'constant', got {self.lr_schedule!r}")
+    if isinstance(self.lr_warmup_steps, bool) or not isinstance(self.lr_warmup_steps, int | np.integer) \
+        or self.lr_warmup_steps < 0:
+      raise ValueError(f"lr_warmup_steps must be an int >= 0, got {self.lr_warmup_steps!r}")
+    if not _finite(self.lr_min_ratio, 0.0, strict=False):
+      raise ValueError(f"lr_min_ratio must be a number >= 0, got {self.lr_min_ratio!r}")
+    if not _finite(self.clip_norm, 0.0, strict=True) or not _finite(self.weight_decay, 0.0, strict=False):
+      raise ValueError(f"need clip_norm > 0 and weight_decay >= 0, got {self.clip_norm!r} and {self.weight_decay!r}")
+
+  def schedule(self, steps: int) -> optax.Schedule:
+    """The learning rate of step ``t`` of a run of ``steps`` steps: ``"constant"``, or ``"cosine"`` from
+    ``learning_rate`` down to ``lr_min_ratio · learning_rate`` at the last step, after a linear warm-up from 0 over
+    ``lr_warmup_steps`` steps (fewer than ``steps``)."""
+    if not self.lr_warmup_steps < max(steps, 1):
+      raise ValueError(f"lr_warmup_steps must be in [0, steps={steps}), got {self.lr_warmup_steps}")
+    if self.lr_schedule == "constant":
+      main = optax.constant_schedule(self.learning_rate)
+    else:
+      main = optax.cosine_decay_schedule(self.learning_rate, max(steps - self.lr_warmup_steps, 1),
+                                         alpha=self.lr_min_ratio)
+    if self.lr_warmup_steps == 0:
+      return main
+    return optax.join_schedules([optax.linear_schedule(0.0, self.learning_rate, self.lr_warmup_steps), main],
+                                [self.lr_warmup_steps])
 
 
 @functools.cache
@@ -301,19 +336,31 @@ def _hyperparams(optimizer: nnx.Optimizer) -> dict[str, Any]:
   return optimizer.opt_state[1].hyperparams
 
 
-@functools.partial(nnx.jit, donate_argnames=("optimizer",))
-def _train_step(model, optimizer, ids, lam, lr):
-  (_, parts), grads = nnx.value_and_grad(prosparse_loss, has_aux=True)(model, ids, lam)
-  _hyperparams(optimizer)["learning_rate"][...] = lr
-  optimizer.update(model, grads)
-  return parts
+def _loss(model, batch):
+  ids, lam, _ = batch
+  total, parts = prosparse_loss(model, ids, lam)
+  return total, {"loss": parts.total, "lm": parts.lm, "l1": parts.l1, "lam": parts.lam,
+                 "zero_fraction": parts.zero_fraction}
 
 
+def _set_learning_rate(model, optimizer, grads, batch):
+  """Writes the step's learning rate into AdamW's injected hyperparameters (no metrics)."""
+  del model, grads
+  _hyperparams(optimizer)["learning_rate"][...] = batch[2]
+  return {}
+
+
+_STEP = loop.train_step(_loss, before_update=_set_learning_rate)
 _HISTORY = ("losses", "lm_losses", "l1", "lambdas", "zero_fractions", "learning_rates", "seconds")
 
 
 def schedule_values(schedule: Callable[[Any], Any], steps: int) -> np.ndarray:
-  """``schedule(t)`` for ``t = 0 … steps−1``, in one jitted call when the schedule broadcasts over an array."""
+  """``schedule(t)`` for ``t = 0 … steps−1`` (float64), in one jitted call when the schedule broadcasts over an array.
+
+  Example:
+    >>> schedule_values(l1_schedule(0.5, 1, [(3, 1.0)]), 4).tolist()
+    [0.5, 0.5, 0.8535534143447876, 1.0]
+  """
   try:
     values = np.asarray(jax.jit(schedule)(jnp.arange(steps)), np.float64)
     if values.shape == (steps,):
@@ -321,34 +368,6 @@ def schedule_values(schedule: Callable[[Any], Any], steps: int) -> np.ndarray:
   except Exception:  # noqa: BLE001  (a schedule that does not broadcast: evaluate it step by step)
     pass
   return np.asarray([float(schedule(t)) for t in range(steps)], np.float64)
-
-
-def _latest_checkpoint(state_dir: str) -> str | None:
-  done = sorted(d for d in os.listdir(state_dir)
-                if d.startswith("step-") and os.path.isfile(os.path.join(state_dir, d, "progress.json")))
-  return os.path.join(state_dir, done[-1]) if done else None
-
-
-def _save_checkpoint(state_dir: str, state: _TrainState, step: int, history: dict[str, list[float]]) -> None:
-  """Writes ``step-NNNNNNNN/{state/, progress.json}`` into a temporary directory, renames it into place, then removes
-  the older checkpoints: a killed save leaves the previous checkpoint intact."""
-  from proxjax.models.hf import save_state  # pylint: disable=import-outside-toplevel
-  from proxjax.core.files import write_json  # pylint: disable=import-outside-toplevel
-  final = os.path.join(state_dir, f"step-{step:08d}")
-  tmp = os.path.join(state_dir, f".tmp-{uuid.uuid4().hex[:12]}")
-  os.mkdir(tmp)
-  try:
-    save_state(state, os.path.join(tmp, "state"))
-    write_json(os.path.join(tmp, "progress.json"), {"version": _STATE_VERSION, "step": step, **history})
-    if os.path.isdir(final):
-      shutil.rmtree(final)
-    os.rename(tmp, final)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  for d in os.listdir(state_dir):
-    if (d.startswith("step-") and d != os.path.basename(final)) or d.startswith(".tmp-"):
-      shutil.rmtree(os.path.join(state_dir, d), ignore_errors=True)
 
 
 def train_prosparse(model: LlamaForCausalLM, batches: Any, *, l1: Callable[[Any], Any],
@@ -363,19 +382,20 @@ def train_prosparse(model: LlamaForCausalLM, batches: Any, *, l1: Callable[[Any]
   ``optax.chain(optax.clip_by_global_norm(clip_norm), optax.adamw(lr(t), b1=0.9, b2=0.999,
   weight_decay=weight_decay))`` to every parameter (embeddings and norms included), where ``lr`` is ``"constant"``
   or ``"cosine"`` (decaying from ``learning_rate`` to ``lr_min_ratio · learning_rate`` at the last step), after a
-  linear warm-up from 0 over ``lr_warmup_steps`` steps.
+  linear warm-up from 0 over ``lr_warmup_steps`` steps (:class:`ProSparseSettings`). The loop is
+  :func:`proxjax.training.loop.run`.
 
   **Resuming.** With ``state_dir``, the model, the optimizer state and the histories are saved every ``save_every``
-  steps (and after the last one) with orbax (:func:`proxjax.models.save_state`) into ``state_dir/step-NNNNNNNN``,
-  written to a temporary directory and renamed, so a killed run leaves the previous checkpoint intact. A later call
-  with the same ``state_dir`` continues from the latest checkpoint, after checking that the run is the same one
-  (``state_dir/run.json``: the batches' hash, the λ values, the optimizer settings, the model config and
-  ``run_info``); the data order is fixed by ``batches``, so a resumed run takes the same steps.
+  steps (and after the last one) in the loop's format (an orbax checkpoint ``state_dir/step_NNNNNNN`` and
+  :data:`proxjax.training.loop.STATE_FILE`). A later call with the same ``state_dir`` continues from the latest
+  save, after checking that the run is the same one (the batches' hash, the λ values, the optimizer settings, the
+  model config and ``run_info``); the data order is fixed by ``batches``, so a resumed run takes the same steps and
+  ends with the same weights, bit for bit.
 
   Args:
     model: a ReLU :class:`~proxjax.models.LlamaForCausalLM` (convert with :func:`with_activation`) with float32
-      parameters for training (bfloat16 parameters train, but AdamW updates below their resolution are lost). It may
-      be updated in place: use :attr:`TrainResult.model`.
+      parameters for training (bfloat16 parameters train, but AdamW updates below their resolution are lost). It is
+      updated in place (also :attr:`TrainResult.model`).
     batches: ``(S, B, T)`` integer token windows, one batch per step.
     l1: the λ schedule (e.g. :func:`l1_schedule`).
     learning_rate: the peak learning rate.
@@ -395,8 +415,8 @@ def train_prosparse(model: LlamaForCausalLM, batches: Any, *, l1: Callable[[Any]
 
   Raises:
     ValueError: a SiLU model, malformed batches, bad settings, or a ``state_dir`` of another run.
-    FloatingPointError: the loss became NaN or infinite (the message names the step; the model is then unusable,
-      the last checkpoint in ``state_dir`` is intact).
+    FloatingPointError: the loss became NaN or infinite (the message names the step; the model then holds that
+      step's weights, the last save in ``state_dir`` is intact).
 
   Example:
     >>> import numpy as np
@@ -410,10 +430,7 @@ def train_prosparse(model: LlamaForCausalLM, batches: Any, *, l1: Callable[[Any]
     >>> r.steps, len(r.losses), r.lambdas[0]
     (3, 3, 0.01)
   """
-  from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
-
-  from proxjax.models.hf import restore_state  # pylint: disable=import-outside-toplevel
-
+  settings = ProSparseSettings(learning_rate, lr_schedule, lr_warmup_steps, lr_min_ratio, weight_decay, clip_norm)
   if model.config.hidden_act != "relu":
     raise ValueError(f"ProSparse trains a ReLU model; this one has hidden_act={model.config.hidden_act!r}: convert "
                      "it first with with_activation(model, 'relu')")
@@ -423,69 +440,32 @@ def train_prosparse(model: LlamaForCausalLM, batches: Any, *, l1: Callable[[Any]
                      f"{batches.dtype} {batches.shape}")
   batches = batches.astype(np.int32)
   steps = int(batches.shape[0])
-  if not isinstance(save_every, int | np.integer) or save_every < 0:
-    raise ValueError(f"save_every must be an int >= 0, got {save_every!r}")
-  if not (math.isfinite(learning_rate) and learning_rate > 0):
-    raise ValueError(f"learning_rate must be a positive number, got {learning_rate!r}")
   lambdas = schedule_values(l1, steps)
   if not np.all(np.isfinite(lambdas)) or np.any(lambdas < 0):
     raise ValueError("the λ schedule gives negative or non-finite values")
-  lr_fn = _lr_schedule(learning_rate, lr_schedule, steps, lr_warmup_steps, lr_min_ratio)
-  lrs = schedule_values(lr_fn, steps)
-  if not (math.isfinite(clip_norm) and clip_norm > 0) or not (math.isfinite(weight_decay) and weight_decay >= 0):
-    raise ValueError(f"need clip_norm > 0 and weight_decay >= 0, got {clip_norm!r} and {weight_decay!r}")
+  lrs = schedule_values(settings.schedule(steps), steps)
   optimizer = nnx.Optimizer(model, _optimizer_tx(float(clip_norm)), wrt=nnx.Param)
   _hyperparams(optimizer)["weight_decay"][...] = weight_decay
-  state = _TrainState(model, optimizer)
-
-  history: dict[str, list[float]] = {k: [] for k in _HISTORY}
-  start = 0
-  if state_dir is not None:
-    state_dir = os.path.abspath(os.fspath(state_dir))
-    fingerprint = json_roundtrip({
-        "version": _STATE_VERSION, "batches_sha256": hashlib.sha256(batches.tobytes()).hexdigest(),
-        "batches_shape": list(batches.shape), "lambdas_sha256": hashlib.sha256(lambdas.tobytes()).hexdigest(),
-        "learning_rate": learning_rate, "lr_schedule": lr_schedule, "lr_warmup_steps": lr_warmup_steps,
-        "lr_min_ratio": lr_min_ratio, "weight_decay": weight_decay, "clip_norm": clip_norm,
-        "config": model.config.to_hf(), "param_dtype": jnp.dtype(model.param_dtype).name,
-        "run_info": dict(run_info or {})})
-    open_run_dir(state_dir, fingerprint)
-    latest = _latest_checkpoint(state_dir)
-    if latest is not None:
-      with open(os.path.join(latest, "progress.json")) as f:
-        saved = json.load(f)
-      state = restore_state(state, os.path.join(latest, "state"))
-      start = int(saved["step"])
-      history = {k: list(saved[k]) for k in _HISTORY}
-  resumed_from = start
-  model, optimizer = state.model, state.optimizer
   lam32, lr32 = lambdas.astype(np.float32), lrs.astype(np.float32)
 
-  bar = tqdm(range(start, steps), total=steps, initial=start, desc="prosparse", unit="step", disable=not progress)
-  try:
-    for t in bar:
-      tic = time.perf_counter()
-      parts = _train_step(model, optimizer, batches[t], lam32[t], lr32[t])
-      host = LossParts(*(float(x) for x in jax.device_get(tuple(parts))))
-      if not (math.isfinite(host.total) and math.isfinite(host.lm) and math.isfinite(host.l1)):
-        saved_note = (f"; the last checkpoint in {state_dir} is intact" if state_dir is not None else "")
-        raise FloatingPointError(
-            f"ProSparse loss became {host.total} at step {t} (NLL {host.lm}, L1 {host.l1}, λ {host.lam:g}, "
-            f"lr {lrs[t]:g}): lower the learning rate or λ{saved_note}")
-      values = (host.total, host.lm, host.l1, host.lam, host.zero_fraction, float(lrs[t]), time.perf_counter() - tic)
-      for key, value in zip(_HISTORY, values):
-        history[key].append(value)
-      if progress:
-        bar.set_postfix(loss=f"{host.total:.4f}", nll=f"{host.lm:.4f}", l1=f"{host.l1:.4g}", lam=f"{host.lam:.3g}",
-                        zeros=f"{host.zero_fraction:.3f}")
-      if callback is not None:
-        callback(t, host)
-      done = t + 1
-      if state_dir is not None and ((save_every and done % save_every == 0) or done == steps):
-        _save_checkpoint(state_dir, _TrainState(model, optimizer), done, history)
-  finally:
-    bar.close()
-  return TrainResult(model, *(history[k] for k in _HISTORY), steps, resumed_from)
+  def record(t: int, m: dict[str, Any]) -> dict[str, Any]:
+    return {"losses": m["loss"], "lm_losses": m["lm"], "l1": m["l1"], "lambdas": m["lam"],
+            "zero_fractions": m["zero_fraction"], "learning_rates": float(lrs[t]), "seconds": m["seconds"]}
+
+  recipe = loop.Recipe("ProSparse", _STEP, _HISTORY, record, finite=("loss", "lm", "l1"),
+                       postfix=(("loss", "loss", ".4f"), ("nll", "lm", ".4f"), ("l1", "l1", ".4g"),
+                                ("lam", "lam", ".3g"), ("zeros", "zero_fraction", ".3f")),
+                       hint="lower the learning rate or λ")
+  fingerprint = {**dataclasses.asdict(settings), "batches_shape": list(batches.shape),
+                 "batches_sha256": loop.digest([batches]), "lambdas_sha256": loop.digest([lambdas]),
+                 "config": model.config.to_hf(), "param_dtype": jnp.dtype(model.param_dtype).name,
+                 "run_info": dict(run_info or {})}
+  report = None if callback is None else (
+      lambda t, m: callback(t, LossParts(m["loss"], m["lm"], m["l1"], m["lam"], m["zero_fraction"])))
+  trained = loop.run(recipe, model, optimizer, lambda t: (batches[t], lam32[t], lr32[t]), steps=steps,
+                     state_dir=state_dir, save_every=save_every, fingerprint=fingerprint, progress=progress,
+                     callback=report)
+  return TrainResult(model, *(trained.history[k] for k in _HISTORY), steps, trained.resumed_from)
 
 
 # ------------------------------------------------------------------------------------------------- measurement --

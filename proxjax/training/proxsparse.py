@@ -1,24 +1,24 @@
 r"""ProxSparse: 2:4 masks learned end to end on the language-modelling loss (Liu et al., ICML 2025).
 
-docs/method.md, "ProxSparse". Every parameter of a pretrained LLaMA ``θ`` (embeddings and norms too) is trained on documents
-``x_t`` with
+docs/method.md, "ProxSparse". Every parameter of a pretrained LLaMA ``θ`` (embeddings and norms too) is trained on
+documents ``x_t`` with
 
 .. math::  \theta_{t+1} = \mathrm{prox}_{\eta_t \lambda_1 c\, R}\Big(\theta_t + \mathrm{AdamW}_t\big(\mathrm{clip}_1
            \nabla_\theta [\,\mathcal L(\theta_t; x_t) + \lambda_2 P(\theta_t)\,]\big)\Big),
 
 where
 
-* ``L`` is the mean next-token NLL of the document (:func:`masked_lm_loss`, :func:`proxjax.training.finetune.lm_loss` on
-  unpadded batches);
+* ``L`` is the mean next-token NLL of the document (:func:`proxjax.training.loop.lm_loss`, over the real tokens of
+  padded batches);
 * ``P(W) = Σ [W ⊙ (W − W₀) / (|W₀| + ε)]²`` over the pruned kernels (:func:`lam2_term`; ``W₀`` the frozen pretrained
   weights), zero both at ``W = W₀`` and at ``W = 0``;
 * ``clip_1`` is ``optax.clip_by_global_norm(1.0)``, ``AdamW_t`` is ``optax.adamw`` (β 0.9/0.999, ε 1e-8, no weight
   decay) with the learning rate of :func:`lr_schedule` (linear warm-up over the first ``ceil(0.1 T)`` steps, then
   linear decay to 0 at ``T``; Hugging Face's ``get_linear_schedule_with_warmup``);
-* the prox is the **exact** prox of the 2:4 regularizer ``R`` (docs/method.md, "The 2:4 regularizer and its prox", :func:`proxjax.prox_24_update`, last in the
-  chain), applied per kernel to the q/k/v/o/gate/up/down projections of every block (groups of 4 along the input
-  axis; embeddings, norms and ``lm_head`` are trained but never regularized), after every optimizer step, warm-up
-  included;
+* the prox is the **exact** prox of the 2:4 regularizer ``R`` (docs/method.md, "The 2:4 regularizer and its prox";
+  :func:`proxjax.prox_24_update`, last in the chain), applied per kernel to the q/k/v/o/gate/up/down projections of
+  every block (groups of 4 along the input axis; embeddings, norms and ``lm_head`` are trained but never
+  regularized), after every optimizer step, warm-up included;
 * ``η_t`` is the prox scaling: ``prox_scaling="strength"`` (the reference's, the default) takes ``η_t = 1``, so
   ``λ₁`` itself is the per-step prox strength; ``prox_scaling="lr"`` takes ``η_t`` = the learning rate (proximal
   gradient on ``L + λ₁R``; ``λ₁`` then needs to be about ``1/lr`` times larger);
@@ -44,22 +44,26 @@ longest document), which bounds the number of compiled step shapes by about ``lo
 (``tokenize_documents(..., split=True)``, ``proxjax proxsparse --split-documents``), so that none of their text is
 thrown away.
 
+**Training** is a :class:`~proxjax.training.loop.Recipe` of the one loop (:func:`proxjax.training.loop.run`): the
+loss ``L + λ₂ P``, the chain :func:`proxsparse_tx`, the batch of step ``t`` (:func:`document_batch`), the metrics
+(``Σ c_i R`` before and the fraction of 2:4 groups after the update, the gradient norm, the tokens), then mask
+extraction. The step is compiled with :data:`proxjax.CPU_FAST_MATH` on CPU.
+
 **Resume**: with ``state_dir``, every ``save_every`` steps and at the end the training state (params, optimizer
-state incl. step counts and multipliers) is saved with orbax (atomic: a finished checkpoint directory, then an
-atomically replaced ``proxsparse-state.json`` naming it, with the step and the per-step history); a later call with
-the same ``state_dir``, hyperparameters and documents continues from there and gives the same result as an
-uninterrupted run. The data position is a function of the step, so it needs no state of its own.
+state incl. step counts and multipliers) is saved in the loop's format (an orbax checkpoint, then an atomically
+replaced :data:`proxjax.training.loop.STATE_FILE` naming it, with the step, the per-step history and the run's
+fingerprint); a later call with the same ``state_dir``, hyperparameters and documents continues from there and gives
+the same result, bit for bit, as an uninterrupted run. The data position is a function of the step, so it needs no
+state of its own.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import hashlib
-import json
 import math
 import os
-import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -69,15 +73,15 @@ import optax
 from flax import nnx
 from jax.typing import ArrayLike
 
-from proxjax.core import xla
 from proxjax.core import nm
 from proxjax.core import transforms
 from proxjax.core.spec import flat_spec
-from proxjax.training.finetune import lm_loss
+from proxjax.training import loop
 
 __all__ = [
     "PROX_SCALINGS",
     "ProxSparseResult",
+    "ProxSparseSettings",
     "apply_masks",
     "document_batch",
     "extract_masks",
@@ -85,7 +89,6 @@ __all__ = [
     "inverse_mean_abs",
     "lam2_term",
     "lr_schedule",
-    "masked_lm_loss",
     "proxsparse",
     "proxsparse_tx",
     "pruned_spec",
@@ -95,7 +98,6 @@ __all__ = [
 PROX_SCALINGS = ("strength", "lr")
 """``"strength"``: ``η_t = 1`` (λ₁ is the per-step prox strength; the reference); ``"lr"``: ``η_t`` = learning rate."""
 
-STATE_FILE = "proxsparse-state.json"
 _HISTORY = ("losses", "regularizer", "lam2_terms", "fraction_24", "learning_rates", "grad_norms", "tokens")
 
 
@@ -277,30 +279,6 @@ def apply_masks(original: Any, masks: Any) -> Any:
   out = [x if mk is None else jnp.where(mk, x, jnp.zeros((), x.dtype)) for x, mk in zip(leaves, flat)]
   return jax.tree.unflatten(treedef, out)
 
-
-def masked_lm_loss(model: Any, ids: jax.Array, valid: jax.Array | None = None) -> jax.Array:
-  r"""Mean next-token NLL over the real targets: ``Σ_{b,t} v_{b,t+1} ℓ_{b,t} / Σ v_{b,t+1}``, where ``ℓ_{b,t} =
-  −log p(x_{b,t+1} | x_{b,≤t})`` and ``v`` marks real (non-padding) tokens; :func:`proxjax.training.finetune.lm_loss` when
-  ``valid`` is ``None``. Right-padding does not change the real positions' logits (causal attention).
-
-  Example:
-    >>> import jax.numpy as jnp
-    >>> class Uniform:
-    ...   def __call__(self, ids):
-    ...     return jnp.zeros(ids.shape + (10,))
-    >>> ids, valid = jnp.zeros((1, 6), jnp.int32), jnp.array([[True] * 4 + [False] * 2])
-    >>> round(float(masked_lm_loss(Uniform(), ids, valid)), 4) == round(float(jnp.log(10.0)), 4)
-    True
-  """
-  if valid is None:
-    return lm_loss(model, ids)
-  logits = model(ids)[:, :-1].astype(jnp.float32)
-  targets = ids[:, 1:]
-  nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-  w = valid[:, 1:].astype(jnp.float32)
-  return jnp.sum(nll * w) / jnp.maximum(jnp.sum(w), 1.0)
-
-
 def lr_schedule(learning_rate: float, steps: int, warmup_fraction: float = 0.1) -> optax.Schedule:
   """Linear warm-up then linear decay to 0 (Hugging Face's ``get_linear_schedule_with_warmup``).
 
@@ -431,40 +409,34 @@ def document_batch(documents: Sequence[np.ndarray], step: int, batch_size: int =
     valid[i, :len(d)] = True
   return ids, valid
 
-
 # --------------------------------------------------------------------------------------------------- training step --
 
 
-def _train_step_impl(graphdef, state, ids, valid, w0, lam2, eps, out_shardings=None):
-  """One step on ``state = nnx.state((model, optimizer))``; ``out_shardings`` (a tuple, one per leaf of ``state``, or
-  ``None``) pins the new state to the placement of the old one (under ``AxisType.Auto`` XLA would choose its own)."""
-  model, optimizer = nnx.merge(graphdef, state)
+def _loss(model, batch):
+  """``L + λ₂ P`` of one batch, with ``L`` and ``P`` as metrics (``P = 0`` without ``W₀``)."""
+  ids, valid, w0, lam2, eps = batch
+  lm = loop.lm_loss(model, ids, valid)
+  if w0 is None:
+    return lm, {"loss": lm, "lam2_term": jnp.zeros((), jnp.float32)}
+  kernels = [x for _, x in _selected(nnx.as_pure(nnx.state(model, nnx.Param)))]
+  pen = lam2_term(kernels, w0, eps)
+  return lm + lam2 * pen, {"loss": lm, "lam2_term": pen}
 
-  def loss_fn(m):
-    lm = masked_lm_loss(m, ids, valid)
-    if w0 is None:
-      return lm, (lm, jnp.zeros((), jnp.float32))
-    kernels = [x for _, x in _selected(nnx.as_pure(nnx.state(m, nnx.Param)))]
-    pen = lam2_term(kernels, w0, eps)
-    return lm + lam2 * pen, (lm, pen)
 
-  (_, (lm, pen)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+def _before_update(model, optimizer, grads, batch):
+  """``Σ_i c_i R(W_i)`` at ``θ_t`` and the gradient norm before clipping."""
+  del batch
   before = [x for _, x in _selected(nnx.as_pure(nnx.state(model, nnx.Param)))]
   mults = nnx.as_pure(optimizer.opt_state[-1].multipliers)
   weights = None if mults is None else [c for _, c in _selected_mults(mults)]
-  reg = _weighted_regularizer(before, weights)
-  grad_norm = optax.tree.norm(grads)
-  optimizer.update(model, grads)
+  return {"regularizer": _weighted_regularizer(before, weights), "grad_norm": optax.tree.norm(grads)}
+
+
+def _after_update(model, optimizer, batch):
+  """The fraction of 2:4 groups after the update and the number of predicted tokens."""
+  del optimizer
   after = _selected(nnx.as_pure(nnx.state(model, nnx.Param)))
-  frac = fraction_24([x for _, x in after], spec=0)
-  metrics = {"loss": lm, "lam2_term": pen, "regularizer": reg, "fraction_24": frac, "grad_norm": grad_norm,
-             "tokens": jnp.sum(valid[:, 1:])}
-  new_state = nnx.state((model, optimizer))
-  if out_shardings is not None:
-    leaves, treedef = jax.tree.flatten(new_state)
-    new_state = jax.tree.unflatten(treedef, [jax.lax.with_sharding_constraint(x, sh)
-                                             for x, sh in zip(leaves, out_shardings)])
-  return new_state, metrics
+  return {"fraction_24": fraction_24([x for _, x in after], spec=0), "tokens": jnp.sum(batch[1][:, 1:])}
 
 
 def _group_r(a1, a2, a3, a4):
@@ -480,96 +452,65 @@ def _weighted_regularizer(kernels: list[jax.Array], weights: list[jax.Array] | N
 
 
 # XLA:CPU fast-math (proxjax.CPU_FAST_MATH) when running on CPU: the prox's Newton iterations are ~3x faster.
-_train_step = xla.jit_fast_on_cpu(_train_step_impl, static_argnames=("graphdef", "out_shardings"),
-                                   donate_argnames=("state",))
+_STEP = loop.train_step(_loss, before_update=_before_update, after_update=_after_update, fast_math_on_cpu=True)
+
+_METRICS = (("losses", "loss"), ("regularizer", "regularizer"), ("lam2_terms", "lam2_term"),
+            ("fraction_24", "fraction_24"), ("grad_norms", "grad_norm"), ("tokens", "tokens"))
 
 
-# ------------------------------------------------------------------------------------------------------ resumption --
+# -------------------------------------------------------------------------------------------------------- settings --
 
 
-def _fingerprint(docs: Sequence[np.ndarray], params: Any, settings: dict[str, Any],
-                 run_info: dict[str, Any] | None) -> dict[str, Any]:
-  h = hashlib.sha256()
-  for d in docs:
-    h.update(np.int64(len(d)).tobytes())
-    h.update(np.ascontiguousarray(d, np.int32).tobytes())
-  shapes = hashlib.sha256(repr([(jax.tree_util.keystr(p), tuple(x.shape), str(x.dtype))
-                                for p, x in jax.tree_util.tree_flatten_with_path(params)[0]]).encode())
-  return {**settings, "documents": {"count": len(docs), "tokens": int(sum(len(d) for d in docs)),
-                                    "sha256": h.hexdigest()},
-          "params_sha256": shapes.hexdigest(), "run_info": run_info or {}}
+def _is_int(x: Any) -> bool:
+  return isinstance(x, int | np.integer) and not isinstance(x, bool)
 
 
-def _load_progress(state_dir: str, fingerprint: dict[str, Any]) -> dict[str, Any] | None:
-  path = os.path.join(state_dir, STATE_FILE)
-  if not os.path.exists(path):
-    return None
-  with open(path, encoding="utf-8") as f:
-    saved = json.load(f)
-  want = json.loads(json.dumps(fingerprint))
-  if saved.get("fingerprint") != want:
-    old = saved.get("fingerprint") or {}
-    diff = sorted(k for k in set(old) | set(want) if old.get(k) != want.get(k))
-    raise ValueError(f"state directory {state_dir} belongs to a different ProxSparse run (differs in: "
-                     f"{', '.join(diff)}); use another state directory or delete this one to start over")
-  return saved
+@dataclasses.dataclass(frozen=True)
+class ProxSparseSettings:
+  """The hyperparameters of a ProxSparse run (see :func:`proxsparse`), checked when built.
+
+  Example:
+    >>> ProxSparseSettings(steps=400, lam1=0.1, lam_relative=True).learning_rate
+    0.0001
+    >>> ProxSparseSettings(steps=400, lam1=-1.0)
+    Traceback (most recent call last):
+    ValueError: lam1 must be finite and >= 0 (or a schedule), got -1.0
+  """
+
+  steps: int
+  lam1: Any
+  learning_rate: float = 1e-4
+  lam_relative: bool = False
+  lam2: float = 0.0
+  eps: float = 0.5
+  prox_scaling: str = "strength"
+  batch_size: int = 1
+
+  def __post_init__(self):
+    if not _is_int(self.steps) or self.steps < 1:
+      raise ValueError(f"steps must be an int >= 1, got {self.steps!r}")
+    if not _is_int(self.batch_size) or self.batch_size < 1:
+      raise ValueError(f"batch_size must be an int >= 1, got {self.batch_size!r}")
+    if not (np.isfinite(self.learning_rate) and self.learning_rate >= 0):
+      raise ValueError(f"learning_rate must be finite and >= 0, got {self.learning_rate!r}")
+    if not callable(self.lam1) and not (np.isfinite(self.lam1) and self.lam1 >= 0):
+      raise ValueError(f"lam1 must be finite and >= 0 (or a schedule), got {self.lam1!r}")
+    if not (np.isfinite(self.lam2) and self.lam2 >= 0):
+      raise ValueError(f"lam2 must be finite and >= 0, got {self.lam2!r}")
+    if not (np.isfinite(self.eps) and self.eps > 0):
+      raise ValueError(f"eps must be finite and > 0, got {self.eps!r}")
+    if self.prox_scaling not in PROX_SCALINGS:
+      raise ValueError(f"prox_scaling must be one of {PROX_SCALINGS}, got {self.prox_scaling!r}")
+
+  def to_json(self) -> dict[str, Any]:
+    """The settings as JSON data (a schedule ``lam1`` by its ``repr``), for the run's fingerprint."""
+    return {"steps": int(self.steps), "learning_rate": float(self.learning_rate),
+            "lam1": float(self.lam1) if not callable(self.lam1) else repr(self.lam1),
+            "lam_relative": bool(self.lam_relative), "lam2": float(self.lam2), "eps": float(self.eps),
+            "prox_scaling": self.prox_scaling, "batch_size": int(self.batch_size)}
 
 
-def _abstract(state: Any) -> Any:
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), state)
-
-
-def _save_progress(state_dir: str, step: int, state: Any, history: dict[str, list[Any]],
-                   fingerprint: dict[str, Any]) -> None:
-  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel  (slow to import)
-
-  from proxjax.core import files as report  # pylint: disable=import-outside-toplevel
-
-  name = f"step_{step:07d}"
-  path = os.path.join(os.path.abspath(state_dir), name)
-  if os.path.exists(path):
-    shutil.rmtree(path)
-  with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(path, state)  # atomic: orbax finalizes by renaming a temporary directory
-  report.write_json(os.path.join(state_dir, STATE_FILE),
-                    {"fingerprint": fingerprint, "step": step, "checkpoint": name, "history": history})
-  for old in os.listdir(state_dir):  # earlier checkpoints (and unfinished orbax temporaries) are no longer needed
-    if old.startswith("step_") and old != name:
-      shutil.rmtree(os.path.join(state_dir, old), ignore_errors=True)
-
-
-def _restore(state_dir: str, saved: dict[str, Any], like: Any) -> Any:
-  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
-
-  path = os.path.join(os.path.abspath(state_dir), saved["checkpoint"])
-  if not os.path.isdir(path):
-    raise ValueError(f"{os.path.join(state_dir, STATE_FILE)} names checkpoint {saved['checkpoint']}, which is "
-                     "missing; delete the state directory to start over")
-  with ocp.StandardCheckpointer() as checkpointer:
-    return checkpointer.restore(path, _abstract(like))
-
-
-# ------------------------------------------------------------------------------------------------------------ loop --
-
-
-def _check_settings(steps: Any, learning_rate: Any, lam1: Any, lam2: Any, eps: Any, prox_scaling: Any,
-                    batch_size: Any, save_every: Any) -> None:
-  if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or steps < 1:
-    raise ValueError(f"steps must be an int >= 1, got {steps!r}")
-  if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-    raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-  if not isinstance(save_every, (int, np.integer)) or save_every < 0:
-    raise ValueError(f"save_every must be an int >= 0 (0: only at the end), got {save_every!r}")
-  if not (np.isfinite(learning_rate) and learning_rate >= 0):
-    raise ValueError(f"learning_rate must be finite and >= 0, got {learning_rate!r}")
-  if not callable(lam1) and not (np.isfinite(lam1) and lam1 >= 0):
-    raise ValueError(f"lam1 must be finite and >= 0 (or a schedule), got {lam1!r}")
-  if not (np.isfinite(lam2) and lam2 >= 0):
-    raise ValueError(f"lam2 must be finite and >= 0, got {lam2!r}")
-  if not (np.isfinite(eps) and eps > 0):
-    raise ValueError(f"eps must be finite and > 0, got {eps!r}")
-  if prox_scaling not in PROX_SCALINGS:
-    raise ValueError(f"prox_scaling must be one of {PROX_SCALINGS}, got {prox_scaling!r}")
+# ------------------------------------------------------------------------------------------------------------ run --
 
 
 def _copy(x: jax.Array) -> jax.Array:
@@ -577,17 +518,33 @@ def _copy(x: jax.Array) -> jax.Array:
   return jax.device_put(x, x.sharding, may_alias=False)
 
 
+def _documents(model: nnx.Module, documents: Sequence[ArrayLike]) -> list[np.ndarray]:
+  """The documents as int32 token arrays of 2 or more tokens, checked against the model's vocabulary."""
+  if isinstance(documents, str) or any(isinstance(d, str) for d in documents):
+    raise ValueError("documents must be token-id arrays, not text: encode them with tokenize_documents(tokenizer, "
+                     "texts, seqlen)")
+  docs = [np.asarray(d).astype(np.int32).reshape(-1) for d in documents]
+  docs = [d for d in docs if d.size >= 2]
+  if not docs:
+    raise ValueError("proxsparse needs at least one document of 2 or more tokens")
+  vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+  if vocab is not None and any(int(d.min()) < 0 or int(d.max()) >= vocab for d in docs):
+    raise ValueError(f"the documents hold token ids outside [0, {vocab}) of the model's vocabulary")
+  return docs
+
+
 def proxsparse(model: nnx.Module, documents: Sequence[ArrayLike], *, steps: int, lam1: Any,
                learning_rate: float = 1e-4, lam_relative: bool = False, lam2: float = 0.0, eps: float = 0.5,
                prox_scaling: str = "strength", batch_size: int = 1, state_dir: str | os.PathLike[str] | None = None,
                save_every: int = 50, mesh: Any = None, progress: bool = True, return_learned: bool = False,
-               run_info: dict[str, Any] | None = None) -> ProxSparseResult:
+               run_info: dict[str, Any] | None = None,
+               callback: Callable[[int, dict[str, Any]], None] | None = None) -> ProxSparseResult:
   r"""Learns 2:4 masks of a LLaMA end to end (ProxSparse) and applies them to the original weights, in place.
 
   Minimizes ``L(θ) + λ₂ P(θ)`` by AdamW with, after every step, the exact prox of ``λ₁ c R`` on the pruned kernels
   (see the module docs for the full update rule, the schedule, the data order and ``c``); then keeps, per group of 4
   along the input axis, the 2 largest learned ``|W|`` and sets the model to ``mask ⊙ W₀`` (every other parameter back
-  to ``W₀``).
+  to ``W₀``). The loop is :func:`proxjax.training.loop.run`.
 
   Args:
     model: a :class:`~proxjax.models.LlamaForCausalLM` (any NNX model whose projections live at
@@ -609,6 +566,8 @@ def proxsparse(model: nnx.Module, documents: Sequence[ArrayLike], *, steps: int,
     progress: tqdm bar with the loss and the fraction of 2:4 groups.
     return_learned: keep the learned (pre-extraction) params and the optimizer in the result.
     run_info: JSON data identifying the run (e.g. the checkpoint path); a state directory of another run is refused.
+    callback: called as ``callback(step, metrics)`` after every step (host scalars: ``loss``, ``regularizer``,
+      ``lam2_term``, ``fraction_24``, ``grad_norm``, ``tokens``, ``seconds``).
 
   Returns:
     A :class:`ProxSparseResult`.
@@ -634,18 +593,10 @@ def proxsparse(model: nnx.Module, documents: Sequence[ArrayLike], *, steps: int,
     >>> bool(proxjax.is_nm(model.model.layers[0].mlp.up_proj.kernel[...]))
     True
   """
-  from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
-
   from proxjax.core import sharding  # pylint: disable=import-outside-toplevel
 
-  _check_settings(steps, learning_rate, lam1, lam2, eps, prox_scaling, batch_size, save_every)
-  if isinstance(documents, str) or any(isinstance(d, str) for d in documents):
-    raise ValueError("documents must be token-id arrays, not text: encode them with tokenize_documents(tokenizer, "
-                     "texts, seqlen)")
-  docs = [np.asarray(d).astype(np.int32).reshape(-1) for d in documents]
-  docs = [d for d in docs if d.size >= 2]
-  if not docs:
-    raise ValueError("proxsparse needs at least one document of 2 or more tokens")
+  settings = ProxSparseSettings(steps, lam1, learning_rate, lam_relative, lam2, eps, prox_scaling, batch_size)
+  docs = _documents(model, documents)
   params = nnx.as_pure(nnx.state(model, nnx.Param))
   kernels = _selected(params)
   if not kernels:
@@ -653,9 +604,6 @@ def proxsparse(model: nnx.Module, documents: Sequence[ArrayLike], *, steps: int,
         f"{type(model).__name__} has no LLaMA projections to prune: expected 2-D kernels at "
         "'…layers.N.self_attn.{q,k,v,o}_proj.kernel' / '…layers.N.mlp.{gate,up,down}_proj.kernel'")
   flat_spec(params, pruned_spec, m=4)  # d_in % 4 checks, named
-  vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-  if vocab is not None and any(int(d.min()) < 0 or int(d.max()) >= vocab for d in docs):
-    raise ValueError(f"the documents hold token ids outside [0, {vocab}) of the model's vocabulary")
 
   if mesh is not None:
     sharding.place(model, mesh)
@@ -666,55 +614,33 @@ def proxsparse(model: nnx.Module, documents: Sequence[ArrayLike], *, steps: int,
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   if mesh is not None:
     sharding.place(optimizer, mesh, nnx.optimizer.OptState)
-  graphdef, state = nnx.split((model, optimizer))
-  out_shardings = None if mesh is None else tuple(x.sharding for x in jax.tree.leaves(state))
-
-  settings = {"steps": int(steps), "learning_rate": float(learning_rate),
-              "lam1": float(lam1) if not callable(lam1) else repr(lam1), "lam_relative": bool(lam_relative),
-              "lam2": float(lam2), "eps": float(eps), "prox_scaling": prox_scaling, "batch_size": int(batch_size)}
-  fingerprint = _fingerprint(docs, params, settings, run_info)
-  history: dict[str, list[Any]] = {k: [] for k in _HISTORY}
-  start = 0
-  if state_dir is not None:
-    state_dir = os.fspath(state_dir)
-    os.makedirs(state_dir, exist_ok=True)
-    saved = _load_progress(state_dir, fingerprint)
-    if saved is not None:
-      state = _restore(state_dir, saved, state)
-      history = {k: list(saved["history"][k]) for k in _HISTORY}
-      start = int(saved["step"])
 
   max_length = max(d.size for d in docs)
-  bar = tqdm(total=steps, initial=start, desc="proxsparse", unit="step", disable=not progress)
+
+  def batch(t: int) -> tuple[Any, ...]:
+    ids, valid = document_batch(docs, t, batch_size, max_length)
+    if mesh is not None:
+      ids = jax.device_put(ids, sharding.activation_sharding(mesh, ids.shape))
+      valid = jax.device_put(valid, sharding.activation_sharding(mesh, valid.shape))
+    return ids, valid, w0, jnp.float32(lam2), jnp.float32(eps)
+
+  def record(t: int, m: dict[str, Any]) -> dict[str, Any]:
+    return {**{name: m[key] for name, key in _METRICS}, "learning_rates": _lr_at(learning_rate, steps, t)}
+
+  recipe = loop.Recipe("ProxSparse", _STEP, _HISTORY, record,
+                       finite=("loss", "grad_norm", "regularizer", "lam2_term"),
+                       postfix=(("loss", "loss", ".4f"), ("frac24", "fraction_24", ".4f")),
+                       hint="lower the learning rate or λ, or check the model")
+  fingerprint = {**settings.to_json(), "documents": {"count": len(docs), "tokens": int(sum(d.size for d in docs)),
+                                                     "sha256": loop.digest(docs)}, "run_info": run_info or {}}
   try:
-    for t in range(start, steps):
-      ids, valid = document_batch(docs, t, batch_size, max_length)
-      if mesh is not None:
-        ids = jax.device_put(ids, sharding.activation_sharding(mesh, ids.shape))
-        valid = jax.device_put(valid, sharding.activation_sharding(mesh, valid.shape))
-      state, metrics = _train_step(graphdef, state, ids, valid, w0, jnp.float32(lam2), jnp.float32(eps),
-                                   out_shardings=out_shardings)
-      m = {k: v.item() for k, v in jax.device_get(metrics).items()}
-      if not all(np.isfinite(m[k]) for k in ("loss", "grad_norm", "regularizer", "lam2_term")):
-        raise FloatingPointError(
-            f"ProxSparse step {t}: the loss is {m['loss']}, the gradient norm {m['grad_norm']} (regularizer "
-            f"{m['regularizer']}, λ₂ term {m['lam2_term']}); lower the learning rate or λ, or check the model")
-      for key, name in (("loss", "losses"), ("regularizer", "regularizer"), ("lam2_term", "lam2_terms"),
-                        ("fraction_24", "fraction_24"), ("grad_norm", "grad_norms"), ("tokens", "tokens")):
-        history[name].append(m[key])
-      history["learning_rates"].append(_lr_at(learning_rate, steps, t))
-      bar.update(1)
-      bar.set_postfix(loss=f"{m['loss']:.4f}", frac24=f"{m['fraction_24']:.4f}")
-      done = t + 1
-      if state_dir is not None and (done == steps or (save_every and done % save_every == 0)):
-        _save_progress(state_dir, done, state, history, fingerprint)
+    trained = loop.run(recipe, model, optimizer, batch, steps=steps, state_dir=state_dir, save_every=save_every,
+                       fingerprint=fingerprint, pin_shardings=mesh is not None, progress=progress, callback=callback)
   except BaseException:
     nnx.update(model, original)  # the live state was donated to the step: leave the model with its original weights
     raise
-  finally:
-    bar.close()
 
-  nnx.update((model, optimizer), state)
+  history = trained.history
   learned = nnx.as_pure(nnx.state(model, nnx.Param))
   masks, masked, final = _finish(learned, original)
   final = float(final)
@@ -730,7 +656,7 @@ def proxsparse(model: nnx.Module, documents: Sequence[ArrayLike], *, steps: int,
       lam2_terms=history["lam2_terms"], fraction_24=history["fraction_24"],
       learning_rates=history["learning_rates"], grad_norms=history["grad_norms"],
       tokens=[int(n) for n in history["tokens"]], final_fraction_24=final, lam1_effective=lam_eff, steps=int(steps),
-      resumed_from=start, learned=learned if return_learned else None,
+      resumed_from=trained.resumed_from, learned=learned if return_learned else None,
       optimizer=optimizer if return_learned else None)
 
 

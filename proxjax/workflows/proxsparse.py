@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from proxjax import data
 from proxjax.core import files
 from proxjax.models import check_sparsity, save_pretrained
+from proxjax.training import loop
 from proxjax.training import proxsparse as ps
 from proxjax.workflows import common
 from proxjax.workflows.config import ProxSparseJob
@@ -53,7 +54,7 @@ def proxsparse(job: ProxSparseJob) -> dict[str, Any]:
   if job.eval is not None:
     eval_data = common.evaluation_data(model_dir, job.eval)  # the same windows before and after
     full["ppl_before"] = common.perplexity(model, eval_data, job.eval.batch_size, job.progress).ppl
-  if os.path.exists(os.path.join(state_dir, ps.STATE_FILE)):
+  if os.path.exists(os.path.join(state_dir, loop.STATE_FILE)):
     print(f"resuming from {state_dir}", file=sys.stderr)
   result = ps.proxsparse(model, docs, steps=job.steps, lam1=job.lam1, learning_rate=job.learning_rate,
                          lam_relative=job.lam_relative, lam2=job.lam2, eps=job.eps, prox_scaling=job.prox_scaling,

@@ -11,7 +11,7 @@ from flax import nnx
 
 import proxjax
 from proxjax.core import sharding
-from proxjax.training.finetune import lm_loss
+from proxjax.training.loop import lm_loss
 from proxjax.models import LlamaConfig, LlamaForCausalLM
 
 
