@@ -24,6 +24,7 @@ from proxjax.workflows import common
 from proxjax.training import loop
 from proxjax.training import proxsparse as ps
 from proxjax.models import LlamaConfig, LlamaForCausalLM, check_sparsity, load_pretrained, save_pretrained
+from proxjax.models.llama import projection_spec
 from test_cli import checkpoint, corpus  # noqa: F401  (fixtures; tests/ is on sys.path)
 
 SEQLEN = 32
@@ -62,7 +63,7 @@ def _objective(model, docs, lam_eff, lam2, eps, w0):
   logits = common.logits_fn()(model, ids)  # the (8, 32) forward that the CLI's evaluation compiles too
   logp = jax.nn.log_softmax(logits[:, :-1], -1)
   lm = -float(jnp.mean(jnp.take_along_axis(logp, ids[:, 1:, None], -1)))
-  kernels = {ps._kernel_name(p): x for p, x in _params(model).items() if ps.pruned_spec(p, x) is not None}
+  kernels = {ps.kernel_name(p): x for p, x in _params(model).items() if projection_spec(p, x) is not None}
   return lm + float(_penalties(kernels, w0, lam_eff, lam2, eps))
 
 
@@ -168,12 +169,12 @@ def test_training_lowers_the_objective_and_the_result_is_mask_times_original(che
   # λ₁ relative: λ₁ / mean|W₀| per kernel.
   assert len(res.lam1_effective) == 14
   for path, x in original.items():
-    if ps.pruned_spec(path, x) is not None:
+    if projection_spec(path, x) is not None:
       want = SETTINGS["lam1"] / float(jnp.mean(jnp.abs(x)))
-      assert res.lam1_effective[ps._kernel_name(path)] == pytest.approx(want, rel=1e-5)
+      assert res.lam1_effective[ps.kernel_name(path)] == pytest.approx(want, rel=1e-5)
 
   # The regularized objective went down from the pretrained weights to the learned ones.
-  w0 = {ps._kernel_name(p): x for p, x in original.items() if ps.pruned_spec(p, x) is not None}
+  w0 = {ps.kernel_name(p): x for p, x in original.items() if projection_spec(p, x) is not None}
   before = _objective(start, docs, res.lam1_effective, SETTINGS["lam2"], SETTINGS["eps"], w0)
   nnx.update(start, res.learned)
   after = _objective(start, docs, res.lam1_effective, SETTINGS["lam2"], SETTINGS["eps"], w0)
@@ -182,7 +183,7 @@ def test_training_lowers_the_objective_and_the_result_is_mask_times_original(che
   # The result: mask from the learned |W| (2 largest per group), applied to the ORIGINAL weights; the rest untouched.
   learned, final = dict(jax.tree_util.tree_flatten_with_path(res.learned)[0]), _params(model)
   masks = dict(jax.tree_util.tree_flatten_with_path(res.masks)[0])
-  assert set(masks) == set(w0_path for w0_path, x in original.items() if ps.pruned_spec(w0_path, x) is not None)
+  assert set(masks) == set(w0_path for w0_path, x in original.items() if projection_spec(w0_path, x) is not None)
   for path, x0 in original.items():
     if path in masks:
       mask = np.asarray(masks[path])

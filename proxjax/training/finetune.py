@@ -22,6 +22,8 @@ import optax
 from flax import nnx
 
 from proxjax.core import transforms
+from proxjax.core.spec import flat_spec
+from proxjax.models.llama import projection_spec
 from proxjax.training import loop
 
 __all__ = ["FinetuneResult", "finetune_masked", "sparsity_masks"]
@@ -33,11 +35,12 @@ class FinetuneResult(NamedTuple):
   steps: int
 
 
-def sparsity_masks(model: nnx.Module, names: Iterable[str] | None = None) -> Any:
-  """Masks ``kernel != 0`` for the kernels of the given linears (default: the pruned projections of a LLaMA).
+def sparsity_masks(model: nnx.Module, spec: Any = projection_spec) -> Any:
+  """Masks ``kernel != 0`` of the weights the sparsity ``spec`` selects (default
+  :func:`proxjax.models.llama.projection_spec`: the pruned projections of a LLaMA-family model).
 
-  Returns a pytree matching ``nnx.state(model, nnx.Param)`` with bool arrays on those kernels and ``None`` elsewhere,
-  ready for :func:`proxjax.masked_updates`.
+  Returns a pytree matching ``nnx.state(model, nnx.Param)`` with bool arrays on the selected leaves and ``None``
+  elsewhere, ready for :func:`proxjax.masked_updates`.
 
   Example:
     >>> import jax
@@ -49,22 +52,9 @@ def sparsity_masks(model: nnx.Module, names: Iterable[str] | None = None) -> Any
     >>> len(jax.tree.leaves(masks))  # the 7 projections of the block
     7
   """
-  if names is None:
-    from proxjax.models.llama import LINEAR_NAMES as names  # pylint: disable=import-outside-toplevel
-  suffixes = tuple(tuple(n.split(".")) + ("kernel",) for n in names)
-  params = nnx.state(model, nnx.Param)
-
-  def mask(path, leaf):
-    keys = tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path if not _is_value_key(k))
-    if any(keys[-len(s):] == s for s in suffixes):
-      return jnp.asarray(leaf) != 0
-    return None
-
-  return jax.tree.map_with_path(mask, nnx.as_pure(params))
-
-
-def _is_value_key(k: Any) -> bool:
-  return getattr(k, "name", None) == "value"
+  pure, axes = flat_spec(nnx.state(model, nnx.Param), spec)
+  leaves, treedef = jax.tree.flatten(pure)
+  return jax.tree.unflatten(treedef, [None if ax is None else jnp.asarray(x) != 0 for x, ax in zip(leaves, axes)])
 
 
 def _loss(model, ids):

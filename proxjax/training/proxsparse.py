@@ -75,7 +75,8 @@ from jax.typing import ArrayLike
 
 from proxjax.core import nm
 from proxjax.core import transforms
-from proxjax.core.spec import flat_spec
+from proxjax.core.spec import flat_spec, path_names
+from proxjax.models.llama import projection_spec
 from proxjax.training import loop
 
 __all__ = [
@@ -91,7 +92,7 @@ __all__ = [
     "lr_schedule",
     "proxsparse",
     "proxsparse_tx",
-    "pruned_spec",
+    "kernel_name",
     "tokenize_documents",
 ]
 
@@ -146,44 +147,20 @@ class ProxSparseResult(NamedTuple):
 # ------------------------------------------------------------------------------------------------- pure functions --
 
 
-def _names(path: Sequence[Any]) -> list[str]:
-  names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
-  return [n for n in names if n != "value"]
-
-
-@functools.cache
-def _linear_suffixes() -> frozenset[tuple[str, str]]:
-  from proxjax.models.llama import LINEAR_NAMES  # pylint: disable=import-outside-toplevel
-  return frozenset(tuple(n.split(".")) for n in LINEAR_NAMES)
-
-
-def pruned_spec(path: Sequence[Any], leaf: Any) -> int | None:
-  """The sparsity spec of ProxSparse: ``0`` for the 2-D kernel of a q/k/v/o/gate/up/down projection of a decoder
-  block (``…layers.N.self_attn.q_proj.kernel`` etc., groups along the input axis), ``None`` for everything else
-  (embeddings, norms, biases, ``lm_head``).
-
-  Example:
-    >>> import jax.numpy as jnp
-    >>> from jax.tree_util import DictKey as K
-    >>> pruned_spec((K("model"), K("layers"), K(0), K("mlp"), K("up_proj"), K("kernel")), jnp.ones((8, 4)))
-    0
-    >>> pruned_spec((K("lm_head"), K("kernel")), jnp.ones((8, 4))) is None
-    True
-  """
-  names = _names(path)
-  if len(names) < 4 or names[-1] != "kernel" or "layers" not in names or tuple(names[-3:-1]) not in _linear_suffixes():
-    return None
-  shape, dtype = getattr(leaf, "shape", ()), getattr(leaf, "dtype", None)
-  return 0 if len(shape) == 2 and dtype is not None and jnp.issubdtype(dtype, jnp.floating) else None
-
-
 def _selected(params: Any) -> list[tuple[Any, jax.Array]]:
   """``(path, leaf)`` of the pruned kernels of a pure params tree, in leaf order."""
-  return [(p, x) for p, x in jax.tree_util.tree_flatten_with_path(params)[0] if pruned_spec(p, x) is not None]
+  return [(p, x) for p, x in jax.tree_util.tree_flatten_with_path(params)[0] if projection_spec(p, x) is not None]
 
 
-def _kernel_name(path: Sequence[Any]) -> str:
-  return ".".join(_names(path)[:-1])
+def kernel_name(path: Sequence[Any]) -> str:
+  """The dotted name of a kernel's linear (``model.layers.0.mlp.up_proj``) from its key path.
+
+  Example:
+    >>> from jax.tree_util import DictKey as K
+    >>> kernel_name((K("model"), K("layers"), K(0), K("mlp"), K("up_proj"), K("kernel")))
+    'model.layers.0.mlp.up_proj'
+  """
+  return ".".join(str(n) for n in path_names(path)[:-1])
 
 
 def inverse_mean_abs(path: Sequence[Any], w: ArrayLike) -> jax.Array:
@@ -231,7 +208,7 @@ def _groups_24(x: jax.Array, axis: int = 0) -> jax.Array:
   return jnp.sum(jnp.sum(nm.split_groups(x != 0, 4, axis), axis=axis + 1) <= 2, dtype=jnp.int32)
 
 
-def fraction_24(params: Any, spec: Any = pruned_spec) -> jax.Array:
+def fraction_24(params: Any, spec: Any = projection_spec) -> jax.Array:
   """The fraction of groups of 4 (along each selected leaf's spec axis) holding at most 2 non-zeros (float32).
 
   Example:
@@ -248,7 +225,7 @@ def fraction_24(params: Any, spec: Any = pruned_spec) -> jax.Array:
   return good.astype(jnp.float32) / sum(x.size // 4 for x, _ in sel)
 
 
-def extract_masks(params: Any, spec: Any = pruned_spec) -> Any:
+def extract_masks(params: Any, spec: Any = projection_spec) -> Any:
   """The 2:4 masks of learned weights: per group of 4 along the spec axis, the 2 largest ``|w|`` (ties: lower index).
 
   Returns a pytree like the pure params with bool masks on the selected leaves and ``None`` elsewhere.
@@ -312,7 +289,7 @@ def _lr_at(learning_rate: float, steps: int, t: int, warmup_fraction: float = 0.
 def proxsparse_tx(steps: int, learning_rate: float, lam1: Any, *, prox_scaling: str = "strength",
                   lam_relative: bool = False, fuse: bool | None = None) -> optax.GradientTransformationExtraArgs:
   """The ProxSparse optax chain: ``clip_by_global_norm(1.0)`` → ``adamw(lr_schedule, b1=0.9, b2=0.999,
-  weight_decay=0)`` → ``prox_24_update(λ₁, η, spec=pruned_spec, multipliers=c)`` (see the module docs).
+  weight_decay=0)`` → ``prox_24_update(λ₁, η, spec=projection_spec, multipliers=c)`` (see the module docs).
 
   Args:
     steps: total steps (for the learning-rate schedule).
@@ -341,7 +318,7 @@ def _tx(steps, learning_rate, lam1, prox_scaling, lam_relative, fuse):
   return optax.chain(
       optax.clip_by_global_norm(1.0),
       optax.adamw(lr, b1=0.9, b2=0.999, weight_decay=0.0),
-      transforms.prox_24_update(lam1, 1.0 if prox_scaling == "strength" else lr, spec=pruned_spec, fuse=fuse,
+      transforms.prox_24_update(lam1, 1.0 if prox_scaling == "strength" else lr, spec=projection_spec, fuse=fuse,
                                 multipliers=inverse_mean_abs if lam_relative else None))
 
 
@@ -603,7 +580,7 @@ def proxsparse(model: nnx.Module, documents: Sequence[ArrayLike], *, steps: int,
     raise ValueError(
         f"{type(model).__name__} has no LLaMA projections to prune: expected 2-D kernels at "
         "'…layers.N.self_attn.{q,k,v,o}_proj.kernel' / '…layers.N.mlp.{gate,up,down}_proj.kernel'")
-  flat_spec(params, pruned_spec, m=4)  # d_in % 4 checks, named
+  flat_spec(params, projection_spec, m=4)  # d_in % 4 checks, named
 
   if mesh is not None:
     sharding.place(model, mesh)
@@ -647,9 +624,9 @@ def proxsparse(model: nnx.Module, documents: Sequence[ArrayLike], *, steps: int,
   mults = nnx.as_pure(optimizer.opt_state[-1].multipliers)
   lam_t = float(lam1(0)) if callable(lam1) else float(lam1)
   if mults is None:
-    lam_eff = {_kernel_name(p): lam_t for p, _ in kernels}
+    lam_eff = {kernel_name(p): lam_t for p, _ in kernels}
   else:
-    lam_eff = {_kernel_name(p): lam_t * float(c) for p, c in _selected_mults(mults)}
+    lam_eff = {kernel_name(p): lam_t * float(c) for p, c in _selected_mults(mults)}
   nnx.update(model, jax.device_put(masked, jax.tree.map(lambda x: x.sharding, original)))  # keep the placement
   return ProxSparseResult(
       model=model, masks=masks, losses=history["losses"], regularizer=history["regularizer"],

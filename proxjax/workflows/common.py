@@ -18,7 +18,7 @@ from flax import nnx
 import proxjax
 from proxjax import data
 from proxjax.core import files, sharding
-from proxjax.models import load_pretrained
+from proxjax.models import UnsupportedModelError, load_pretrained, save_pretrained
 from proxjax.models.convert import default_model_dir
 from proxjax.models.hf import METADATA_FILE, remove_unfinished_saves
 from proxjax.pipeline import evaluate
@@ -69,6 +69,17 @@ def exclusive(out_dir: str, state_dir: str | None = None) -> Iterator[None]:
     if state_dir is not None and os.path.isdir(state_dir):
       files.remove_stale_temporaries(state_dir)
     yield
+
+
+def save(model: Any, out_dir: str, *, kept: str, **kwargs: Any) -> None:
+  """:func:`proxjax.models.save_pretrained`, with a disk or permission failure reported in one line that says what
+  was ``kept`` and how to resume (the save is atomic: nothing that looks like a finished checkpoint is left)."""
+  try:
+    save_pretrained(model, out_dir, **kwargs)
+  except (ValueError, UnsupportedModelError):
+    raise
+  except Exception as err:  # OSError, or safetensors' SafetensorError for a full disk
+    raise OSError(f"could not write the checkpoint {out_dir} ({' '.join(str(err).split())}); {kept}") from err
 
 
 def finish_state(output: OutputConfig, state_dir: str) -> None:

@@ -19,7 +19,6 @@ from flax import nnx
 
 from proxjax import data
 from proxjax.core import files
-from proxjax.models import save_pretrained
 from proxjax.training import finetune as ft
 from proxjax.workflows import common
 from proxjax.workflows.config import FinetuneJob
@@ -31,6 +30,11 @@ def finetune(job: FinetuneJob) -> dict[str, Any]:
   """Runs ``job`` and returns its report (also written to ``proxjax-finetune.json``)."""
   model_dir = common.model_dir(job.model)
   out_dir = common.check_out_dir(job.out_dir, model_dir)
+  with common.exclusive(out_dir):
+    return _finetune(job, model_dir, out_dir)
+
+
+def _finetune(job: FinetuneJob, model_dir: str, out_dir: str) -> dict[str, Any]:
   model = common.load_model(model_dir, None, param_dtype=jnp.float32)  # train in float32; saved in the source's
   tokenizer = data.load_tokenizer(model_dir)
   documents = data.load_documents(job.train, split="calibration")
@@ -59,8 +63,9 @@ def finetune(job: FinetuneJob) -> dict[str, Any]:
       raise RuntimeError(f"{len(lost)} pruned kernels gained non-zeros during fine-tuning (please report this bug)")
   if eval_data is not None:
     result["ppl_after"] = common.perplexity(model, eval_data, job.eval.batch_size, job.progress).ppl
-  save_pretrained(model, out_dir, source_dir=model_dir, metadata={**common.provenance(model_dir), "finetune": result},
-                  overwrite=job.out_dir.overwrite)
+  common.save(model, out_dir, kept="nothing (fine-tuning has no resume state): free space and run it again",
+              source_dir=model_dir, metadata={**common.provenance(model_dir), "finetune": result},
+              overwrite=job.out_dir.overwrite)
   report_path = job.out_dir.report or os.path.join(out_dir, "proxjax-finetune.json")
   files.write_json(report_path, result)
   return {**result, "report_path": report_path}

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from proxjax import data
 from proxjax.core import files
-from proxjax.models import save_pretrained
+from proxjax.models.hf import checkpoint_fingerprint
 from proxjax.training import prosparse as ps
 from proxjax.workflows import common
 from proxjax.workflows.config import ProSparseJob
@@ -34,6 +34,11 @@ def prosparse(job: ProSparseJob) -> dict[str, Any]:
   """Runs ``job`` and returns its report (also written to ``proxjax-prosparse.json``); resumable."""
   model_dir = common.model_dir(job.model)
   out_dir, state_dir = common.run_dirs(job.out_dir, model_dir)
+  with common.exclusive(out_dir, state_dir):
+    return _prosparse(job, model_dir, out_dir, state_dir)
+
+
+def _prosparse(job: ProSparseJob, model_dir: str, out_dir: str, state_dir: str) -> dict[str, Any]:
   l1 = ps.l1_schedule(job.l1_warmup, job.l1_warmup_steps, job.l1_stages)  # validates before any long work
   t0 = time.perf_counter()
 
@@ -90,7 +95,8 @@ def prosparse(job: ProSparseJob) -> dict[str, Any]:
       relu, batches, l1=l1, learning_rate=job.learning_rate, lr_schedule=job.lr_schedule,
       lr_warmup_steps=job.lr_warmup_steps, weight_decay=job.weight_decay, state_dir=state_dir,
       save_every=job.save_every, progress=job.progress,
-      run_info={"source_model": result["source_model"], "train": result["train"]})
+      run_info={"source_model": result["source_model"], "train": result["train"],
+                "checkpoint": checkpoint_fingerprint(model_dir)})
   relu = trained.model
   result["training"] = {"resumed_from": trained.resumed_from, "first_loss": trained.losses[0],
                         "last_loss": trained.losses[-1], "losses": trained.losses, "lm_losses": trained.lm_losses,
@@ -116,9 +122,10 @@ def prosparse(job: ProSparseJob) -> dict[str, Any]:
   result["seconds"] = time.perf_counter() - t0
   summary = {k: v for k, v in result.items() if k != "training"}
   summary["training"] = {k: result["training"][k] for k in ("resumed_from", "first_loss", "last_loss")}
-  save_pretrained(saved_model, out_dir, source_dir=model_dir,
-                  metadata={**common.provenance(model_dir), "prosparse": summary},
-                  overwrite=job.out_dir.overwrite, allow_fatrelu=theta > 0)
+  common.save(saved_model, out_dir, source_dir=model_dir,
+              kept=f"the training state is kept in {state_dir}: free space and rerun the same command to finish",
+              metadata={**common.provenance(model_dir), "prosparse": summary},
+              overwrite=job.out_dir.overwrite, allow_fatrelu=theta > 0)
   report_path = job.out_dir.report or os.path.join(out_dir, "proxjax-prosparse.json")
   files.write_json(report_path, result)
   common.finish_state(job.out_dir, state_dir)

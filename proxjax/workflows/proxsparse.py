@@ -20,7 +20,8 @@ import jax.numpy as jnp
 
 from proxjax import data
 from proxjax.core import files
-from proxjax.models import check_sparsity, save_pretrained
+from proxjax.models import check_sparsity
+from proxjax.models.hf import checkpoint_fingerprint
 from proxjax.training import loop
 from proxjax.training import proxsparse as ps
 from proxjax.workflows import common
@@ -33,6 +34,11 @@ def proxsparse(job: ProxSparseJob) -> dict[str, Any]:
   """Runs ``job`` and returns its report (also written to ``proxjax-report.json``); resumable."""
   model_dir = common.model_dir(job.model)
   out_dir, state_dir = common.run_dirs(job.out_dir, model_dir)
+  with common.exclusive(out_dir, state_dir):
+    return _proxsparse(job, model_dir, out_dir, state_dir)
+
+
+def _proxsparse(job: ProxSparseJob, model_dir: str, out_dir: str, state_dir: str) -> dict[str, Any]:
   mesh = common.mesh_of(job.mesh)
   t0 = time.perf_counter()
   model = common.load_model(model_dir, mesh, param_dtype=jnp.float32)  # train in float32; saved in the source's
@@ -59,7 +65,8 @@ def proxsparse(job: ProxSparseJob) -> dict[str, Any]:
   result = ps.proxsparse(model, docs, steps=job.steps, lam1=job.lam1, learning_rate=job.learning_rate,
                          lam_relative=job.lam_relative, lam2=job.lam2, eps=job.eps, prox_scaling=job.prox_scaling,
                          batch_size=job.batch_size, state_dir=state_dir, save_every=job.save_every, mesh=mesh,
-                         progress=job.progress, run_info={"model_dir": os.path.abspath(model_dir)})
+                         progress=job.progress, run_info={"model_dir": os.path.abspath(model_dir),
+                                                          "checkpoint": checkpoint_fingerprint(model_dir)})
   provenance = {
       "proxjax_version": common.VERSION, "source_model": os.path.abspath(model_dir), "method": "proxsparse",
       "refine": None, "n": 2, "m": 4, "options": options, "calibration": train,
@@ -71,7 +78,8 @@ def proxsparse(job: ProxSparseJob) -> dict[str, Any]:
     full["ppl_after"] = common.perplexity(model, eval_data, job.eval.batch_size, job.progress).ppl
     full["eval"] = {"dataset": job.eval.dataset, "seqlen": job.eval.seqlen, "ppl_before": full["ppl_before"],
                     "ppl": full["ppl_after"], "protocol": dict(eval_data.protocol)}
-  save_pretrained(model, out_dir, source_dir=model_dir, metadata=provenance, overwrite=job.out_dir.overwrite)
+  common.save(model, out_dir, source_dir=model_dir, metadata=provenance, overwrite=job.out_dir.overwrite,
+              kept=f"the training state is kept in {state_dir}: free space and rerun the same command to finish")
   rows = check_sparsity(out_dir)
   bad = [r["name"] for r in rows if not r["ok"]]
   if bad or not rows:

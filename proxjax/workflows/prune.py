@@ -22,7 +22,7 @@ import numpy as np
 
 from proxjax import data, pipeline
 from proxjax.core import files
-from proxjax.models import LlamaConfig, save_pretrained
+from proxjax.models import LlamaConfig
 from proxjax.models.hf import checkpoint_fingerprint
 from proxjax.pipeline import memory, report as plots
 from proxjax.workflows import common
@@ -72,14 +72,9 @@ def _prune(job: PruneJob, model_dir: str, out_dir: str, state_dir: str) -> dict[
   summary = {"linears": len(result.layers),
              "mean_relative_local_loss": float(losses.mean()) if losses.size else None,
              "max_relative_local_loss": float(losses.max()) if losses.size else None}
-  try:
-    save_pretrained(model, out_dir, source_dir=model_dir, metadata=provenance, overwrite=job.out_dir.overwrite)
-  except Exception as err:  # OSError, or safetensors' SafetensorError for a full disk
-    if isinstance(err, ValueError):
-      raise
-    raise OSError(f"could not write the checkpoint {out_dir} ({' '.join(str(err).split())}); every pruned block is "
-                  f"kept in {state_dir}: free space and rerun the same command to resume (no block is pruned again)"
-                  ) from err
+  common.save(model, out_dir, source_dir=model_dir, metadata=provenance, overwrite=job.out_dir.overwrite,
+              kept=f"every pruned block is kept in {state_dir}: free space and rerun the same command to resume "
+                   "(no block is pruned again)")
   full = {**provenance, "summary": summary, "layers": [r._asdict() for r in result.layers]}
   if job.eval is not None:
     eval_data = common.evaluation_data(model_dir, job.eval)
