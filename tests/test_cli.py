@@ -12,46 +12,14 @@ import os
 
 import numpy as np
 import pytest
-import tokenizers
 import torch
 import transformers
-from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from proxjax import data
 from proxjax import cli
-from test_llama import make_torch_model  # tests/ is on sys.path
 
-VOCAB = 320
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-  """Calibration and evaluation text files from the offline news corpus (disjoint articles)."""
-  root = tmp_path_factory.mktemp("text")
-  lee = data.load_documents("lee", split="all")
-  (root / "calib.txt").write_text("\n\n".join(lee[:40]))
-  (root / "eval.txt").write_text("\n\n".join(lee[200:215]))
-  (root / "empty.txt").write_text("  \n")
-  (root / "short.txt").write_text("A few words only.")
-  return root
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, corpus):
-  """A tiny random Llama saved by transformers, plus a byte-level BPE tokenizer trained on the calibration text."""
-  path = tmp_path_factory.mktemp("ckpt") / "tiny"
-  model = make_torch_model("llama", seed=3, vocab_size=VOCAB, bos_token_id=None, eos_token_id=0)
-  model.save_pretrained(path)
-  tok = tokenizers.Tokenizer(models.BPE())
-  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tok.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<eos>"],
-                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-  tok.train([str(corpus / "calib.txt")], trainer)
-  assert tok.get_vocab_size() <= VOCAB
-  tok.save(str(path / "tokenizer.json"))
-  (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<eos>"}))
-  return path
+# The tiny ``checkpoint`` and ``corpus`` are session-scoped fixtures of tests/conftest.py, shared with the other
+# files that use them.
 
 
 def _prune(checkpoint, corpus, out, *extra):
@@ -107,15 +75,53 @@ def test_prune_check_eval_and_torch_interop(checkpoint, corpus, tmp_path, capsys
   assert _torch_ppl(out, windows) == pytest.approx(res["ppl"], rel=1e-4)
 
 
-def test_prox_prune_and_plot(checkpoint, corpus, tmp_path):
+def _figures_saved(monkeypatch):
+  """Records every matplotlib figure saved from now on (the figure objects, inspectable after they are closed)."""
+  import matplotlib.figure  # pylint: disable=import-outside-toplevel
+  saved, original = [], matplotlib.figure.Figure.savefig
+
+  def savefig(fig, *args, **kwargs):
+    saved.append(fig)
+    return original(fig, *args, **kwargs)
+
+  monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
+  return saved
+
+
+def test_prox_prune_and_plot(checkpoint, corpus, tmp_path, monkeypatch):
+  from matplotlib import colors, image  # pylint: disable=import-outside-toplevel
+
   out = tmp_path / "prox"
   assert _prune(checkpoint, corpus, out, "--method", "prox", "--budget", "20", "--ignore", "1.*") == 0
   report = json.loads((out / "proxjax-report.json").read_text())
   assert [r["block"] for r in report["layers"]] == [0] * 7 and report["config"]["options"]["budget"] == 20
   assert all(r["iterations"] > 0 for r in report["layers"])
-  assert cli.main(["plot", str(out / "proxjax-report.json"), str(out / "proxjax-report.json"), "--out",
+  # A second report to compare with: another method, losses three times as large.
+  other = dict(report, method="magnitude", refine=None,
+               layers=[dict(r, loss_after_refine=3 * r["loss_after_refine"]) for r in report["layers"]])
+  (tmp_path / "other.json").write_text(json.dumps(other))
+  saved = _figures_saved(monkeypatch)
+  assert cli.main(["plot", str(out / "proxjax-report.json"), str(tmp_path / "other.json"), "--out",
                    str(tmp_path / "cmp.png")]) == 0
-  assert (tmp_path / "cmp.png").stat().st_size > 1000
+  # The figure: one line per report, labelled by method (+refinement), through that report's per-layer losses.
+  (fig,) = saved
+  (ax,) = fig.axes
+  lines = ax.get_lines()
+  assert [line.get_label() for line in lines] == [f"prox+{report['refine']}", "magnitude"]
+  assert [t.get_text() for t in ax.get_legend().get_texts()] == [line.get_label() for line in lines]
+  for line, rep in zip(lines, (report, other)):
+    np.testing.assert_allclose(line.get_ydata(), [r["loss_after_refine"] for r in rep["layers"]], rtol=1e-12)
+    np.testing.assert_array_equal(line.get_xdata(), np.arange(7))
+  assert ax.get_yscale() == "log"
+  # The PNG decodes to the figure's size (11 x 4.5 in at 120 dpi) and shows both lines' colours on a white canvas.
+  png = image.imread(str(tmp_path / "cmp.png"))
+  assert png.shape == (540, 1320, 4) and png.dtype == np.float32
+  rgb = png[..., :3].reshape(-1, 3)
+  assert np.mean(np.all(rgb == 1.0, axis=1)) > 0.5  # mostly white background
+  for line in lines:
+    colour = np.asarray(colors.to_rgb(line.get_color()), np.float32)
+    near = np.sum(np.max(np.abs(rgb - colour), axis=1) < 0.05)
+    assert near > 20, (line.get_label(), line.get_color(), near)
 
 
 def test_bad_inputs_give_clear_errors_and_no_output(checkpoint, corpus, tmp_path, capsys):
@@ -136,8 +142,7 @@ def test_bad_inputs_give_clear_errors_and_no_output(checkpoint, corpus, tmp_path
     err = capsys.readouterr().err
     assert "error" in err and needle in err, (argv, err)
     assert not out.exists(), argv
-  with pytest.raises(SystemExit):
-    cli.main(["prune", str(tmp_path / "nope"), str(out)])
+  assert cli.main(["prune", str(tmp_path / "nope"), str(out)]) == 2
   out.mkdir()
   (out / "x").write_text("keep me")
   capsys.readouterr()
@@ -166,12 +171,32 @@ def test_finetune_keeps_the_pattern_and_lowers_the_loss(checkpoint, corpus, tmp_
 
 
 def test_prune_dry_run_prints_the_memory_model_and_writes_nothing(checkpoint, tmp_path, capsys):
+  from proxjax.models import LlamaConfig  # pylint: disable=import-outside-toplevel
+  from proxjax.pipeline import memory  # pylint: disable=import-outside-toplevel
+
   out = tmp_path / "never"
-  assert cli.main(["prune", str(checkpoint), str(out), "--dry-run", "--nsamples", "6", "--seqlen", "32",
-                   "--device-tflops", "1", "--device-bandwidth", "10"]) == 0
+  before = sorted(p.name for p in tmp_path.iterdir()), sorted((p.name, p.stat().st_mtime_ns) for p in
+                                                              checkpoint.iterdir())
+  assert cli.main(["prune", str(checkpoint), str(out), "--dry-run", "--method", "prox", "--budget", "300",
+                   "--nsamples", "6", "--seqlen", "32", "--batch-size", "4", "--device-tflops", "1",
+                   "--device-bandwidth", "10"]) == 0
   text = capsys.readouterr().out
-  assert "peak" in text and "whole model" in text and "accumulate down_proj" in text, text
-  assert not out.exists()
+  # The printed table is the memory model's, number for number, for the same arguments (TFLOP/s and GB/s in SI;
+  # the CLI keeps the model on the device unless --offload is given).
+  est = memory.estimate(LlamaConfig.from_dir(checkpoint), nsamples=6, seqlen=32, method="prox", batch_size=4,
+                        iterations=300, offload=False, flops_per_s=1e12, bytes_per_s=10e9)
+  head, table = text.rstrip("\n").split("\n", 1)
+  assert head.startswith(f"dry run: {checkpoint}, prox, calibration 6 x 32, batch 4"), head
+  assert table == memory.format_estimate(est)
+  assert "peak" in table and "whole model" in table and "accumulate down_proj" in table, table
+  peak = next(line for line in table.splitlines() if line.split()[:1] == ["peak"])
+  assert float(peak.split()[-1]) == pytest.approx(est.peak_bytes / 2 ** 30, abs=5e-4) and est.peak_bytes > 0
+  assert f"{est.iterations} prox iterations" in table and est.iterations == 300
+  assert est.total.seconds is not None and est.total.seconds > 0
+  # Nothing is written: no output (or resume state) directory, the checkpoint untouched.
+  assert not out.exists() and not os.path.exists(str(out) + ".proxjax-state")
+  assert before == (sorted(p.name for p in tmp_path.iterdir()),
+                    sorted((p.name, p.stat().st_mtime_ns) for p in checkpoint.iterdir()))
 
 
 @pytest.mark.parametrize("extra, needles", [

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import itertools
 
+import chex
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl.testing import parameterized
 
 import proxjax
 
@@ -53,13 +55,22 @@ def test_project_nm_axis_3d(axis):
   assert bool(proxjax.is_nm(got, 2, 4, axis=axis))
 
 
-@pytest.mark.parametrize("n,m", NM)
-def test_nm_mask_counts_and_ties(n, m):
-  scores = _tied((16, 8), 3)
-  mask = np.asarray(proxjax.nm_mask(scores, n, m))
-  assert mask.dtype == bool
-  np.testing.assert_array_equal(mask, _np_keep(scores, n, m, 0))
-  np.testing.assert_array_equal(mask.reshape(16 // m, m, 8).sum(axis=1), n)
+class TestMaskUnderJit(chex.TestCase):
+  """``nm_mask`` and ``project_nm`` give NumPy's answer on heavily tied data, called eagerly and inside ``jax.jit``."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters(*NM)
+  def test_nm_mask_counts_and_ties(self, n, m):
+    scores = _tied((16, 8), 3)
+    mask = self.variant(lambda s: proxjax.nm_mask(s, n, m))(jnp.asarray(scores))
+    chex.assert_shape(mask, scores.shape)
+    chex.assert_type(mask, bool)
+    mask = np.asarray(mask)
+    np.testing.assert_array_equal(mask, _np_keep(scores, n, m, 0))
+    np.testing.assert_array_equal(mask.reshape(16 // m, m, 8).sum(axis=1), n)
+    projected = self.variant(lambda x: proxjax.project_nm(x, n, m, axis=1))(jnp.asarray(scores.T))
+    chex.assert_type(projected, jnp.float32)
+    np.testing.assert_array_equal(np.asarray(projected), _np_project(scores.T, n, m, 1))
 
 
 def test_nm_mask_ties_lowest_index_and_non_floating_refused():

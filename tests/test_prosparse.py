@@ -30,7 +30,6 @@ from proxjax.models import (  # noqa: E402
     load_pretrained,
     save_pretrained,
 )
-from test_cli import checkpoint, corpus  # noqa: E402,F401  (fixtures)
 from test_llama import assert_close, input_ids, make_torch_model, rel_err, torch_logits  # noqa: E402
 
 
@@ -311,7 +310,7 @@ def test_fatrelu_export_refused_unless_opted_in(relu_pair, tmp_path):
 # --- command line -----------------------------------------------------------------------------------------------------
 
 
-def test_cli_end_to_end(checkpoint, corpus, tmp_path, capsys):  # noqa: F811
+def test_cli_end_to_end(checkpoint, corpus, tmp_path, capsys):
   out = tmp_path / "sparse"
   argv = ["prosparse", str(checkpoint), str(out), "--train", str(corpus / "calib.txt"), "--steps", "6",
           "--batch-size", "2", "--seqlen", "32", "--lr", "3e-3", "--l1-warmup", "1e-3", "--l1-warmup-steps", "2",

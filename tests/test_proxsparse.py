@@ -25,7 +25,6 @@ from proxjax.training import loop
 from proxjax.training import proxsparse as ps
 from proxjax.models import LlamaConfig, LlamaForCausalLM, check_sparsity, load_pretrained, save_pretrained
 from proxjax.models.llama import projection_spec
-from test_cli import checkpoint, corpus  # noqa: F401  (fixtures; tests/ is on sys.path)
 
 SEQLEN = 32
 SETTINGS = dict(steps=8, lam1=0.1, lam_relative=True, learning_rate=1e-2, lam2=0.1, eps=0.5)
@@ -40,7 +39,7 @@ def _texts():
 
 
 @pytest.fixture(scope="module")
-def docs(checkpoint):  # noqa: F811
+def docs(checkpoint):
   out = ps.tokenize_documents(data.load_tokenizer(checkpoint), _texts(), SEQLEN)
   assert len(out) == 12 and all(d.size == SEQLEN for d in out)
   return out
@@ -70,7 +69,7 @@ def _objective(model, docs, lam_eff, lam2, eps, w0):
 # ----------------------------------------------------------------------------------------------- pure functions --
 
 
-def test_split_documents_uses_every_token_without_crossing_documents(checkpoint):  # noqa: F811
+def test_split_documents_uses_every_token_without_crossing_documents(checkpoint):
   tok = data.load_tokenizer(str(checkpoint))
   texts = _texts()
   whole = [np.asarray(e) for e in tok.encode_batch(texts)]
@@ -157,7 +156,7 @@ def test_prox_scaling_lr_uses_the_learning_rate_as_eta():
 # ------------------------------------------------------------------------------------------------------- training --
 
 
-def test_training_lowers_the_objective_and_the_result_is_mask_times_original(checkpoint, docs, tmp_path):  # noqa: F811
+def test_training_lowers_the_objective_and_the_result_is_mask_times_original(checkpoint, docs, tmp_path):
   model, start = _model(checkpoint), _model(checkpoint)
   original = _params(start)
   res = ps.proxsparse(model, docs, progress=False, return_learned=True, **SETTINGS)
@@ -201,7 +200,7 @@ class _Stop(Exception):
   pass
 
 
-def test_resume_gives_the_uninterrupted_result(checkpoint, docs, tmp_path):  # noqa: F811
+def test_resume_gives_the_uninterrupted_result(checkpoint, docs, tmp_path):
   full = ps.proxsparse(_model(checkpoint), docs, progress=False, return_learned=True, **SETTINGS)
   state_dir = tmp_path / "state"
   seen = []
@@ -241,7 +240,7 @@ def test_resume_gives_the_uninterrupted_result(checkpoint, docs, tmp_path):  # n
     ps.proxsparse(_model(checkpoint), docs, progress=False, state_dir=state_dir, **{**SETTINGS, "lam1": 0.2})
 
 
-def test_bad_inputs_raise_clear_errors(checkpoint, docs):  # noqa: F811
+def test_bad_inputs_raise_clear_errors(checkpoint, docs):
   model = _model(checkpoint)
   for bad, match in [(dict(lam1=-1.0), "lam1"), (dict(lam2=-0.1), "lam2"), (dict(steps=0), "steps"),
                      (dict(eps=0.0), "eps"), (dict(prox_scaling="eta"), "prox_scaling"),
@@ -266,7 +265,7 @@ def test_bad_inputs_raise_clear_errors(checkpoint, docs):  # noqa: F811
 # ------------------------------------------------------------------------------------------------------------ CLI --
 
 
-def test_cli_end_to_end(checkpoint, corpus, tmp_path, capsys):  # noqa: F811
+def test_cli_end_to_end(checkpoint, corpus, tmp_path, capsys):
   train = tmp_path / "train.jsonl"
   train.write_text("".join(json.dumps({"text": t}) + "\n" for t in _texts()))
   out = tmp_path / "out"

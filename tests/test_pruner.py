@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,9 +35,9 @@ def _small(d_in=32, d_out=12, n=200, seed=1, dead=(), tokens=None):
 
 
 def _check_24(res, kernel):
+  chex.assert_shape([res.kernel, res.mask], kernel.shape)
+  chex.assert_type([res.kernel, res.mask], [kernel.dtype, bool])
   out, mask = np.asarray(res.kernel, np.float32), np.asarray(res.mask)
-  assert res.kernel.dtype == kernel.dtype and res.kernel.shape == kernel.shape
-  assert mask.dtype == bool
   np.testing.assert_array_equal(mask.reshape(-1, 4, mask.shape[1]).sum(axis=1), 2)  # exactly 2 per group, axis 0
   np.testing.assert_array_equal(out[~mask], 0.0)
   assert bool(proxjax.is_nm(res.kernel, axis=0))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import chex
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -64,14 +65,22 @@ def test_relative_local_loss():
   np.testing.assert_allclose(float(refine.relative_local_loss(k, k0, h)), _rel_loss(k, k0, h), rtol=1e-5)
 
 
-def test_cg_reaches_the_exact_solution_within_support_size_steps():
-  k0, h, mask = _layer()
-  want = _exact(k0, h, mask)
-  support = int(mask[:, 0].sum())  # 16 per column
-  got = refine.refine_cg(np.where(mask, k0, 0), mask, k0, h, steps=support, tol=1e-7)
-  assert _rel_err(got, want) < 1e-5
-  np.testing.assert_array_equal(np.asarray(got)[~mask], 0.0)
-  assert abs(_rel_loss(got, k0, h) - _rel_loss(want, k0, h)) <= 1e-6 * _rel_loss(want, k0, h)
+class TestCGUnderJit(chex.TestCase):
+  """``refine_cg`` reaches the exact masked least-squares solution, called as it is and nested in a caller's
+  ``jax.jit`` (as inside the pruner's compiled pieces), with its step count a traced argument there."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_cg_reaches_the_exact_solution_within_support_size_steps(self):
+    k0, h, mask = _layer()
+    want = _exact(k0, h, mask)
+    support = int(mask[:, 0].sum())  # 16 per column
+    cg = self.variant(lambda k, msk, kk, hh, steps: refine.refine_cg(k, msk, kk, hh, steps=steps, tol=1e-7))
+    got = cg(np.where(mask, k0, 0), mask, k0, h, support)
+    chex.assert_shape(got, k0.shape)
+    chex.assert_type(got, jnp.float32)
+    assert _rel_err(got, want) < 1e-5
+    np.testing.assert_array_equal(np.asarray(got)[~mask], 0.0)
+    assert abs(_rel_loss(got, k0, h) - _rel_loss(want, k0, h)) <= 1e-6 * _rel_loss(want, k0, h)
 
 
 def test_gd_converges_monotonically_to_the_exact_solution():

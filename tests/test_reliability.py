@@ -19,7 +19,6 @@ from proxjax import cli
 from proxjax.models import check_sparsity, load_pretrained, save_pretrained
 from proxjax.models.hf import CheckpointError
 from proxjax.workflows import paths
-from test_cli import checkpoint, corpus  # noqa: F401  (fixtures; tests/ is on sys.path)
 
 
 def _digest(directory) -> dict[str, str]:
@@ -36,7 +35,7 @@ def _digest(directory) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("where", ["same", "inside", "around"])
-def test_no_command_writes_into_over_or_around_its_source(checkpoint, tmp_path, capsys, where):  # noqa: F811
+def test_no_command_writes_into_over_or_around_its_source(checkpoint, tmp_path, capsys, where):
   before = _digest(checkpoint)
   out = {"same": checkpoint, "inside": checkpoint / "sub", "around": checkpoint.parent}[where]
   for argv in (["prune", str(checkpoint), str(out), "--overwrite"],
@@ -50,7 +49,7 @@ def test_no_command_writes_into_over_or_around_its_source(checkpoint, tmp_path, 
   assert _digest(checkpoint) == before and not (checkpoint / "sub").exists()
 
 
-def test_save_pretrained_refuses_its_source(checkpoint, tmp_path):  # noqa: F811
+def test_save_pretrained_refuses_its_source(checkpoint, tmp_path):
   model = load_pretrained(checkpoint)
   before = _digest(checkpoint)
   with pytest.raises(CheckpointError, match="source checkpoint"):
@@ -58,7 +57,7 @@ def test_save_pretrained_refuses_its_source(checkpoint, tmp_path):  # noqa: F811
   assert _digest(checkpoint) == before
 
 
-def test_output_paths_are_checked_before_anything_is_loaded(checkpoint, tmp_path, capsys):  # noqa: F811
+def test_output_paths_are_checked_before_anything_is_loaded(checkpoint, tmp_path, capsys):
   afile = tmp_path / "a-file"
   afile.write_text("x")
   foreign = tmp_path / "foreign"
@@ -131,7 +130,7 @@ def test_every_method_refuses_a_hessian_with_negative_curvature(method):
 # --------------------------------------------------------------------------------------------- zeros are +0.0 ------
 
 
-def test_checkpoints_store_zeros_as_positive_zero_and_check_reports_negative_ones(checkpoint, tmp_path):  # noqa: F811
+def test_checkpoints_store_zeros_as_positive_zero_and_check_reports_negative_ones(checkpoint, tmp_path):
   model = load_pretrained(checkpoint)
   kernel = model.model.layers[0].mlp.up_proj.kernel
   kernel[...] = -jnp.abs(kernel[...]) * (jnp.arange(kernel.shape[0])[:, None] % 4 < 2)  # half -0.0, 2:4
@@ -161,12 +160,12 @@ sys.exit(cli.main(sys.argv[1:]))
 """
 
 
-def _prune_argv(checkpoint, corpus, out, *extra):  # noqa: F811
+def _prune_argv(checkpoint, corpus, out, *extra):
   return ["prune", str(checkpoint), str(out), "--method", "wanda", "--calibration", str(corpus / "calib.txt"),
           "--nsamples", "4", "--seqlen", "32", "--batch-size", "4", "--quiet", *extra]
 
 
-def test_a_full_disk_is_one_line_and_a_rerun_resumes(checkpoint, corpus, tmp_path):  # noqa: F811
+def test_a_full_disk_is_one_line_and_a_rerun_resumes(checkpoint, corpus, tmp_path):
   import subprocess  # pylint: disable=import-outside-toplevel
   import sys  # pylint: disable=import-outside-toplevel
   ref = tmp_path / "ref"
@@ -189,7 +188,7 @@ def test_a_full_disk_is_one_line_and_a_rerun_resumes(checkpoint, corpus, tmp_pat
     assert all(a[k].tobytes() == b[k].tobytes() for k in a)
 
 
-def test_a_second_run_on_the_same_output_refuses(checkpoint, corpus, tmp_path, capsys):  # noqa: F811
+def test_a_second_run_on_the_same_output_refuses(checkpoint, corpus, tmp_path, capsys):
   from proxjax.core import files  # pylint: disable=import-outside-toplevel
   out = tmp_path / "out"
   with files.run_lock(str(out) + ".proxjax-lock", str(out)):  # as if another live run held it
@@ -240,7 +239,7 @@ _FLAGS = {
 }
 
 
-def test_cli_fuzz_never_a_traceback(checkpoint, tmp_path, monkeypatch, capsys):  # noqa: F811
+def test_cli_fuzz_never_a_traceback(checkpoint, tmp_path, monkeypatch, capsys):
   """Random combinations of documented flags and bad values: each ends in success (the job reaches the workflow)
   or one clear error line with exit code 2 (argparse's own usage errors exit 2 too), never a traceback."""
   import random  # pylint: disable=import-outside-toplevel

@@ -15,7 +15,6 @@ from proxjax.workflows.config import CalibrationConfig, EvalConfig, EvalJob, Fin
 from proxjax.workflows.evaluate import evaluate
 from proxjax.workflows.finetune import finetune
 from proxjax.workflows.prune import prune
-from test_cli import checkpoint, corpus  # noqa: F401  (fixtures; tests/ is on sys.path)
 
 _TIMES = {"seconds"}
 
@@ -46,7 +45,7 @@ def _same_outputs(a, b, names):
       assert _without_times(ja) == _without_times(jb), name
 
 
-def test_prune_and_finetune_from_python_equal_the_cli(checkpoint, corpus, tmp_path):  # noqa: F811
+def test_prune_and_finetune_from_python_equal_the_cli(checkpoint, corpus, tmp_path):
   cal = str(corpus / "calib.txt")
   ev = str(corpus / "eval.txt")
   by_cli, by_py = tmp_path / "cli", tmp_path / "py"

@@ -1,18 +1,21 @@
 """``proxjax prune --mesh`` / ``--offload`` and ``proxjax eval --mesh`` on 8 fake CPU devices give the
-single-device results (run through tests/test_mesh.py)."""
+single-device results (run through tests/test_mesh.py). Slow (two prunes and two evaluations compiled for 8 devices):
+``-m slow`` runs it. The ``checkpoint`` and ``corpus`` fixtures are tests/conftest.py's."""
 
 from __future__ import annotations
 
 import json
 
 import numpy as np
+import pytest
 from safetensors.numpy import load_file
 
 from proxjax import cli
-from test_cli import _prune, checkpoint, corpus  # noqa: F401  (fixtures)
+from test_cli import _prune  # tests/ is on sys.path (tests/mesh/conftest.py)
 
 
-def test_cli_prune_and_eval_on_a_mesh(checkpoint, corpus, tmp_path, capsys):  # noqa: F811
+@pytest.mark.slow
+def test_cli_prune_and_eval_on_a_mesh(checkpoint, corpus, tmp_path, capsys):
   outs = {}
   # (eval --mesh below covers loading straight into the mesh; prune here streams blocks from the host)
   for name, extra in [("one", []), ("mesh", ["--mesh", "data=2,model=4", "--offload"])]:

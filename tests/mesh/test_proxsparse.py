@@ -42,6 +42,7 @@ def _declared(mesh, path, value):
   return sharding.named(mesh, sharding.logical_axes(path, value.shape), value.shape)
 
 
+@pytest.mark.slow  # a whole ProxSparse run twice (mesh and one device)
 def test_proxsparse_on_a_mesh_keeps_shardings_and_matches_one_device(mesh, on_mesh):
   ref, res = _run(None), on_mesh
   np.testing.assert_allclose(res.losses, ref.losses, rtol=1e-4)
