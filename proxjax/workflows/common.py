@@ -8,7 +8,7 @@ import functools
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -69,6 +69,15 @@ def exclusive(out_dir: str, state_dir: str | None = None) -> Iterator[None]:
     if state_dir is not None and os.path.isdir(state_dir):
       files.remove_stale_temporaries(state_dir)
     yield
+
+
+def resumable(job: Any, body: Callable[[Any, str, str, str], dict[str, Any]]) -> dict[str, Any]:
+  """Runs ``body(job, model_dir, out_dir, state_dir)`` for a resumable workflow: the model argument resolved, the
+  output and state directories checked, the output's lock held (:func:`exclusive`)."""
+  model_dir_ = model_dir(job.model)
+  out_dir, state_dir = run_dirs(job.out_dir, model_dir_)
+  with exclusive(out_dir, state_dir):
+    return body(job, model_dir_, out_dir, state_dir)
 
 
 def save(model: Any, out_dir: str, *, kept: str, **kwargs: Any) -> None:

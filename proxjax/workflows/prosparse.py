@@ -32,10 +32,7 @@ __all__ = ["prosparse"]
 
 def prosparse(job: ProSparseJob) -> dict[str, Any]:
   """Runs ``job`` and returns its report (also written to ``proxjax-prosparse.json``); resumable."""
-  model_dir = common.model_dir(job.model)
-  out_dir, state_dir = common.run_dirs(job.out_dir, model_dir)
-  with common.exclusive(out_dir, state_dir):
-    return _prosparse(job, model_dir, out_dir, state_dir)
+  return common.resumable(job, _prosparse)
 
 
 def _prosparse(job: ProSparseJob, model_dir: str, out_dir: str, state_dir: str) -> dict[str, Any]:

@@ -32,10 +32,7 @@ __all__ = ["proxsparse"]
 
 def proxsparse(job: ProxSparseJob) -> dict[str, Any]:
   """Runs ``job`` and returns its report (also written to ``proxjax-report.json``); resumable."""
-  model_dir = common.model_dir(job.model)
-  out_dir, state_dir = common.run_dirs(job.out_dir, model_dir)
-  with common.exclusive(out_dir, state_dir):
-    return _proxsparse(job, model_dir, out_dir, state_dir)
+  return common.resumable(job, _proxsparse)
 
 
 def _proxsparse(job: ProxSparseJob, model_dir: str, out_dir: str, state_dir: str) -> dict[str, Any]:

@@ -34,10 +34,7 @@ __all__ = ["dry_run", "prune"]
 def prune(job: PruneJob) -> dict[str, Any]:
   """Runs ``job``: writes the pruned checkpoint (with ``proxjax.json`` provenance), ``proxjax-report.json`` and
   ``proxjax-layer-losses.png``; resumes from the state directory of an interrupted run. Returns the report."""
-  model_dir = common.model_dir(job.model)
-  out_dir, state_dir = common.run_dirs(job.out_dir, model_dir)
-  with common.exclusive(out_dir, state_dir):
-    return _prune(job, model_dir, out_dir, state_dir)
+  return common.resumable(job, _prune)
 
 
 def _prune(job: PruneJob, model_dir: str, out_dir: str, state_dir: str) -> dict[str, Any]:
