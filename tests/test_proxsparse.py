@@ -156,6 +156,7 @@ def test_prox_scaling_lr_uses_the_learning_rate_as_eta():
 # ------------------------------------------------------------------------------------------------------- training --
 
 
+@pytest.mark.slow  # a whole training run (35 s); the CLI end-to-end and resume tests cover ProxSparse in the default suite
 def test_training_lowers_the_objective_and_the_result_is_mask_times_original(checkpoint, docs, tmp_path):
   model, start = _model(checkpoint), _model(checkpoint)
   original = _params(start)

@@ -165,6 +165,7 @@ def _prune_argv(checkpoint, corpus, out, *extra):
           "--nsamples", "4", "--seqlen", "32", "--batch-size", "4", "--quiet", *extra]
 
 
+@pytest.mark.slow  # three prunes and two subprocesses (25 s)
 def test_a_full_disk_is_one_line_and_a_rerun_resumes(checkpoint, corpus, tmp_path):
   import subprocess  # pylint: disable=import-outside-toplevel
   import sys  # pylint: disable=import-outside-toplevel

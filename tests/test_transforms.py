@@ -416,6 +416,7 @@ def test_masked_updates_accepts_masks_built_from_a_wrapped_nnx_state():
 # -------------------------------------------------------------------------------------------------- example
 
 
+@pytest.mark.slow  # runs examples/train_prox_nnx.py (17 s)
 def test_example_trains_to_24():
   spec = importlib.util.spec_from_file_location("train_prox_nnx", ROOT / "examples" / "train_prox_nnx.py")
   example = importlib.util.module_from_spec(spec)

@@ -79,6 +79,8 @@ class LayerReport(NamedTuple):
     tokens: calibration tokens in ``H``.
     seconds: wall time of pruning this linear (``H`` accumulation excluded).
   """
+  # The fields of proxjax.PruneInfo (without the schedule), flattened into one JSON-ready row with where and how long:
+  # a report row, not a second description of the pruner's result.
   block: int
   name: str
   shape: tuple[int, int]
