@@ -35,9 +35,7 @@ def model_dir(name: str) -> str:
   directory at first use), anything else must be a directory."""
   if name == "smollm2":
     return str(default_model_dir())
-  if not os.path.isdir(name):
-    raise ValueError(f"{name} is not a directory (expected a Hugging Face checkpoint directory or 'smollm2')")
-  return name
+  return paths.model_path(name)  # the same check the command line makes before loading
 
 
 def check_out_dir(output: OutputConfig, source: str) -> str:
