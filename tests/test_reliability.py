@@ -80,6 +80,37 @@ def test_output_paths_are_checked_before_anything_is_loaded(checkpoint, tmp_path
   assert (foreign / "keep.txt").read_text() == "keep me" and afile.read_text() == "x"
 
 
+def test_an_unwritable_place_is_one_line_before_anything_is_loaded(checkpoint, tmp_path, capsys, monkeypatch):
+  """A read-only directory: for real where this runs as an ordinary user, else (root writes everywhere) by making
+  ``os.access`` answer what it answers an ordinary user there."""
+  ro = tmp_path / "read-only"
+  ro.mkdir()
+  ro.chmod(0o555)
+  if os.geteuid() == 0:
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if str(p) == str(ro) else real_access(p, mode, **kw))
+  for argv in (["prune", str(checkpoint), str(ro / "out")],
+               ["prune", str(checkpoint), str(tmp_path / "o"), "--report", str(ro / "r.json")],
+               ["finetune", str(checkpoint), str(tmp_path / "o"), "--state-dir", str(ro / "state")],
+               ["convert-gguf", str(checkpoint / "config.json"), str(ro / "conv")]):
+    capsys.readouterr()
+    assert cli.main(argv + ["--quiet"] * (argv[0] != "convert-gguf")) == 2, argv
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{ro} is not writable" in err, (argv, err)
+  assert os.listdir(ro) == []
+
+
+def test_a_dry_run_writes_nothing_and_says_what_the_run_would_refuse(checkpoint, tmp_path, capsys):
+  out = tmp_path / "busy"
+  out.mkdir()
+  (out / "notes.txt").write_text("mine")
+  capsys.readouterr()
+  assert cli.main(["prune", str(checkpoint), str(out), "--dry-run", "--nsamples", "4", "--seqlen", "32"]) == 0
+  text = capsys.readouterr().out
+  assert "dry run:" in text and "note: the run itself would refuse" in text and "not empty" in text
+  assert os.listdir(out) == ["notes.txt"] and not (tmp_path / "busy.proxjax-lock").exists()
+
+
 def test_overwrite_replaces_a_previous_output(tmp_path):
   prev = tmp_path / "prev"
   prev.mkdir()
@@ -203,6 +234,57 @@ def test_a_second_run_on_the_same_output_refuses(checkpoint, corpus, tmp_path, c
   assert not stale.exists() and not (tmp_path / ".out.tmp-0123456789ab").exists()
   with pytest.raises(CheckpointError, match="unfinished save"):
     check_sparsity(_unfinished(tmp_path))
+
+
+def test_restart_deletes_nothing_while_another_run_holds_the_output(checkpoint, corpus, tmp_path, capsys):
+  from proxjax.core import files  # pylint: disable=import-outside-toplevel
+  out, state = tmp_path / "out", tmp_path / "out.proxjax-state"
+  state.mkdir()
+  (state / "block_0000.safetensors").write_bytes(b"the other run's work")
+  with files.run_lock(str(out) + ".proxjax-lock", str(out)):
+    capsys.readouterr()
+    assert cli.main(_prune_argv(checkpoint, corpus, out, "--restart")) == 2
+    assert "another proxjax run" in capsys.readouterr().err
+  assert (state / "block_0000.safetensors").read_bytes() == b"the other run's work"
+
+
+def test_an_interrupted_finetune_resumes_to_the_same_checkpoint(checkpoint, corpus, tmp_path, monkeypatch, capsys):
+  import proxjax.workflows.finetune as wf  # pylint: disable=import-outside-toplevel
+  argv = ["--train", str(corpus / "calib.txt"), "--steps", "4", "--batch-size", "2", "--seqlen", "32",
+          "--lr", "1e-3", "--save-every", "2", "--quiet"]
+  assert cli.main(["finetune", str(checkpoint), str(tmp_path / "ref"), *argv]) == 0
+  real = wf.ft.finetune_masked
+
+  def interrupted(*args, **kwargs):
+    def stop(step, _metrics):
+      if step == 2:  # the third step (0-based 2), after the save of the first two
+        raise KeyboardInterrupt
+    return real(*args, **kwargs, callback=stop)
+
+  monkeypatch.setattr(wf.ft, "finetune_masked", interrupted)
+  out = tmp_path / "out"
+  assert cli.main(["finetune", str(checkpoint), str(out), *argv]) == 130
+  assert not out.exists() and (tmp_path / "out.proxjax-state" / "train-state.json").exists()
+  monkeypatch.setattr(wf.ft, "finetune_masked", real)
+  capsys.readouterr()
+  assert cli.main(["finetune", str(checkpoint), str(out), *argv]) == 0
+  assert "resuming from" in capsys.readouterr().err
+  a, b = load_file(str(tmp_path / "ref" / "model.safetensors")), load_file(str(out / "model.safetensors"))
+  assert all(a[k].tobytes() == b[k].tobytes() for k in a)
+  assert not (tmp_path / "out.proxjax-state").exists()  # removed after success
+
+
+def test_convert_on_a_full_disk_is_one_line_and_leaves_nothing(tmp_path):
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  from proxjax.models.convert import bundled_gguf_path  # pylint: disable=import-outside-toplevel
+  out = tmp_path / "conv"
+  proc = subprocess.run([sys.executable, "-c", _LIMITED.format(limit=1 << 20), "convert-gguf",
+                         str(bundled_gguf_path()), str(out)], capture_output=True, text=True, timeout=300)
+  err = proc.stderr.strip().splitlines()
+  assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+  assert "could not write the converted checkpoint" in err[-1] and "free space" in err[-1], err[-1]
+  assert os.listdir(tmp_path) == []
 
 
 def _unfinished(tmp_path):

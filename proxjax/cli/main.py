@@ -79,17 +79,24 @@ def _eval_config(dataset: str | None, seqlen: int, max_windows: int | None, batc
   return jobs.EvalConfig(dataset, seqlen=seqlen, max_windows=max_windows, batch_size=batch_size)
 
 
-def _output(args: argparse.Namespace, model: str) -> jobs.OutputConfig:
-  """The output settings, with every path checked before anything is loaded: the source is never written."""
+def _check_paths(args: argparse.Namespace, model: str) -> None:
+  """Every path the command would write, checked before anything is loaded: the source is never written."""
   sources = [paths.model_path(model)]
   out_dir = _checked(paths.check_output, args.out_dir, sources=sources, overwrite=args.overwrite)
-  state_dir = getattr(args, "state_dir", None)
   if hasattr(args, "state_dir"):
-    _checked(paths.check_state_dir, state_dir or out_dir.rstrip(os.sep) + ".proxjax-state", sources=sources,
-             what="--state-dir" if state_dir else "the state directory")
+    _checked(paths.check_state_dir, args.state_dir or out_dir.rstrip(os.sep) + ".proxjax-state", sources=sources,
+             what="--state-dir" if args.state_dir else "the state directory")
   for flag in ("report", "plot"):
     if getattr(args, flag, None):
       _checked(paths.check_file, getattr(args, flag), sources=sources + [out_dir], what=f"--{flag}")
+
+
+def _output(args: argparse.Namespace, model: str) -> jobs.OutputConfig:
+  """The output settings, every path checked (:func:`_check_paths`) unless this is a dry run, which writes
+  nothing (it reports a problem instead, :func:`cmd_prune`)."""
+  if not getattr(args, "dry_run", False):
+    _check_paths(args, model)
+  state_dir = getattr(args, "state_dir", None)
   return jobs.OutputConfig(args.out_dir, overwrite=args.overwrite, state_dir=state_dir,
                            restart=getattr(args, "restart", False), keep_state=getattr(args, "keep_state", False),
                            report=getattr(args, "report", None))
@@ -146,6 +153,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
     flops = None if args.device_tflops is None else args.device_tflops * 1e12
     rate = None if args.device_bandwidth is None else args.device_bandwidth * 1e9
     print(dry_run(job, flops_per_s=flops, bytes_per_s=rate))
+    try:  # the dry run writes nothing, but says what the run itself would refuse
+      _check_paths(args, args.model_dir)
+    except ArgumentError as err:
+      print(f"note: the run itself would refuse: {err}")
     return 0
   from proxjax.workflows.prune import prune  # pylint: disable=import-outside-toplevel
   full = prune(job)
@@ -193,9 +204,11 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-  _checked(paths.check_output, args.out_dir, sources=[args.file], overwrite=args.overwrite)
+  out_dir = _checked(paths.check_output, args.out_dir, sources=[args.file], overwrite=args.overwrite)
   from proxjax.models.convert import convert_gguf  # pylint: disable=import-outside-toplevel
-  out = convert_gguf(args.file, args.out_dir, overwrite=args.overwrite)
+  from proxjax.workflows.common import exclusive  # pylint: disable=import-outside-toplevel
+  with exclusive(out_dir):  # one writer per output; what a killed conversion left is removed first
+    out = convert_gguf(args.file, args.out_dir, overwrite=args.overwrite)
   print(f"wrote {out}")
   return 0
 
@@ -220,7 +233,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
   job = jobs.FinetuneJob(_model_arg(args.model_dir), _output(args, args.model_dir),
                          train=_source_arg(args.train, "--train"),
                          steps=args.steps, batch_size=args.batch_size, seqlen=args.seqlen, learning_rate=args.lr,
-                         weight_decay=args.weight_decay, seed=args.seed,
+                         weight_decay=args.weight_decay, seed=args.seed, save_every=args.save_every,
                          eval=_eval_config(args.eval, args.eval_seqlen, args.max_windows, 8), check=args.check,
                          progress=not args.quiet)
   from proxjax.workflows.finetune import finetune  # pylint: disable=import-outside-toplevel
@@ -399,7 +412,8 @@ def _add_finetune(sub: Any) -> None:
   p.add_argument("--max-windows", type=int)
   p.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
                  help="verify the 2:4 pattern of every pruned projection after training (default on)")
-  p.add_argument("--overwrite", action="store_true")
+  p.add_argument("--save-every", type=int, default=50, help="save the training state every N steps (default 50)")
+  _resume_flags(p, "proxjax-finetune.json")
   p.add_argument("--quiet", action="store_true")
   p.set_defaults(func=cmd_finetune)
 

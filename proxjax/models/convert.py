@@ -233,7 +233,8 @@ def convert_gguf(
   tokenizer_files = _tokenizer_files(meta, config)  # built before any output is written: errors come first
 
   out_dir.parent.mkdir(parents=True, exist_ok=True)
-  tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+  # the name save_pretrained's temporaries have: `proxjax check` refuses it, a locked run's cleanup removes it
+  tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:12]}"
   tmp.mkdir()
   try:
     _write_json(tmp / "config.json", _config_json(config, dtype))
@@ -253,6 +254,16 @@ def convert_gguf(
         "dtype": dtype,
       },
     )
+  except Exception as err:  # a full disk or a permission problem while writing (safetensors: SafetensorError)
+    shutil.rmtree(tmp, ignore_errors=True)
+    if isinstance(err, ValueError):
+      raise
+    raise OSError(f"could not write the converted checkpoint {out_dir} ({' '.join(str(err).split())}); nothing "
+                  "was left behind (the conversion is written aside and renamed): free space and run it again") from err
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  try:
     _publish(tmp, out_dir, overwrite)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
@@ -473,7 +484,7 @@ def _publish(tmp: Path, out_dir: Path, overwrite: bool) -> None:
       raise
   if not overwrite:
     raise FileExistsError(f"output directory {out_dir} appeared while converting and is not empty")
-  old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+  old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:12]}"
   os.rename(out_dir, old)
   os.rename(tmp, out_dir)
   shutil.rmtree(old, ignore_errors=True)

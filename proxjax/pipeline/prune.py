@@ -288,6 +288,53 @@ def _hessians(block: Any, h: np.ndarray, rope: Any, names: tuple[str, ...], batc
   return {n: states[owners[n]] for n in names}
 
 
+def layer_statistics(model: Any, calibration_ids: Any, blocks: Sequence[int], *, names: Sequence[str] | None = None,
+                     batch_size: int = 4) -> dict[tuple[int, str], tuple[jax.Array, jax.Array]]:
+  r"""The dense model's kernels and Hessians ``H = X Xᵀ / n`` of the linears of ``blocks``: what every layer-wise
+  method minimizes, ``½ tr((V − K)ᵀ H (V − K))``, without pruning anything (the activations of the **dense** model
+  flow through every block, so every method can be compared on the same problems).
+
+  Args:
+    model: a :class:`~proxjax.models.LlamaForCausalLM`.
+    calibration_ids: int token ids ``(N, T)``.
+    blocks: the decoder block indices.
+    names: the linears (default every projection of a block, :data:`proxjax.models.LINEAR_NAMES`).
+    batch_size: sequences per forward pass.
+
+  Returns:
+    ``{(block, name): (kernel (d_in, d_out), H (d_in, d_in) float32)}``.
+
+  Example:
+    >>> import numpy as np
+    >>> from flax import nnx
+    >>> from proxjax.models import LlamaConfig, LlamaForCausalLM
+    >>> c = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+    ...                 num_attention_heads=2)
+    >>> stats = layer_statistics(LlamaForCausalLM(c, rngs=nnx.Rngs(0)), np.ones((2, 8), np.int32), [1])
+    >>> kernel, h = stats[(1, "mlp.down_proj")]
+    >>> kernel.shape, h.shape
+    ((32, 16), (32, 32))
+  """
+  names = tuple(LINEAR_NAMES if names is None else names)
+  ids = np.asarray(calibration_ids)
+  _check_ids(model, ids)
+  wanted = sorted(set(int(b) for b in blocks))
+  if wanted and not 0 <= wanted[0] <= wanted[-1] < len(model.model.layers):
+    raise ValueError(f"blocks must lie in [0, {len(model.model.layers)}), got {list(blocks)}")
+  rope = model.rope(jnp.arange(ids.shape[1]))
+  h = np.concatenate([np.asarray(_embed(model, jnp.asarray(ids[a:b]))) for a, b in _batches(len(ids), batch_size)])
+  out = {}
+  for b, block in enumerate(model.model.layers):
+    if not wanted or b > wanted[-1]:
+      break
+    if b in wanted:
+      states = _hessians(block, h, rope, names, batch_size, None)
+      for name in names:
+        out[(b, name)] = (_submodule(block, name).kernel[...], _cal.hessian_from_state(states[name]))
+    h = _propagate(block, h, rope, batch_size, None)
+  return out
+
+
 # ---------------------------------------------------------------------------------------------------------- state --
 
 

@@ -49,23 +49,26 @@ def check_out_dir(output: OutputConfig, source: str) -> str:
 
 
 def run_dirs(output: OutputConfig, source: str) -> tuple[str, str]:
-  """``(out_dir, state_dir)`` of a run, checked; the state directory is removed first with ``restart``."""
+  """``(out_dir, state_dir)`` of a run, checked (nothing is removed here: ``restart`` acts under the lock, in
+  :func:`exclusive`)."""
   out_dir = check_out_dir(output, source)
   state_dir = paths.check_state_dir(output.state_dir or out_dir.rstrip(os.sep) + ".proxjax-state", sources=[source],
                                     what="state directory")
-  if output.restart and os.path.isdir(state_dir):
-    shutil.rmtree(state_dir)
   return out_dir, state_dir
 
 
 @contextlib.contextmanager
-def exclusive(out_dir: str, state_dir: str | None = None) -> Iterator[None]:
+def exclusive(out_dir: str, state_dir: str | None = None, restart: bool = False) -> Iterator[None]:
   """Holds the run's lock (``OUT_DIR.proxjax-lock``: a second run on the same output refuses instead of racing it)
-  and first clears what a killed run left: unfinished saves of ``out_dir`` and half-written state files."""
+  and first clears what a killed run left: unfinished saves of ``out_dir`` and half-written state files; with
+  ``restart`` the whole state directory (only once the lock is held, so a refused second run deletes nothing)."""
   with files.run_lock(out_dir.rstrip(os.sep) + ".proxjax-lock", out_dir):
     remove_unfinished_saves(out_dir)
     if state_dir is not None and os.path.isdir(state_dir):
-      files.remove_stale_temporaries(state_dir)
+      if restart:
+        shutil.rmtree(state_dir)
+      else:
+        files.remove_stale_temporaries(state_dir)
     yield
 
 
@@ -74,7 +77,7 @@ def resumable(job: Any, body: Callable[[Any, str, str, str], dict[str, Any]]) ->
   output and state directories checked, the output's lock held (:func:`exclusive`)."""
   model_dir_ = model_dir(job.model)
   out_dir, state_dir = run_dirs(job.out_dir, model_dir_)
-  with exclusive(out_dir, state_dir):
+  with exclusive(out_dir, state_dir, restart=job.out_dir.restart):
     return body(job, model_dir_, out_dir, state_dir)
 
 

@@ -257,6 +257,7 @@ class TrainingJob:
     seqlen: tokens per sequence (at most, for documents).
     learning_rate: the (peak) learning rate.
     eval: perplexity before and after, or ``None``.
+    save_every: save the training state (the output's state directory) every N steps (0: only after the last).
     progress: progress bars.
   """
   model: str
@@ -268,6 +269,7 @@ class TrainingJob:
   seqlen: int = 256
   learning_rate: float = 2e-5
   eval: EvalConfig | None = None
+  save_every: int = 50
   progress: bool = True
 
   def __post_init__(self) -> None:
@@ -276,6 +278,7 @@ class TrainingJob:
     _int("batch_size", self.batch_size, 1)
     _int("seqlen", self.seqlen, 2)
     _finite("learning rate", self.learning_rate)
+    _int("save_every", self.save_every, 0)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -312,7 +315,6 @@ class ProxSparseJob(TrainingJob):
     prox_scaling: ``strength`` or ``lr``.
     max_documents: use only the first K documents.
     split_documents: cut documents into pieces of ``seqlen`` tokens instead of truncating them.
-    save_every: save the training state every N steps (0: only at the end).
     mesh: as for :class:`PruneJob`.
   """
   lam1: float
@@ -326,7 +328,6 @@ class ProxSparseJob(TrainingJob):
   prox_scaling: str = "strength"
   max_documents: int | None = None
   split_documents: bool = False
-  save_every: int = 50
   mesh: str | None = None
 
   def __post_init__(self) -> None:
@@ -337,7 +338,6 @@ class ProxSparseJob(TrainingJob):
     if self.prox_scaling not in ("strength", "lr"):
       raise ValueError(f"prox_scaling must be 'strength' or 'lr', got {self.prox_scaling!r}")
     _optional_int("max_documents", self.max_documents, 1)
-    _int("save_every", self.save_every, 0)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -355,7 +355,6 @@ class ProSparseJob(TrainingJob):
     l1_stages: ``(end step, peak λ)`` of each sine stage.
     threshold: the FATReLU threshold set after training (0: plain ReLU).
     export: with ``threshold > 0`` (required then): ``fatrelu`` or ``relu``.
-    save_every: save the resume state every N steps.
   """
   learning_rate: float = 5e-5
   seed: int = 0
@@ -367,7 +366,6 @@ class ProSparseJob(TrainingJob):
   l1_stages: Sequence[tuple[int, float]] = ()
   threshold: float = 0.0
   export: str | None = None
-  save_every: int = 50
 
   def __post_init__(self) -> None:
     super().__post_init__()
@@ -379,7 +377,6 @@ class ProSparseJob(TrainingJob):
     _finite("weight decay", self.weight_decay)
     _finite("l1_warmup", self.l1_warmup)
     _int("l1_warmup_steps", self.l1_warmup_steps, 0)
-    _int("save_every", self.save_every, 0)
     if self.l1_warmup_steps > self.steps or any(end > self.steps for end, _ in self.l1_stages):
       raise ValueError(f"l1_warmup_steps and every l1 stage's end step must be <= steps ({self.steps})")
     _finite("threshold", self.threshold)

@@ -1,5 +1,8 @@
 """The recovery fine-tuning workflow: train a pruned checkpoint's kept weights on the LM loss with its sparsity mask
-fixed, check that every pruned weight is still exactly zero, save it with ``proxjax-finetune.json``.
+fixed, check that every pruned weight is still exactly zero, save it with ``proxjax-finetune.json``. The training
+state is saved every ``save_every`` steps in the state directory (default ``OUT_DIR.proxjax-state``), and the same
+job run again continues from it (:mod:`proxjax.training.loop`; the fingerprint covers the source checkpoint, the
+training windows, the masks and every setting).
 
 Example::
 
@@ -11,6 +14,7 @@ Example::
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 import jax
@@ -19,7 +23,9 @@ from flax import nnx
 
 from proxjax import data
 from proxjax.core import files
+from proxjax.models.hf import checkpoint_fingerprint
 from proxjax.training import finetune as ft
+from proxjax.training import loop
 from proxjax.workflows import common
 from proxjax.workflows.config import FinetuneJob
 
@@ -28,13 +34,10 @@ __all__ = ["finetune"]
 
 def finetune(job: FinetuneJob) -> dict[str, Any]:
   """Runs ``job`` and returns its report (also written to ``proxjax-finetune.json``)."""
-  model_dir = common.model_dir(job.model)
-  out_dir = common.check_out_dir(job.out_dir, model_dir)
-  with common.exclusive(out_dir):
-    return _finetune(job, model_dir, out_dir)
+  return common.resumable(job, _finetune)
 
 
-def _finetune(job: FinetuneJob, model_dir: str, out_dir: str) -> dict[str, Any]:
+def _finetune(job: FinetuneJob, model_dir: str, out_dir: str, state_dir: str) -> dict[str, Any]:
   model = common.load_model(model_dir, None, param_dtype=jnp.float32)  # train in float32; saved in the source's
   tokenizer = data.load_tokenizer(model_dir)
   documents = data.load_documents(job.train, split="calibration")
@@ -51,8 +54,11 @@ def _finetune(job: FinetuneJob, model_dir: str, out_dir: str) -> dict[str, Any]:
     result["eval_protocol"] = dict(eval_data.protocol)
     result["ppl_before"] = common.perplexity(model, eval_data, job.eval.batch_size, job.progress).ppl
   masks = ft.sparsity_masks(model)
+  if os.path.exists(os.path.join(state_dir, loop.STATE_FILE)):
+    print(f"resuming from {state_dir}", file=sys.stderr)
   trained = ft.finetune_masked(model, batches, learning_rate=job.learning_rate, weight_decay=job.weight_decay,
-                               masks=masks, progress=job.progress)
+                               masks=masks, progress=job.progress, state_dir=state_dir, save_every=job.save_every,
+                               run_info={"source": job.train, "checkpoint": checkpoint_fingerprint(model_dir)})
   result["losses"] = trained.losses
   if job.check:  # every weight that was zero must still be exactly zero
     params = nnx.as_pure(nnx.state(model, nnx.Param))
@@ -63,9 +69,11 @@ def _finetune(job: FinetuneJob, model_dir: str, out_dir: str) -> dict[str, Any]:
       raise RuntimeError(f"{len(lost)} pruned kernels gained non-zeros during fine-tuning (please report this bug)")
   if eval_data is not None:
     result["ppl_after"] = common.perplexity(model, eval_data, job.eval.batch_size, job.progress).ppl
-  common.save(model, out_dir, kept="nothing (fine-tuning has no resume state): free space and run it again",
+  common.save(model, out_dir,
+              kept=f"the training state is kept in {state_dir}: free space and rerun the same command to finish",
               source_dir=model_dir, metadata={**common.provenance(model_dir), "finetune": result},
               overwrite=job.out_dir.overwrite)
   report_path = job.out_dir.report or os.path.join(out_dir, "proxjax-finetune.json")
   files.write_json(report_path, result)
+  common.finish_state(job.out_dir, state_dir)
   return {**result, "report_path": report_path}
