@@ -5,9 +5,9 @@ import os
 
 import pytest
 
-# The brute-force prox reference (tests/prox_reference.py) runs many tiny L-BFGS-B problems; with a multi-threaded
-# OpenBLAS each one pays thread start-up/synchronisation costs (about 10x slower on a busy machine). This must be set
-# before NumPy/SciPy are imported, which is why it lives here; an explicit setting in the environment wins.
+# The brute-force prox reference (tests/support/prox_reference.py) runs many tiny L-BFGS-B problems; with a
+# multi-threaded OpenBLAS each one pays thread start-up/synchronisation costs (about 10x slower on a busy machine). This
+# must be set before NumPy/SciPy are imported, which is why it lives here; an explicit setting in the environment wins.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 # tests/mesh/ needs 8 fake CPU devices, which must be configured before JAX is imported: tests/test_mesh.py runs it
@@ -21,15 +21,19 @@ TINY_VOCAB = 320
 
 @pytest.hookimpl(trylast=True)  # after -m/-k deselection: `items` is what will run
 def pytest_collection_modifyitems(session, config, items):  # noqa: ARG001
-  """Starts the 8-device subprocess of tests/test_mesh.py early, for the cases of it that are selected."""
-  if any(item.nodeid.split("::")[0].endswith("test_mesh.py") for item in items):
-    import test_mesh  # noqa: PLC0415  (tests/ is on sys.path)
-    test_mesh.start_mesh_run(test_mesh.selected_cases(items))
+  """Starts the 8-device subprocess of tests/test_mesh.py early, for the cases of it that are selected, and moves
+  those cases to the end of the run: the subprocess runs alongside everything else, and is waited for last."""
+  from tests.support import mesh_run  # noqa: PLC0415  (imports no JAX)
+
+  mesh = [item for item in items if item.nodeid.split("::")[0].endswith("test_mesh.py")]
+  if mesh and not config.option.collectonly:
+    mesh_run.start_mesh_run(mesh_run.selected_cases(mesh))
+  items[:] = [item for item in items if item not in mesh] + mesh
 
 
 # ------------------------------------------------------------------------------- the tiny checkpoint and corpus --
-# Session-scoped: built once and shared by tests/test_cli.py, tests/test_proxsparse.py, tests/test_prosparse.py and
-# tests/mesh/test_cli_mesh.py (pytest finds them here; no import is needed). Read-only for the tests that use them.
+# Session-scoped: built once and shared by tests/workflows/, tests/training/ and tests/mesh/test_cli_mesh.py (pytest
+# finds them here; no import is needed). Read-only for the tests that use them.
 
 
 @pytest.fixture(scope="session")
@@ -49,11 +53,11 @@ def corpus(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory, corpus):
-  """A tiny random Llama saved by transformers (tests/test_llama.py's ``make_torch_model``, seed 3), plus a
-  byte-level BPE tokenizer trained on the calibration text."""
+  """A tiny random Llama saved by transformers (tests/support/torch_llama.py's ``make_torch_model``, seed 3), plus
+  a byte-level BPE tokenizer trained on the calibration text."""
   from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: PLC0415
 
-  from test_llama import make_torch_model  # noqa: PLC0415  (tests/ is on sys.path)
+  from tests.support.torch_llama import make_torch_model  # noqa: PLC0415
 
   path = tmp_path_factory.mktemp("ckpt") / "tiny"
   model = make_torch_model("llama", seed=3, vocab_size=TINY_VOCAB, bos_token_id=None, eos_token_id=0)

@@ -10,7 +10,3 @@ import pytest  # noqa: E402
 if len(jax.devices()) != 8:
   raise pytest.UsageError(f"tests/mesh needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8 before "
                           f"JAX is imported), got {len(jax.devices())}")
-
-import sys  # noqa: E402
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: shared fixtures

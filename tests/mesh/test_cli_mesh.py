@@ -11,7 +11,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from proxjax import cli
-from test_cli import _prune  # tests/ is on sys.path (tests/mesh/conftest.py)
+from tests.support.cli import prune_cli
 
 
 @pytest.mark.slow
@@ -20,7 +20,7 @@ def test_cli_prune_and_eval_on_a_mesh(checkpoint, corpus, tmp_path, capsys):
   # (eval --mesh below covers loading straight into the mesh; prune here streams blocks from the host)
   for name, extra in [("one", []), ("mesh", ["--mesh", "data=2,model=4", "--offload"])]:
     out = tmp_path / name
-    assert _prune(checkpoint, corpus, out, "--method", "wanda", *extra) == 0
+    assert prune_cli(checkpoint, corpus, out, "--method", "wanda", *extra) == 0
     outs[name] = load_file(str(out / "model.safetensors"))
     report = json.loads((out / "proxjax-report.json").read_text())
     assert report["mesh"] == ({"data": 2, "model": 4} if name == "mesh" else None)

@@ -79,7 +79,7 @@ def test_proxsparse_resumes_on_a_mesh(mesh, on_mesh, tmp_path):
 
   To rounding, not bit for bit: on 8 fake CPU devices the cross-device reductions are not reproducible run to run
   (two runs of the same code can differ in the last bit of a gradient norm). The bitwise resume checks are the
-  single-device ones (tests/test_proxsparse.py, tests/test_training_loop.py)."""
+  single-device ones (tests/training/test_proxsparse.py, tests/training/test_training_loop.py)."""
   def stop(t, metrics):
     if t == 3:
       raise _Stop()

@@ -22,7 +22,7 @@ import proxjax
 from proxjax.pipeline import prune as pipeline
 from proxjax.pruning.methods import PruneConfig
 from proxjax.models import load_pretrained, save_pretrained
-from test_llama import make_torch_model  # tests/ is on sys.path (pytest rootdir conftest)
+from tests.support.torch_llama import make_torch_model
 
 STAGES = pipeline.TRUE_SEQUENTIAL_STAGES
 

@@ -20,7 +20,7 @@ import proxjax
 from proxjax.pruning import baselines as bl
 from proxjax.core.toy import correlated_pairs_layer
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks"))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "benchmarks"))
 from sparsegpt_torch import sparsegpt_torch  # noqa: E402
 
 

@@ -17,14 +17,10 @@ import transformers
 
 from proxjax import data
 from proxjax import cli
+from tests.support.cli import prune_cli
 
 # The tiny ``checkpoint`` and ``corpus`` are session-scoped fixtures of tests/conftest.py, shared with the other
 # files that use them.
-
-
-def _prune(checkpoint, corpus, out, *extra):
-  return cli.main(["prune", str(checkpoint), str(out), "--calibration", str(corpus / "calib.txt"), "--nsamples", "6",
-                   "--seqlen", "32", "--batch-size", "4", "--quiet", *extra])
 
 
 def _torch_ppl(model_dir, windows):
@@ -38,7 +34,7 @@ def _torch_ppl(model_dir, windows):
 
 def test_prune_check_eval_and_torch_interop(checkpoint, corpus, tmp_path, capsys):
   out = tmp_path / "pruned"
-  assert _prune(checkpoint, corpus, out, "--method", "wanda", "--refine", "cg", "--eval", str(corpus / "eval.txt"),
+  assert prune_cli(checkpoint, corpus, out, "--method", "wanda", "--refine", "cg", "--eval", str(corpus / "eval.txt"),
                 "--eval-seqlen", "32") == 0
   files = sorted(os.listdir(out))
   for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "proxjax.json",
@@ -92,7 +88,7 @@ def test_prox_prune_and_plot(checkpoint, corpus, tmp_path, monkeypatch):
   from matplotlib import colors, image  # pylint: disable=import-outside-toplevel
 
   out = tmp_path / "prox"
-  assert _prune(checkpoint, corpus, out, "--method", "prox", "--budget", "20", "--ignore", "1.*") == 0
+  assert prune_cli(checkpoint, corpus, out, "--method", "prox", "--budget", "20", "--ignore", "1.*") == 0
   report = json.loads((out / "proxjax-report.json").read_text())
   assert [r["block"] for r in report["layers"]] == [0] * 7 and report["config"]["options"]["budget"] == 20
   assert all(r["iterations"] > 0 for r in report["layers"])
@@ -146,14 +142,14 @@ def test_bad_inputs_give_clear_errors_and_no_output(checkpoint, corpus, tmp_path
   out.mkdir()
   (out / "x").write_text("keep me")
   capsys.readouterr()
-  assert _prune(checkpoint, corpus, out, "--method", "magnitude") == 2
+  assert prune_cli(checkpoint, corpus, out, "--method", "magnitude") == 2
   assert "not empty" in capsys.readouterr().err
   assert (out / "x").read_text() == "keep me"
 
 
 def test_finetune_keeps_the_pattern_and_lowers_the_loss(checkpoint, corpus, tmp_path, capsys):
   pruned, tuned = tmp_path / "pruned", tmp_path / "tuned"
-  assert _prune(checkpoint, corpus, pruned, "--method", "magnitude") == 0
+  assert prune_cli(checkpoint, corpus, pruned, "--method", "magnitude") == 0
   capsys.readouterr()
   assert cli.main(["finetune", str(pruned), str(tuned), "--train", str(corpus / "calib.txt"), "--steps", "12",
                    "--batch-size", "2", "--seqlen", "32", "--lr", "3e-3", "--eval", str(corpus / "eval.txt"),

@@ -1,5 +1,5 @@
 """ProxSparse (proxjax.training.proxsparse): its recipe of the training loop, mask extraction, resumption and the CLI,
-on the tiny checkpoint of tests/test_cli.py.
+on the tiny checkpoint of tests/conftest.py.
 
 Every run uses the same model, settings and (1, 32) batches, so the training step compiles once for the whole file.
 """

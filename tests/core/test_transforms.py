@@ -13,7 +13,7 @@ from flax import nnx
 import proxjax
 
 LR = 1e-2
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _params(dtype=jnp.float32, shape=(8, 12)):

@@ -1,6 +1,7 @@
 """The one training loop (proxjax.training.loop): a resumed run equals an uninterrupted one bit for bit, a non-finite
 loss stops the run naming the step, a state directory of another run is refused; the loss, and fine-tuning through
-the loop. ProxSparse and ProSparse resumption are tested in tests/test_proxsparse.py and tests/test_prosparse.py."""
+the loop. ProxSparse and ProSparse resumption are tested in tests/training/test_proxsparse.py and
+tests/training/test_prosparse.py."""
 
 from __future__ import annotations
 

@@ -5,8 +5,8 @@ minimizer may be non-unique: for every group, with our float32 result ``w`` eval
 
     objective(w, y, lam) <= ref_obj * (1 + 1e-6) + 1e-12 * max|y|**2,
 
-where ``ref_obj`` is the objective of the brute-force minimizer (``tests/prox_reference.py``, a feasible point, hence an
-upper bound of the true minimum). The absolute floor ``1e-12 * scale**2`` (``scale = max|y|`` of the group) is the size
+where ``ref_obj`` is the objective of the brute-force minimizer (``tests/support/prox_reference.py``, a feasible
+point, hence an upper bound of the true minimum). The absolute floor ``1e-12 * scale**2`` (``scale = max|y|`` of the group) is the size
 of the float32 round-off of the returned weights, ``~(6e-8 * scale)**2 * 4``, with margin: the objective scales as
 ``scale**2`` (see the scale invariance in ``prox_reference``). No misses are allowed.
 """
@@ -16,7 +16,6 @@ from __future__ import annotations
 import functools
 import importlib.util
 import itertools
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -29,12 +28,9 @@ import pytest
 
 import proxjax
 
-_TESTS = Path(__file__).resolve().parent
-if str(_TESTS) not in sys.path:
-  sys.path.insert(0, str(_TESTS))
+from tests.support import prox_reference
 
-import prox_reference  # noqa: E402  (after the path tweak)
-
+_TESTS = Path(__file__).resolve().parents[1]
 FIXTURE = _TESTS / "fixtures" / "prox_fixture.npz"
 REL_TOL = 1e-6
 ABS_TOL_FACTOR = 1e-12

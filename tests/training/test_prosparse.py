@@ -1,7 +1,7 @@
 """ProSparse: the λ schedule, the ReLU / FATReLU model (torch parity, activations under jit and grad), activation
 sparsity on a constructed model, the L1 training loop (penalty, resume, NaN), the export rule and the CLI.
 
-Every model is tiny (hidden ≤ 64, 2 layers); the CLI runs on tests/test_cli.py's checkpoint and text fixtures.
+Every model is tiny (hidden ≤ 64, 2 layers); the CLI runs on the tiny checkpoint and text fixtures of tests/conftest.py.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from proxjax.models import (  # noqa: E402
     load_pretrained,
     save_pretrained,
 )
-from test_llama import assert_close, input_ids, make_torch_model, rel_err, torch_logits  # noqa: E402
+from tests.support.torch_llama import assert_close, input_ids, make_torch_model, rel_err, torch_logits  # noqa: E402
 
 
 @nnx.jit

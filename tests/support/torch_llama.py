@@ -1,0 +1,71 @@
+"""The tiny random transformers (PyTorch) LLaMA-family models the tests compare against, and the comparison helpers.
+
+Used by tests/models/test_llama.py (parity), tests/pipeline/test_pipeline.py, tests/training/test_prosparse.py and the
+session-wide ``checkpoint`` fixture of tests/conftest.py. Tolerance: ``|ours − torch| ≤ TOL · max|torch|``.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+TOL = 2e-5
+B, T = 2, 16
+HF_CLASSES = {
+    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+    "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+}
+
+
+def make_torch_model(kind: str, seed: int = 0, **overrides):
+  """A tiny random transformers model with well-spread weights (eager attention, float32, eval mode)."""
+  cfg_cls, model_cls = HF_CLASSES[kind]
+  kw = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
+            tie_word_embeddings=False, attn_implementation="eager")
+  kw.update(overrides)
+  torch.manual_seed(seed)
+  model = model_cls(cfg_cls(**kw)).eval()
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if "norm" in name:
+        p.copy_(1.0 + 0.1 * torch.randn_like(p))
+      elif name.endswith("bias"):
+        p.copy_(0.1 * torch.randn_like(p))
+      else:
+        p.normal_(0.0, 0.15)
+  return model
+
+
+def to_np(x) -> np.ndarray:
+  return x.detach().float().numpy() if isinstance(x, torch.Tensor) else np.asarray(jnp.asarray(x, jnp.float32))
+
+
+def assert_close(ours, ref, tol: float = TOL):
+  ours, ref = to_np(ours), to_np(ref)
+  assert ours.shape == ref.shape, (ours.shape, ref.shape)
+  scale = float(np.max(np.abs(ref))) or 1.0
+  err = float(np.max(np.abs(ours - ref)))
+  assert err <= tol * scale, f"max error {err:.3g} > {tol:g} x scale {scale:.3g}"
+
+
+def rel_err(a, b) -> float:
+  a, b = to_np(a), to_np(b)
+  return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+def input_ids(seed: int = 0) -> np.ndarray:
+  return np.random.default_rng(seed).integers(0, 256, size=(B, T)).astype(np.int32)
+
+
+def torch_logits(model, ids, positions=None):
+  with torch.no_grad():
+    pos = None if positions is None else torch.as_tensor(np.asarray(positions), dtype=torch.long)
+    return model(input_ids=torch.as_tensor(ids, dtype=torch.long), position_ids=pos).logits
