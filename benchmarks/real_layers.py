@@ -1,94 +1,154 @@
-"""Layer-wise quality on REAL layer statistics: every method on the same kernels and Hessians of SmolLM2-135M.
+"""Prox quality per cost on REAL layer statistics: every method and prox variant on the same kernels and Hessians.
 
-For a few decoder blocks of the dense model, the inputs of all 7 projections are captured from the dense model
-(calibration: offline Wikipedia calibration articles, packed, seed 0) and ``H = XXᵀ/n`` is accumulated; then every
-method prunes every projection against the SAME ``H`` and the relative local loss ``tr((V−W)H(V−W)ᵀ)/tr(WHWᵀ)`` is
-reported per projection type (mean over the chosen blocks) — a side-by-side comparison with no sequential drift
-between methods. Times are per method relative to Wanda's.
+For a few decoder blocks of SmolLM2-135M, the kernels of all 7 projections and their ``H = XXᵀ/n`` are taken from
+the **dense** model (:func:`proxjax.pipeline.layer_statistics`; calibration: offline Wikipedia calibration articles,
+packed, seed 0), so every method solves the same problems with no sequential drift. Each method prunes every
+projection; reported per projection type (mean over the blocks): the relative local loss ``tr((V−W)H(V−W)ᵀ)/tr(WHWᵀ)``
+after refinement, and per method the total wall time relative to Wanda's and to SparseGPT + CG's, measured side by
+side in this run. Every method is compiled first (one warm-up call per method and layer shape: the prox with
+``cap=1, refine_steps=1``, which runs the same executables), so times exclude compiles.
+
+Methods (``--methods``, default all but ``prox-paper``, which alone takes ~20 minutes on 2 CPU cores):
+
+* ``wanda``, ``sparsegpt+cg``: the references.
+* ``prox`` the library default (FISTA, ``lam0_relative=1e-3``, ``budget=150``; docs/method.md, "Acceleration").
+* ``prox-fista-K``: the same with ``budget=K`` (K in ``--budgets``), the frontier of loss vs time.
+* ``prox-plain-300``: plain proximal gradient, ``budget=300`` (the earlier fast setting).
+* ``prox-paper``: the paper's schedule (``λ₀ = 0.01``, ``β = 1.01``, plain; 1000–1800 iterations per layer).
 
 Run from the repository root (after ``bash setup.sh``; converts the bundled model on first use)::
 
-  python benchmarks/real_layers.py --blocks 0 14 29 --nsamples 16 --seqlen 512
+  python benchmarks/real_layers.py                          # CPU: blocks 0 15 29, ~15 min on 2 cores
+  python benchmarks/real_layers.py --methods wanda sparsegpt+cg prox prox-paper   # with the paper's schedule
+
+``--gpu`` runs the same comparison on one 7B-shaped block (LLaMA-2 7B: 4096 → 4096 / 11008; synthetic kernels and
+Hessians from ``benchmarks/scale_blocks.py``'s generator, since no checkpoint reaches the GPU machine), for when an
+accelerator is lent::
+
+  python benchmarks/real_layers.py --gpu --methods wanda sparsegpt+cg prox prox-fista-50 prox-paper
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
+from typing import Any
 
-import jax.numpy as jnp
+import jax
 import numpy as np
 
 import proxjax
-from proxjax import data
-from proxjax.pruning import calibration
-from proxjax.pipeline import prune as pipeline
-from proxjax.models.convert import default_model_dir
-from proxjax.models import LINEAR_NAMES, load_pretrained
 
-METHODS = (
-    ("magnitude", "magnitude", None, {}),
-    ("wanda", "wanda", None, {}),
-    ("wanda+cg", "wanda", "cg", {}),
-    ("sparsegpt", "sparsegpt", None, {}),
-    ("sparsegpt+cg", "sparsegpt", "cg", {}),
-    ("prox(budget 300)+cg", "prox", "cg", {"budget": 300}),
-    ("prox(paper: λ₀ .01, β 1.01)+cg", "prox", "cg", {}),
-)
+NAMES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+         "mlp.up_proj", "mlp.down_proj")
+
+
+def methods(budgets: list[int]) -> dict[str, tuple[str, str | None, dict[str, Any]]]:
+  """label -> (prune_kernel method, refine, options)."""
+  out = {"wanda": ("wanda", None, {}), "sparsegpt+cg": ("sparsegpt", "cg", {}), "prox": ("prox", "cg", {})}
+  for k in budgets:
+    out[f"prox-fista-{k}"] = ("prox", "cg", {"budget": k})
+  out["prox-plain-300"] = ("prox", "cg", {"budget": 300, "accelerate": False})
+  out["prox-paper"] = ("prox", "cg", {"lam0": 0.01, "beta": 1.01, "accelerate": False})
+  return out
+
+
+def smollm2_layers(blocks: list[int], nsamples: int, seqlen: int, seed: int) -> dict[tuple[int, str], Any]:
+  from proxjax import data  # pylint: disable=import-outside-toplevel
+  from proxjax.models import load_pretrained  # pylint: disable=import-outside-toplevel
+  from proxjax.models.convert import default_model_dir  # pylint: disable=import-outside-toplevel
+  from proxjax.pipeline import layer_statistics  # pylint: disable=import-outside-toplevel
+  model_dir = default_model_dir()
+  tok = data.load_tokenizer(model_dir)
+  ids = data.calibration_windows(tok, data.load_documents("wiki", split="calibration"), nsamples=nsamples,
+                                 seqlen=seqlen, seed=seed)
+  return layer_statistics(load_pretrained(model_dir), ids, blocks)
+
+
+def synthetic_7b_layers(seed: int, tokens: int) -> dict[tuple[int, str], Any]:
+  """One LLaMA-2-7B-shaped block: bf16 kernels N(0, 0.02²), H from scale_blocks' low-rank + outlier generator."""
+  sys.path.insert(0, os.path.dirname(__file__))
+  import scale_blocks as sb  # pylint: disable=import-outside-toplevel
+  args = sb.build_parser().parse_args(["--model", "7b", "--tokens", str(tokens), "--seed", str(seed)])
+  lin = sb.linears(sb.MODELS["7b"])
+  hessians: dict[str, Any] = {}
+  out = {}
+  for short, name in zip(sb.LINEARS, NAMES):
+    spec = lin[short]
+    if spec["input"] not in hessians:
+      hessians[spec["input"]], _ = sb.measure_hessian(spec["input"], spec["d_in"], args, None, None, set())
+    kernel = sb.random_kernel(jax.random.key(sb._seed(seed, short)), (spec["d_in"], spec["d_out"]),  # pylint: disable=protected-access
+                              "normal", 0.02)
+    out[(0, name)] = (kernel, hessians[spec["input"]])
+  return out
 
 
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--blocks", type=int, nargs="+", default=[0, 14, 29])
+  p.add_argument("--blocks", type=int, nargs="+", default=[0, 15, 29])
   p.add_argument("--nsamples", type=int, default=16)
   p.add_argument("--seqlen", type=int, default=512)
   p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--skip", nargs="*", default=[], help="method labels to skip")
+  p.add_argument("--budgets", type=int, nargs="*", default=[50, 100, 300], help="prox-fista-K variants")
+  p.add_argument("--methods", nargs="+", help="labels to run (default: all but prox-paper)")
+  p.add_argument("--gpu", action="store_true", help="one synthetic LLaMA-2-7B-shaped block instead of SmolLM2")
+  p.add_argument("--tokens", type=int, default=131072, help="--gpu: calibration tokens per input")
   args = p.parse_args()
 
-  model_dir = default_model_dir()
-  model = load_pretrained(model_dir)
-  tok = data.load_tokenizer(model_dir)
-  ids = data.calibration_windows(tok, data.load_documents("wiki", split="calibration"), nsamples=args.nsamples,
-                                 seqlen=args.seqlen, seed=args.seed)
-  print(f"SmolLM2-135M-Instruct (dequantized Q4_1), blocks {args.blocks}, calibration wiki {args.nsamples}×"
-        f"{args.seqlen} packed seed {args.seed}; H from the dense model for all methods")
-  rope = model.rope(jnp.arange(args.seqlen))
-  h = np.concatenate([np.asarray(pipeline._embed(model, jnp.asarray(ids[i:i + 4])))  # pylint: disable=protected-access
-                      for i in range(0, len(ids), 4)])
-  layers = {}
-  for b, block in enumerate(model.model.layers):
-    if b > max(args.blocks):
-      break
-    if b in args.blocks:
-      states = pipeline._hessians(block, h, rope, LINEAR_NAMES, 4, None)  # pylint: disable=protected-access
-      for name in LINEAR_NAMES:
-        kernel = pipeline._submodule(block, name).kernel[...]  # pylint: disable=protected-access
-        layers[(b, name)] = (kernel, calibration.hessian_from_state(states[name]))
-    h = pipeline._propagate(block, h, rope, 4, None)  # pylint: disable=protected-access
+  table = methods(args.budgets)
+  labels = args.methods or [label for label in table if label != "prox-paper"]
+  unknown = [label for label in labels if label not in table]
+  if unknown:
+    p.error(f"unknown methods {unknown}; choose from {list(table)}")
+  for ref in ("wanda", "sparsegpt+cg"):
+    if ref not in labels:
+      labels.insert(0, ref)
+  if args.gpu:
+    layers = synthetic_7b_layers(args.seed, args.tokens)
+    print(f"one LLaMA-2-7B-shaped block (synthetic, seed {args.seed}, {args.tokens} tokens per input) on "
+          f"{jax.devices()[0].device_kind}")
+  else:
+    layers = smollm2_layers(args.blocks, args.nsamples, args.seqlen, args.seed)
+    print(f"SmolLM2-135M-Instruct (dequantized Q4_1), blocks {args.blocks}, calibration wiki {args.nsamples}×"
+          f"{args.seqlen} packed seed {args.seed}; H from the dense model for all methods; {jax.devices()[0]}")
+  blocks = sorted({b for b, _ in layers})
 
-  results, times = {}, {}
-  for label, method, refine, options in METHODS:
-    if label in args.skip:
-      continue
+  results: dict[tuple[str, tuple[int, str]], Any] = {}
+  seconds: dict[str, float] = {}
+  for label in labels:
+    method, refine, options = table[label]
+    warm = {**options, **({"cap": 1} if method == "prox" else {}), **({"refine_steps": 1} if refine else {})}
+    seen = set()
+    for kernel, hess in layers.values():
+      if kernel.shape not in seen:  # compile once per shape (traced options: the same executables)
+        seen.add(kernel.shape)
+        jax.block_until_ready(proxjax.prune_kernel(kernel, hess, method, refine=refine, **warm).kernel)
     t0 = time.perf_counter()
     for key, (kernel, hess) in layers.items():
       res = proxjax.prune_kernel(kernel, hess, method, refine=refine, **options)
-      results[(label, key)] = (res.info.loss_after_refine, res.info.iterations)
-    times[label] = time.perf_counter() - t0
-    print(f"  done {label} in {times[label]:.0f} s", flush=True)
+      results[(label, key)] = (res.info.loss_after_refine, res.info.iterations, res.info.refine_steps)
+    seconds[label] = time.perf_counter() - t0
+    print(f"  done {label} in {seconds[label]:.1f} s", flush=True)
+    if label not in ("wanda", "sparsegpt+cg"):
+      table_of(labels[:labels.index(label) + 1], table, layers, blocks, results, seconds)
 
-  labels = [m[0] for m in METHODS if m[0] in times]
-  print(f"\nrelative local loss, mean over blocks {args.blocks} (lower is better)")
-  print(f"{'method':<32}" + "".join(f"{n.split('.')[1]:>10}" for n in LINEAR_NAMES) + f"{'mean':>10}{'time/wanda':>12}")
+
+def table_of(labels: list[str], table: dict[str, Any], layers: dict[Any, Any], blocks: list[int],
+             results: dict[Any, Any], seconds: dict[str, float]) -> None:
+  """Prints the table of the methods run so far (after each one: a long run that is stopped keeps its rows)."""
+  print(f"\nrelative local loss after refinement, mean over blocks {blocks} (lower is better); times measured in "
+        "this run, compiles excluded")
+  head = "| method | " + " | ".join(n.split(".")[1] for n in NAMES) + " | mean | time / Wanda | time / SparseGPT+CG |"
+  print(head + " prox iterations |")
+  print("|" + "---|" * (len(NAMES) + 5))
   for label in labels:
-    row = [np.mean([results[(label, (b, n))][0] for b in args.blocks]) for n in LINEAR_NAMES]
-    print(f"{label:<32}" + "".join(f"{v:10.4f}" for v in row) + f"{np.mean(row):10.4f}"
-          f"{times[label] / times['wanda']:12.1f}")
-  for label in labels:
-    if label.startswith("prox"):
-      its = [results[(label, k)][1] for k in layers]
-      print(f"{label}: iterations {min(its)}–{max(its)}")
+    row = [np.mean([results[(label, (b, n))][0] for b in blocks]) for n in NAMES]
+    its = [results[(label, k)][1] for k in layers]
+    print(f"| {label} | " + " | ".join(f"{v:.4f}" for v in row) + f" | {np.mean(row):.4f} | "
+          f"{seconds[label] / seconds['wanda']:.1f} | {seconds[label] / seconds['sparsegpt+cg']:.2f} | "
+          + (f"{min(its)}–{max(its)} |" if table[label][0] == "prox" else "– |"), flush=True)
 
 
 if __name__ == "__main__":

@@ -115,6 +115,7 @@ from proxjax.pruning import calibration
 from proxjax.pruning import pruner
 from proxjax.pruning import refine
 from proxjax.core import sharding
+from proxjax.pruning.methods import ProxConfig
 
 _HI = lax.Precision.HIGHEST
 _F32 = jnp.float32
@@ -136,6 +137,7 @@ METHODS = {
     "sparsegpt+cg": ("sparsegpt", "cg", None),
     "prox-budget": ("prox", "cg", "budget"),
     "prox": ("prox", "cg", "paper"),
+    "prox-default": ("prox", "cg", "default"),  # the library's default: FISTA, budget 150, relative λ₀
 }
 
 # Dense peak TFLOP/s by device kind (NVIDIA data sheets, SXM parts): bf16 tensor core, TF32 tensor core, FP32 without
@@ -485,10 +487,15 @@ def run_method(label: str, kernel: jax.Array, hess: jax.Array, args: argparse.Na
   opts: dict[str, Any] = dict(precision=args.precision)
   rec: dict[str, Any] = dict(method=method, refine=refine_, precision=args.precision)
   estimate = needed = None
-  if method == "prox":
-    opts.update(lam0=args.lam0, cap=args.cap)
+  if method == "prox" and schedule == "default":
+    opts.update(cap=args.cap)
+    estimate = ProxConfig.DEFAULT_BUDGET
+  elif method == "prox":
+    opts.update(cap=args.cap, accelerate=False)  # the plain prox-gradient of the paper
     if args.lam0_relative is not None:
       opts["lam0_relative"] = args.lam0_relative
+    else:
+      opts["lam0"] = args.lam0
     if schedule == "budget":
       opts["budget"] = args.budget
       estimate = args.budget
@@ -720,7 +727,8 @@ def merge(paths: list[str]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+  """The command line (also used by ``benchmarks/real_layers.py --gpu`` for the generator's settings)."""
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--model", choices=sorted(MODELS), default="tiny")
   p.add_argument("--methods", nargs="*", choices=list(METHODS), default=list(METHODS),
@@ -755,6 +763,11 @@ def main() -> None:
                       "one call, minus the compile time JAX reports (saves a setup, i.e. an eigvalsh, per run)")
   p.add_argument("--out", default=None, help="JSON results, rewritten after every run")
   p.add_argument("--merge", nargs="+", default=None, help="print the report of these JSONs (same model) and exit")
+  return p
+
+
+def main() -> None:
+  p = build_parser()
   args = p.parse_args()
 
   if args.merge:

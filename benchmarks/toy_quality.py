@@ -21,10 +21,12 @@ METHODS = [
     ("wanda + GD", "wanda", "gd", {}),
     ("wanda + CG", "wanda", "cg", {}),
     ("sparsegpt + GD", "sparsegpt", "gd", {}),
-    ("prox (λ₀=0.01, β=1.2) + GD", "prox", "gd", dict(lam0=0.01, beta=1.2)),
-    ("prox (λ₀=0.01, β=1.2) + CG", "prox", "cg", dict(lam0=0.01, beta=1.2)),
-    ("prox (λ₀=1e-3, β=1.1) + GD", "prox", "gd", dict(lam0=1e-3, beta=1.1)),
-    ("prox (λ₀=0.01, β=1.01) + GD (paper defaults)", "prox", "gd", dict(lam0=0.01, beta=1.01)),
+    ("prox (λ₀=0.01, β=1.2) + GD", "prox", "gd", dict(lam0=0.01, beta=1.2, accelerate=False)),
+    ("prox (λ₀=0.01, β=1.2) + CG", "prox", "cg", dict(lam0=0.01, beta=1.2, accelerate=False)),
+    ("prox (λ₀=1e-3, β=1.1) + GD", "prox", "gd", dict(lam0=1e-3, beta=1.1, accelerate=False)),
+    ("prox (λ₀=0.01, β=1.01) + GD (paper)", "prox", "gd", dict(lam0=0.01, beta=1.01, accelerate=False)),
+    ("prox (default: FISTA, budget 150) + GD", "prox", "gd", {}),
+    ("prox (default: FISTA, budget 150) + CG", "prox", "cg", {}),
 ]
 
 

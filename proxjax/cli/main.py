@@ -125,11 +125,18 @@ def prune_config(args: argparse.Namespace) -> PruneConfig:
     key = key.replace("-", "_")
     options[key] = _parse_value(value)
     flags[key] = f"--option {key}"
+  if args.paper:
+    clash = [flags[k] for k in ("lam0", "beta", "budget", "lam0_relative", "accelerate") if k in flags]
+    if clash:
+      raise ArgumentError(f"--paper sets the schedule itself; drop {', '.join(clash)}")
+    options.update(lam0=0.01, beta=1.01, accelerate=False)
+    flags.update(lam0="--paper", beta="--paper", accelerate="--paper")
   refine = "auto" if args.refine is None else args.refine
   try:
     return PruneConfig.from_options(args.method, refine=refine, n=args.n, m=args.m, **options)
   except (TypeError, ValueError) as err:
-    named = [flags[k] for k in flags if repr(k) in str(err) or k in str(err).split()]
+    words = str(err).replace(",", " ").split()
+    named = list(dict.fromkeys(flags[k] for k in flags if repr(k) in str(err) or k in words))
     raise ArgumentError(f"{', '.join(named) + ': ' if named else ''}{err}") from None
 
 
@@ -321,11 +328,17 @@ def _add_prune(sub: Any) -> None:
                  help="refinement of the kept weights (default: cg for prox, none for the baselines)")
   p.add_argument("--n", type=int, default=2, help="kept weights per group (default 2)")
   p.add_argument("--m", type=int, default=4, help="group size (default 4)")
-  p.add_argument("--lam0", type=float, help="prox: first λ (default 0.01)")
-  p.add_argument("--beta", type=float, help="prox: λ growth factor per iteration (default 1.01)")
+  p.add_argument("--lam0", type=float, help="prox: first λ, absolute (the paper: 0.01; default: --lam0-relative)")
+  p.add_argument("--beta", type=float, help="prox: λ growth factor per iteration (the paper: 1.01; default: "
+                                            "--budget)")
   p.add_argument("--cap", type=int, help="prox: iteration cap (default 3000)")
-  p.add_argument("--budget", type=int, help="prox: choose β so the schedule needs about this many iterations")
-  p.add_argument("--lam0-relative", type=float, help="prox: λ₀ relative to the layer's 2-sparse threshold")
+  p.add_argument("--budget", type=int, help="prox: choose β so the schedule needs about this many iterations "
+                                            "(default 150)")
+  p.add_argument("--lam0-relative", type=float, help="prox: λ₀ relative to the layer's 2-sparse threshold "
+                                                     "(default 1e-3)")
+  p.add_argument("--paper", action="store_true",
+                 help="prox: the paper's schedule (λ₀ 0.01, β 1.01, no acceleration; about 10x the iterations of "
+                      "the default for the same loss, docs/method.md \"Acceleration\")")
   p.add_argument("--ridge", type=float, help="prox: δ added as δ·I to the preconditioned H inside the loop (0)")
   p.add_argument("--damp", type=float, help="sparsegpt: damping relative to mean(diag H) (0.01)")
   p.add_argument("--refine-steps", type=int, help="refinement steps (GD 1000; CG cap 200)")

@@ -107,10 +107,11 @@ __all__ = [
 ]
 
 DEFAULT_PROX_ITERATIONS = 1500
-"""Prox-gradient iterations per linear assumed when neither ``iterations`` nor the option ``budget`` is given: the
-default schedule (``β = 1.01``, ``λ₀ = 0.01``) took 1072–1799 iterations per linear on SmolLM2's layers
-(``benchmarks/README.md``); with ``budget=K`` the loop takes about ``K`` (292–341 for ``K = 300``). The actual count
-depends on the layer (:func:`proxjax.estimate_iterations` estimates it from the kernel and ``H``)."""
+"""Prox-gradient iterations per linear assumed for a schedule given by ``beta`` (not by a budget) when
+``iterations`` is not given: the paper's schedule (``β = 1.01``, ``λ₀ = 0.01``) took 1072–1799 iterations per linear
+on SmolLM2's layers (``benchmarks/README.md``). With a budget ``K`` (the default, 150) the loop takes about ``K``
+plus a short tail (292–341 for ``K = 300``), and ``K`` is what the planner assumes. The actual count depends on the
+layer (:func:`proxjax.estimate_iterations` estimates it from the kernel and ``H``)."""
 
 
 PROX_PASSES = 8
@@ -723,7 +724,8 @@ def estimate(config: LlamaConfig, *, nsamples: int, seqlen: int, method: str | M
   host_bytes_per_s = _rate("host_bytes_per_s", host_bytes_per_s)
   if isinstance(cfg.method, ProxConfig):
     if iterations is None:
-      iterations = min(cfg.method.budget or DEFAULT_PROX_ITERATIONS, cfg.method.cap)
+      how, value = cfg.method.growth
+      iterations = min(int(value) if how == "budget" else DEFAULT_PROX_ITERATIONS, cfg.method.cap)
     iterations = _non_negative_int("iterations", iterations)
   else:
     iterations = 0

@@ -68,23 +68,32 @@ def _int(name: str, value: Any, *, low: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class ProxConfig:
-  """The prox method (docs/method.md, "The prox method" and "Schedule and iteration estimate").
+  """The prox method (docs/method.md, "The prox method", "Schedule and iteration estimate" and "Acceleration").
+
+  The schedule ``λ_k = λ₀ β^k`` is set by one of ``lam0`` (absolute) or ``lam0_relative`` (``λ₀ = r · L κ``) and one
+  of ``beta`` or ``budget`` (``β = (L κ / λ₀)^{1/budget}``); with neither of a pair the default is used:
+  ``lam0_relative = 1e-3`` and ``budget = 150``, with FISTA's acceleration. The paper's schedule is
+  :meth:`paper` (``λ₀ = 0.01``, ``β = 1.01``, no acceleration: about 10× the iterations for the same loss,
+  benchmarks/README.md, "Prox quality per cost").
 
   Attributes:
-    lam0: the first ``λ₀ > 0``.
-    beta: ``β >= 1``, the growth of ``λ`` per iteration.
+    lam0: the first ``λ₀ > 0`` (absolute), or ``None``.
+    beta: ``β >= 1``, the growth of ``λ`` per iteration, or ``None``.
     cap: the iteration cap.
     ridge: ``δ >= 0`` added as ``δ·I`` to ``H̃`` inside the loop.
     quantile: the quantile in ``(0, 1]`` of ``a3/(a1 a2)`` that sets ``κ``.
-    lam0_relative: if set, ``λ₀ = lam0_relative · L κ`` (scale-free).
-    budget: if set, ``β = (L κ / λ₀)^{1/budget}`` (about ``budget`` iterations).
+    lam0_relative: ``λ₀ = lam0_relative · L κ`` (scale-free), or ``None``.
+    budget: ``β = (L κ / λ₀)^{1/budget}`` (about ``budget`` iterations), or ``None``.
     tail_fraction: stop when at most this fraction of groups is not 2:4, and project those.
     loop: ``"while"`` (stops when done) or ``"scan"`` (fixed length ``cap``, same iterates).
+    accelerate: FISTA's extrapolation between prox-gradient steps; the prox stays exact.
   """
   name: ClassVar[str] = "prox"
   default_refine: ClassVar[str | None] = "cg"
-  lam0: float = 0.01
-  beta: float = 1.01
+  DEFAULT_LAM0_RELATIVE: ClassVar[float] = 1e-3
+  DEFAULT_BUDGET: ClassVar[int] = 150
+  lam0: float | None = None
+  beta: float | None = None
   cap: int = 3000
   ridge: float = 0.0
   quantile: float = 0.99
@@ -92,10 +101,41 @@ class ProxConfig:
   budget: int | None = None
   tail_fraction: float = 0.0
   loop: str = "while"
+  accelerate: bool = True
+
+  @classmethod
+  def paper(cls, **overrides: Any) -> ProxConfig:
+    """The paper's schedule: ``λ₀ = 0.01``, ``β = 1.01``, plain proximal gradient (no acceleration).
+
+    Example:
+      >>> ProxConfig.paper().start, ProxConfig.paper().growth
+      (('lam0', 0.01), ('beta', 1.01))
+    """
+    return cls(**{"lam0": 0.01, "beta": 1.01, "accelerate": False, **overrides})
+
+  @property
+  def start(self) -> tuple[str, float]:
+    """``("lam0", λ₀)`` or ``("lam0_relative", r)``: how ``λ₀`` is set."""
+    if self.lam0 is not None:
+      return "lam0", self.lam0
+    return "lam0_relative", self.DEFAULT_LAM0_RELATIVE if self.lam0_relative is None else self.lam0_relative
+
+  @property
+  def growth(self) -> tuple[str, float]:
+    """``("beta", β)`` or ``("budget", K)``: how ``β`` is set."""
+    if self.beta is not None:
+      return "beta", self.beta
+    return "budget", self.DEFAULT_BUDGET if self.budget is None else self.budget
 
   def __post_init__(self) -> None:
-    _number("lam0", self.lam0, low=0.0, open_low=True)
-    _number("beta", self.beta, low=1.0)
+    if self.lam0 is not None:
+      _number("lam0", self.lam0, low=0.0, open_low=True)
+    if self.beta is not None:
+      _number("beta", self.beta, low=1.0)
+    if self.lam0 is not None and self.lam0_relative is not None:
+      raise ValueError("give lam0 (absolute) or lam0_relative, not both")
+    if self.beta is not None and self.budget is not None:
+      raise ValueError("give beta or budget (which sets beta), not both")
     _int("cap", self.cap, low=1)
     _number("ridge", self.ridge, low=0.0)
     _number("quantile", self.quantile, low=0.0, high=1.0, open_low=True)
@@ -106,6 +146,8 @@ class ProxConfig:
     _number("tail_fraction", self.tail_fraction, low=0.0, high=1.0, open_high=True)
     if self.loop not in ("while", "scan"):
       raise ValueError(f"loop must be 'while' or 'scan', got {self.loop!r}")
+    if not isinstance(self.accelerate, bool):
+      raise ValueError(f"accelerate must be True or False, got {self.accelerate!r}")
 
   def check_pattern(self, n: int, m: int) -> None:
     if (n, m) != (2, 4):
@@ -171,7 +213,7 @@ def method_config(name: str, **options: Any) -> MethodConfig:
 
   Example:
     >>> method_config("prox", budget=300)
-    ProxConfig(lam0=0.01, beta=1.01, cap=3000, ridge=0.0, quantile=0.99, lam0_relative=None, budget=300, tail_fraction=0.0, loop='while')
+    ProxConfig(lam0=None, beta=None, cap=3000, ridge=0.0, quantile=0.99, lam0_relative=None, budget=300, tail_fraction=0.0, loop='while', accelerate=True)
   """
   if name not in METHODS:
     raise ValueError(f"unknown method {name!r}; expected one of {tuple(METHODS)}")

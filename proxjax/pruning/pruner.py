@@ -83,6 +83,9 @@ _F32 = jnp.float32
 # The most negative eigenvalue of H̃ (relative to its largest) taken for float32 rounding in eigvalsh.
 _CURVATURE_TOL = 1e-3
 
+# λ₀ when it is relative and κ = 0 (every group is already 2-sparse: the loop stops before its first step).
+_FALLBACK_LAM0 = 0.01
+
 # Largest prox strength η·λ_k·max|K̃₀| the schedule may reach (keeps the prox's λ² terms finite in float32; at this
 # strength every group whose second magnitude is not ~1e-12 times its first is 2-sparse).
 _STRENGTH_LIMIT = 1e12
@@ -185,7 +188,7 @@ def _groups_left(v: jax.Array) -> jax.Array:
 
 def _prox_loop(k0t: jax.Array, ht: jax.Array, eta: jax.Array, ridge: jax.Array, lam0: jax.Array, beta: jax.Array,
                allowed: jax.Array, cap: jax.Array, progress_every: jax.Array, *, loop: str, scan_length: int | None,
-               precision: lax.Precision) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+               precision: lax.Precision, accelerate: bool = False) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   """The prox-gradient loop, projection and mask. Returns ``(Ṽ ⊙ M, M, iterations, groups left)``.
 
   ``cap`` is traced for ``loop="while"``; ``loop="scan"`` needs the static ``scan_length`` (= cap).
@@ -193,15 +196,22 @@ def _prox_loop(k0t: jax.Array, ht: jax.Array, eta: jax.Array, ridge: jax.Array, 
   log_lam0, log_beta = jnp.log(lam0), jnp.log(beta)
   lam_max = _STRENGTH_LIMIT / (eta * jnp.maximum(jnp.max(jnp.abs(k0t)), jnp.finfo(_F32).tiny))
 
-  def step(v, k):
+  def step(carry, k):
     lam = jnp.minimum(jnp.exp(log_lam0 + k.astype(_F32) * log_beta), lam_max)
-    y = v - eta * _refine.local_grad(v, k0t, ht, ridge, precision)
-    v = prox_24(y, lam, eta, axis=0)
-    left = _groups_left(v)
+    if accelerate:  # FISTA's extrapolation (docs/method.md, "Acceleration"); the prox stays exact
+      v, prev, t = carry
+      t_next = 0.5 * (1.0 + jnp.sqrt(1.0 + 4.0 * t * t))
+      z = v + ((t - 1.0) / t_next) * (v - prev)
+    else:
+      (z,) = carry
+    y = z - eta * _refine.local_grad(z, k0t, ht, ridge, precision)
+    new = prox_24(y, lam, eta, axis=0)
+    left = _groups_left(new)
     progress_meter.PROX.tick(k + 1, progress_every, left)
-    return v, left
+    return ((new, v, t_next) if accelerate else (new,)), left
 
-  init = (k0t, jnp.zeros((), jnp.int32), _groups_left(k0t))
+  first = (k0t, k0t, jnp.ones((), _F32)) if accelerate else (k0t,)
+  init = (first, jnp.zeros((), jnp.int32), _groups_left(k0t))
   if loop == "while":
 
     def cond(state):
@@ -209,23 +219,25 @@ def _prox_loop(k0t: jax.Array, ht: jax.Array, eta: jax.Array, ridge: jax.Array, 
       return (k < cap) & (left > allowed)
 
     def body(state):
-      v, k, _ = state
-      v, left = step(v, k)
-      return v, k + 1, left
+      carry, k, _ = state
+      carry, left = step(carry, k)
+      return carry, k + 1, left
 
-    v, k, left = lax.while_loop(cond, body, init)
+    carry, k, left = lax.while_loop(cond, body, init)
+    v = carry[0]
   elif loop == "scan":
 
     def scan_body(state, k):
 
       def go(state):
-        v, _, _ = state
-        v, left = step(v, k)
-        return v, k + 1, left
+        carry, _, _ = state
+        carry, left = step(carry, k)
+        return carry, k + 1, left
 
       return lax.cond(state[2] > allowed, go, lambda s: s, state), None
 
-    (v, k, left), _ = lax.scan(scan_body, init, jnp.arange(scan_length, dtype=jnp.int32))
+    (carry, k, left), _ = lax.scan(scan_body, init, jnp.arange(scan_length, dtype=jnp.int32))
+    v = carry[0]
   else:
     raise ValueError(f"loop must be 'while' or 'scan', got {loop!r}")
 
@@ -499,12 +511,14 @@ def prune_kernel(kernel: ArrayLike, hessian: ArrayLike, method: str | MethodConf
   schedule, iterations, cap_hit, projected = None, 0, False, 0
   own = config.method
   if isinstance(own, ProxConfig):
-    lam0, beta, cap = own.lam0, own.beta, own.cap
+    cap = own.cap
     pre, k0t, lipschitz, kappa = _constants(kernel, hessian, own.quantile, own.ridge, mesh=mesh)
-    if own.lam0_relative is not None:
-      lam0 = own.lam0_relative * lipschitz * kappa if kappa > 0 else lam0
-    if own.budget is not None:
-      beta = _budget_beta(lipschitz, kappa, lam0, own.budget)
+    how, lam0 = own.start
+    if how == "lam0_relative":  # scale-free λ₀; with κ = 0 (nothing to prune) any λ₀ stops at once
+      lam0 = lam0 * lipschitz * kappa if kappa > 0 else _FALLBACK_LAM0
+    how, beta = own.growth
+    if how == "budget":
+      beta = _budget_beta(lipschitz, kappa, lam0, int(beta))
     if not lam0 > 0:
       raise ValueError(f"lam0 must be > 0, got {lam0}")
     estimate = _estimate(lipschitz, kappa, lam0, beta) if beta > 1.0 else cap
@@ -514,7 +528,8 @@ def prune_kernel(kernel: ArrayLike, hessian: ArrayLike, method: str | MethodConf
                                jnp.asarray(1.0 / lipschitz, _F32), jnp.asarray(own.ridge, _F32),
                                jnp.asarray(lam0, _F32), jnp.asarray(beta, _F32), jnp.asarray(allowed, jnp.int32),
                                jnp.asarray(cap, jnp.int32), jnp.asarray(every, jnp.int32), loop=own.loop,
-                               scan_length=cap if own.loop == "scan" else None, precision=precision)
+                               scan_length=cap if own.loop == "scan" else None, precision=precision,
+                               accelerate=own.accelerate)
       iterations, projected = int(k), int(left)
     cap_hit = projected > allowed
     schedule = Schedule(float(lam0), float(beta), cap, lipschitz, kappa, estimate)

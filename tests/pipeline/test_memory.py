@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import pytest
 
 from proxjax.pipeline import memory
-from proxjax.pruning.methods import PruneConfig
+from proxjax.pruning.methods import ProxConfig, PruneConfig
 from proxjax.models import LlamaConfig
 
 TINY = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
@@ -53,7 +53,7 @@ def test_tiny_parts_equal_hand_counts():
   # TINY: D = 32, I = 64, 4 heads of 8, 2 blocks, float32; N = 4 sequences of T = 16, batch b = 2.
   est = memory.estimate(TINY, nsamples=4, seqlen=16, batch_size=2)
   assert est.param_bytes == 4 and est.batch_size == 2 and est.refine_steps == 200
-  assert est.iterations == memory.DEFAULT_PROX_ITERATIONS == 1500
+  assert est.iterations == ProxConfig.DEFAULT_BUDGET == 150  # the default schedule's budget
   assert est.host["calibration activations"] == 2 * 4 * 16 * 32 * 4  # inputs and outputs of a block, float32
   block_params = 2 * 32 + 4 * 32 * 32 + 2 * 32 * 64 + 64 * 32  # norms, q/k/v/o, gate/up, down
   assert est.params == {"total": 2 * block_params + 2 * 64 * 32 + 32, "pruned": 2 * (block_params - 64),

@@ -14,7 +14,7 @@ import pytest
 import proxjax
 from proxjax.pruning import baselines
 from proxjax.pruning import pruner
-from proxjax.pruning.methods import PruneConfig
+from proxjax.pruning.methods import ProxConfig, PruneConfig
 from proxjax.pruning.pruner import prune_kernel
 from proxjax.core.toy import correlated_pairs_layer
 
@@ -73,9 +73,20 @@ def toy_results():
       "magnitude": prune_kernel(k, h, "magnitude"),
       "wanda": prune_kernel(k, h, "wanda"),
       "wanda+gd": prune_kernel(k, h, "wanda", refine="gd"),
-      "prox+gd": prune_kernel(k, h, "prox", lam0=0.01, beta=1.2, refine="gd"),
-      "prox+default": prune_kernel(k, h, "prox", lam0=0.01, beta=1.2),
+      "prox+gd": prune_kernel(k, h, "prox", lam0=0.01, beta=1.2, refine="gd", accelerate=False),
+      "prox+default": prune_kernel(k, h, "prox", lam0=0.01, beta=1.2, accelerate=False),
+      "paper+gd": prune_kernel(k, h, PruneConfig(ProxConfig.paper(), refine="gd")),
+      "default+gd": prune_kernel(k, h, "prox", refine="gd"),
   }
+
+
+def test_the_default_schedule_beats_the_papers_with_a_quarter_of_its_iterations(toy_results):
+  """docs/method.md, "Acceleration" and "The toy layer": FISTA with budget 150 against λ₀ = 0.01, β = 1.01."""
+  _, _, r = toy_results
+  default, paper = r["default+gd"].info, r["paper+gd"].info
+  assert paper.schedule.beta == pytest.approx(1.01) and paper.iterations > 500
+  assert default.iterations < paper.iterations / 3
+  assert default.loss_after_refine < paper.loss_after_refine < r["prox+gd"].info.loss_after_refine
 
 
 def test_prox_default_refinement_is_cg_and_matches_gd(toy_results):
@@ -163,35 +174,46 @@ def test_dead_inputs_and_singular_hessian(damp):
   assert res.info.loss_after_refine < 0.5  # rank 10 < 16 kept per column: the loss can be small
 
 
-def _reference_w_layout(w, h, lam0, beta, cap=500):
-  """The prox-gradient loop transcribed in the PyTorch layout: W (d_out, d_in), groups along rows (axis=-1)."""
+def _reference_w_layout(w, h, lam0, beta, cap=500, accelerate=False):
+  """The prox-gradient loop transcribed in the PyTorch layout: W (d_out, d_in), groups along rows (axis=-1); with
+  ``accelerate``, FISTA's extrapolation (docs/method.md, "Acceleration")."""
   d = np.sqrt(np.diag(h)).astype(np.float32)
   wt = (w * d[None, :]).astype(np.float32)  # W̃ = W diag(d)
   ht = (h / np.outer(d, d)).astype(np.float32)  # H̃ = diag(d)⁻¹ H diag(d)⁻¹
   eta = np.float32(1.0 / np.linalg.eigvalsh(ht.astype(np.float64))[-1])
-  v = wt.copy()
+  v, prev, t = wt.copy(), wt.copy(), 1.0
   k = 0
   while k < cap and np.any((v.reshape(v.shape[0], -1, 4) != 0).sum(-1) > 2):
     lam = np.exp(np.log(np.float32(lam0)) + np.float32(k) * np.log(np.float32(beta)))  # as the pruner forms it
-    v = np.asarray(proxjax.prox_24(v - eta * ((v - wt) @ ht), lam, eta, axis=-1))
+    z = v
+    if accelerate:
+      t_next = 0.5 * (1.0 + np.sqrt(1.0 + 4.0 * t * t))
+      z, t = v + np.float32((t - 1.0) / t_next) * (v - prev), t_next
+    prev, v = v, np.asarray(proxjax.prox_24(z - eta * ((z - wt) @ ht), lam, eta, axis=-1))
     k += 1
   return v / d[None, :], k
 
 
-def test_square_layer_against_w_layout_reference():
+@pytest.mark.parametrize("accelerate", [False, True])
+def test_accelerated_loop_against_w_layout_reference(accelerate):
   k, h = _small(d_in=16, d_out=16, seed=3)
-  ref, iters = _reference_w_layout(k.T, h, 0.01, 1.3)
-  res = prune_kernel(k, h, lam0=0.01, beta=1.3, refine=None)
+  ref, iters = _reference_w_layout(k.T, h, 0.01, 1.3, accelerate=accelerate)
+  res = prune_kernel(k, h, lam0=0.01, beta=1.3, refine=None, accelerate=accelerate)
   assert res.info.iterations == iters
   np.testing.assert_array_equal(np.asarray(res.mask), ref.T != 0)
   np.testing.assert_allclose(np.asarray(res.kernel), ref.T, rtol=2e-4, atol=1e-5)
+
+
+def test_square_layer_refined_against_a_dense_solve():
+  k, h = _small(d_in=16, d_out=16, seed=3)
+  ref, _ = _reference_w_layout(k.T, h, 0.01, 1.3)  # its mask: checked in the test above
   # Refined with CG: each output's masked least squares, solved densely in the W layout.
   mask_w = ref != 0
   want = np.zeros_like(k.T, dtype=np.float64)
   for i in range(16):
     s = mask_w[i]
     want[i, s] = np.linalg.solve(h[np.ix_(s, s)].astype(np.float64), h[s].astype(np.float64) @ k.T[i])
-  got = prune_kernel(k, h, lam0=0.01, beta=1.3, refine="cg", refine_steps=30, refine_tol=1e-7)
+  got = prune_kernel(k, h, lam0=0.01, beta=1.3, refine="cg", refine_steps=30, refine_tol=1e-7, accelerate=False)
   np.testing.assert_allclose(np.asarray(got.kernel), want.T, rtol=1e-4, atol=1e-5)
 
 
@@ -280,3 +302,19 @@ def test_errors_nan_and_options():
     prune_kernel(k, h, "magnitude", refine_steps=10)
   with pytest.raises(ValueError, match="either a PruneConfig"):
     prune_kernel(k, h, PruneConfig(), refine="gd")
+
+
+def test_the_prox_schedule_is_set_once_and_resolved_in_the_report():
+  assert ProxConfig().start == ("lam0_relative", 1e-3) and ProxConfig().growth == ("budget", 150)
+  assert ProxConfig(lam0=0.05).start == ("lam0", 0.05) and ProxConfig(beta=1.1).growth == ("beta", 1.1)
+  assert ProxConfig.paper() == ProxConfig(lam0=0.01, beta=1.01, accelerate=False)
+  for bad, needle in (({"lam0": 0.1, "lam0_relative": 0.1}, "not both"), ({"beta": 1.1, "budget": 10}, "not both"),
+                      ({"accelerate": 1}, "True or False")):
+    with pytest.raises(ValueError, match=needle):
+      ProxConfig(**bad)
+  k, h = _small()
+  res = prune_kernel(k, h, "prox", refine=None)  # the default: λ₀ = 1e-3·Lκ, β for 150 iterations
+  s = res.info.schedule
+  assert s.lam0 == pytest.approx(1e-3 * s.lipschitz * s.kappa, rel=1e-5)
+  assert s.beta == pytest.approx((s.lipschitz * s.kappa / s.lam0) ** (1 / 150), rel=1e-5)
+  assert 100 <= res.info.iterations <= 200 and res.info.schedule.estimated_iterations == 150 and not res.info.cap_hit

@@ -202,6 +202,9 @@ def test_prune_dry_run_prints_the_memory_model_and_writes_nothing(checkpoint, tm
     (["--method", "prox", "--option", "blocksize=64"], ["blocksize", "'prox'"]),
     (["--method", "prox", "--n", "1"], ["2:4"]),
     (["--method", "prox", "--budget", "0"], ["budget"]),
+    (["--method", "prox", "--paper", "--beta", "1.1"], ["--paper", "--beta"]),
+    (["--method", "prox", "--lam0", "0.1", "--lam0-relative", "0.1"], ["--lam0,", "--lam0-relative", "not both"]),
+    (["--method", "wanda", "--paper"], ["--paper", "'wanda'"]),
     (["--method", "wanda", "--refine-steps", "10"], ["refine"]),
     (["--nsamples", "0"], ["nsamples"]),
 ])
