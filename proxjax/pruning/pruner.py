@@ -80,8 +80,6 @@ __all__ = [
 
 _F32 = jnp.float32
 
-# The most negative eigenvalue of H̃ (relative to its largest) taken for float32 rounding in eigvalsh.
-_CURVATURE_TOL = 1e-3
 
 # λ₀ when it is relative and κ = 0 (every group is already 2-sparse: the loop stops before its first step).
 _FALLBACK_LAM0 = 0.01
@@ -338,10 +336,10 @@ def _constants(kernel: jax.Array, hessian: jax.Array, quantile: float, ridge: fl
     raise ValueError(f"ridge must be >= 0, got {ridge}")
   pre, k0t, kappa, lam_min = _run("setup", mesh, kernel.shape, kernel, hessian, jnp.asarray(quantile, _F32),
                                   lipschitz=lipschitz)
-  if float(lam_min) < -_CURVATURE_TOL * float(pre.lipschitz):
-    raise ValueError(f"the hessian is not positive semi-definite: the preconditioned H has the eigenvalue "
-                     f"{float(lam_min):.3g} (largest {float(pre.lipschitz):.3g}); a second-moment matrix X Xᵀ/n has none "
-                     "below rounding")
+  if float(lam_min) < -_refine.CURVATURE_TOL * float(pre.lipschitz):
+    raise ValueError(f"the hessian is not positive semi-definite: the preconditioned H has an eigenvalue below "
+                     f"{-_refine.CURVATURE_TOL * float(pre.lipschitz):.3g} (−{_refine.CURVATURE_TOL:g} times its largest, "
+                     f"{float(pre.lipschitz):.3g}); a second-moment matrix X Xᵀ/n has none below rounding")
   return pre, k0t, float(pre.lipschitz) + ridge, float(kappa)
 
 

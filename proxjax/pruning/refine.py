@@ -31,7 +31,7 @@ the original coordinates **[convention]**; the scaling ``d`` always comes from t
 always reported undamped.
 
 Everything is computed in float32 whatever the weight dtype; the results are cast back to the kernel's dtype. ``H̃``
-and ``λ_max(H̃)`` (``eigvalsh``) are formed in full float32; the precision of the per-iteration gradient matmul is
+and the bound of ``λ_max(H̃)`` (Lanczos, :func:`largest_eigenvalue_bound`) are formed in full float32; the precision of the per-iteration gradient matmul is
 the option ``precision`` (default ``"highest"``: full float32 also on GPUs, whose default float32 matmul is TF32).
 """
 
@@ -47,7 +47,7 @@ from jax.typing import ArrayLike
 
 from proxjax.core import progress
 
-__all__ = ["Preconditioned", "precondition", "relative_local_loss", "refine_gd", "refine_cg"]
+__all__ = ["Preconditioned", "largest_eigenvalue_bound", "precondition", "relative_local_loss", "refine_gd", "refine_cg"]
 
 PrecisionLike = lax.Precision | str | None
 
@@ -64,7 +64,7 @@ class Preconditioned(NamedTuple):
     hessian: ``H̃ = diag(d)⁻¹ H diag(d)⁻¹`` ``(d_in, d_in)``, symmetrized, undamped: unit diagonal on live inputs,
       zero rows and columns on dead ones.
     live: bool ``(d_in,)``, ``H_jj > 0``.
-    lipschitz: ``L = λ_max(H̃)`` (float32 scalar, from ``eigvalsh``; 1 if every input is dead). The gradient of the
+    lipschitz: ``L >= λ_max(H̃)`` (float32 scalar, a Lanczos bound; 1 if every input is dead). The gradient of the
       local loss in ``K̃`` is ``L``-Lipschitz, so ``η = 1/L`` (``1/(L + δ)`` with damping) is a safe step.
   """
   scale: jax.Array
@@ -83,9 +83,9 @@ def as_precision(precision: PrecisionLike) -> lax.Precision:
 
 
 def precondition_with_spectrum(hessian: jax.Array, lipschitz: bool = True) -> tuple[Preconditioned, jax.Array]:
-  """:func:`precondition_hessian` and the smallest eigenvalue of ``H̃`` from the same ``eigvalsh`` (0 when
-  ``lipschitz=False``, where no eigenvalues are computed). A clearly negative one means ``H`` is not a second-moment
-  matrix."""
+  """:func:`precondition_hessian` and a curvature flag: ``-2·CURVATURE_TOL·L`` when ``H̃`` has an eigenvalue below
+  ``−CURVATURE_TOL·L`` (a Cholesky of ``H̃ + CURVATURE_TOL·L·I`` fails), else 0; 0 when ``lipschitz=False``, where
+  nothing is computed. A negative flag means ``H`` is not a second-moment matrix."""
   h = jnp.asarray(hessian, _F32)
   h = 0.5 * (h + h.T)
   diag = jnp.diagonal(h)
@@ -96,17 +96,64 @@ def precondition_with_spectrum(hessian: jax.Array, lipschitz: bool = True) -> tu
   eye = jnp.arange(h.shape[0])[:, None] == jnp.arange(h.shape[0])[None, :]
   ht = jnp.where(eye, live.astype(_F32)[:, None], ht)  # exactly 1 on live inputs, 0 on dead ones
   if lipschitz:
-    with jax.default_matmul_precision("highest"):  # for backends whose eigh is built from matmuls (TPU)
-      evs = jnp.linalg.eigvalsh(ht)
-    top, bottom = evs[-1], evs[0]
+    top = largest_eigenvalue_bound(ht)
     lip = jnp.where(jnp.any(live), jnp.maximum(top, 1.0), 1.0)  # λ_max >= max diagonal = 1
+    # λ_min(H̃) >= −tol·L iff H̃ + tol·L·I is positive definite: one Cholesky (NaN when it is not) instead of a full
+    # eigendecomposition; reported as −tol·L when it fails, else 0.
+    shifted = ht + (CURVATURE_TOL * lip) * jnp.eye(h.shape[0], dtype=_F32)
+    with jax.default_matmul_precision("highest"):
+      ok = jnp.all(jnp.isfinite(jnp.linalg.cholesky(shifted)))
+    bottom = jnp.where(ok, 0.0, -2.0 * CURVATURE_TOL * lip).astype(_F32)
   else:
     lip, bottom = jnp.ones((), _F32), jnp.zeros((), _F32)
   return Preconditioned(d, inv, ht, live, lip), bottom
 
 
+CURVATURE_TOL = 1e-3
+"""The most negative eigenvalue of ``H̃`` (relative to its largest) taken for float32 rounding."""
+
+LANCZOS_STEPS = 48
+"""Lanczos steps for ``λ_max(H̃)`` (:func:`largest_eigenvalue_bound`)."""
+
+
+def largest_eigenvalue_bound(a: jax.Array, steps: int = LANCZOS_STEPS) -> jax.Array:
+  r"""An upper bound of ``λ_max(A)`` for a symmetric ``A`` from ``min(steps, d)`` Lanczos steps (full
+  reorthogonalization, a fixed start vector): the largest Ritz value ``θ`` plus its residual ``β_k |s_k|``, an
+  interval that contains an eigenvalue of ``A`` (and ``θ`` converges to ``λ_max`` from below, fast for the top of
+  the spectrum). ``O(steps · d²)`` instead of ``eigvalsh``'s ``O(d³)`` (on XLA:CPU 130–175 times a ``d × d`` by
+  ``d × 576`` matmul at ``d = 576`` and ``1536``).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> a = jnp.diag(jnp.array([3.0, 1.0, 0.5, 0.1]))
+    >>> round(float(largest_eigenvalue_bound(a)), 4)
+    3.0
+  """
+  a = jnp.asarray(a, _F32)
+  d = a.shape[0]
+  k = min(steps, d)
+  q0 = jax.random.normal(jax.random.key(0), (d,), _F32) + 1.0 / jnp.sqrt(jnp.asarray(d, _F32))
+  basis = jnp.zeros((k + 1, d), _F32).at[0].set(q0 / jnp.linalg.norm(q0))
+
+  def body(j, carry):
+    basis, alphas, betas = carry
+    q = basis[j]
+    w = jnp.matmul(a, q, precision=_HIGHEST)
+    alpha = jnp.dot(q, w, precision=_HIGHEST)
+    for _ in range(2):  # full reorthogonalization, twice (rows of basis beyond j are zero)
+      w = w - jnp.matmul(basis.T, jnp.matmul(basis, w, precision=_HIGHEST), precision=_HIGHEST)
+    beta = jnp.linalg.norm(w)
+    nxt = jnp.where(beta > 1e-6 * jnp.maximum(jnp.abs(alpha), 1e-30), w / jnp.where(beta > 0, beta, 1.0), 0.0)
+    return basis.at[j + 1].set(nxt), alphas.at[j].set(alpha), betas.at[j].set(beta)
+
+  _, alphas, betas = lax.fori_loop(0, k, body, (basis, jnp.zeros((k,), _F32), jnp.zeros((k,), _F32)))
+  t = jnp.diag(alphas) + jnp.diag(betas[:-1], 1) + jnp.diag(betas[:-1], -1)
+  evals, evecs = jnp.linalg.eigh(t)
+  return evals[-1] + betas[-1] * jnp.abs(evecs[-1, -1])
+
+
 def precondition_hessian(hessian: jax.Array, lipschitz: bool = True) -> Preconditioned:
-  """See :func:`precondition`; with ``lipschitz=False`` the ``eigvalsh`` (``O(d_in³)``) is skipped and ``L = 1``."""
+  """See :func:`precondition`; with ``lipschitz=False`` the Lanczos bound and the Cholesky check are skipped and ``L = 1``."""
   return precondition_with_spectrum(hessian, lipschitz)[0]
 
 
@@ -122,7 +169,7 @@ def precondition(hessian: ArrayLike) -> Preconditioned:
     hessian: ``H`` ``(d_in, d_in)``, symmetric positive semi-definite (symmetrized here); any float dtype.
 
   Returns:
-    A :class:`Preconditioned` (float32), including ``L = λ_max(H̃)`` from ``eigvalsh``.
+    A :class:`Preconditioned` (float32), including the bound ``L >= λ_max(H̃)``.
 
   Example:
     >>> import jax.numpy as jnp, proxjax.pruning.refine as refine
