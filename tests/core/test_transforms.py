@@ -130,6 +130,21 @@ def _groups(x, axis):
   return x.reshape(-1, x.shape[-1] // 4, 4).reshape(-1, 4)
 
 
+_REF_GROUPS = 64  # the reference solves are padded to this many groups: one compile for the whole file
+
+
+def _groupwise_prox(z, axis, lam, eta):
+  """The reference: ``prox_24`` of every group of 4 of ``z`` along ``axis`` (in :func:`_groups` order), solved as the
+  rows of one float32 ``(_REF_GROUPS, 4)`` array and rounded to ``z``'s dtype (what ``prox_24`` does for bfloat16
+  input: it computes in float32); float32 numpy ``(G, 4)``."""
+  groups = _groups(z, axis)
+  assert len(groups) <= _REF_GROUPS
+  padded = np.zeros((_REF_GROUPS, 4), np.float32)
+  padded[:len(groups)] = groups
+  w = proxjax.prox_24(jnp.asarray(padded), lam, eta, axis=1).astype(z.dtype)
+  return np.asarray(w, np.float32)[:len(groups)]
+
+
 def test_prox_matches_the_groupwise_prox_for_mixed_shapes_axes_and_dtypes():
   # The transform solves the groups of all leaves of one dtype in one batch; every group must get its own prox.
   ks = jax.random.split(jax.random.key(3), 4)
@@ -140,64 +155,76 @@ def test_prox_matches_the_groupwise_prox_for_mixed_shapes_axes_and_dtypes():
   axes = {"a": {"kernel": 0}, "stack": {"kernel": 1}, "half": {"kernel": 1}, "dense": {"w": None}}
   updates = jax.tree.map(lambda p: 0.1 * jnp.ones_like(p), params)
   tx = proxjax.prox_24_update(0.3, 0.5, spec=axes)
-  out, _ = jax.jit(tx.update)(updates, tx.init(params), params)
+  # Solving leaf by leaf (for sharded params) must give the same update as the batched solve: both in one program.
+  alone = proxjax.prox_24_update(0.3, 0.5, spec=axes, fuse=False)
+  out, out_alone = jax.jit(lambda u, s, sa, p: (tx.update(u, s, p)[0], alone.update(u, sa, p)[0]))(
+      updates, tx.init(params), alone.init(params), params)
   new = optax.apply_updates(params, out)
   z = optax.apply_updates(params, updates)
   for names, tol in [(["a", "stack"], 1e-5), (["half"], 1e-2)]:  # bf16: one ulp
-    got = np.concatenate([_groups(new[n]["kernel"], axes[n]["kernel"]) for n in names])
-    zs = np.concatenate([_groups(z[n]["kernel"], axes[n]["kernel"]) for n in names])
-    want = proxjax.prox_24(jnp.asarray(zs, z[names[0]]["kernel"].dtype), 0.3, 0.5, axis=1)
-    np.testing.assert_allclose(got, np.asarray(want, np.float32), rtol=tol, atol=tol)
-    assert all(new[n]["kernel"].dtype == params[n]["kernel"].dtype for n in names)
+    for n in names:
+      got = _groups(new[n]["kernel"], axes[n]["kernel"])
+      want = _groupwise_prox(z[n]["kernel"], axes[n]["kernel"], 0.3, 0.5)
+      np.testing.assert_allclose(got, want, rtol=tol, atol=tol, err_msg=n)
+      assert new[n]["kernel"].dtype == params[n]["kernel"].dtype
   assert jnp.array_equal(out["dense"]["w"], updates["dense"]["w"])
   assert float(jnp.mean(new["a"]["kernel"] == 0)) > 0.1  # the prox did act
-  # Solving leaf by leaf (for sharded params) gives the same update as the batched solve.
-  alone = proxjax.prox_24_update(0.3, 0.5, spec=axes, fuse=False)
-  out_alone, _ = jax.jit(alone.update)(updates, alone.init(params), params)
   for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(out)[0], jax.tree.leaves(out_alone)):
     np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=1e-6, atol=1e-6,
                                err_msg=str(path))
 
 
-def test_prox_multipliers_scale_lambda_per_leaf_fused_and_alone():
-  ks = jax.random.split(jax.random.key(5), 3)
-  params = {"a": {"kernel": jax.random.normal(ks[0], (8, 12))},
-            "b": {"kernel": 0.5 * jax.random.normal(ks[1], (12, 4))},
-            "c": {"kernel": jax.random.normal(ks[2], (4, 4))}}
-  updates = jax.tree.map(lambda p: 0.05 * jnp.ones_like(p), params)
-  z = optax.apply_updates(params, updates)
-  mults = {"a": {"kernel": 2.0}, "b": {"kernel": None}, "c": {"kernel": 0.0}}
-  for fuse in (True, False):
-    tx = proxjax.prox_24_update(0.3, 0.5, multipliers=mults, fuse=fuse)
-    out, state = jax.jit(tx.update)(updates, tx.init(params), params)
-    new = optax.apply_updates(params, out)
-    np.testing.assert_allclose(new["a"]["kernel"], proxjax.prox_24(z["a"]["kernel"], 0.6, 0.5), rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(new["b"]["kernel"], proxjax.prox_24(z["b"]["kernel"], 0.3, 0.5), rtol=1e-6, atol=1e-6)
-    assert jnp.array_equal(out["c"]["kernel"], updates["c"]["kernel"])  # c = 0: the prox is off for that leaf
-    assert [float(state.multipliers[k]["kernel"]) for k in "abc"] == [2.0, 1.0, 0.0] and int(state.count) == 1
-  assert proxjax.prox_24_update(0.3, 0.5).init(params).multipliers is None  # unchanged state without multipliers
-  with pytest.raises(ValueError, match=r"multiplier for \['a'\]\['kernel'\] must be finite and >= 0"):
-    proxjax.prox_24_update(0.3, 0.5, multipliers={"a": -1.0, "b": None, "c": None}).init(params)
+LAM, ETA = 0.4, 0.5
+MULTIPLIERS = {"l0": 1.0, "l1": 3.0, "l2": 0.0, "odd": 0.5, "h0": 2.0, "h1": None}
 
 
-def test_prox_fused_stacks_equal_shapes_and_matches_the_unfused_solve_bitwise():
-  # Leaves of equal shape/dtype/axis are stacked and solved by one lax.map; the result is bitwise the leaf-by-leaf
-  # solve (compared within one jitted program), with per-leaf multipliers, a lone shape and a bfloat16 pair.
+@pytest.fixture(scope="module")
+def multiplier_step():
+  """One prox step with per-leaf multipliers (:data:`MULTIPLIERS`), fused and leaf by leaf, computed in ONE jitted
+  program (so that the two can be compared bitwise; shared by the two tests below): a stack of three equal shapes, a
+  lone shape and a bfloat16 pair."""
   ks = jax.random.split(jax.random.key(9), 6)
   params = {f"l{i}": {"kernel": jax.random.normal(ks[i], (8, 12))} for i in range(3)}
   params["odd"] = {"kernel": jax.random.normal(ks[3], (12, 4))}
   params["h0"] = {"kernel": jax.random.normal(ks[4], (8, 4)).astype(jnp.bfloat16)}
   params["h1"] = {"kernel": jax.random.normal(ks[5], (8, 4)).astype(jnp.bfloat16)}
-  mults = {"l0": 1.0, "l1": 3.0, "l2": 0.0, "odd": 0.5, "h0": 2.0, "h1": None}
   updates = jax.tree.map(lambda p: (0.05 * jnp.ones_like(p)).astype(p.dtype), params)
-  fused = proxjax.prox_24_update(0.4, 0.5, multipliers=mults, fuse=True)
-  alone = proxjax.prox_24_update(0.4, 0.5, multipliers=mults, fuse=False)
+  fused = proxjax.prox_24_update(LAM, ETA, multipliers=MULTIPLIERS, fuse=True)
+  alone = proxjax.prox_24_update(LAM, ETA, multipliers=MULTIPLIERS, fuse=False)
 
   @jax.jit
-  def both(u, p):
-    return fused.update(u, fused.init(p), p)[0], alone.update(u, alone.init(p), p)[0]
+  def both(u, p, state_f, state_a):
+    return fused.update(u, state_f, p), alone.update(u, state_a, p)
 
-  out_f, out_a = both(updates, params)
+  (out_f, state_f), (out_a, state_a) = both(updates, params, fused.init(params), alone.init(params))
+  return params, updates, {"fused": (out_f, state_f), "alone": (out_a, state_a)}
+
+
+def test_prox_multipliers_scale_lambda_per_leaf_fused_and_alone(multiplier_step):
+  params, updates, runs = multiplier_step
+  z = optax.apply_updates(params, updates)
+  for fuse, (out, state) in runs.items():
+    new = optax.apply_updates(params, out)
+    for name, c in MULTIPLIERS.items():
+      c = 1.0 if c is None else c  # None: the plain λ
+      assert float(state.multipliers[name]["kernel"]) == c, (fuse, name)
+      if c == 0:  # the prox is off for that leaf: exactly the incoming update
+        assert jnp.array_equal(out[name]["kernel"], updates[name]["kernel"]), (fuse, name)
+        continue
+      tol = 1e-2 if params[name]["kernel"].dtype == jnp.bfloat16 else 1e-6  # bf16: one ulp
+      np.testing.assert_allclose(_groups(new[name]["kernel"], 0), _groupwise_prox(z[name]["kernel"], 0, LAM * c, ETA),
+                                 rtol=tol, atol=tol, err_msg=f"{fuse} {name}")
+    assert int(state.count) == 1
+  assert proxjax.prox_24_update(LAM, ETA).init(params).multipliers is None  # unchanged state without multipliers
+  with pytest.raises(ValueError, match=r"multiplier for \['odd'\]\['kernel'\] must be finite and >= 0"):
+    proxjax.prox_24_update(LAM, ETA, multipliers={**MULTIPLIERS, "odd": -1.0}).init(params)
+
+
+def test_prox_fused_stacks_equal_shapes_and_matches_the_unfused_solve_bitwise(multiplier_step):
+  # Leaves of equal shape/dtype/axis are stacked and solved by one lax.map; the result is bitwise the leaf-by-leaf
+  # solve (compared within one jitted program), with per-leaf multipliers, a lone shape and a bfloat16 pair.
+  params, updates, runs = multiplier_step
+  (out_f, _), (out_a, _) = runs["fused"], runs["alone"]
   for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(out_f)[0], jax.tree.leaves(out_a)):
     assert a.dtype == b.dtype and jnp.array_equal(a, b), jax.tree_util.keystr(path)
   new = optax.apply_updates(params, out_f)
@@ -354,12 +381,14 @@ def test_masked_updates_mismatches_raise():
 
 
 class Net(nnx.Module):
+  # Both kernels (8, 8): the prox solves them as one stack (one solver to compile); the embedding is 2-D too, and is
+  # not selected.
 
   def __init__(self, rngs):
     self.embed = nnx.Embed(16, 8, rngs=rngs)
-    self.fc1 = nnx.Linear(8, 16, rngs=rngs)
-    self.norm = nnx.LayerNorm(16, rngs=rngs)
-    self.fc2 = nnx.Linear(16, 4, rngs=rngs)
+    self.fc1 = nnx.Linear(8, 8, rngs=rngs)
+    self.norm = nnx.LayerNorm(8, rngs=rngs)
+    self.fc2 = nnx.Linear(8, 8, rngs=rngs)
 
   def __call__(self, ids):
     return self.fc2(nnx.gelu(self.norm(self.fc1(self.embed(ids)))))
@@ -378,7 +407,7 @@ def _nnx_step(model, optimizer, ids, target):
 
 def test_nnx_optimizer_prox_makes_kernels_24_and_leaves_the_rest_alone():
   ids = jax.random.randint(jax.random.key(1), (32,), 0, 16)
-  target = jax.random.normal(jax.random.key(2), (32, 4))
+  target = jax.random.normal(jax.random.key(2), (32, 8))
   model, plain = Net(nnx.Rngs(0)), Net(nnx.Rngs(0))
   tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(LR), proxjax.prox_24_update(1e6, 1.0))
   opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
