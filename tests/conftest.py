@@ -53,14 +53,15 @@ def corpus(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory, corpus):
-  """A tiny random Llama saved by transformers (tests/support/torch_llama.py's ``make_torch_model``, seed 3), plus
-  a byte-level BPE tokenizer trained on the calibration text."""
+  """A tiny random Llama saved by transformers (tests/support/torch_llama.py's ``make_torch_model``, seed 3, with
+  ``PIPELINE_SHAPES``), plus a byte-level BPE tokenizer trained on the calibration text."""
   from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: PLC0415
 
-  from tests.support.torch_llama import make_torch_model  # noqa: PLC0415
+  from tests.support.torch_llama import PIPELINE_SHAPES, make_torch_model  # noqa: PLC0415
 
   path = tmp_path_factory.mktemp("ckpt") / "tiny"
-  model = make_torch_model("llama", seed=3, vocab_size=TINY_VOCAB, bos_token_id=None, eos_token_id=0)
+  model = make_torch_model("llama", seed=3, vocab_size=TINY_VOCAB, bos_token_id=None, eos_token_id=0,
+                           **PIPELINE_SHAPES)
   model.save_pretrained(path)
   tok = Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

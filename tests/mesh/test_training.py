@@ -23,8 +23,9 @@ def _step(model, optimizer, ids):
 
 
 def _train(mesh, fuse, steps=3):
+  # Two kernel shapes, (64, 64) and (64, 32): the fused single-device prox compiles two solvers, not four.
   cfg = LlamaConfig.from_hf(dict(architectures=["LlamaForCausalLM"], vocab_size=64, hidden_size=64,
-                                 intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                                 intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
                                  num_key_value_heads=2))
   model = LlamaForCausalLM(cfg, rngs=nnx.Rngs(0))
   if mesh is not None:

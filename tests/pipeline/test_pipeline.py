@@ -22,19 +22,20 @@ import proxjax
 from proxjax.pipeline import prune as pipeline
 from proxjax.pruning.methods import PruneConfig
 from proxjax.models import load_pretrained, save_pretrained
-from tests.support.torch_llama import make_torch_model
+from tests.support.torch_llama import PIPELINE_SHAPES, make_torch_model
 
 STAGES = pipeline.TRUE_SEQUENTIAL_STAGES
 
 
 def _checkpoint(tmp_path, seed=0, dtype=torch.float32, **overrides):
-  model = make_torch_model("llama", seed=seed, **overrides).to(dtype)
+  model = make_torch_model("llama", seed=seed, **(PIPELINE_SHAPES | overrides)).to(dtype)
   path = tmp_path / f"ckpt-{seed}-{str(dtype).split('.')[-1]}"
   model.save_pretrained(path)
   return model, str(path)
 
 
-def _ids(n=6, t=24, vocab=256, seed=0):
+def _ids(n=4, t=32, vocab=256, seed=0):
+  # (4, 32): the calibration batches of the CLI tests too, so that the compiled block passes are shared.
   return np.random.default_rng(seed).integers(0, vocab, (n, t)).astype(np.int32)
 
 
@@ -81,7 +82,7 @@ def _wanda_reference(torch_model, ours, ids, true_sequential):
 def test_wanda_masks_match_torch_reference(tmp_path, true_sequential):
   torch_model, path = _checkpoint(tmp_path)
   ours = load_pretrained(path)
-  ids = _ids()
+  ids = _ids(n=6)
   result = pipeline.prune_model(ours, ids, method="wanda", true_sequential=true_sequential, batch_size=4,
                                 progress=False)  # 6 sequences in batches of 4: a padded last batch
   assert len(result.layers) == 2 * 7 and all(r.tokens == ids.size for r in result.layers)
@@ -164,12 +165,13 @@ def test_resume_after_a_killed_run_gives_the_same_model(tmp_path, monkeypatch):
     pipeline.prune_model(load_pretrained(path), ids, method=PruneConfig.from_options("prox", budget=16), state_dir=state,
                          progress=False)
   with pytest.raises(ValueError, match="different run.*calibration"):
-    pipeline.prune_model(load_pretrained(path), ids[:5], method=PruneConfig.from_options("prox", **options), state_dir=state,
+    pipeline.prune_model(load_pretrained(path), ids[:3], method=PruneConfig.from_options("prox", **options), state_dir=state,
                          progress=False)
 
 
 def test_bf16_checkpoint_stays_bf16_and_saves(tmp_path):
-  _, path = _checkpoint(tmp_path, dtype=torch.bfloat16)
+  # Without GQA every kernel is (64, 64): the bfloat16 programs are compiled for one shape (the dtype is what counts).
+  _, path = _checkpoint(tmp_path, dtype=torch.bfloat16, num_key_value_heads=4)
   model = load_pretrained(path)
   assert model.model.layers[0].mlp.up_proj.kernel[...].dtype == jnp.bfloat16
   res = pipeline.prune_model(model, _ids(), method="sparsegpt", refine="cg", progress=False)

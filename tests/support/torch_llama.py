@@ -69,3 +69,12 @@ def torch_logits(model, ids, positions=None):
   with torch.no_grad():
     pos = None if positions is None else torch.as_tensor(np.asarray(positions), dtype=torch.long)
     return model(input_ids=torch.as_tensor(ids, dtype=torch.long), position_ids=pos).logits
+
+
+PIPELINE_SHAPES = dict(intermediate_size=64)
+"""``make_torch_model`` overrides for the whole-model tests (the session ``checkpoint`` of tests/conftest.py and
+tests/pipeline/test_pipeline.py): every kernel is (64, 64) (q, o, gate, up, down) or (64, 32) (k, v: still GQA and
+still a non-square kernel). Pruning compiles its programs once per distinct kernel shape and a training step solves
+the prox once per distinct shape, so two shapes instead of four halve most of those tests' compile time; the same
+shapes in both places let them reuse each other's compiled programs. (The models of tests/models/ keep
+intermediate 128.)"""
