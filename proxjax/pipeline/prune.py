@@ -439,7 +439,7 @@ def prune_model(model: Any, calibration_ids: Any, method: str | MethodConfig | P
     >>> import jax.numpy as jnp, numpy as np, flax.nnx as nnx, proxjax
     >>> from proxjax.models import LlamaConfig, LlamaForCausalLM
     >>> cfg = LlamaConfig.from_hf(dict(architectures=["LlamaForCausalLM"], vocab_size=64, hidden_size=32,
-    ...     intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+    ...     intermediate_size=32, num_hidden_layers=2, num_attention_heads=4))
     >>> model = LlamaForCausalLM(cfg, rngs=nnx.Rngs(0))
     >>> ids = np.random.default_rng(0).integers(0, 64, (4, 16))
     >>> result = prune_model(model, ids, method="wanda", progress=False)

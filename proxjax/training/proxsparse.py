@@ -560,10 +560,10 @@ def proxsparse(model: nnx.Module, documents: Sequence[ArrayLike], *, steps: int,
     >>> import numpy as np, proxjax
     >>> from flax import nnx
     >>> from proxjax.models import LlamaConfig, LlamaForCausalLM
-    >>> c = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+    >>> c = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=16, num_hidden_layers=1,
     ...                 num_attention_heads=2)
     >>> model = LlamaForCausalLM(c, rngs=nnx.Rngs(0))
-    >>> docs = [np.arange(1, 9) % 32, np.arange(3, 12) % 32]
+    >>> docs = [np.arange(1, 9), np.arange(3, 11)]  # two documents of 8 tokens
     >>> res = proxsparse(model, docs, steps=2, lam1=1e3, learning_rate=1e-3, progress=False)
     >>> res.fraction_24[-1], len(res.losses)
     (1.0, 2)
