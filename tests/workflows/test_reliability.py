@@ -277,14 +277,17 @@ def test_an_interrupted_finetune_resumes_to_the_same_checkpoint(checkpoint, corp
 def test_convert_on_a_full_disk_is_one_line_and_leaves_nothing(tmp_path):
   import subprocess  # pylint: disable=import-outside-toplevel
   import sys  # pylint: disable=import-outside-toplevel
-  from proxjax.models.convert import bundled_gguf_path  # pylint: disable=import-outside-toplevel
+  from tests.support.tiny_gguf import write_tiny_gguf  # pylint: disable=import-outside-toplevel
+  source = tmp_path / "src"
+  source.mkdir()
+  write_tiny_gguf(source / "tiny.gguf")  # its converted weights (about 0.4 MB) do not fit under the 64 KiB limit
   out = tmp_path / "conv"
-  proc = subprocess.run([sys.executable, "-c", _LIMITED.format(limit=1 << 20), "convert-gguf",
-                         str(bundled_gguf_path()), str(out)], capture_output=True, text=True, timeout=300)
+  proc = subprocess.run([sys.executable, "-c", _LIMITED.format(limit=1 << 16), "convert-gguf",
+                         str(source / "tiny.gguf"), str(out)], capture_output=True, text=True, timeout=300)
   err = proc.stderr.strip().splitlines()
   assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
   assert "could not write the converted checkpoint" in err[-1] and "free space" in err[-1], err[-1]
-  assert os.listdir(tmp_path) == []
+  assert os.listdir(tmp_path) == ["src"]
 
 
 def _unfinished(tmp_path):
