@@ -28,7 +28,7 @@ How the solver works (proofs in ``docs``-style comments below):
    the minimizer is ``a``, to the target λ, followed by a few corrector steps.
 
 The result was checked against an independent multi-start brute-force minimizer on thousands of groups across
-regimes (``tests/test_prox_exact.py``): no miss at relative tolerance 1e-6.
+regimes (``tests/core/test_prox_exact.py``): no miss at relative tolerance 1e-6.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from proxjax.core import nm
 
 __all__ = ["prox_24", "regularizer_24"]
 
-# Fixed iteration counts (exactness was verified with these; see tests/test_prox_exact.py).
+# Fixed iteration counts (exactness was verified with these; see tests/core/test_prox_exact.py).
 _NEWTON_3 = 7  # Newton steps on G' for the 3-support
 _HOMOTOPY = 6  # λ stages of the dense homotopy (one Newton step each)
 _CORRECT = 3  # extra Newton steps at the target λ for the dense face

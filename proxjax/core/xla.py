@@ -19,7 +19,7 @@ CPU_FAST_MATH = dict(
 NaNs, infinities, exact division and exact library functions.
 
 XLA:CPU's default strict mode makes the prox's elementwise Newton iterations about 3x slower; with these options the
-prox still passes the exactness tests (tests/test_prox_exact.py: zero misses against the brute force). proxjax uses
+prox still passes the exactness tests (tests/core/test_prox_exact.py: zero misses against the brute force). proxjax uses
 them for its own top-level CPU compilations (``prox_24`` called eagerly, the prox-gradient loop of
 ``prune_kernel``); pass them yourself to a jitted training step that calls ``prox_24`` on CPU::
 

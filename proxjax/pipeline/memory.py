@@ -46,7 +46,7 @@ parameter; ``P = model_devices · data_devices`` devices):
 
   The peak is the largest sum over these phases (:attr:`PipelineEstimate.phases` lists every phase of one block with
   its parts). Biases, norm scales, ``rope`` and scalars are counted; the constants of the temporaries were checked
-  against XLA:CPU's buffer assignment (``tests/test_memory.py``), which the model bounds from above within 2×.
+  against XLA:CPU's buffer assignment (``tests/pipeline/test_memory.py``), which the model bounds from above within 2×.
 
 * Time, per device and block (:attr:`PipelineEstimate.block_cost`): one Hessian pass per stage plus one propagation
   pass over all ``⌈N/b⌉·b`` (padded) sequences, each pass only up to the inputs it needs (the q/k/v pass is just
