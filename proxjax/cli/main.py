@@ -31,7 +31,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from proxjax.pruning.methods import METHODS, PruneConfig, RefineConfig
+from proxjax.pruning.methods import METHODS, ProxConfig, PruneConfig, RefineConfig
 from proxjax.workflows import config as jobs
 from proxjax.workflows import paths
 
@@ -126,11 +126,11 @@ def prune_config(args: argparse.Namespace) -> PruneConfig:
     options[key] = _parse_value(value)
     flags[key] = f"--option {key}"
   if args.paper:
-    clash = [flags[k] for k in ("lam0", "beta", "budget", "lam0_relative", "accelerate") if k in flags]
+    clash = [flags[k] for k in (*ProxConfig.PAPER, "budget", "lam0_relative") if k in flags]
     if clash:
       raise ArgumentError(f"--paper sets the schedule itself; drop {', '.join(clash)}")
-    options.update(lam0=0.01, beta=1.01, accelerate=False)
-    flags.update(lam0="--paper", beta="--paper", accelerate="--paper")
+    options.update(ProxConfig.PAPER)
+    flags.update(dict.fromkeys(ProxConfig.PAPER, "--paper"))
   refine = "auto" if args.refine is None else args.refine
   try:
     return PruneConfig.from_options(args.method, refine=refine, n=args.n, m=args.m, **options)

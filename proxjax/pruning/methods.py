@@ -92,6 +92,7 @@ class ProxConfig:
   default_refine: ClassVar[str | None] = "cg"
   DEFAULT_LAM0_RELATIVE: ClassVar[float] = 1e-3
   DEFAULT_BUDGET: ClassVar[int] = 150
+  PAPER: ClassVar[Mapping[str, Any]] = {"lam0": 0.01, "beta": 1.01, "accelerate": False}
   lam0: float | None = None
   beta: float | None = None
   cap: int = 3000
@@ -111,7 +112,7 @@ class ProxConfig:
       >>> ProxConfig.paper().start, ProxConfig.paper().growth
       (('lam0', 0.01), ('beta', 1.01))
     """
-    return cls(**{"lam0": 0.01, "beta": 1.01, "accelerate": False, **overrides})
+    return cls(**{**cls.PAPER, **overrides})
 
   @property
   def start(self) -> tuple[str, float]:
