@@ -4,6 +4,7 @@ converter (:mod:`proxjax.models.convert`). Names are imported on first use."""
 from proxjax.core.lazy import lazy_exports
 
 _EXPORTS = {
+    "proxjax.models.generate": ["KVCache", "greedy_generate", "truncate_prompts"],
     "proxjax.models.hf": ["check_sparsity", "hf_to_path", "load_pretrained", "path_to_hf", "restore_state",
                           "save_pretrained", "save_state"],
     "proxjax.models.llama": ["LINEAR_NAMES", "SUPPORTED_ARCHITECTURES", "CheckpointError", "LlamaAttention",

@@ -37,7 +37,9 @@ Notes:
   * Token ids outside ``[0, vocab_size)`` are not checked (``jnp.take`` fills them with NaN embeddings).
   * The forward loops over ``model.layers`` in Python, so ``jit`` of the whole model unrolls every block (compile
     time grows with depth); layer-wise code calls the blocks one at a time instead.
-  * No KV cache and no padding mask: every sequence of a batch is a full causal sequence.
+  * No padding mask: every sequence of a batch is a full causal sequence. The KV cache and greedy decoding of
+    right-padded batches are in :mod:`proxjax.models.generate` (through :meth:`LlamaAttention.project`,
+    :meth:`LlamaAttention.attend` and the ``attention`` argument of :meth:`LlamaDecoderLayer.__call__`).
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ import dataclasses
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -661,23 +663,36 @@ class LlamaAttention(nnx.Module):
     self.head_dim = c.head_dim
     self.sliding_window = c.sliding_window
 
-  def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array], *,
-               return_inputs: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
-    """Returns the attention output ``(B, T, D)``, and the input of ``o_proj`` when ``return_inputs``."""
+  def project(self, x: jax.Array, rope: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(q, k, v)`` of ``x`` ``(B, T, D)``: ``q`` ``(B, T, H, d)`` and ``k`` ``(B, T, H_kv, d)`` rotated by
+    ``rope = (cos, sin)``, ``v`` ``(B, T, H_kv, d)`` (the first half of :meth:`__call__`; used by the KV cache of
+    :mod:`proxjax.models.generate`)."""
     b, t, _ = x.shape
     q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
     k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
     v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
     cos, sin = rope
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+  def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """``softmax(q kᵀ / sqrt(d) + mask) v`` ``(B, Tq, H·d)`` (the input of ``o_proj``) for ``q`` ``(B, Tq, H, d)``
+    and ``k, v`` ``(B, Tk, H_kv, d)``; ``mask`` is a bool array broadcastable to ``(B, H, Tq, Tk)`` (True = attend),
+    ``None`` for the causal (sliding-window) mask of ``Tq = Tk`` positions (the second half of :meth:`__call__`)."""
+    b, t = q.shape[:2]
     n_rep = self.num_heads // self.num_kv_heads
     if n_rep > 1:  # kv head j serves query heads j·n_rep … (j+1)·n_rep − 1 (transformers' repeat_kv)
       k, v = jnp.repeat(k, n_rep, axis=2), jnp.repeat(v, n_rep, axis=2)
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) * (self.head_dim ** -0.5)
-    mask = _attention_mask(t, self.sliding_window)
+    if mask is None:
+      mask = _attention_mask(t, self.sliding_window)
     scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
     probs = jax.nn.softmax(scores.astype(_F32), axis=-1).astype(q.dtype)
-    attn = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, t, self.num_heads * self.head_dim)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, t, self.num_heads * self.head_dim)
+
+  def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array], *,
+               return_inputs: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """Returns the attention output ``(B, T, D)``, and the input of ``o_proj`` when ``return_inputs``."""
+    attn = self.attend(*self.project(x, rope))
     out = self.o_proj(attn)
     return (out, attn) if return_inputs else out
 
@@ -737,7 +752,8 @@ class LlamaDecoderLayer(nnx.Module):
     self.mlp = LlamaMLP(c, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
   def __call__(self, h: jax.Array, rope: tuple[jax.Array, jax.Array], *, return_inputs: bool = False,
-               return_activation: bool = False) -> jax.Array | tuple[Any, ...]:
+               return_activation: bool = False,
+               attention: Callable[..., tuple[jax.Array, jax.Array]] | None = None) -> jax.Array | tuple[Any, ...]:
     """Runs the block on ``h`` ``(B, T, D)`` with ``rope = (cos, sin)`` from :meth:`LlamaForCausalLM.rope`.
 
     Args:
@@ -745,6 +761,10 @@ class LlamaDecoderLayer(nnx.Module):
       rope: ``(cos, sin)``, each ``(T, head_dim)`` or ``(B, T, head_dim)``.
       return_inputs: also return the activation entering every linear.
       return_activation: also return the MLP's intermediate activation ``act(gate(x))`` ``(B, T, intermediate)``.
+      attention: replaces ``self.self_attn(x, rope, return_inputs=True)``: called with the normed input ``x``, it
+        returns ``(attention output, o_proj input)`` (the KV cache of :mod:`proxjax.models.generate` passes one
+        built from :meth:`LlamaAttention.project` / :meth:`LlamaAttention.attend`); ``None`` (the default) is the
+        full causal attention.
 
     Returns:
       ``h_out`` ``(B, T, D)``; with ``return_inputs`` ``(h_out, inputs)`` where ``inputs`` maps every name in
@@ -765,7 +785,7 @@ class LlamaDecoderLayer(nnx.Module):
       ((2, 5, 16), (2, 5, 16), (2, 5, 32))
     """
     x = self.input_layernorm(h)
-    attn_out, o_in = self.self_attn(x, rope, return_inputs=True)
+    attn_out, o_in = self.self_attn(x, rope, return_inputs=True) if attention is None else attention(x)
     h = h + attn_out
     y = self.post_attention_layernorm(h)
     mlp_out, down_in, a = self.mlp(y, return_inputs=True, return_activation=True)
