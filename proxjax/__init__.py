@@ -8,6 +8,11 @@ ProSparse) → ``workflows`` (what a command does, as a Python function) → ``c
 first use, so ``import proxjax`` is cheap.
 """
 
+import importlib as _importlib
+import importlib.util as _importlib_util
+import sys as _sys
+import types as _types
+
 from proxjax.core.lazy import lazy_exports
 
 __version__ = "0.1.0"
@@ -28,3 +33,55 @@ _EXPORTS = {
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 __all__ = sorted(name for names in _EXPORTS.values() for name in names)
+
+
+# -- lm-eval backend registration ------------------------------------------------------------------------------------
+# ``lm_eval.simple_evaluate(model="proxjax", ...)`` must find the backend (proxjax.pipeline.harness) once proxjax is
+# imported, without importing lm-eval here (~0.1 s, and it is an optional extra): the name is registered as a lazy
+# placeholder in lm-eval's model registry, now if lm-eval's registry is already imported, else by a one-shot import
+# hook the moment it is imported. The backend module itself (JAX, the model) is imported only when lm-eval asks for it.
+
+
+def _register_lm_eval(registry: _types.ModuleType) -> None:
+  models = registry.model_registry
+  if "proxjax" not in models:
+    if len(models) == 0:  # lm-eval registers its own backends on lookup only while its registry is empty
+      _importlib.import_module("lm_eval.models")
+    models.register("proxjax", target="proxjax.pipeline.harness:ProxjaxLM")
+
+
+class _LmEvalRegistryHook:
+  """A ``sys.meta_path`` finder that registers the backend right after ``lm_eval.api.registry`` is executed."""
+
+  name = "lm_eval.api.registry"
+
+  def find_spec(self, fullname: str, path: object = None, target: object = None) -> object:
+    del path, target
+    if fullname != self.name:
+      return None
+    _sys.meta_path.remove(self)
+    spec = _importlib_util.find_spec(fullname)
+    if spec is not None and spec.loader is not None:
+      loader = spec.loader
+
+      class Loader:  # the original loader, then the registration
+        create_module = staticmethod(loader.create_module)
+
+        @staticmethod
+        def exec_module(module: _types.ModuleType) -> None:
+          loader.exec_module(module)
+          _register_lm_eval(module)
+
+      spec.loader = Loader()
+    return spec
+
+
+def _hook_lm_eval() -> None:
+  registry = _sys.modules.get(_LmEvalRegistryHook.name)
+  if registry is not None:
+    _register_lm_eval(registry)
+  elif not any(isinstance(f, _LmEvalRegistryHook) for f in _sys.meta_path):
+    _sys.meta_path.insert(0, _LmEvalRegistryHook())
+
+
+_hook_lm_eval()

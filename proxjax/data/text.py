@@ -114,9 +114,10 @@ class TextTokenizer:
     self.eos_token_id = None if eos_token_id is None else int(eos_token_id)
     self.bos_token_id = None if bos_token_id is None else int(bos_token_id)
 
-  def encode(self, text: str) -> np.ndarray:
-    """Token ids of ``text`` (``int32``, special tokens added by the post-processor)."""
-    return np.asarray(self.tokenizer.encode(text, add_special_tokens=True).ids, dtype=np.int32)
+  def encode(self, text: str, *, add_special_tokens: bool = True) -> np.ndarray:
+    """Token ids of ``text`` (``int32``); the post-processor's special tokens are added unless
+    ``add_special_tokens=False`` (then the ids are the text's tokens only)."""
+    return np.asarray(self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids, dtype=np.int32)
 
   def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
     """:meth:`encode` of each text (one call into the Rust tokenizer, which may use several threads)."""
