@@ -2,10 +2,11 @@
 
 Models: tiny random transformers models (tests/support/torch_llama.py: hidden 64, 4 query heads, 2 layers, vocab 256,
 weights re-drawn with std 0.15 so logits are well spread and greedy choices are far from ties) loaded with
-``load_pretrained``, and the session ``checkpoint`` (tests/conftest.py). The reference for the cache is
-``use_cache=False`` (a full forward of the growing sequences every step, same bookkeeping), and for both
-transformers' ``generate(do_sample=False)``. Compiles: every cached run here uses batch 4 (or 1), prompt bucket 16 and
-cache bucket 32 (or 16), i.e. one prefill and one decode-chunk program per model.
+``load_pretrained``. The reference for the cache is ``use_cache=False`` (a full forward of the growing sequences
+every step, same bookkeeping), and for both transformers' ``generate(do_sample=False)``. Compiles: every run on
+these models is a batch of 4 prompts with prompt bucket 16 and cache bucket 32, i.e. one prefill, one decode-chunk and
+one full-forward program per model variant (4 variants), plus 3 for the logits check and 4 for the bucketing test.
+The SmolLM2 tests (``slow``) do the same on the real model in float32 and bfloat16.
 """
 
 from __future__ import annotations
@@ -50,41 +51,15 @@ VARIANTS = {
     "llama": dict(num_key_value_heads=4),  # plain multi-head attention
     "gqa": dict(num_key_value_heads=2, attention_bias=True),
     "mistral_window": dict(kind="mistral", num_key_value_heads=2, sliding_window=6),  # prompts + 20 tokens > 6
+    "gqa_bf16": dict(num_key_value_heads=2, attention_bias=True, bf16=True),  # bf16 parameters, compute and cache
 }
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
-def test_cached_equals_uncached_and_logits(models, variant):
+def _model(models, variant):
   overrides = dict(VARIANTS[variant])
-  _, model, _ = models(variant, overrides.pop("kind", "llama"), **overrides)
-  cached = gen.greedy_generate(model, PROMPTS, N_NEW)
-  uncached = gen.greedy_generate(model, PROMPTS, N_NEW, use_cache=False)
-  assert [len(r) for r in cached] == [N_NEW] * len(PROMPTS)
-  assert cached == uncached
-  assert len({tuple(r) for r in cached}) == len(PROMPTS)  # the prompts matter: not one constant continuation
-  # The cache maths directly: prefill + decode steps give the full forward's logits at every position.
-  ids = np.zeros((2, 8), np.int32)
-  ids[0, :7], ids[1, :2] = PROMPTS[0], PROMPTS[1]
-  logits, cache = gen.prefill(model, gen.init_cache(model, 2, 16), ids, np.array([7, 2]))
-  seqs = [list(PROMPTS[0]), list(PROMPTS[1])]
-  for _ in range(8):  # past the window of 6 for the Mistral variant, and over the first row's padding
-    for row in range(2):
-      full = model(jnp.asarray([seqs[row]]))[0, -1]
-      np.testing.assert_allclose(logits[row], full, rtol=0, atol=2e-5 * float(jnp.max(jnp.abs(full))))
-    nxt = np.asarray(jnp.argmax(logits, axis=-1))
-    seqs = [s + [int(t)] for s, t in zip(seqs, nxt, strict=True)]
-    logits, cache = gen.decode_step(model, cache, nxt)
-  assert cache.lengths.tolist() == [15, 10]
-
-
-def test_bfloat16_cached_equals_uncached(models):
-  """bfloat16 parameters, float32 and bfloat16 compute (the cache then holds bfloat16 keys/values)."""
-  _, _, d = models("gqa", num_key_value_heads=2, attention_bias=True)
-  for dtype in (jnp.float32, jnp.bfloat16):
-    model = load_pretrained(d, param_dtype=jnp.bfloat16, dtype=dtype)
-    cached = gen.greedy_generate(model, PROMPTS, N_NEW)
-    assert cached == gen.greedy_generate(model, PROMPTS, N_NEW, use_cache=False), dtype
-    assert [len(r) for r in cached] == [N_NEW] * len(PROMPTS)
+  kind, bf16 = overrides.pop("kind", "llama"), overrides.pop("bf16", False)
+  tm, model, d = models(variant.removesuffix("_bf16"), kind, **overrides)
+  return tm, (load_pretrained(d, param_dtype=jnp.bfloat16, dtype=jnp.bfloat16) if bf16 else model)
 
 
 def _hf_greedy(tm, prompt, n, eos=None):
@@ -95,12 +70,54 @@ def _hf_greedy(tm, prompt, n, eos=None):
   return new[:new.index(eos)] if eos is not None and eos in new else new
 
 
-def test_equals_transformers_generate_and_eos(models, checkpoint):
-  import transformers  # pylint: disable=import-outside-toplevel
+@pytest.mark.parametrize("variant", ["gqa", "gqa_bf16"])
+def test_cached_equals_uncached(models, variant):
+  """Token for token over a padded batch of 4 prompts, float32 and bfloat16 (3 compiles per variant: prefill, decode
+  chunk, full forward)."""
+  _, model = _model(models, variant)
+  cached = gen.greedy_generate(model, PROMPTS, N_NEW)
+  assert [len(r) for r in cached] == [N_NEW] * len(PROMPTS)
+  assert cached == gen.greedy_generate(model, PROMPTS, N_NEW, use_cache=False)
+  assert len({tuple(r) for r in cached}) == len(PROMPTS)  # the prompts matter: not one constant continuation
 
-  tm, model, _ = models("gqa", num_key_value_heads=2, attention_bias=True)
+
+@pytest.mark.parametrize("variant", ["llama", "gqa", "mistral_window"])
+def test_equals_transformers_generate(models, variant):
+  """float32: plain multi-head Llama, GQA with biases, Mistral with a window of 6 (exceeded by every prompt + its 20
+  tokens), each a padded batch of 4 against transformers' ``generate`` one prompt at a time."""
+  tm, model = _model(models, variant)
   ours = gen.greedy_generate(model, PROMPTS, N_NEW)
   assert ours == [_hf_greedy(tm, p, N_NEW) for p in PROMPTS]
+  assert len({tuple(r) for r in ours}) == len(PROMPTS)
+
+
+@pytest.mark.slow
+def test_cache_logits_equal_full_forward_past_the_window(models):
+  """Prefill + decode steps give the full forward's logits at every position, on the sliding-window model, past the
+  window and over a padded row (3 compiles)."""
+  _, model = _model(models, "mistral_window")
+  prefill, step = nnx.jit(gen.prefill), nnx.jit(gen.decode_step)
+  ids = np.zeros((2, 8), np.int32)
+  ids[0, :7], ids[1, :2] = PROMPTS[0], PROMPTS[1]
+  logits, cache = prefill(model, gen.init_cache(model, 2, 16), ids, np.array([7, 2]))
+  seqs, got = [list(PROMPTS[0]), list(PROMPTS[1])], []
+  for _ in range(8):
+    got.append(np.asarray(logits))
+    nxt = np.asarray(jnp.argmax(logits, axis=-1))
+    seqs = [s + [int(t)] for s, t in zip(seqs, nxt, strict=True)]
+    logits, cache = step(model, cache, nxt)
+  assert cache.lengths.tolist() == [15, 10]
+  full_ids = np.zeros((2, 16), np.int32)
+  full_ids[0, :15], full_ids[1, :10] = seqs[0], seqs[1]
+  full = np.asarray(nnx.jit(lambda m, x: m(x))(model, full_ids))  # causal: the padding of row 1 changes nothing
+  for row, start in ((0, 6), (1, 1)):
+    want = full[row, start:start + 8]
+    np.testing.assert_allclose(np.stack(got)[:, row], want, rtol=0, atol=2e-5 * np.abs(want).max())
+
+
+def test_eos_ends_a_row(models):
+  tm, model, _ = models("gqa", num_key_value_heads=2, attention_bias=True)
+  ours = gen.greedy_generate(model, PROMPTS, N_NEW)
   # EOS: a token that appears mid-way in a row's continuation ends that row (not included), in both libraries.
   eos = ours[0][5]
   with_eos = gen.greedy_generate(model, PROMPTS, N_NEW, eos_token_id=eos)
@@ -108,11 +125,6 @@ def test_equals_transformers_generate_and_eos(models, checkpoint):
     assert row == (full[:full.index(eos)] if eos in full else full)
   assert len(with_eos[0]) <= 5
   assert with_eos == [_hf_greedy(tm, p, N_NEW, eos) for p in PROMPTS]
-  # The session checkpoint saved by transformers (float32, vocab 320, eos 0), batch of 1.
-  tiny = load_pretrained(checkpoint)
-  hf = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, torch_dtype=torch.float32).eval()
-  prompt = [31, 200, 7, 150, 66]
-  assert gen.greedy_generate(tiny, [prompt], 12, eos_token_id=0) == [_hf_greedy(hf, prompt, 12, 0)]
 
 
 def test_stop_callback(models):
@@ -133,28 +145,28 @@ def test_stop_callback(models):
 
 def test_left_truncation_keeps_last_tokens(models):
   _, model, _ = models("gqa", num_key_value_heads=2, attention_bias=True)
-  long = list(range(3, 40))  # 37 tokens
-  cut, n = gen.truncate_prompts([long, [5, 6]], max_new_tokens=4, max_length=16)
-  assert n == 1 and cut == [long[-12:], [5, 6]]
-  out = gen.greedy_generate(model, [long, [5, 6]], 4, max_length=16)
-  assert out == gen.greedy_generate(model, cut, 4) and out[0] != gen.greedy_generate(model, [long], 4)[0]
-  assert gen.truncate_prompts(cut, 4, 16) == (cut, 0)  # already cut: unchanged
+  long = list(range(3, 40))  # 37 tokens; max_length 32 - 20 new tokens leaves 12: the last 12 are kept
+  prompts = [long] + PROMPTS[1:]
+  cut, n = gen.truncate_prompts(prompts, max_new_tokens=N_NEW, max_length=32)
+  assert n == 1 and cut == [long[-12:]] + PROMPTS[1:]
+  assert gen.truncate_prompts(cut, N_NEW, 32) == (cut, 0)  # already cut: unchanged
+  out = gen.greedy_generate(model, prompts, N_NEW, max_length=32)
+  assert out == gen.greedy_generate(model, cut, N_NEW)
+  assert out[0] != gen.greedy_generate(model, [long[-11:]] + PROMPTS[1:], N_NEW)[0]  # the kept tokens matter
 
 
 def test_compiles_are_bucketed():
-  """One prefill and one decode program for all prompt lengths in a bucket; a longer prompt adds one of each."""
+  """One prefill and one decode program for every prompt length and batch split within a bucket (a longer prompt
+  would add one of each; :func:`~proxjax.models.generate.bucket_length`'s doctest shows the buckets)."""
   c = LlamaConfig(vocab_size=48, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                   max_position_embeddings=128)  # a config no other test uses: its programs are new
   model = LlamaForCausalLM(c, rngs=nnx.Rngs(1))
-  sizes = lambda: (gen._prefill_greedy._cache_size(), gen._decode_chunk._cache_size())  # noqa: E731, SLF001
+  sizes = lambda: np.array([gen._prefill_greedy._cache_size(), gen._decode_chunk._cache_size()])  # noqa: E731, SLF001
   before = sizes()
-  for length in (1, 3, 5, 9, 12):  # T bucket 16, cache bucket 16 (length + 4 <= 16), batch 1
-    gen.greedy_generate(model, [list(range(1, length + 1))], 4, batch_size=1)
-  gen.greedy_generate(model, [[1, 2], [3, 4, 5]], 4, batch_size=1)  # two batches of one: same shapes
-  after = sizes()
-  assert (after[0] - before[0], after[1] - before[1]) == (1, 1)
-  gen.greedy_generate(model, [list(range(1, 15))], 4, batch_size=1)  # 14 + 4 > 16: cache bucket 32
-  assert (sizes()[0] - after[0], sizes()[1] - after[1]) == (1, 1)
+  for length in (1, 3, 5, 9, 12):  # prompt bucket 16, cache bucket 16 (length + 4 <= 16), batch 1
+    assert len(gen.greedy_generate(model, [list(range(1, length + 1))], 4, batch_size=1)[0]) == 4
+  gen.greedy_generate(model, [[1, 2], [3, 4, 5], [6] * 7], 4, batch_size=1)  # three batches of one: same shapes
+  assert (sizes() - before).tolist() == [1, 1]
 
 
 def test_bad_input(models):
