@@ -9,6 +9,7 @@ Examples::
 
   proxjax prune smollm2 out/prox --method prox --nsamples 32 --seqlen 512 --eval lee
   proxjax eval out/prox --dataset wikitext2 --seqlen 2048 --json ppl.json
+  proxjax eval out/prox --tasks arc_easy,hellaswag --limit 200 --json acc.json   # lm-eval, no torch
   proxjax check out/prox
   proxjax prune smollm2 out/wanda --method wanda --mesh 8        # kernels split over 8 devices
   proxjax prune big-model out/prox --mesh model=8 --offload       # one block on the devices at a time
@@ -182,12 +183,41 @@ def cmd_eval(args: argparse.Namespace) -> int:
   model = _model_arg(args.model_dir)
   if args.json:
     _checked(paths.check_file, args.json, sources=[paths.model_path(model)], what="--json")
+  if args.tasks is not None:
+    return _eval_tasks(args, model)
+  for flag in ("num_fewshot", "limit", "include_path"):
+    if getattr(args, flag) is not None:
+      raise ArgumentError(f"--{flag.replace('_', '-')} goes with --tasks")
+  if args.dataset is None or args.seqlen is None:
+    raise ArgumentError("give --dataset and --seqlen (perplexity), or --tasks (lm-eval tasks)")
   dataset = _source_arg(args.dataset, "--dataset")
   job = jobs.EvalJob(model, jobs.EvalConfig(dataset, seqlen=args.seqlen, max_windows=args.max_windows,
                                             batch_size=args.batch_size),
                      json=args.json, mesh=args.mesh, progress=not args.quiet)
   from proxjax.workflows.evaluate import evaluate  # pylint: disable=import-outside-toplevel
   _, text = evaluate(job)
+  print(text)
+  return 0
+
+
+def _eval_tasks(args: argparse.Namespace, model: str) -> int:
+  """``proxjax eval MODEL --tasks ...``: lm-eval through the proxjax backend; its table on stdout."""
+  tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+  if not tasks:
+    raise ArgumentError("--tasks needs at least one lm-eval task name (e.g. --tasks arc_easy,hellaswag)")
+  if args.limit is not None and args.limit < 1:
+    raise ArgumentError(f"--limit must be at least 1, got {args.limit}")
+  if args.num_fewshot is not None and args.num_fewshot < 0:
+    raise ArgumentError(f"--num-fewshot must be at least 0, got {args.num_fewshot}")
+  if args.batch_size < 1:
+    raise ArgumentError(f"--batch-size must be at least 1, got {args.batch_size}")
+  if args.include_path is not None and not os.path.isdir(args.include_path):
+    raise ArgumentError(f"--include-path {args.include_path}: no such directory (it should hold lm-eval task YAMLs)")
+  if args.dataset is not None:
+    raise ArgumentError("--dataset (perplexity) and --tasks (lm-eval) are separate runs: give one of them")
+  from proxjax.workflows.evaluate import evaluate_tasks  # pylint: disable=import-outside-toplevel
+  _, text = evaluate_tasks(model, tasks, num_fewshot=args.num_fewshot, limit=args.limit, batch_size=args.batch_size,
+                           include_path=args.include_path, json=args.json)
   print(text)
   return 0
 
@@ -380,11 +410,16 @@ def _add_eval(sub: Any) -> None:
   p = sub.add_parser("eval", help=f"perplexity (the protocol of {_METHOD_DOC}, 'Evaluation protocol', printed "
                                   "with the number)")
   p.add_argument("model_dir")
-  p.add_argument("--dataset", required=True,
+  p.add_argument("--dataset",
                  help="wikitext2, c4 (online), wiki or lee (offline evaluation articles), or a .txt/.jsonl path")
-  p.add_argument("--seqlen", type=int, required=True)
+  p.add_argument("--seqlen", type=int, help="tokens per perplexity window (with --dataset)")
   p.add_argument("--max-windows", type=int)
-  p.add_argument("--json", help="write the result (ppl, tokens, windows, seqlen, protocol) here")
+  p.add_argument("--json", help="write the result (ppl, tokens, windows, seqlen, protocol; or lm-eval's results) here")
+  p.add_argument("--tasks", metavar="T1,T2", help="instead of perplexity: lm-eval tasks (pip install 'proxjax[eval]'), "
+                 "run through the torch-free proxjax backend; prints lm-eval's table")
+  p.add_argument("--num-fewshot", type=int, help="lm-eval few-shot examples per task (default: the task's)")
+  p.add_argument("--limit", type=int, help="lm-eval: at most this many documents per task")
+  p.add_argument("--include-path", metavar="DIR", help="lm-eval: a folder of extra task YAMLs (e.g. local jsonl data)")
   _common(p)
   p.set_defaults(func=cmd_eval)
 

@@ -386,7 +386,7 @@ class ProxjaxLM(TemplateLM):
 
       tokens = greedy_generate(self.model, prompts, max_gen, eos_token_id=self.eot_token_id, stop=stop,
                                batch_size=self.batch_size, max_length=self.max_length)
-      for i, toks in zip(idx, _token_lists(tokens)):
+      for i, toks in zip(idx, tokens):
         s = postprocess_generated_text(generation=self.tok_decode(toks), stop=until, think_end_token=None)
         out[i] = s
         self.cache_hook.add_partial("generate_until", args[i], s)
@@ -399,13 +399,6 @@ class ProxjaxLM(TemplateLM):
     n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self._state))
     return {"model_num_parameters": n, "model_dtype": str(getattr(self.model, "param_dtype", "")),
             "model_name": self.pretrained or "in-memory model", "max_length": self.max_length}
-
-
-def _token_lists(result: Any) -> list[list[int]]:
-  """The generated token lists of :func:`greedy_generate`'s result (a sequence of token sequences, or an object whose
-  ``tokens`` attribute is one)."""
-  seqs = getattr(result, "tokens", result)
-  return [[int(t) for t in s] for s in seqs]
 
 
 def _score(model: llama.LlamaForCausalLM, ids: jax.Array, conts: jax.Array,
@@ -442,3 +435,98 @@ def _score(model: llama.LlamaForCausalLM, ids: jax.Array, conts: jax.Array,
   ys = conts.reshape(b, c // chunk, chunk).swapaxes(0, 1)
   lps, greedies = jax.lax.map(part, (xs, ys))
   return lps.sum(axis=0), jnp.all(greedies, axis=0)
+
+
+# ------------------------------------------------------------------------------------------------ tasks --
+_OFFLINE_HELP = ("point lm-eval at local copies: --include-path DIR holding task YAMLs with `dataset_path: json` and "
+                 "`dataset_kwargs: {data_files: {test: FILE.jsonl}}`, or a Hugging Face datasets cache that already "
+                 "holds the dataset (HF_DATASETS_CACHE=DIR) with HF_DATASETS_OFFLINE=1")
+_FETCH_HINTS = ("connection", "offline", "couldn't reach", "could not reach", "max retries", "localentrynotfound",
+                "datasetnotfound", "network", "internet", "timed out", "name or service", "not cached")
+
+
+def _fetch_error(err: BaseException) -> bool:
+  """Whether ``err`` (or an exception it was raised from) looks like a failed download."""
+  seen: set[int] = set()
+  e: BaseException | None = err
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    words = f"{type(e).__name__} {e}".lower()
+    if isinstance(e, ConnectionError) or any(h in words for h in _FETCH_HINTS):
+      return True
+    e = e.__cause__ or e.__context__
+  return False
+
+
+def _dataset_paths(task_manager: Any, names: Sequence[str]) -> list[str]:
+  out = []
+  for name in names:
+    entry = task_manager.task_index.get(name)
+    cfg = getattr(entry, "cfg", None) or {}
+    if isinstance(cfg.get("dataset_path"), str):
+      out.append(cfg["dataset_path"] + (f" ({cfg['dataset_name']})" if cfg.get("dataset_name") else ""))
+  return out
+
+
+def check_tasks(tasks: Sequence[str], include_path: str | os.PathLike | None = None) -> Any:
+  """lm-eval's ``TaskManager`` for ``tasks`` (task, group or tag names), after checking them.
+
+  With ``include_path`` only that folder is indexed first (fast); lm-eval's own task index (about 15,000 names,
+  seconds to build) is read only when a name is not found there.
+
+  Raises:
+    ValueError: ``include_path`` is not a directory; no task given; a name lm-eval does not know (with the closest
+      known names).
+  """
+  from lm_eval.tasks import TaskManager  # pylint: disable=import-outside-toplevel
+  names = [t for t in tasks if t]
+  if not names:
+    raise ValueError("no task given (e.g. --tasks arc_easy,hellaswag)")
+  if include_path is not None:
+    if not os.path.isdir(include_path):
+      raise ValueError(f"--include-path {include_path}: no such directory (it should hold lm-eval task YAML files)")
+    manager = TaskManager(include_path=os.fspath(include_path), include_defaults=False)
+    if all(n in manager.all_tasks for n in names):
+      return manager
+  manager = TaskManager(include_path=None if include_path is None else os.fspath(include_path))
+  known = set(manager.all_tasks)
+  unknown = [n for n in names if n not in known]
+  if unknown:
+    parts = []
+    for n in unknown:
+      close = difflib.get_close_matches(n, manager.all_tasks, n=5, cutoff=0.6)
+      parts.append(f"{n!r}" + (f" (close: {', '.join(close)})" if close else ""))
+    where = "" if include_path is None else f" (nor in --include-path {include_path})"
+    raise ValueError(f"lm-eval knows no task {'; '.join(parts)}{where}")
+  return manager
+
+
+def run_tasks(lm: ProxjaxLM, tasks: Sequence[str], task_manager: Any, *, num_fewshot: int | None = None,
+              limit: int | None = None) -> dict[str, Any]:
+  """``lm_eval.simple_evaluate`` of ``tasks`` with the backend ``lm``: lm-eval's results dictionary (``results``,
+  ``configs``, ``versions``, ``n-shot``, …, no per-sample logs).
+
+  Raises:
+    ValueError: ``limit < 1`` or ``num_fewshot < 0``; a task's dataset could not be downloaded (naming it and how to
+      use local copies instead).
+  """
+  from lm_eval import simple_evaluate  # pylint: disable=import-outside-toplevel
+  if limit is not None and limit < 1:
+    raise ValueError(f"--limit must be at least 1, got {limit}")
+  if num_fewshot is not None and num_fewshot < 0:
+    raise ValueError(f"--num-fewshot must be at least 0, got {num_fewshot}")
+  try:
+    out = simple_evaluate(model=lm, tasks=list(tasks), task_manager=task_manager, num_fewshot=num_fewshot,
+                          limit=limit, log_samples=False, torch_random_seed=None)
+  except Exception as err:  # pylint: disable=broad-exception-caught
+    if not _fetch_error(err):
+      raise
+    paths = _dataset_paths(task_manager, tasks)
+    what = f"the dataset {', '.join(paths)}" if paths else f"the dataset of {', '.join(tasks)}"
+    first = " ".join(str(err).split())[:300]
+    raise ValueError(f"could not fetch {what} for lm-eval ({type(err).__name__}: {first}); without internet, "
+                     f"{_OFFLINE_HELP}") from err
+  if out is None:
+    raise ValueError("lm-eval returned no results")
+  out.pop("samples", None)
+  return out

@@ -11,6 +11,7 @@ Example::
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any
 
 from proxjax.core import files
@@ -18,7 +19,7 @@ from proxjax.pipeline import evaluate as ev
 from proxjax.workflows import common
 from proxjax.workflows.config import EvalJob
 
-__all__ = ["evaluate"]
+__all__ = ["evaluate", "evaluate_tasks"]
 
 
 def evaluate(job: EvalJob) -> tuple[dict[str, Any], str]:
@@ -42,3 +43,35 @@ def evaluate(job: EvalJob) -> tuple[dict[str, Any], str]:
   if job.json:
     files.write_json(job.json, out)
   return out, ev.format_report(result, protocol, **extra)
+
+
+def evaluate_tasks(model: str, tasks: Sequence[str], *, num_fewshot: int | None = None, limit: int | None = None,
+                   batch_size: int = 8, include_path: str | None = None,
+                   json: str | None = None) -> tuple[dict[str, Any], str]:
+  """``proxjax eval --tasks``: lm-eval's results for ``tasks`` on the checkpoint ``model`` through the ``proxjax``
+  backend (:mod:`proxjax.pipeline.harness`, no torch), also written to ``json`` (atomically), and lm-eval's table.
+
+  Raises:
+    ValueError: lm-eval is not installed; ``model`` is not a checkpoint; a task lm-eval does not know (with close
+      names); a missing ``include_path``; ``limit < 1``; a task's dataset cannot be fetched (with how to use local
+      copies).
+  """
+  if limit is not None and limit < 1:
+    raise ValueError(f"--limit must be at least 1, got {limit}")
+  model_dir = common.model_dir(model)
+  if not os.path.isfile(os.path.join(model_dir, "config.json")):
+    raise ValueError(f"{model_dir}: not a Hugging Face checkpoint directory (no config.json)")
+  try:
+    from proxjax.pipeline import harness  # pylint: disable=import-outside-toplevel  (lm-eval is an optional extra)
+  except ImportError as err:
+    raise ValueError(str(err)) from None
+  from lm_eval.utils import make_table  # pylint: disable=import-outside-toplevel
+  manager = harness.check_tasks(tasks, include_path)
+  lm = harness.ProxjaxLM(pretrained=model_dir, batch_size=batch_size)
+  out = harness.run_tasks(lm, tasks, manager, num_fewshot=num_fewshot, limit=limit)
+  out["model"] = os.path.abspath(model_dir)
+  out["compiles"] = lm.compiles
+  if json:
+    files.write_json(json, out)
+  text = make_table(out) + (make_table(out, "groups") if out.get("groups") else "")
+  return out, text

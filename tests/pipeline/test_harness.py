@@ -143,6 +143,23 @@ def test_rolling_matches_hflm(backends, lee):
   np.testing.assert_allclose(a, b, atol=1e-4, rtol=0)
 
 
+def test_generate_until_matches_hflm(backends, lee, caplog):
+  """Greedy generation with stop strings (cut at the first one), the default stop (EOS text), ``max_gen_toks``, and
+  a prompt longer than max_length - max_gen_toks (truncated from the left, said once in the log)."""
+  ours, ref = backends
+  prompts = ["The government said", "Police", lee[12][:400], "Rain and", "<eos>The"]
+  kwargs = [{"until": ["\n"], "max_gen_toks": 12}, {"until": [" the", "."], "max_gen_toks": 12},
+            {"max_gen_toks": 10}, {"until": "e", "max_gen_toks": 12, "do_sample": False}]
+  reqs = [Instance("generate_until", {}, (p, k), i) for i, (p, k) in enumerate((p, k) for k in kwargs
+                                                                                 for p in prompts)]
+  with caplog.at_level("WARNING", logger="proxjax.pipeline.harness"):
+    a = ours.generate_until(reqs, disable_tqdm=True)
+  b = ref.generate_until(reqs, disable_tqdm=True)
+  assert a == b
+  assert any(a) and all(not s.endswith(" the") for s in a)
+  assert sum("truncated from the left" in r.message for r in caplog.records) == 1
+
+
 def test_compiled_shapes_are_bounded(backends):
   """60 requests of 60 different lengths (2..100 tokens, continuations of 1-3 tokens; max_length 48, so longer ones
   are truncated): input lengths fall into the 4 buckets 16, 24, 32, 48 and continuations into one. With max_length
