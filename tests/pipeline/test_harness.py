@@ -233,7 +233,11 @@ def test_smollm2_parity(lee):
     n = int(rng.integers(1, 4))
     reqs.append(Instance("loglikelihood", {}, (" ".join(words[:cut]), " " + " ".join(words[cut:cut + n])), k))
   reqs.append(Instance("loglikelihood", {}, ("", " The"), 40))
-  assert_same_loglikelihoods(ours.loglikelihood(reqs, disable_tqdm=True), ref.loglikelihood(reqs, disable_tqdm=True))
+  # float32 through 30 layers: 1e-4 absolute plus 4e-6 relative (measured: 1.5e-4 at a log-likelihood of -42.7, a
+  # 300-word context; is_greedy equal everywhere)
+  a, b = ours.loglikelihood(reqs, disable_tqdm=True), ref.loglikelihood(reqs, disable_tqdm=True)
+  for (la, ga), (lb, gb) in zip(a, b):
+    assert abs(la - lb) <= 1e-4 + 4e-6 * abs(lb) and ga == gb, (la, lb, ga, gb)
   roll = [Instance("loglikelihood_rolling", {}, (lee[70 + i][:3000],), i) for i in range(3)]
   np.testing.assert_allclose(ours.loglikelihood_rolling(roll, disable_tqdm=True),
-                             ref.loglikelihood_rolling(roll, disable_tqdm=True), atol=1e-3, rtol=0)
+                             ref.loglikelihood_rolling(roll, disable_tqdm=True), atol=1e-4, rtol=4e-6)
