@@ -222,6 +222,23 @@ def _eval_tasks(args: argparse.Namespace, model: str) -> int:
   return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+  """``proxjax generate MODEL --prompt TEXT ...``: greedy continuations (KV cache) printed after each prompt."""
+  model = _model_arg(args.model_dir)
+  if not args.prompt:
+    raise ArgumentError("give at least one --prompt TEXT")
+  if args.max_new_tokens < 1:
+    raise ArgumentError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+  if args.json:
+    _checked(paths.check_file, args.json, sources=[paths.model_path(model)], what="--json")
+  from proxjax.workflows.generate import GenerateJob, generate  # pylint: disable=import-outside-toplevel
+  job = _checked(GenerateJob, model, tuple(args.prompt), max_new_tokens=args.max_new_tokens,
+                 use_cache=not args.no_cache, dtype=args.dtype, batch_size=args.batch_size, json=args.json)
+  _, text = generate(job)
+  print(text)
+  return 0
+
+
 def cmd_check(args: argparse.Namespace) -> int:
   model = _model_arg(args.model_dir)
   from proxjax.models.hf import check_sparsity  # pylint: disable=import-outside-toplevel
@@ -424,6 +441,20 @@ def _add_eval(sub: Any) -> None:
   p.set_defaults(func=cmd_eval)
 
 
+def _add_generate(sub: Any) -> None:
+  p = sub.add_parser("generate", help="greedy continuations of prompts (KV cache): what a (pruned) model says")
+  p.add_argument("model_dir")
+  p.add_argument("--prompt", action="append", metavar="TEXT",
+                 help="a prompt (repeat for several), tokenized as the model's tokenizer does (no chat template)")
+  p.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="tokens per prompt at most (default 64)")
+  p.add_argument("--no-cache", action="store_true", help="full forward every step (the slow reference)")
+  p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                 help="parameter and compute dtype (auto: the checkpoint's parameters, float32 compute)")
+  p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together")
+  p.add_argument("--json", help="write prompts, continuations, token counts and tokens/s here")
+  p.set_defaults(func=cmd_generate)
+
+
 def _add_tools(sub: Any) -> None:
   p = sub.add_parser("check", help="verify every projection is N:M along the input axis; non-zero exit otherwise")
   p.add_argument("model_dir")
@@ -566,8 +597,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
   sub = parser.add_subparsers(dest="command", required=True)
-  adders: list[Callable[[Any], None]] = [_add_prune, _add_eval, _add_tools, _add_finetune, _add_proxsparse,
-                                         _add_prosparse]
+  adders: list[Callable[[Any], None]] = [_add_prune, _add_eval, _add_generate, _add_tools, _add_finetune,
+                                         _add_proxsparse, _add_prosparse]
   for add in adders:
     add(sub)
   for p in sub.choices.values():
