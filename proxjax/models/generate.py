@@ -297,6 +297,7 @@ def _generate_batch(graphdef: Any, state: Any, prompts: list[list[int]], index: 
   done = (token == eos) | (count >= max_new) | (np.arange(b) >= n)
   tokens = [[int(token[row])] if token[row] != eos else [] for row in range(n)]
   eos_a, max_a = np.int32(eos), np.int32(max_new)
+  _check_stop(stop, index, tokens, done)
   while not done.all():
     if use_cache:
       cache, token, done, count, outs = _decode_chunk(graphdef, state, cache, token, done, count, eos_a, max_a)
@@ -317,11 +318,17 @@ def _generate_batch(graphdef: Any, state: Any, prompts: list[list[int]], index: 
         if tok < 0 or tok == eos:
           break
         tokens[row].append(int(tok))
-    if stop is not None:
-      for row in range(n):
-        if not done[row] and stop(index[row], list(tokens[row])):
-          done[row] = True
+    _check_stop(stop, index, tokens, done)
   return tokens
+
+
+def _check_stop(stop: Callable[[int, list[int]], bool] | None, index: list[int], tokens: list[list[int]],
+                done: np.ndarray) -> None:
+  """Marks ``done`` (in place) every unfinished row whose ``stop(prompt index, tokens so far)`` is True."""
+  if stop is not None:
+    for row, row_tokens in enumerate(tokens):
+      if not done[row] and stop(index[row], list(row_tokens)):
+        done[row] = True
 
 
 def greedy_generate(model: LlamaForCausalLM, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
@@ -330,9 +337,9 @@ def greedy_generate(model: LlamaForCausalLM, prompts: Sequence[Sequence[int]], m
   r"""Greedy continuations of token-id prompts: ``x_{t+1} = argmax_v logits_t[v]`` (float32 logits; ties go to the
   lowest id, like ``torch.argmax``), the prompt excluded.
 
-  Row ``i`` stops at ``eos_token_id`` (not included), when ``stop(i, tokens_so_far)`` returns True (checked every
-  :data:`CHUNK` generated tokens, after each device call, so the returned tokens may run up to ``CHUNK − 1`` past
-  the point ``stop`` would accept: the caller trims), or after ``max_new_tokens`` tokens.
+  Row ``i`` stops at ``eos_token_id`` (not included), when ``stop(i, tokens_so_far)`` returns True (checked after
+  the first token and then every :data:`CHUNK` tokens, after each device call, so the returned tokens may run up to
+  ``CHUNK − 1`` past the point ``stop`` would accept: the caller trims), or after ``max_new_tokens`` tokens.
 
   Prompts are taken ``batch_size`` at a time (longest first, results in the input order), right-padded; each batch is
   a :func:`prefill` then chunks of :data:`CHUNK` :func:`decode_step` s in a ``lax.scan`` (one host round trip per

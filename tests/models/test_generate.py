@@ -141,8 +141,10 @@ def test_stop_callback(models):
   out = gen.greedy_generate(model, PROMPTS, N_NEW, stop=stop)
   assert out[2] == full[2][:gen.CHUNK + 1]  # checked after the first chunk: 1 (prefill) + 16 tokens, caller trims
   assert [out[i] for i in (0, 1, 3)] == [full[i] for i in (0, 1, 3)]
-  assert sorted(calls) == [(0, 17), (1, 17), (2, 17), (3, 17)]  # rows 0, 1, 3 end at N_NEW in the next chunk
-  assert gen.greedy_generate(model, PROMPTS, N_NEW, stop=lambda i, t: True) == [r[:17] for r in full]
+  # After the first token, then after each chunk of 16; rows 0, 1, 3 end at N_NEW in the second chunk (no call).
+  assert sorted(calls) == [(0, 1), (0, 17), (1, 1), (1, 17), (2, 1), (2, 17), (3, 1), (3, 17)]
+  assert gen.greedy_generate(model, PROMPTS, N_NEW, stop=lambda i, t: True) == [r[:1] for r in full]
+  assert gen.greedy_generate(model, PROMPTS, N_NEW, stop=lambda i, t: len(t) > 1) == [r[:17] for r in full]
 
 
 def test_left_truncation_keeps_last_tokens(models):
