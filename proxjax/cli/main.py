@@ -1,4 +1,4 @@
-"""The ``proxjax`` command line: ``prune``, ``eval``, ``check``, ``convert-gguf``, ``plot``, ``finetune``,
+"""The ``proxjax`` command line: ``prune``, ``eval``, ``generate``, ``check``, ``convert-gguf``, ``plot``, ``finetune``,
 ``proxsparse`` (learned 2:4 masks), ``prosparse`` (activation sparsity).
 
 ``MODEL_DIR`` is a Hugging Face checkpoint directory (config.json, safetensors, tokenizer files) or the word
