@@ -173,9 +173,9 @@ def _kappa(k0t: jax.Array, quantile: jax.Array) -> jax.Array:
 
 def _setup(kernel: jax.Array, hessian: jax.Array, quantile: jax.Array, *,
            lipschitz: bool = True) -> tuple[_refine.Preconditioned, jax.Array, jax.Array, jax.Array]:
-  pre, lam_min = _refine.precondition_with_spectrum(hessian, lipschitz)
+  pre, curvature_ok = _refine.precondition_checked(hessian, lipschitz)
   k0t = _refine.to_preconditioned(kernel, pre)
-  return pre, k0t, _kappa(k0t, quantile), lam_min
+  return pre, k0t, _kappa(k0t, quantile), curvature_ok
 
 
 def _groups_left(v: jax.Array) -> jax.Array:
@@ -334,9 +334,9 @@ def _constants(kernel: jax.Array, hessian: jax.Array, quantile: float, ridge: fl
     raise ValueError(f"quantile must be in (0, 1], got {quantile}")
   if ridge < 0:
     raise ValueError(f"ridge must be >= 0, got {ridge}")
-  pre, k0t, kappa, lam_min = _run("setup", mesh, kernel.shape, kernel, hessian, jnp.asarray(quantile, _F32),
+  pre, k0t, kappa, curvature_ok = _run("setup", mesh, kernel.shape, kernel, hessian, jnp.asarray(quantile, _F32),
                                   lipschitz=lipschitz)
-  if float(lam_min) < -_refine.CURVATURE_TOL * float(pre.lipschitz):
+  if not bool(curvature_ok):
     raise ValueError(f"the hessian is not positive semi-definite: the preconditioned H has an eigenvalue below "
                      f"{-_refine.CURVATURE_TOL * float(pre.lipschitz):.3g} (−{_refine.CURVATURE_TOL:g} times its largest, "
                      f"{float(pre.lipschitz):.3g}); a second-moment matrix X Xᵀ/n has none below rounding")

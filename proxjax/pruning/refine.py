@@ -82,10 +82,10 @@ def as_precision(precision: PrecisionLike) -> lax.Precision:
   return lax.Precision(precision)
 
 
-def precondition_with_spectrum(hessian: jax.Array, lipschitz: bool = True) -> tuple[Preconditioned, jax.Array]:
-  """:func:`precondition_hessian` and a curvature flag: ``-2·CURVATURE_TOL·L`` when ``H̃`` has an eigenvalue below
-  ``−CURVATURE_TOL·L`` (a Cholesky of ``H̃ + CURVATURE_TOL·L·I`` fails), else 0; 0 when ``lipschitz=False``, where
-  nothing is computed. A negative flag means ``H`` is not a second-moment matrix."""
+def precondition_checked(hessian: jax.Array, lipschitz: bool = True) -> tuple[Preconditioned, jax.Array]:
+  """:func:`precondition_hessian` and whether ``H̃`` passes the curvature check (a bool scalar): false when ``H̃`` has
+  an eigenvalue below ``−CURVATURE_TOL·L`` (a Cholesky of ``H̃ + CURVATURE_TOL·L·I`` fails), which means ``H`` is
+  not a second-moment matrix. Always true with ``lipschitz=False``, where nothing is computed."""
   h = jnp.asarray(hessian, _F32)
   h = 0.5 * (h + h.T)
   diag = jnp.diagonal(h)
@@ -99,14 +99,13 @@ def precondition_with_spectrum(hessian: jax.Array, lipschitz: bool = True) -> tu
     top = largest_eigenvalue_bound(ht)
     lip = jnp.where(jnp.any(live), jnp.maximum(top, 1.0), 1.0)  # λ_max >= max diagonal = 1
     # λ_min(H̃) >= −tol·L iff H̃ + tol·L·I is positive definite: one Cholesky (NaN when it is not) instead of a full
-    # eigendecomposition; reported as −tol·L when it fails, else 0.
+    # eigendecomposition.
     shifted = ht + (CURVATURE_TOL * lip) * jnp.eye(h.shape[0], dtype=_F32)
     with jax.default_matmul_precision("highest"):
       ok = jnp.all(jnp.isfinite(jnp.linalg.cholesky(shifted)))
-    bottom = jnp.where(ok, 0.0, -2.0 * CURVATURE_TOL * lip).astype(_F32)
   else:
-    lip, bottom = jnp.ones((), _F32), jnp.zeros((), _F32)
-  return Preconditioned(d, inv, ht, live, lip), bottom
+    lip, ok = jnp.ones((), _F32), jnp.ones((), bool)
+  return Preconditioned(d, inv, ht, live, lip), ok
 
 
 CURVATURE_TOL = 1e-3
@@ -154,7 +153,7 @@ def largest_eigenvalue_bound(a: jax.Array, steps: int = LANCZOS_STEPS) -> jax.Ar
 
 def precondition_hessian(hessian: jax.Array, lipschitz: bool = True) -> Preconditioned:
   """See :func:`precondition`; with ``lipschitz=False`` the Lanczos bound and the Cholesky check are skipped and ``L = 1``."""
-  return precondition_with_spectrum(hessian, lipschitz)[0]
+  return precondition_checked(hessian, lipschitz)[0]
 
 
 @jax.jit

@@ -8,6 +8,7 @@ import functools
 import json
 import os
 import shutil
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -90,6 +91,12 @@ def save(model: Any, out_dir: str, *, kept: str, **kwargs: Any) -> None:
     raise
   except Exception as err:  # OSError, or safetensors' SafetensorError for a full disk
     raise OSError(f"could not write the checkpoint {out_dir} ({' '.join(str(err).split())}); {kept}") from err
+
+
+def say_if_resuming(state_dir: str, marker: str | None = None) -> None:
+  """Tells the user (stderr) that the run resumes: ``state_dir`` exists, or ``state_dir/marker`` when given."""
+  if os.path.exists(os.path.join(state_dir, marker) if marker else state_dir):
+    print(f"resuming from {state_dir}", file=sys.stderr)
 
 
 def finish_state(output: OutputConfig, state_dir: str) -> None:

@@ -14,7 +14,6 @@ Example::
 from __future__ import annotations
 
 import os
-import sys
 from typing import Any
 
 import jax
@@ -54,8 +53,7 @@ def _finetune(job: FinetuneJob, model_dir: str, out_dir: str, state_dir: str) ->
     result["eval_protocol"] = dict(eval_data.protocol)
     result["ppl_before"] = common.perplexity(model, eval_data, job.eval.batch_size, job.progress).ppl
   masks = ft.sparsity_masks(model)
-  if os.path.exists(os.path.join(state_dir, loop.STATE_FILE)):
-    print(f"resuming from {state_dir}", file=sys.stderr)
+  common.say_if_resuming(state_dir, loop.STATE_FILE)
   trained = ft.finetune_masked(model, batches, learning_rate=job.learning_rate, weight_decay=job.weight_decay,
                                masks=masks, progress=job.progress, state_dir=state_dir, save_every=job.save_every,
                                run_info={"source": job.train, "checkpoint": checkpoint_fingerprint(model_dir)})

@@ -57,8 +57,7 @@ def _proxsparse(job: ProxSparseJob, model_dir: str, out_dir: str, state_dir: str
   if job.eval is not None:
     eval_data = common.evaluation_data(model_dir, job.eval)  # the same windows before and after
     full["ppl_before"] = common.perplexity(model, eval_data, job.eval.batch_size, job.progress).ppl
-  if os.path.exists(os.path.join(state_dir, loop.STATE_FILE)):
-    print(f"resuming from {state_dir}", file=sys.stderr)
+  common.say_if_resuming(state_dir, loop.STATE_FILE)
   result = ps.proxsparse(model, docs, steps=job.steps, lam1=job.lam1, learning_rate=job.learning_rate,
                          lam_relative=job.lam_relative, lam2=job.lam2, eps=job.eps, prox_scaling=job.prox_scaling,
                          batch_size=job.batch_size, state_dir=state_dir, save_every=job.save_every, mesh=mesh,

@@ -51,8 +51,7 @@ def _prune(job: PruneJob, model_dir: str, out_dir: str, state_dir: str) -> dict[
                  "seed": cal.seed}
   print(f"proxjax {common.VERSION}: pruning {model_dir} with {cfg.method_name} (refine {cfg.refine_kind}, "
         f"{cfg.method}); calibration {calibration}", file=sys.stderr)
-  if os.path.isdir(state_dir):
-    print(f"resuming from {state_dir}", file=sys.stderr)
+  common.say_if_resuming(state_dir)
   result = pipeline.prune_model(
       model, ids, cfg, true_sequential=job.true_sequential, include=job.include, ignore=job.ignore,
       batch_size=job.batch_size, state_dir=state_dir, progress=job.progress,
