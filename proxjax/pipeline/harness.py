@@ -64,6 +64,7 @@ except ImportError as err:  # pragma: no cover  (the extra is installed in the t
   raise ModuleNotFoundError(f"the lm-eval backend needs lm-eval ({err}); install it with: pip install "
                             "'proxjax[eval]'") from err
 
+from proxjax.data import tasks as shipped_tasks
 from proxjax.data import text
 from proxjax.models import hf, llama
 
@@ -471,8 +472,9 @@ def _dataset_paths(task_manager: Any, names: Sequence[str]) -> list[str]:
 def check_tasks(tasks: Sequence[str], include_path: str | os.PathLike | None = None) -> Any:
   """lm-eval's ``TaskManager`` for ``tasks`` (task, group or tag names), after checking them.
 
-  With ``include_path`` only that folder is indexed first (fast); lm-eval's own task index (about 15,000 names,
-  seconds to build) is read only when a name is not found there.
+  The tasks shipped with proxjax (:func:`proxjax.data.tasks.task_dir`, e.g. ``lee_last_word``) and ``include_path``
+  are indexed first (fast); lm-eval's own task index (about 15,000 names, seconds to build) is read only when a name
+  is not found there.
 
   Raises:
     ValueError: ``include_path`` is not a directory; no task given; a name lm-eval does not know (with the closest
@@ -482,13 +484,15 @@ def check_tasks(tasks: Sequence[str], include_path: str | os.PathLike | None = N
   names = [t for t in tasks if t]
   if not names:
     raise ValueError("no task given (e.g. --tasks arc_easy,hellaswag)")
+  paths = [shipped_tasks.task_dir()]
   if include_path is not None:
     if not os.path.isdir(include_path):
       raise ValueError(f"--include-path {include_path}: no such directory (it should hold lm-eval task YAML files)")
-    manager = TaskManager(include_path=os.fspath(include_path), include_defaults=False)
-    if all(n in manager.all_tasks for n in names):
-      return manager
-  manager = TaskManager(include_path=None if include_path is None else os.fspath(include_path))
+    paths.append(os.fspath(include_path))
+  manager = TaskManager(include_path=paths, include_defaults=False)
+  if all(n in manager.all_tasks for n in names):
+    return manager
+  manager = TaskManager(include_path=paths)
   known = set(manager.all_tasks)
   unknown = [n for n in names if n not in known]
   if unknown:

@@ -41,17 +41,28 @@ def task_dir(tmp_path_factory):
 
 def test_tasks_table_and_json(checkpoint, task_dir, tmp_path, capsys):
   out = tmp_path / "res" / "acc.json"
-  code = cli.main(["eval", str(checkpoint), "--tasks", "proxjax_cli_mc", "--include-path", str(task_dir), "--limit",
-                   "8", "--batch-size", "4", "--json", str(out)])
+  # the shipped task (lee_last_word) is found by name next to the --include-path folder's
+  code = cli.main(["eval", str(checkpoint), "--tasks", "proxjax_cli_mc,lee_last_word", "--include-path", str(task_dir),
+                   "--limit", "8", "--batch-size", "4", "--json", str(out)])
   captured = capsys.readouterr()
   assert code == 0, captured.err
   assert "proxjax_cli_mc" in captured.out and "acc" in captured.out and "|" in captured.out
   res = json.loads(out.read_text())
   acc = res["results"]["proxjax_cli_mc"]["acc,none"]
   assert 0.0 <= acc <= 1.0 and res["n-samples"]["proxjax_cli_mc"]["effective"] == 8
-  assert f"|{acc:.4g}|" in captured.out.replace(" ", "")
+  assert any(f"|{acc:{fmt}}|" in captured.out.replace(" ", "") for fmt in (".4g", ".3f", ".4f"))
+  lee = res["results"]["lee_last_word"]
+  assert res["n-samples"]["lee_last_word"]["effective"] == 8 and 0.0 <= lee["acc,none"] <= 1.0
+  assert lee["perplexity,none"] > 1.0
   assert res["model"] == str(checkpoint.resolve()) and res["compiles"] >= 1
   assert not list(out.parent.glob("*.tmp*"))  # written atomically
+
+
+def test_the_shipped_task_needs_no_include_path():
+  from proxjax.pipeline import harness  # noqa: PLC0415
+
+  manager = harness.check_tasks(["lee_last_word"])
+  assert "lee_last_word" in manager.all_tasks
 
 
 def _error(capsys, *argv) -> str:
