@@ -7,7 +7,6 @@ SmolLM2-135M."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import textwrap
@@ -20,6 +19,7 @@ pytest.importorskip("lm_eval")
 from lm_eval.api.instance import Instance  # noqa: E402
 
 from proxjax.pipeline import harness  # noqa: E402
+from tests.support.lm_eval_tasks import write_mc_task  # noqa: E402
 
 MAX_LENGTH = 48
 """Both backends' context length in the tiny-model tests: several requests are longer (truncated)."""
@@ -37,22 +37,7 @@ def mc_task(root, long_text: str) -> str:
   and returns its name. One question is longer than ``MAX_LENGTH`` tokens."""
   docs = [{"question": q, "choices": c, "label": y} for q, c, y in QUESTIONS]
   docs.append({"question": long_text, "choices": [" the", " and the minister said"], "label": 1})
-  (root / "mc.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
-  (root / "tiny_mc.yaml").write_text(textwrap.dedent(f"""\
-      task: proxjax_tiny_mc
-      dataset_path: json
-      dataset_kwargs:
-        data_files:
-          test: {root / 'mc.jsonl'}
-      test_split: test
-      output_type: multiple_choice
-      doc_to_text: "{{{{question}}}}"
-      doc_to_choice: choices
-      doc_to_target: label
-      metric_list:
-        - metric: acc
-      """))
-  return "proxjax_tiny_mc"
+  return write_mc_task(root, "proxjax_tiny_mc", docs)
 
 
 @pytest.fixture(scope="module")

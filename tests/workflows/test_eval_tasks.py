@@ -4,13 +4,13 @@ and the results JSON of a local jsonl task, and each bad input as one line on st
 from __future__ import annotations
 
 import json
-import textwrap
 
 import pytest
 
 pytest.importorskip("lm_eval")
 
 from proxjax import cli  # noqa: E402
+from tests.support.lm_eval_tasks import write_mc_task  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -19,23 +19,7 @@ def task_dir(tmp_path_factory):
   root = tmp_path_factory.mktemp("tasks")
   words = ["rain", "sun", "court", "police", "cricket", "minister", "river", "fire", "market", "school"]
   docs = [{"question": f"The {w} was", "choices": [" here", f" a {w}"], "label": i % 2} for i, w in enumerate(words)]
-  (root / "cli_mc.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
-  (root / "cli_mc.yaml").write_text(textwrap.dedent(f"""\
-      task: proxjax_cli_mc
-      dataset_path: json
-      dataset_kwargs:
-        data_files:
-          test: {root / 'cli_mc.jsonl'}
-      test_split: test
-      output_type: multiple_choice
-      doc_to_text: "{{{{question}}}}"
-      doc_to_choice: choices
-      doc_to_target: label
-      metric_list:
-        - metric: acc
-          aggregation: mean
-          higher_is_better: true
-      """))
+  write_mc_task(root, "proxjax_cli_mc", docs)
   return root
 
 

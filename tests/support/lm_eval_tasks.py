@@ -1,0 +1,32 @@
+"""An lm-eval multiple-choice task written by a test: a jsonl file and its YAML (``dataset_path: json`` with the
+absolute path of the jsonl, so it loads offline from any working directory)."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import textwrap
+
+
+def write_mc_task(root: pathlib.Path, name: str, docs: list[dict]) -> str:
+  """Writes ``root/NAME.jsonl`` (``docs``: ``{"question", "choices", "label"}``) and ``root/NAME.yaml`` (task ``name``,
+  metric acc) and returns ``name``."""
+  data = root / f"{name}.jsonl"
+  data.write_text("".join(json.dumps(d) + "\n" for d in docs))
+  (root / f"{name}.yaml").write_text(textwrap.dedent(f"""\
+      task: {name}
+      dataset_path: json
+      dataset_kwargs:
+        data_files:
+          test: {data}
+      test_split: test
+      output_type: multiple_choice
+      doc_to_text: "{{{{question}}}}"
+      doc_to_choice: choices
+      doc_to_target: label
+      metric_list:
+        - metric: acc
+          aggregation: mean
+          higher_is_better: true
+      """))
+  return name
