@@ -353,7 +353,7 @@ class ProxjaxLM(TemplateLM):
   def generate_until(self, requests: Sequence[Any], disable_tqdm: bool = False) -> list[str]:
     """Greedy continuation text of each ``(context, gen_kwargs)`` request (module docstring); requests with equal
     ``gen_kwargs`` are generated together, ``batch_size`` rows at a time."""
-    from proxjax.models.generate import greedy_generate  # pylint: disable=import-outside-toplevel
+    from proxjax.models.generate import greedy_generate, truncate_prompts  # pylint: disable=import-outside-toplevel
     eos_text = self.tok_decode([self.eot_token_id], skip_special_tokens=False)
     groups: dict[str, list[int]] = {}
     args = [req.args for req in requests]
@@ -370,16 +370,11 @@ class ProxjaxLM(TemplateLM):
         raise ValueError("the proxjax backend decodes greedily only (do_sample=True was requested)")
       until = handle_stop_sequences(kwargs.pop("until", None), eos=eos_text)
       max_gen = int(kwargs.pop("max_gen_toks"))
-      max_ctx = self.max_length - max_gen
-      if max_ctx < 1:
-        raise ValueError(f"max_gen_toks={max_gen} leaves no room for a prompt in max_length={self.max_length}")
-      prompts = [self.tok_encode(args[i][0]) for i in idx]
-      long = sum(len(p) > max_ctx for p in prompts)
+      prompts, long = truncate_prompts([self.tok_encode(args[i][0]) for i in idx], max_gen, self.max_length)
       if long and not self._warned_generation_truncation:
         log.warning("%d prompt(s) longer than max_length - max_gen_toks = %d tokens: truncated from the left (said "
-                    "once)", long, max_ctx)
+                    "once)", long, self.max_length - max_gen)
         self._warned_generation_truncation = True
-      prompts = [p[-max_ctx:] for p in prompts]
       stops = [s for s in until if s]
 
       def stop(_: int, tokens: list[int], stops: list[str] = stops) -> bool:
