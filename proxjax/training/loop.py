@@ -328,6 +328,9 @@ def run(recipe: Recipe, model: nnx.Module, optimizer: nnx.Optimizer,
   if state_dir is not None and steps is None:
     raise ValueError("resuming (state_dir) needs a known number of steps")
   graphdef, state = nnx.split((model, optimizer))
+  # Every leaf committed to where it is: a state that mixes committed and uncommitted arrays (e.g. one hyperparameter
+  # placed with device_put) would come back from step 0 all committed, and step 1 would compile a second time.
+  state = jax.tree.map(lambda x: x if getattr(x, "committed", True) else jax.device_put(x, x.sharding), state)
   out_shardings = tuple(x.sharding for x in jax.tree.leaves(state)) if pin_shardings else None
   history: dict[str, list[Any]] = {k: [] for k in recipe.history}
   start = 0

@@ -186,3 +186,21 @@ def test_finetune_resumes_bit_for_bit_and_keeps_the_zeros(tmp_path):
     np.testing.assert_array_equal(a, b)
   with pytest.raises(ValueError, match="different fine-tune run .*learning_rate"):
     finetune.finetune_masked(pruned(), batches, learning_rate=2e-2, progress=False, state_dir=tmp_path)
+
+
+def test_a_state_with_committed_and_uncommitted_leaves_compiles_the_step_once():
+  def loss(model, batch):
+    x, y = batch
+    value = jnp.mean((model(x) - y) ** 2)
+    return value, {"loss": value}
+
+  step = loop.train_step(loss)  # a fresh function: its own compile cache
+  recipe = loop.Recipe("mixed", step, ("losses",), lambda t, m: {"losses": m["loss"]})
+  model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+  model.kernel[...] = jax.device_put(model.kernel[...], jax.devices()[0])  # committed; the bias is not
+  assert model.kernel[...].committed and not model.bias[...].committed
+  optimizer = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
+  batch = (jnp.ones((4, 3)), jnp.zeros((4, 2)))
+  result = loop.run(recipe, model, optimizer, lambda t: batch, steps=3, progress=False)
+  assert result.steps == 3 and result.history["losses"][2] < result.history["losses"][0]
+  assert step._cache_size() == 1  # pylint: disable=protected-access
