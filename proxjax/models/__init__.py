@@ -1,6 +1,6 @@
-"""LLaMA-family models in Flax NNX (Llama, Mistral, Qwen2), their Hugging Face / orbax checkpoint I/O, the GGUF
-converter (:mod:`proxjax.models.convert`) and greedy generation with a KV cache (:mod:`proxjax.models.generate`).
-Names are imported on first use."""
+"""LLaMA-family models in Flax NNX (Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3 text), their Hugging Face / orbax
+checkpoint I/O, the GGUF converter (:mod:`proxjax.models.convert`) and greedy generation with a KV cache
+(:mod:`proxjax.models.generate`). Names are imported on first use."""
 
 from proxjax.core.lazy import lazy_exports
 

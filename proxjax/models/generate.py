@@ -1,4 +1,5 @@
-r"""Incremental decoding for :class:`~proxjax.models.llama.LlamaForCausalLM`: a KV cache and greedy generation.
+r"""Incremental decoding for :class:`~proxjax.models.llama.LlamaForCausalLM` (every supported family: Llama, Mistral,
+Qwen2, Qwen3, Gemma 2, Gemma 3 text): a KV cache and greedy generation.
 
 The cache holds, for every decoder block ``l``, the rotated keys and the values of every position written so far:
 
@@ -15,9 +16,10 @@ sharded model decodes with exactly its weights:
   position ``n_b − 1`` cannot change it), storing ``k, v`` of positions ``0 … T−1``, ``lengths = n``, and returning
   the logits at each row's last real token ``n_b − 1``.
 * :func:`decode_step` of one token ``x_b`` per row at position ``p_b = lengths[b]``: RoPE at ``p_b``, ``k, v``
-  written at index ``p_b``, then ``softmax(q kᵀ / sqrt(d) + mask) v`` over the cache with key ``j`` visible iff
-  ``j ≤ p_b`` and, with a sliding window ``w``, ``j > p_b − w`` (the full forward's mask, row ``p_b``);
-  ``lengths ← lengths + 1``.
+  written at index ``p_b``, then the layer's own attention (:meth:`~proxjax.models.llama.LlamaAttention.attend`:
+  ``softmax(cap(q kᵀ · r) + mask) v``, with the q/k norms, score scale and soft-capping of its family) over the
+  cache with key ``j`` visible iff ``j ≤ p_b`` and, on a layer with a sliding window ``w`` (each layer its own:
+  ``config.layer_window``), ``j > p_b − w`` (the full forward's mask, row ``p_b``); ``lengths ← lengths + 1``.
 
 :func:`greedy_generate` runs them under ``jax.jit`` with bucketed shapes: the prompt length ``T`` and the cache length
 ``S`` are powers of two (at least 16) and the batch is ``min(batch_size, 2^⌈log₂ n⌉)`` rows, so the prefill compiles
@@ -162,7 +164,7 @@ def decode_mask(lengths: jax.Array, cache_length: int, sliding_window: int | Non
 
 def decode_step(model: LlamaForCausalLM, cache: KVCache, tokens: ArrayLike) -> tuple[jax.Array, KVCache]:
   """One token per row: ``tokens`` ``(B,)`` at positions ``p = cache.lengths``, its keys/values written at index
-  ``p_b`` of each row, attention over the cache with :func:`decode_mask`.
+  ``p_b`` of each row, attention over the cache with :func:`decode_mask` of each layer's window.
 
   Returns ``(logits, cache)``: float32 logits ``(B, V)`` of the next token and the cache with ``lengths + 1``. Rows
   must have room (``p_b < S``; not checked under ``jit``: an index past the end is dropped).
@@ -185,7 +187,7 @@ def decode_step(model: LlamaForCausalLM, cache: KVCache, tokens: ArrayLike) -> t
   b, s = tokens.shape[0], cache.k.shape[2]
   h = model.embed(tokens[:, None])
   rope = model.rope(pos[:, None])
-  mask = decode_mask(pos, s, model.config.sliding_window)
+  masks = {w: decode_mask(pos, s, w) for w in {layer.self_attn.sliding_window for layer in model.model.layers}}
   rows = jnp.arange(b)
   k_all, v_all = cache.k, cache.v
   for i, layer in enumerate(model.model.layers):
@@ -196,7 +198,7 @@ def decode_step(model: LlamaForCausalLM, cache: KVCache, tokens: ArrayLike) -> t
       q, k, v = attn.project(x, rope)
       k_all = k_all.at[i, rows, pos].set(k[:, 0].astype(k_all.dtype), mode="drop")
       v_all = v_all.at[i, rows, pos].set(v[:, 0].astype(v_all.dtype), mode="drop")
-      o_in = attn.attend(q, k_all[i], v_all[i], mask)
+      o_in = attn.attend(q, k_all[i], v_all[i], masks[attn.sliding_window])
       return attn.o_proj(o_in), o_in
 
     h = layer(h, rope, attention=attention)

@@ -1,10 +1,12 @@
-"""Hugging Face safetensors checkpoints in and out of :class:`~proxjax.models.LlamaForCausalLM`, and orbax state I/O.
+"""Hugging Face safetensors checkpoints in and out of :class:`~proxjax.models.LlamaForCausalLM` (Llama, Mistral, Qwen2,
+Qwen3, Gemma 2, Gemma 3 text), and orbax state I/O.
 
 **Names.** The NNX tree mirrors Hugging Face, so a tensor name maps to an NNX parameter path mechanically
 (:func:`hf_to_path` / :func:`path_to_hf`)::
 
   model.embed_tokens.weight                  <-> ("model", "embed_tokens", "embedding")
   model.layers.3.input_layernorm.weight      <-> ("model", "layers", 3, "input_layernorm", "weight")
+  model.layers.3.self_attn.q_norm.weight     <-> ("model", "layers", 3, "self_attn", "q_norm", "weight")   (Qwen3, Gemma 3)
   model.layers.3.self_attn.q_proj.weight     <-> ("model", "layers", 3, "self_attn", "q_proj", "kernel")   (transposed)
   model.layers.3.self_attn.q_proj.bias       <-> ("model", "layers", 3, "self_attn", "q_proj", "bias")
   model.norm.weight                          <-> ("model", "norm", "weight")
@@ -93,7 +95,8 @@ _FIXED = {
     "lm_head.weight": ("lm_head", "kernel"),
 }
 _INT = r"(0|[1-9][0-9]*)"
-_NORM_RE = re.compile(rf"model\.layers\.{_INT}\.(input_layernorm|post_attention_layernorm)\.weight")
+_NORM_RE = re.compile(rf"model\.layers\.{_INT}\.(input_layernorm|post_attention_layernorm|pre_feedforward_layernorm|"
+                      r"post_feedforward_layernorm|self_attn\.q_norm|self_attn\.k_norm)\.weight")
 _LINEAR_RE = re.compile(rf"model\.layers\.{_INT}\.(self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj)\.(weight|bias)")
 # Non-persistent buffers that some older checkpoints contain; they are recomputed from the config.
 _IGNORED_RE = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
@@ -116,7 +119,7 @@ def hf_to_path(name: str) -> Path:
   if name in _FIXED:
     return _FIXED[name]
   if m := _NORM_RE.fullmatch(name):
-    return ("model", "layers", int(m[1]), m[2], "weight")
+    return ("model", "layers", int(m[1]), *m[2].split("."), "weight")
   if m := _LINEAR_RE.fullmatch(name):
     return ("model", "layers", int(m[1]), *m[2].split("."), "kernel" if m[3] == "weight" else "bias")
   raise ValueError(f"{name!r} is not a Llama-family tensor name")
@@ -242,7 +245,8 @@ def _problem_error(model_dir: str, problems: list[str], what: str) -> Checkpoint
 
 def load_pretrained(model_dir: str | os.PathLike[str], *, param_dtype: Any = None, dtype: Any = jnp.float32,
                     sharding: ShardingFn | None = None, check_finite: bool = True) -> LlamaForCausalLM:
-  """Loads a Hugging Face Llama / Mistral / Qwen2 safetensors checkpoint into a :class:`LlamaForCausalLM`.
+  """Loads a Hugging Face Llama / Mistral / Qwen2 / Qwen3 / Gemma 2 / Gemma 3 (text) safetensors checkpoint into a
+  :class:`LlamaForCausalLM` (:data:`~proxjax.models.llama.SUPPORTED_ARCHITECTURES`).
 
   Reads ``config.json``, builds the model with ``nnx.eval_shape`` (nothing is initialised), validates all weight
   files, names and shapes, then reads ``model.safetensors`` or the shards listed in

@@ -1,4 +1,5 @@
-r"""A Flax NNX LLaMA-family causal language model (Llama, Mistral, Qwen2) that mirrors Hugging Face names.
+r"""A Flax NNX LLaMA-family causal language model (Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3 text) that mirrors
+Hugging Face names.
 
 The module tree is the Hugging Face one, so mapping a checkpoint is mechanical (:mod:`proxjax.models.hf`)::
 
@@ -7,25 +8,53 @@ The module tree is the Hugging Face one, so mapping a checkpoint is mechanical (
     .model.layers[i]             LlamaDecoderLayer (an ``nnx.List``)
       .input_layernorm           LlamaRMSNorm, param ``weight``
       .self_attn.{q,k,v,o}_proj  nnx.Linear, ``kernel`` (d_in, d_out) = HF ``weight``ᵀ, optional ``bias``
+      .self_attn.{q,k}_norm      LlamaRMSNorm over ``head_dim`` (``qk_norm``: Qwen3, Gemma 3), else ``None``
       .post_attention_layernorm  LlamaRMSNorm
+      .pre_feedforward_layernorm, .post_feedforward_layernorm   LlamaRMSNorm (``post_norms``: Gemma 2 / 3), else absent
       .mlp.{gate,up,down}_proj   nnx.Linear
     .model.norm                  LlamaRMSNorm
     .lm_head                     nnx.Linear without bias, or ``None`` when the embeddings are tied
 
+The families differ in a few named ways, each a field of :class:`LlamaConfig` (the architecture fixes the first four):
+
+============  =======  ==============  ==========  ================  ===============================================
+family        qk_norm  norm_plus_one   post_norms  scale_embeddings  other
+============  =======  ==============  ==========  ================  ===============================================
+Llama         no       no              no          no                biases (``attention_bias``, ``mlp_bias``)
+Mistral       no       no              no          no                ``sliding_window`` on every layer
+Qwen2         no       no              no          no                q/k/v biases
+Qwen3         yes      no              no          no                explicit ``head_dim``; optional sliding layers
+Gemma 2       no       yes             yes         yes               GeGLU, ``attn_softcap``, ``final_softcap``,
+                                                                     ``query_pre_attn_scalar``, ``layer_types``
+Gemma 3 text  yes      yes             yes         yes               as Gemma 2 without ``attn_softcap``, and
+                                                                     ``rope_local_theta`` for sliding layers
+============  =======  ==============  ==========  ================  ===============================================
+
 The maths, for hidden states ``h`` of shape ``(B, T, D)``:
 
-* RMSNorm, computed in float32 like Hugging Face: ``y = w · cast_in(x / sqrt(mean(x²) + ε))``.
+* RMSNorm, computed in float32 like Hugging Face: ``y = w · cast_in(x / sqrt(mean(x²) + ε))``; with
+  ``norm_plus_one`` (Gemma) ``y = cast_in((x / sqrt(mean(x²) + ε)) · (1 + w))``, all in float32 before the cast.
+* Embeddings: ``h = E[ids]``; with ``scale_embeddings`` (Gemma) ``h = E[ids] · cast(float32(sqrt(D)))``, the scale
+  cast to the compute dtype as transformers casts it to the model's dtype.
 * Rotary embedding: ``θ_i = rope_theta^{-2i/d}`` (``d = head_dim``, ``i < d/2``), rescaled by the ``"linear"``
   (``θ_i / factor``) or ``"llama3"`` (wavelength-dependent) rules; ``cos, sin = cos(p θ), sin(p θ)`` duplicated to
-  ``d`` entries, and ``rope(x) = x cos + rotate_half(x) sin`` with ``rotate_half([x₁, x₂]) = [−x₂, x₁]``.
-* Attention: ``softmax(q kᵀ / sqrt(d) + mask) v`` per head, the softmax in float32, the ``num_key_value_heads``
-  key/value heads each shared by ``num_attention_heads / num_key_value_heads`` query heads; the mask is causal and,
-  with ``sliding_window = w``, also hides keys more than ``w − 1`` positions back (Hugging Face Mistral).
-* MLP: ``down(act(gate(x)) ⊙ up(x))`` with ``act`` = SiLU (``x σ(x)``) or ReLU (``hidden_act``); with ReLU and an
-  ``activation_threshold`` ``θ > 0``, FATReLU: ``act(x) = x if x > θ else 0`` (the comparison in float32).
+  ``d`` entries, and ``rope(x) = x cos + rotate_half(x) sin`` with ``rotate_half([x₁, x₂]) = [−x₂, x₁]``. With
+  ``rope_local_theta`` (Gemma 3) the sliding-window layers use ``θ_i = rope_local_theta^{-2i/d}`` (unscaled).
+* Attention: ``q = x W_q`` (with ``qk_norm``: ``q ← RMSNorm_d(q)`` per head, before RoPE; the same for ``k``),
+  ``s = q kᵀ · r`` with ``r = query_pre_attn_scalar^{-1/2}`` (``head_dim^{-1/2}`` by default), with
+  ``attn_softcap = c``: ``s ← c · tanh(s / c)``; then ``softmax(s + mask) v`` per head, the softmax in float32, the
+  ``num_key_value_heads`` key/value heads each shared by ``num_attention_heads / num_key_value_heads`` query heads;
+  the mask is causal and, on a layer with a window ``w`` (``sliding_window`` on the layers whose ``layer_types``
+  entry is ``"sliding_attention"``, every layer when ``layer_types`` is ``None``), also hides keys more than
+  ``w − 1`` positions back (Hugging Face's sliding-window mask).
+* MLP: ``down(act(gate(x)) ⊙ up(x))`` with ``act`` = SiLU (``x σ(x)``), ReLU, or the tanh GELU
+  ``½x(1 + tanh(sqrt(2/π)(x + 0.044715x³)))`` (``"gelu_pytorch_tanh"``, Gemma's GeGLU) (``hidden_act``); with ReLU and
+  an ``activation_threshold`` ``θ > 0``, FATReLU: ``act(x) = x if x > θ else 0`` (the comparison in float32).
   ``model(ids, return_activations=True)`` also returns every block's ``act(gate(x))`` (the FFN intermediate
   activations, ``(B, T, intermediate_size)`` each).
-* Block: ``h ← h + attn(norm₁(h))``, ``h ← h + mlp(norm₂(h))``; logits ``= norm(h) Wₗₘᵀ`` in float32.
+* Block: ``h ← h + attn(norm₁(h))``, ``h ← h + mlp(norm₂(h))``; with ``post_norms`` (Gemma)
+  ``h ← h + norm_post_attn(attn(norm₁(h)))``, ``h ← h + norm_post_ff(mlp(norm_pre_ff(h)))``. Logits
+  ``z = norm(h) Wₗₘᵀ`` in float32; with ``final_softcap = c``: ``z ← c · tanh(z / c)`` (in float32).
 
 Parameters may be stored in one dtype (``param_dtype``, e.g. bfloat16) while the forward computes in another
 (``dtype``, float32 by default); ``nnx.Linear`` / ``nnx.Embed`` cast the parameters to the compute dtype.
@@ -37,15 +66,17 @@ Notes:
   * Token ids outside ``[0, vocab_size)`` are not checked (``jnp.take`` fills them with NaN embeddings).
   * The forward loops over ``model.layers`` in Python, so ``jit`` of the whole model unrolls every block (compile
     time grows with depth); layer-wise code calls the blocks one at a time instead.
-  * No padding mask: every sequence of a batch is a full causal sequence. The KV cache and greedy decoding of
-    right-padded batches are in :mod:`proxjax.models.generate` (through :meth:`LlamaAttention.project`,
-    :meth:`LlamaAttention.attend` and the ``attention`` argument of :meth:`LlamaDecoderLayer.__call__`).
+  * No padding mask: every sequence of a batch is a full causal sequence, so right padding never changes the logits
+    of the real positions before it. The KV cache and greedy decoding of right-padded batches are in
+    :mod:`proxjax.models.generate` (through :meth:`LlamaAttention.project`, :meth:`LlamaAttention.attend` and the
+    ``attention`` argument of :meth:`LlamaDecoderLayer.__call__`).
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -90,9 +121,36 @@ def projection_spec(path: Sequence[Any], leaf: Any) -> int | None:
   shape, dtype = getattr(leaf, "shape", ()), getattr(leaf, "dtype", None)
   return 0 if len(shape) == 2 and dtype is not None and jnp.issubdtype(dtype, jnp.floating) else None
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
-_MODEL_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
-_ACTIVATIONS = {"silu": jax.nn.silu, "swish": jax.nn.silu, "relu": jax.nn.relu}
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                           "Gemma2ForCausalLM", "Gemma3ForCausalLM")
+"""The Hugging Face ``architectures`` this model runs (Gemma 3: the text-only ``Gemma3ForCausalLM`` checkpoints)."""
+_MODEL_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
+                "Qwen3ForCausalLM": "qwen3", "Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3_text"}
+_GEMMA = ("Gemma2ForCausalLM", "Gemma3ForCausalLM")
+_FAMILY_TRAITS = ("qk_norm", "norm_plus_one", "post_norms", "scale_embeddings")
+_TRAITS = {  # what each architecture's Hugging Face class computes, in the order of _FAMILY_TRAITS
+    "LlamaForCausalLM": (False, False, False, False),
+    "MistralForCausalLM": (False, False, False, False),
+    "Qwen2ForCausalLM": (False, False, False, False),
+    "Qwen3ForCausalLM": (True, False, False, False),
+    "Gemma2ForCausalLM": (False, True, True, True),
+    "Gemma3ForCausalLM": (True, True, True, True),
+}
+# transformers' defaults for config.json keys that may be absent (the others default as for Llama).
+_HF_DEFAULTS: dict[str, dict[str, Any]] = {
+    "Qwen3ForCausalLM": {"head_dim": 128, "max_position_embeddings": 32768, "sliding_window": 4096},
+    "Gemma2ForCausalLM": {"head_dim": 256, "max_position_embeddings": 8192, "tie_word_embeddings": True,
+                          "sliding_window": 4096, "query_pre_attn_scalar": 256, "attn_logit_softcapping": 50.0,
+                          "final_logit_softcapping": 30.0, "rope_theta": 10000.0},
+    "Gemma3ForCausalLM": {"head_dim": 256, "max_position_embeddings": 131072, "tie_word_embeddings": True,
+                          "sliding_window": 4096, "query_pre_attn_scalar": 256, "attn_logit_softcapping": None,
+                          "final_logit_softcapping": None, "rope_theta": 1_000_000.0,
+                          "rope_local_base_freq": 10000.0},
+}
+_ACTIVATIONS = {"silu": jax.nn.silu, "swish": jax.nn.silu, "relu": jax.nn.relu,
+                "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True)}
+LAYER_TYPES = ("full_attention", "sliding_attention")
+"""The values of :attr:`LlamaConfig.layer_types` (Hugging Face's names)."""
 _ROPE_TYPES = ("default", "linear", "llama3")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
@@ -149,7 +207,8 @@ def _is_int(x: Any) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
-  """The architecture of a Llama / Mistral / Qwen2 causal LM (the fields of a Hugging Face ``config.json``).
+  """The architecture of a Llama / Mistral / Qwen2 / Qwen3 / Gemma 2 / Gemma 3 causal LM (the fields of a Hugging
+  Face ``config.json``).
 
   Build it from a ``config.json`` dict with :meth:`from_hf` / :meth:`from_dir`, or directly (fields left ``None``
   are derived). It is frozen and hashable (``extra`` is excluded from equality and hashing), so it can be a static
@@ -171,12 +230,15 @@ class LlamaConfig:
       ``original_max_position_embeddings``).
     tie_word_embeddings: logits use the embedding matrix (no ``lm_head``).
     qkv_bias: q/k/v projections have a bias; ``None`` means the architecture's default (Qwen2: ``True``).
-    o_bias: the output projection has a bias; ``None`` means ``qkv_bias`` for Llama, ``False`` otherwise.
+    o_bias: the output projection has a bias; ``None`` means ``qkv_bias`` for Llama, Qwen3 and Gemma (one
+      ``attention_bias`` for all four), ``False`` for Mistral and Qwen2.
     mlp_bias: the MLP projections have biases (Llama's ``mlp_bias``).
-    hidden_act: ``"silu"`` or ``"relu"`` (``"swish"`` is SiLU). A ``config.json`` with ``"hidden_act": "fatrelu"``
-      (the MiniCPM / ProSparse convention, read by vLLM's MiniCPM) parses to ``"relu"`` with
-      ``activation_threshold = hidden_act_param`` (0 when absent).
-    sliding_window: ``None`` or the Mistral attention window ``w`` (keys at most ``w − 1`` positions back).
+    hidden_act: ``"silu"``, ``"relu"`` or ``"gelu_pytorch_tanh"`` (``"swish"`` is SiLU); Gemma's ``config.json``
+      key is ``hidden_activation``. A ``config.json`` with ``"hidden_act": "fatrelu"`` (the MiniCPM / ProSparse
+      convention, read by vLLM's MiniCPM) parses to ``"relu"`` with ``activation_threshold = hidden_act_param`` (0
+      when absent).
+    sliding_window: ``None`` or the attention window ``w`` (keys at most ``w − 1`` positions back) of the
+      sliding-window layers (see ``layer_types``): Mistral (every layer), Qwen3 (``use_sliding_window``), Gemma.
     architecture: one of :data:`SUPPORTED_ARCHITECTURES`.
     dtype: the checkpoint's dtype name (``"float32"``, ``"bfloat16"``, ``"float16"``) or ``None`` if unknown.
     bos_token_id: beginning-of-sequence token, or ``None``.
@@ -187,14 +249,40 @@ class LlamaConfig:
       :meth:`to_hf` writes ``θ > 0`` as ``"hidden_act": "fatrelu", "hidden_act_param": θ``, which transformers'
       Llama refuses to build, and :func:`proxjax.models.save_pretrained` only writes it on request
       (``allow_fatrelu=True``).
+    qk_norm: per-head RMSNorm of the queries and keys (``self_attn.q_norm`` / ``k_norm``, over ``head_dim``) before
+      RoPE: Qwen3, Gemma 3. ``None`` means the architecture's (the only value its Hugging Face class computes).
+    norm_plus_one: every RMSNorm scales by ``1 + w`` (computed in float32) instead of ``w``: Gemma. ``None``: the
+      architecture's.
+    post_norms: Gemma's four norms per block (``post_attention_layernorm`` after attention, ``pre_feedforward_layernorm``
+      and ``post_feedforward_layernorm`` around the MLP). ``None``: the architecture's.
+    scale_embeddings: embeddings multiplied by ``sqrt(hidden_size)``: Gemma. ``None``: the architecture's.
+    attn_softcap: ``None`` or ``c > 0``: attention scores ``s ← c · tanh(s / c)`` before the mask (Gemma 2's
+      ``attn_logit_softcapping``; transformers' Gemma 3 does not apply one, so it is refused there).
+    final_softcap: ``None`` or ``c > 0``: logits ``z ← c · tanh(z / c)`` (Gemma's ``final_logit_softcapping``).
+    query_pre_attn_scalar: ``None`` or ``s > 0``: attention scores are scaled by ``s^{-1/2}`` instead of
+      ``head_dim^{-1/2}`` (Gemma only; ``None`` becomes ``head_dim`` there).
+    layer_types: ``None`` or one of :data:`LAYER_TYPES` per layer: ``"sliding_attention"`` layers use
+      ``sliding_window`` (and ``rope_local_theta``), ``"full_attention"`` layers attend to every earlier position.
+      ``None`` means every layer is ``"sliding_attention"`` when ``sliding_window`` is set, else ``"full_attention"``
+      (Mistral). Qwen3 and Gemma only; stored resolved (a tuple) for Gemma and for Qwen3 with a window, ``None`` for
+      Qwen3 without one, so that equal models have equal configs.
+    rope_local_theta: ``None`` or the RoPE base of the sliding-window layers (Gemma 3's ``rope_local_base_freq`` /
+      ``rope_parameters["sliding_attention"]``, never rescaled); Gemma 3 only (it defaults to 10000 there).
 
   Example:
     >>> from proxjax.models import LlamaConfig
     >>> c = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
     ...                 num_attention_heads=4, num_key_value_heads=2)
-    >>> c.head_dim, c.architecture, c.qkv_bias
-    (4, 'LlamaForCausalLM', False)
+    >>> c.head_dim, c.architecture, c.qkv_bias, c.qk_norm
+    (4, 'LlamaForCausalLM', False, False)
     >>> LlamaConfig.from_hf(c.to_hf()) == c
+    True
+    >>> g = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+    ...                 num_attention_heads=2, head_dim=8, architecture="Gemma3ForCausalLM", sliding_window=4,
+    ...                 layer_types=("sliding_attention", "full_attention"), hidden_act="gelu_pytorch_tanh")
+    >>> g.qk_norm, g.post_norms, g.rope_local_theta, [g.layer_window(i) for i in range(2)]
+    (True, True, 10000.0, [4, None])
+    >>> LlamaConfig.from_hf(g.to_hf()) == g
     True
   """
 
@@ -221,6 +309,15 @@ class LlamaConfig:
   eos_token_id: Any = None
   extra: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False, repr=False)
   activation_threshold: float = 0.0
+  qk_norm: bool | None = None
+  norm_plus_one: bool | None = None
+  post_norms: bool | None = None
+  scale_embeddings: bool | None = None
+  attn_softcap: float | None = None
+  final_softcap: float | None = None
+  query_pre_attn_scalar: float | None = None
+  layer_types: tuple[str, ...] | None = None
+  rope_local_theta: float | None = None
 
   def __post_init__(self) -> None:
     put = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731  (frozen dataclass)
@@ -270,21 +367,93 @@ class LlamaConfig:
     if self.qkv_bias is None:
       put("qkv_bias", arch == "Qwen2ForCausalLM")
     if self.o_bias is None:
-      put("o_bias", self.qkv_bias if arch == "LlamaForCausalLM" else False)
+      put("o_bias", False if arch in ("MistralForCausalLM", "Qwen2ForCausalLM") else self.qkv_bias)
     biases = (bool(self.qkv_bias), bool(self.o_bias), bool(self.mlp_bias))
+    one_bias = {(b, b, False) for b in (False, True)}  # attention_bias: q, k, v and o together
     allowed = {"LlamaForCausalLM": {(b, b, m) for b in (False, True) for m in (False, True)},
                "MistralForCausalLM": {(False, False, False)},
-               "Qwen2ForCausalLM": {(True, False, False)}}[arch]
+               "Qwen2ForCausalLM": {(True, False, False)}}.get(arch, one_bias)
     if biases not in allowed:
       raise UnsupportedModelError(f"{arch} cannot have (qkv_bias, o_bias, mlp_bias) = {biases}")
-    if self.sliding_window is not None:
-      if arch != "MistralForCausalLM":
-        raise UnsupportedModelError(f"sliding_window is only supported for MistralForCausalLM, not {arch}")
-      if not _is_int(self.sliding_window) or self.sliding_window < 1:
-        raise ValueError(f"config field 'sliding_window' must be a positive int or None, got {self.sliding_window!r}")
+    # The family's fixed differences: what its Hugging Face class computes.
+    for name, value in zip(_FAMILY_TRAITS, _TRAITS[arch], strict=True):
+      if getattr(self, name) is None:
+        put(name, value)
+      elif bool(getattr(self, name)) != value:
+        raise UnsupportedModelError(f"{arch} has {name}={value} (its Hugging Face class computes only that), got "
+                                    f"{name}={getattr(self, name)!r}")
+    self._check_attention(arch)
     if self.dtype is not None:
       put("dtype", name_of_dtype(dtype_from_name(self.dtype)))
     put("eos_token_id", _freeze(self.eos_token_id))
+
+  def _check_attention(self, arch: str) -> None:
+    """Validates the attention fields (windows, layer types, soft-capping, query scale, local RoPE base)."""
+    put = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731  (frozen dataclass)
+    gemma = arch in _GEMMA
+    if self.sliding_window is not None:
+      if arch not in ("MistralForCausalLM", "Qwen3ForCausalLM", *_GEMMA):
+        raise UnsupportedModelError(f"sliding_window is only supported for MistralForCausalLM, Qwen3ForCausalLM and "
+                                    f"Gemma, not {arch}")
+      if not _is_int(self.sliding_window) or self.sliding_window < 1:
+        raise ValueError(f"config field 'sliding_window' must be a positive int or None, got {self.sliding_window!r}")
+    if self.layer_types is not None:
+      if arch not in ("Qwen3ForCausalLM", *_GEMMA):
+        raise UnsupportedModelError(f"layer_types is only supported for Qwen3ForCausalLM and Gemma, not {arch}")
+      types = _freeze(self.layer_types)
+      if (not isinstance(types, tuple) or len(types) != self.num_hidden_layers
+          or any(t not in LAYER_TYPES for t in types)):
+        raise UnsupportedModelError(f"config field 'layer_types' must list one of {', '.join(LAYER_TYPES)} for each of "
+                                    f"the {self.num_hidden_layers} layers, got {self.layer_types!r}")
+      put("layer_types", types)
+    # One representation per model: Qwen3 lists layer types only with a window; Gemma always lists them.
+    if arch == "Qwen3ForCausalLM" and self.sliding_window is None:
+      put("layer_types", None)
+    elif (gemma or arch == "Qwen3ForCausalLM") and self.layer_types is None:
+      put("layer_types", tuple(self.layer_type(i) for i in range(self.num_hidden_layers)))
+    if gemma and self.query_pre_attn_scalar is None:
+      put("query_pre_attn_scalar", self.head_dim)
+    for name in ("attn_softcap", "final_softcap", "query_pre_attn_scalar"):
+      value = getattr(self, name)
+      if value is None:
+        continue
+      if not gemma:
+        raise UnsupportedModelError(f"{name} is only supported for Gemma, not {arch}")
+      if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"config field {name!r} must be a positive number or None, got {value!r}")
+    if self.attn_softcap is not None and arch == "Gemma3ForCausalLM":
+      raise UnsupportedModelError(f"attn_logit_softcapping={self.attn_softcap} is not supported for Gemma3ForCausalLM "
+                                  "(transformers' Gemma 3 attention does not apply it)")
+    if arch == "Gemma3ForCausalLM" and self.rope_local_theta is None:
+      put("rope_local_theta", _HF_DEFAULTS[arch]["rope_local_base_freq"])
+    if self.rope_local_theta is not None:
+      if arch != "Gemma3ForCausalLM":
+        raise UnsupportedModelError(f"rope_local_theta (a RoPE base of its own for sliding-window layers) is only "
+                                    f"supported for Gemma3ForCausalLM, not {arch}")
+      if not isinstance(self.rope_local_theta, int | float) or not self.rope_local_theta > 0:
+        raise ValueError(f"config field 'rope_local_theta' must be a positive number, got {self.rope_local_theta!r}")
+
+  def layer_type(self, index: int) -> str:
+    """``layer_types[index]``, or (``layer_types=None``) ``"sliding_attention"`` when ``sliding_window`` is set,
+    else ``"full_attention"``."""
+    if self.layer_types is not None:
+      return self.layer_types[index]
+    return "full_attention" if self.sliding_window is None else "sliding_attention"
+
+  def layer_window(self, index: int) -> int | None:
+    """The attention window of layer ``index``: ``sliding_window`` on a ``"sliding_attention"`` layer, else ``None``
+    (full causal attention)."""
+    return self.sliding_window if self.layer_type(index) == "sliding_attention" else None
+
+  def layer_local_rope(self, index: int) -> bool:
+    """Whether layer ``index`` rotates with the local base ``rope_local_theta`` (a Gemma 3 sliding layer)."""
+    return self.rope_local_theta is not None and self.layer_type(index) == "sliding_attention"
+
+  @property
+  def block_norm_size(self) -> int:
+    """Norm scale entries per decoder block: ``2 · hidden_size`` (``4 ·`` with ``post_norms``), ``+ 2 · head_dim``
+    with ``qk_norm``."""
+    return (4 if self.post_norms else 2) * self.hidden_size + (2 * self.head_dim if self.qk_norm else 0)
 
   def _normalize_rope_scaling(self, scaling: Any) -> tuple[tuple[str, Any], ...] | None:
     if scaling is None:
@@ -335,8 +504,12 @@ class LlamaConfig:
   def from_hf(cls, d: Mapping[str, Any]) -> LlamaConfig:
     """Parses a Hugging Face ``config.json`` dict (transformers 4 or 5 layout).
 
-    Reads ``dtype`` (transformers 5) or ``torch_dtype`` (older), ``rope_parameters`` (transformers 5) or
-    ``rope_theta`` + ``rope_scaling`` (older), and the architecture from ``architectures`` (or ``model_type``).
+    Reads ``dtype`` (transformers 5) or ``torch_dtype`` (older), ``rope_parameters`` (transformers 5; for Gemma 3
+    one entry per layer type, ``"full_attention"`` and ``"sliding_attention"``) or ``rope_theta`` + ``rope_scaling``
+    (+ Gemma 3's ``rope_local_base_freq``; older), and the architecture from ``architectures`` (or ``model_type``).
+    Keys a family's transformers class defaults when absent take that default (e.g. Gemma 2's soft caps 50 and 30,
+    Qwen3's ``head_dim`` 128, Gemma's sliding-window pattern and tied embeddings); Gemma's activation is read from
+    ``hidden_activation``.
 
     Raises:
       UnsupportedModelError: an architecture, activation, RoPE variant, quantization or attention layout this model
@@ -378,26 +551,48 @@ class LlamaConfig:
                            "num_attention_heads") if k not in d]
     if missing:
       raise ValueError(f"config is missing required field(s) {', '.join(missing)}")
+    defaults = _HF_DEFAULTS.get(arch, {})
+
+    def get(key: str, fallback: Any = None) -> Any:
+      """``d[key]``, or transformers' default for this architecture when the key is absent."""
+      return d[key] if key in d else defaults.get(key, fallback)
+
+    gemma = arch in _GEMMA
+    if gemma and d.get("use_bidirectional_attention"):
+      raise UnsupportedModelError(f"use_bidirectional_attention={d['use_bidirectional_attention']!r} (an encoder) is "
+                                  "not supported: only causal language models")
     # RoPE: transformers 5 `rope_parameters` (with rope_theta inside) or the older `rope_theta` + `rope_scaling`.
     rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
     if not isinstance(rope, Mapping):
       raise ValueError(f"config field 'rope_parameters'/'rope_scaling' must be an object, got {rope!r}")
+    rope_local_theta = None
+    if arch == "Gemma3ForCausalLM":
+      local: Any = {}
+      if any(isinstance(v, Mapping) for v in rope.values()):  # transformers 5: one entry per layer type
+        unknown = sorted(set(rope) - set(LAYER_TYPES))
+        if unknown:
+          raise UnsupportedModelError(f"rope_parameters for layer types {unknown} are not supported")
+        local, rope = dict(rope.get("sliding_attention") or {}), dict(rope.get("full_attention") or {})
+      local_type = local.get("rope_type", local.get("type", "default"))
+      if local_type != "default" or any(k not in ("rope_type", "type", "rope_theta") for k in local):
+        raise UnsupportedModelError(f"rope_parameters['sliding_attention'] = {local!r} is not supported (only the "
+                                    "default RoPE with its own rope_theta)")
+      rope_local_theta = local.get("rope_theta", get("rope_local_base_freq"))
     if any(isinstance(v, Mapping) for v in rope.values()):
       raise UnsupportedModelError(f"per-layer-type RoPE parameters are not supported: {sorted(rope)}")
     rope = dict(rope)
-    rope_theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
+    rope_theta = rope.get("rope_theta", get("rope_theta", 10000.0))
     if d.get("partial_rotary_factor") is not None:
       rope.setdefault("partial_rotary_factor", d["partial_rotary_factor"])
+    sliding_window, layer_types = None, None
     if arch == "LlamaForCausalLM":
       qkv_bias = o_bias = bool(d.get("attention_bias", False))
       mlp_bias = bool(d.get("mlp_bias", False))
-      sliding_window = None
     elif arch == "MistralForCausalLM":
       qkv_bias = o_bias = mlp_bias = False
       sliding_window = d.get("sliding_window", 4096)  # MistralConfig's default when the key is absent
-    else:
+    elif arch == "Qwen2ForCausalLM":
       qkv_bias, o_bias, mlp_bias = True, False, False
-      sliding_window = None
       if d.get("use_sliding_window", False) and d.get("sliding_window", 4096) is not None:  # Qwen2Config default
         n = d["num_hidden_layers"]
         types = d.get("layer_types") or ["sliding_attention" if i >= d.get("max_window_layers", 28) else
@@ -405,7 +600,24 @@ class LlamaConfig:
         if "sliding_attention" in types:
           raise UnsupportedModelError("Qwen2 use_sliding_window=true (sliding-window layers from max_window_layers="
                                       f"{d.get('max_window_layers', 28)}) is not supported")
-    hidden_act, threshold = d.get("hidden_act", "silu"), 0.0
+    else:  # Qwen3, Gemma 2, Gemma 3: one attention_bias for q, k, v and o; no MLP bias
+      qkv_bias = o_bias = bool(d.get("attention_bias", False))
+      mlp_bias = False
+      n = d["num_hidden_layers"] if _is_int(d["num_hidden_layers"]) else 0
+      if arch == "Qwen3ForCausalLM":  # Qwen3Config: the window only with use_sliding_window, from max_window_layers
+        if d.get("use_sliding_window", False):
+          sliding_window = get("sliding_window")
+        if sliding_window is not None:
+          layer_types = d.get("layer_types") or ["sliding_attention" if i >= d.get("max_window_layers", 28) else
+                                                 "full_attention" for i in range(n)]
+      else:  # Gemma: sliding layers every other layer (Gemma 2) or 5 of every 6 (Gemma 3) unless listed
+        sliding_window = get("sliding_window")
+        pattern = 2 if arch == "Gemma2ForCausalLM" else d.get("sliding_window_pattern", 6)
+        layer_types = d.get("layer_types") or ["sliding_attention" if (i + 1) % pattern else "full_attention"
+                                               for i in range(n)]
+    act_key = "hidden_activation" if gemma else "hidden_act"
+    hidden_act = (d.get(act_key) or "gelu_pytorch_tanh") if gemma else d.get(act_key, "silu")
+    threshold = 0.0
     if hidden_act == "fatrelu":  # MiniCPM / ProSparse: FATReLU with threshold hidden_act_param (MiniCPM default 0)
       hidden_act, threshold = "relu", d.get("hidden_act_param", 0.0)
       if threshold is None:
@@ -417,12 +629,12 @@ class LlamaConfig:
         num_hidden_layers=d["num_hidden_layers"],
         num_attention_heads=d["num_attention_heads"],
         num_key_value_heads=d.get("num_key_value_heads"),
-        head_dim=d.get("head_dim"),
+        head_dim=get("head_dim"),
         rms_norm_eps=d.get("rms_norm_eps", 1e-6),
         rope_theta=rope_theta,
         rope_scaling=rope or None,
-        max_position_embeddings=d.get("max_position_embeddings", 2048),
-        tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+        max_position_embeddings=get("max_position_embeddings", 2048),
+        tie_word_embeddings=bool(get("tie_word_embeddings", False)),
         qkv_bias=qkv_bias,
         o_bias=o_bias,
         mlp_bias=mlp_bias,
@@ -434,6 +646,11 @@ class LlamaConfig:
         bos_token_id=d.get("bos_token_id"),
         eos_token_id=d.get("eos_token_id"),
         extra=d,
+        attn_softcap=get("attn_logit_softcapping") if gemma else None,
+        final_softcap=get("final_logit_softcapping") if gemma else None,
+        query_pre_attn_scalar=get("query_pre_attn_scalar") if gemma else None,
+        layer_types=layer_types,
+        rope_local_theta=rope_local_theta,
     )
 
   @classmethod
@@ -501,6 +718,7 @@ class LlamaConfig:
       return base is None or any(getattr(self, n) != getattr(base, n) for n in names)
 
     arch = self.architecture
+    gemma = arch in _GEMMA
     if changed("architecture"):
       d["architectures"] = [arch]
       d["model_type"] = _MODEL_TYPES[arch]
@@ -508,30 +726,52 @@ class LlamaConfig:
                  "num_key_value_heads", "rms_norm_eps", "max_position_embeddings", "tie_word_embeddings"):
       if changed(name):
         d[name] = getattr(self, name)
+    act_key = "hidden_activation" if gemma else "hidden_act"
     if self.activation_threshold > 0:
       if changed("hidden_act", "activation_threshold"):
-        d["hidden_act"], d["hidden_act_param"] = "fatrelu", self.activation_threshold
-    elif changed("hidden_act", "activation_threshold") or d.get("hidden_act") == "fatrelu":
-      d["hidden_act"] = self.hidden_act  # θ = 0: plain ReLU, which transformers reads faithfully
+        d[act_key], d["hidden_act_param"] = "fatrelu", self.activation_threshold
+    elif changed("hidden_act", "activation_threshold") or d.get(act_key) == "fatrelu":
+      d[act_key] = self.hidden_act  # θ = 0: plain ReLU, which transformers reads faithfully
       d.pop("hidden_act_param", None)
     if changed("head_dim") and (arch != "Qwen2ForCausalLM" or "head_dim" in d
                                 or self.head_dim != self.hidden_size // self.num_attention_heads):
       d["head_dim"] = self.head_dim
-    if changed("rope_theta", "rope_scaling"):
+    if changed("rope_theta", "rope_scaling", "rope_local_theta"):
       scaling = self.rope_scaling_dict
       if "rope_parameters" not in d and ("rope_scaling" in d or "rope_theta" in d):
         d["rope_theta"] = self.rope_theta
         d["rope_scaling"] = scaling
+        if self.rope_local_theta is not None:
+          d["rope_local_base_freq"] = self.rope_local_theta
       else:
-        d["rope_parameters"] = {"rope_theta": self.rope_theta, **(scaling or {"rope_type": "default"})}
-    if changed("qkv_bias", "o_bias", "mlp_bias") and arch == "LlamaForCausalLM":
-      d["attention_bias"] = bool(self.qkv_bias)
-      d["mlp_bias"] = bool(self.mlp_bias)
-    if changed("sliding_window"):
+        full = {"rope_theta": self.rope_theta, **(scaling or {"rope_type": "default"})}
+        d["rope_parameters"] = full if self.rope_local_theta is None else {
+            "full_attention": full, "sliding_attention": {"rope_type": "default", "rope_theta": self.rope_local_theta}}
+    if changed("qkv_bias", "o_bias", "mlp_bias"):
+      if arch == "LlamaForCausalLM":
+        d["attention_bias"] = bool(self.qkv_bias)
+        d["mlp_bias"] = bool(self.mlp_bias)
+      elif arch not in ("MistralForCausalLM", "Qwen2ForCausalLM"):
+        d["attention_bias"] = bool(self.qkv_bias)
+    if changed("sliding_window", "layer_types"):
+      types = [self.layer_type(i) for i in range(self.num_hidden_layers)]
       if arch == "MistralForCausalLM":
         d["sliding_window"] = self.sliding_window
       elif arch == "Qwen2ForCausalLM":
         d["use_sliding_window"] = False
+      elif arch == "Qwen3ForCausalLM":
+        d["use_sliding_window"] = self.sliding_window is not None
+        d["sliding_window"] = self.sliding_window
+        d["layer_types"] = types
+      else:
+        d["sliding_window"] = self.sliding_window
+        d["layer_types"] = types
+    if gemma:
+      for name, key in (("attn_softcap", "attn_logit_softcapping"), ("final_softcap", "final_logit_softcapping")):
+        if changed(name):
+          d[key] = getattr(self, name)
+      if changed("query_pre_attn_scalar", "head_dim"):
+        d["query_pre_attn_scalar"] = self.query_pre_attn_scalar or self.head_dim
     if changed("dtype"):
       d["dtype"] = self.dtype
       if "torch_dtype" in d:
@@ -543,10 +783,11 @@ class LlamaConfig:
     return d
 
 
-def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
+def rope_inv_freq(config: LlamaConfig, local: bool = False) -> np.ndarray:
   r"""The RoPE inverse frequencies ``θ`` (float32, shape ``(head_dim // 2,)``), as transformers computes them.
 
-  ``θ_i = 1 / rope_theta^{2i/d}``; ``"linear"`` scaling divides by ``factor``; ``"llama3"`` keeps
+  ``θ_i = 1 / rope_theta^{2i/d}`` (with ``local``: ``1 / rope_local_theta^{2i/d}``, unscaled: Gemma 3's sliding
+  layers); ``"linear"`` scaling divides by ``factor``; ``"llama3"`` keeps
   high frequencies (wavelength ``2π/θ < L/high_freq_factor``, ``L`` = ``original_max_position_embeddings``),
   divides low ones (wavelength ``> L/low_freq_factor``) by ``factor`` and interpolates in between with
   ``s = (L/λ − low_freq_factor)/(high_freq_factor − low_freq_factor)``: ``θ ← (1 − s) θ/factor + s θ``.
@@ -559,11 +800,14 @@ def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
     >>> rope_inv_freq(c)
     array([1.   , 0.1  , 0.01 , 0.001], dtype=float32)
   """
+  if local and config.rope_local_theta is None:
+    raise ValueError(f"{config.architecture} has no local RoPE base (rope_local_theta)")
   dim = config.head_dim
   exponent = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
-  inv_freq = (np.float32(1.0) / (np.float32(config.rope_theta) ** exponent)).astype(np.float32)
+  theta = config.rope_local_theta if local else config.rope_theta
+  inv_freq = (np.float32(1.0) / (np.float32(theta) ** exponent)).astype(np.float32)
   scaling = config.rope_scaling_dict
-  if scaling is None:
+  if scaling is None or local:
     return inv_freq
   factor = np.float32(scaling["factor"])
   if scaling["rope_type"] == "linear":
@@ -616,26 +860,39 @@ class LlamaRMSNorm(nnx.Module):
   .. math::  y = w \cdot \mathrm{cast}_{\mathrm{in}}\big(x / \sqrt{\mathrm{mean}(x^2) + \varepsilon}\big)
 
   (``x`` upcast to float32 for the statistics and the division, cast back to its input dtype, then multiplied by
-  ``w`` cast to the compute dtype).
+  ``w`` cast to the compute dtype). With ``plus_one`` (Gemma) the scale is ``1 + w`` and everything stays in float32
+  until the end: :math:`y = \mathrm{cast}_{\mathrm{in}}\big(x / \sqrt{\mathrm{mean}(x^2) + \varepsilon} \cdot
+  (1 + w)\big)`; ``w`` then starts at zeros (the identity), as Gemma's.
 
   Example:
     >>> import jax.numpy as jnp
     >>> from proxjax.models import LlamaRMSNorm
     >>> LlamaRMSNorm(2, 0.0)(jnp.array([3., 4.]))  # rms = sqrt(12.5)
     Array([0.84852815, 1.1313709 ], dtype=float32)
+    >>> LlamaRMSNorm(2, 0.0, plus_one=True)(jnp.array([3., 4.]))  # w = 0: the same
+    Array([0.84852815, 1.1313709 ], dtype=float32)
   """
 
-  def __init__(self, dim: int, eps: float, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32):
-    self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
+  def __init__(self, dim: int, eps: float, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
+               plus_one: bool = False):
+    self.weight = nnx.Param((jnp.zeros if plus_one else jnp.ones)((dim,), param_dtype))
     self.eps = float(eps)
     self.dtype = dtype
+    self.plus_one = bool(plus_one)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     input_dtype = x.dtype
     h = x.astype(_F32)
     variance = jnp.mean(jnp.square(h), axis=-1, keepdims=True)
     h = h * lax.rsqrt(variance + self.eps)
+    if self.plus_one:
+      return (h * (1.0 + self.weight[...].astype(_F32))).astype(input_dtype)
     return jnp.asarray(self.weight[...], self.dtype) * h.astype(input_dtype)
+
+
+def _norm(config: LlamaConfig, dim: int, dtype: Any, param_dtype: Any) -> LlamaRMSNorm:
+  return LlamaRMSNorm(dim, config.rms_norm_eps, dtype=dtype, param_dtype=param_dtype,
+                      plus_one=bool(config.norm_plus_one))
 
 
 def _linear(d_in: int, d_out: int, use_bias: bool, dtype: Any, param_dtype: Any, rngs: nnx.Rngs) -> nnx.Linear:
@@ -647,49 +904,71 @@ class LlamaAttention(nnx.Module):
   r"""Causal multi-head attention with rotary embeddings and grouped key/value heads.
 
   For ``x`` of shape ``(B, T, D)``: ``q = x W_q`` (``H`` heads of ``d``), ``k = x W_k``, ``v = x W_v``
-  (``H_kv`` heads, each repeated for ``H / H_kv`` query heads), ``q, k`` rotated by RoPE,
-  ``a = softmax(q kᵀ / sqrt(d) + mask) v`` (softmax in float32), output ``a W_o``.
+  (``H_kv`` heads, each repeated for ``H / H_kv`` query heads); with ``qk_norm`` ``q`` and ``k`` are RMS-normed per
+  head (``q_norm``, ``k_norm``); ``q, k`` rotated by RoPE (the local tables on a Gemma 3 sliding layer);
+  ``s = q kᵀ · r`` (``r = query_pre_attn_scalar^{-1/2}``, default ``d^{-1/2}``), soft-capped ``s ← c tanh(s / c)``
+  with ``attn_softcap = c``, ``a = softmax(s + mask) v`` (softmax in float32), output ``a W_o``. The mask is causal,
+  and on a sliding-window layer (``config.layer_window(layer_idx) = w``) also hides keys ``w`` or more positions
+  back.
+
+  Args:
+    config: the model's :class:`LlamaConfig`.
+    dtype: compute dtype.
+    param_dtype: parameter dtype.
+    rngs: random state for the initialisation.
+    layer_idx: the block's index (selects its window and RoPE tables).
   """
 
-  def __init__(self, config: LlamaConfig, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+  def __init__(self, config: LlamaConfig, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs, layer_idx: int = 0):
     c = config
     q_out, kv_out = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
     self.q_proj = _linear(c.hidden_size, q_out, c.qkv_bias, dtype, param_dtype, rngs)
     self.k_proj = _linear(c.hidden_size, kv_out, c.qkv_bias, dtype, param_dtype, rngs)
     self.v_proj = _linear(c.hidden_size, kv_out, c.qkv_bias, dtype, param_dtype, rngs)
     self.o_proj = _linear(q_out, c.hidden_size, c.o_bias, dtype, param_dtype, rngs)
+    self.q_norm = _norm(c, c.head_dim, dtype, param_dtype) if c.qk_norm else None
+    self.k_norm = _norm(c, c.head_dim, dtype, param_dtype) if c.qk_norm else None
     self.num_heads = c.num_attention_heads
     self.num_kv_heads = c.num_key_value_heads
     self.head_dim = c.head_dim
-    self.sliding_window = c.sliding_window
+    self.sliding_window = c.layer_window(layer_idx)
+    self.local_rope = c.layer_local_rope(layer_idx)
+    self.scale = (c.head_dim if c.query_pre_attn_scalar is None else c.query_pre_attn_scalar) ** -0.5
+    self.softcap = c.attn_softcap
 
-  def project(self, x: jax.Array, rope: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """``(q, k, v)`` of ``x`` ``(B, T, D)``: ``q`` ``(B, T, H, d)`` and ``k`` ``(B, T, H_kv, d)`` rotated by
-    ``rope = (cos, sin)``, ``v`` ``(B, T, H_kv, d)`` (the first half of :meth:`__call__`; used by the KV cache of
-    :mod:`proxjax.models.generate`)."""
+  def project(self, x: jax.Array, rope: tuple[jax.Array, ...]) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(q, k, v)`` of ``x`` ``(B, T, D)``: ``q`` ``(B, T, H, d)`` and ``k`` ``(B, T, H_kv, d)`` (RMS-normed per
+    head with ``qk_norm``) rotated by ``rope`` (``(cos, sin)`` or ``(cos, sin, cos_local, sin_local)`` from
+    :meth:`LlamaForCausalLM.rope`; a layer with ``local_rope`` uses the last two), ``v`` ``(B, T, H_kv, d)`` (the
+    first half of :meth:`__call__`; used by the KV cache of :mod:`proxjax.models.generate`)."""
     b, t, _ = x.shape
     q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
     k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
     v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
-    cos, sin = rope
+    if self.q_norm is not None:
+      q, k = self.q_norm(q), self.k_norm(k)
+    cos, sin = rope[2:4] if self.local_rope else rope[:2]
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
   def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-    """``softmax(q kᵀ / sqrt(d) + mask) v`` ``(B, Tq, H·d)`` (the input of ``o_proj``) for ``q`` ``(B, Tq, H, d)``
+    """``softmax(cap(q kᵀ · r) + mask) v`` ``(B, Tq, H·d)`` (the input of ``o_proj``) for ``q`` ``(B, Tq, H, d)``
     and ``k, v`` ``(B, Tk, H_kv, d)``; ``mask`` is a bool array broadcastable to ``(B, H, Tq, Tk)`` (True = attend),
-    ``None`` for the causal (sliding-window) mask of ``Tq = Tk`` positions (the second half of :meth:`__call__`)."""
+    ``None`` for this layer's causal (sliding-window) mask of ``Tq = Tk`` positions (the second half of
+    :meth:`__call__`)."""
     b, t = q.shape[:2]
     n_rep = self.num_heads // self.num_kv_heads
     if n_rep > 1:  # kv head j serves query heads j·n_rep … (j+1)·n_rep − 1 (transformers' repeat_kv)
       k, v = jnp.repeat(k, n_rep, axis=2), jnp.repeat(v, n_rep, axis=2)
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) * (self.head_dim ** -0.5)
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) * self.scale
+    if self.softcap is not None:
+      scores = jnp.tanh(scores / self.softcap) * self.softcap
     if mask is None:
       mask = _attention_mask(t, self.sliding_window)
     scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
     probs = jax.nn.softmax(scores.astype(_F32), axis=-1).astype(q.dtype)
     return jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, t, self.num_heads * self.head_dim)
 
-  def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array], *,
+  def __call__(self, x: jax.Array, rope: tuple[jax.Array, ...], *,
                return_inputs: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Returns the attention output ``(B, T, D)``, and the input of ``o_proj`` when ``return_inputs``."""
     attn = self.attend(*self.project(x, rope))
@@ -700,7 +979,8 @@ class LlamaAttention(nnx.Module):
 class LlamaMLP(nnx.Module):
   r"""Gated MLP ``down(a ⊙ up(x))`` with the intermediate activation ``a = act(gate(x))``.
 
-  ``act`` is ``config.hidden_act``: SiLU ``x σ(x)``, ReLU ``max(x, 0)``, or, with ReLU and
+  ``act`` is ``config.hidden_act``: SiLU ``x σ(x)``, ReLU ``max(x, 0)``, the tanh GELU
+  ``½x(1 + tanh(sqrt(2/π)(x + 0.044715x³)))`` (``"gelu_pytorch_tanh"``: Gemma's GeGLU), or, with ReLU and
   ``config.activation_threshold = θ > 0``, FATReLU ``x if x > θ else 0`` (``x`` compared in float32, so a bfloat16
   compute dtype does not round ``θ``; at ``x = θ`` the output is 0, as ``torch.nn.functional.threshold``).
 
@@ -724,7 +1004,7 @@ class LlamaMLP(nnx.Module):
     self.activation_threshold = c.activation_threshold
 
   def act(self, g: jax.Array) -> jax.Array:
-    """The gate activation of pre-activations ``g`` (SiLU, ReLU or FATReLU, see the class docstring)."""
+    """The gate activation of pre-activations ``g`` (SiLU, ReLU, tanh GELU or FATReLU, see the class docstring)."""
     if self.activation_threshold > 0:
       return jnp.where(g.astype(_F32) > self.activation_threshold, g, jnp.zeros_like(g))
     return _ACTIVATIONS[self.hidden_act](g)
@@ -742,23 +1022,35 @@ class LlamaMLP(nnx.Module):
 
 
 class LlamaDecoderLayer(nnx.Module):
-  """One pre-norm decoder block: ``h ← h + attn(norm₁(h))``, ``h ← h + mlp(norm₂(h))``."""
+  """One pre-norm decoder block: ``h ← h + attn(norm₁(h))``, ``h ← h + mlp(norm₂(h))`` with ``norm₁`` =
+  ``input_layernorm`` and ``norm₂`` = ``post_attention_layernorm``; with ``config.post_norms`` (Gemma) the Hugging
+  Face Gemma block ``h ← h + post_attention_layernorm(attn(input_layernorm(h)))``,
+  ``h ← h + post_feedforward_layernorm(mlp(pre_feedforward_layernorm(h)))`` (so there ``post_attention_layernorm``
+  norms the attention output, not the MLP input).
 
-  def __init__(self, config: LlamaConfig, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+  ``layer_idx`` (the block's index) selects the attention's window and RoPE tables (``config.layer_types``).
+  """
+
+  def __init__(self, config: LlamaConfig, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs, layer_idx: int = 0):
     c = config
-    self.input_layernorm = LlamaRMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
-    self.self_attn = LlamaAttention(c, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.post_attention_layernorm = LlamaRMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+    self.input_layernorm = _norm(c, c.hidden_size, dtype, param_dtype)
+    self.self_attn = LlamaAttention(c, dtype=dtype, param_dtype=param_dtype, rngs=rngs, layer_idx=layer_idx)
+    self.post_attention_layernorm = _norm(c, c.hidden_size, dtype, param_dtype)
+    if c.post_norms:
+      self.pre_feedforward_layernorm = _norm(c, c.hidden_size, dtype, param_dtype)
+      self.post_feedforward_layernorm = _norm(c, c.hidden_size, dtype, param_dtype)
+    self.post_norms = bool(c.post_norms)
     self.mlp = LlamaMLP(c, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-  def __call__(self, h: jax.Array, rope: tuple[jax.Array, jax.Array], *, return_inputs: bool = False,
+  def __call__(self, h: jax.Array, rope: tuple[jax.Array, ...], *, return_inputs: bool = False,
                return_activation: bool = False,
                attention: Callable[..., tuple[jax.Array, jax.Array]] | None = None) -> jax.Array | tuple[Any, ...]:
     """Runs the block on ``h`` ``(B, T, D)`` with ``rope = (cos, sin)`` from :meth:`LlamaForCausalLM.rope`.
 
     Args:
       h: hidden states ``(B, T, D)`` in the compute dtype.
-      rope: ``(cos, sin)``, each ``(T, head_dim)`` or ``(B, T, head_dim)``.
+      rope: ``(cos, sin)`` (or ``(cos, sin, cos_local, sin_local)`` for Gemma 3) from :meth:`LlamaForCausalLM.rope`,
+        each ``(T, head_dim)`` or ``(B, T, head_dim)``.
       return_inputs: also return the activation entering every linear.
       return_activation: also return the MLP's intermediate activation ``act(gate(x))`` ``(B, T, intermediate)``.
       attention: replaces ``self.self_attn(x, rope, return_inputs=True)``: called with the normed input ``x``, it
@@ -786,9 +1078,13 @@ class LlamaDecoderLayer(nnx.Module):
     """
     x = self.input_layernorm(h)
     attn_out, o_in = self.self_attn(x, rope, return_inputs=True) if attention is None else attention(x)
+    if self.post_norms:
+      attn_out = self.post_attention_layernorm(attn_out)
     h = h + attn_out
-    y = self.post_attention_layernorm(h)
+    y = self.pre_feedforward_layernorm(h) if self.post_norms else self.post_attention_layernorm(h)
     mlp_out, down_in, a = self.mlp(y, return_inputs=True, return_activation=True)
+    if self.post_norms:
+      mlp_out = self.post_feedforward_layernorm(mlp_out)
     h = h + mlp_out
     out: tuple[Any, ...] = (h,)
     if return_inputs:
@@ -806,13 +1102,13 @@ class LlamaModel(nnx.Module):
     c = config
     self.embed_tokens = nnx.Embed(c.vocab_size, c.hidden_size, dtype=dtype, param_dtype=param_dtype,
                                   embedding_init=nnx.initializers.normal(_INIT_STD), rngs=rngs)
-    self.layers = nnx.List([LlamaDecoderLayer(c, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-                            for _ in range(c.num_hidden_layers)])
-    self.norm = LlamaRMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+    self.layers = nnx.List([LlamaDecoderLayer(c, dtype=dtype, param_dtype=param_dtype, rngs=rngs, layer_idx=i)
+                            for i in range(c.num_hidden_layers)])
+    self.norm = _norm(c, c.hidden_size, dtype, param_dtype)
 
 
 class LlamaForCausalLM(nnx.Module):
-  """A Llama / Mistral / Qwen2 causal LM whose module tree mirrors Hugging Face's.
+  """A Llama / Mistral / Qwen2 / Qwen3 / Gemma 2 / Gemma 3 causal LM whose module tree mirrors Hugging Face's.
 
   Args:
     config: the :class:`LlamaConfig`.
@@ -846,15 +1142,22 @@ class LlamaForCausalLM(nnx.Module):
                     _linear(config.hidden_size, config.vocab_size, False, dtype, param_dtype, rngs))
 
   def embed(self, input_ids: ArrayLike) -> jax.Array:
-    """Token embeddings ``(B, T, D)`` in the compute dtype for integer ``input_ids`` ``(B, T)``."""
+    """Token embeddings ``(B, T, D)`` in the compute dtype for integer ``input_ids`` ``(B, T)``; with
+    ``config.scale_embeddings`` (Gemma) multiplied by ``sqrt(hidden_size)``, rounded to float32 and then to the
+    compute dtype (transformers' ``embed_scale`` buffer cast to the model's dtype)."""
     input_ids = jnp.asarray(input_ids)
     if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
       raise ValueError(f"input_ids must be an integer array of shape (batch, seq), got {input_ids.dtype} "
                        f"{input_ids.shape}")
-    return self.model.embed_tokens(input_ids)
+    h = self.model.embed_tokens(input_ids)
+    if self.config.scale_embeddings:
+      h = h * jnp.asarray(np.float32(self.config.hidden_size ** 0.5), h.dtype)
+    return h
 
-  def rope(self, positions: ArrayLike) -> tuple[jax.Array, jax.Array]:
-    """``(cos, sin)`` of shape ``positions.shape + (head_dim,)`` in the compute dtype.
+  def rope(self, positions: ArrayLike) -> tuple[jax.Array, ...]:
+    """``(cos, sin)`` of shape ``positions.shape + (head_dim,)`` in the compute dtype; with
+    ``config.rope_local_theta`` (Gemma 3) ``(cos, sin, cos_local, sin_local)``, the last two for the sliding-window
+    layers.
 
     ``positions`` is ``(T,)`` (shared by the batch) or ``(B, T)``; ``freqs = p θ`` (float32,
     :func:`rope_inv_freq`), duplicated to ``head_dim`` entries.
@@ -862,15 +1165,21 @@ class LlamaForCausalLM(nnx.Module):
     positions = jnp.asarray(positions)
     if positions.ndim not in (1, 2):
       raise ValueError(f"positions must have shape (T,) or (B, T), got {positions.shape}")
-    freqs = positions.astype(_F32)[..., None] * jnp.asarray(rope_inv_freq(self.config))
-    emb = jnp.concatenate([freqs, freqs], axis=-1)
-    return jnp.cos(emb).astype(self.dtype), jnp.sin(emb).astype(self.dtype)
+    tables: tuple[jax.Array, ...] = ()
+    for local in (False, True) if self.config.rope_local_theta is not None else (False,):
+      freqs = positions.astype(_F32)[..., None] * jnp.asarray(rope_inv_freq(self.config, local))
+      emb = jnp.concatenate([freqs, freqs], axis=-1)
+      tables += (jnp.cos(emb).astype(self.dtype), jnp.sin(emb).astype(self.dtype))
+    return tables
 
   def head(self, h: jax.Array) -> jax.Array:
-    """Logits ``(B, T, V)`` in float32: final norm, then ``lm_head`` (or the tied embedding matrix)."""
+    """Logits ``(B, T, V)`` in float32: final norm, then ``lm_head`` (or the tied embedding matrix); with
+    ``config.final_softcap = c`` then ``c · tanh(z / c)`` (in float32)."""
     x = self.model.norm(h)
     logits = self.model.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
-    return logits.astype(_F32)
+    logits = logits.astype(_F32)
+    cap = self.config.final_softcap
+    return logits if cap is None else jnp.tanh(logits / cap) * cap
 
   def __call__(self, input_ids: ArrayLike, positions: ArrayLike | None = None, *,
                return_activations: bool = False) -> jax.Array | tuple[jax.Array, tuple[jax.Array, ...]]:

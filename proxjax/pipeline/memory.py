@@ -329,7 +329,7 @@ def _split(size: int, devices: int) -> int:
 
 
 def _block_param_bytes(c: LlamaConfig, pb: int, model_devices: int) -> int:
-  total = 2 * c.hidden_size * pb  # the two norm scales (replicated)
+  total = c.block_norm_size * pb  # the norm scales (replicated): 2 or 4 of hidden_size, + q/k norms
   for d_in, d_out, bias in _linears(c).values():
     local = _split(d_out, model_devices)
     total += (d_in * local + (local if bias else 0)) * pb
@@ -345,7 +345,7 @@ def _outer_param_bytes(c: LlamaConfig, pb: int, model_devices: int) -> int:
 def _param_counts(c: LlamaConfig) -> dict[str, int]:
   lin = _linears(c)
   pruned = sum(d_in * d_out for d_in, d_out, _ in lin.values()) * c.num_hidden_layers
-  block = 2 * c.hidden_size + sum(d_in * d_out + (d_out if bias else 0) for d_in, d_out, bias in lin.values())
+  block = c.block_norm_size + sum(d_in * d_out + (d_out if bias else 0) for d_in, d_out, bias in lin.values())
   outer = c.vocab_size * c.hidden_size * (1 if c.tie_word_embeddings else 2) + c.hidden_size
   total = block * c.num_hidden_layers + outer
   return {"total": total, "pruned": pruned, "dense": total - pruned}
@@ -472,7 +472,7 @@ def _pass_parts(dm: _Dims, names: tuple[str, ...] | None) -> dict[str, int]:
   per-device buffers other than the weights (``batch``, ``rope``, ``states in``, ``states out`` / ``output``,
   ``temps``); the states are one per distinct input."""
   c = dm.c
-  rope = 2 * _F32 * dm.t * c.head_dim
+  rope = (2 if c.rope_local_theta is None else 4) * _F32 * dm.t * c.head_dim  # (cos, sin), + local for Gemma 3
   if names is None:
     acts, kernels = _forward_temps(dm, _FULL)
     return {"batch": dm.act, "rope": rope, "output": dm.act, "temps": acts + kernels}
@@ -1014,7 +1014,8 @@ def measure_block(config: LlamaConfig, *, batch_size: int, seqlen: int, param_dt
   devices = 1 if mesh is None else mesh.size
   b = -(-_positive_int("batch_size", batch_size) // devices) * devices
   t = _positive_int("seqlen", seqlen)
-  one = c if c.num_hidden_layers == 1 else dataclasses.replace(c, num_hidden_layers=1)
+  one = c if c.num_hidden_layers == 1 else dataclasses.replace(  # block 0 (its layer type, if the family has them)
+      c, num_hidden_layers=1, layer_types=None if c.layer_types is None else c.layer_types[:1])
   model = nnx.eval_shape(lambda: LlamaForCausalLM(one, rngs=nnx.Rngs(0), param_dtype=param_dtype))
   graphdef, params = nnx.split(model.model.layers[0])
   sds, f32 = jax.ShapeDtypeStruct, jnp.float32
@@ -1029,7 +1030,7 @@ def measure_block(config: LlamaConfig, *, batch_size: int, seqlen: int, param_dt
     p_bytes = sum(_local_bytes(x, None) for x in jax.tree.leaves(params))
     act_s = valid_s = None
   x, valid = sds(act_shape, f32), sds(act_shape[:2], jnp.bool_)
-  rope = (sds((t, c.head_dim), f32), sds((t, c.head_dim), f32))
+  rope = jax.eval_shape(model.rope, jnp.arange(t))  # (cos, sin), or four tables with a local RoPE base
   base = p_bytes + _local_bytes(x, act_s) + sum(_local_bytes(r, None) for r in rope)
   stages = _pipeline.true_sequential_stages(LINEAR_NAMES, true_sequential)
   keys = ["forward"] + [_stage_key(s) for s in stages]

@@ -21,7 +21,31 @@ HF_CLASSES = {
     "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
     "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
     "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+    "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM),
+    "gemma3": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM),
 }
+
+WINDOW = 5
+"""The sliding window of the family variants below: shorter than every test sequence (16 tokens, prompts + 20)."""
+FAMILIES = {
+    # Qwen3: q/k RMSNorm per head, an explicit head_dim (32 ≠ hidden 64 / 4 heads), no biases, untied.
+    "qwen3": ("qwen3", dict(head_dim=32)),
+    # Qwen3 with sliding-window layers from max_window_layers = 1, attention biases and tied embeddings.
+    "qwen3_window": ("qwen3", dict(head_dim=16, attention_bias=True, tie_word_embeddings=True, use_sliding_window=True,
+                                   sliding_window=WINDOW, max_window_layers=1)),
+    # Gemma 2: layers 0 (sliding) and 1 (full); soft caps small enough to bite on these logits and scores.
+    "gemma2": ("gemma2", dict(head_dim=16, tie_word_embeddings=True, sliding_window=WINDOW, query_pre_attn_scalar=32,
+                              attn_logit_softcapping=2.0, final_logit_softcapping=3.0)),
+    # Gemma 3 text: sliding layer 0 with the local RoPE base, full layer 1 with a linearly scaled global base.
+    "gemma3": ("gemma3", dict(head_dim=16, tie_word_embeddings=True, sliding_window=WINDOW, query_pre_attn_scalar=32,
+                              layer_types=["sliding_attention", "full_attention"],
+                              rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0,
+                                                                  "rope_theta": 1e6},
+                                               "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})),
+}
+"""The Qwen3 / Gemma variants of tests/models/test_families.py and tests/models/test_generate.py:
+``make_torch_model(kind, **overrides)`` for ``kind, overrides = FAMILIES[name]``."""
 
 
 def make_torch_model(kind: str, seed: int = 0, **overrides):
@@ -35,8 +59,8 @@ def make_torch_model(kind: str, seed: int = 0, **overrides):
   model = model_cls(cfg_cls(**kw)).eval()
   with torch.no_grad():
     for name, p in model.named_parameters():
-      if "norm" in name:
-        p.copy_(1.0 + 0.1 * torch.randn_like(p))
+      if "norm" in name:  # Gemma scales by 1 + w: its weights are centred on 0, the others' on 1
+        p.copy_((0.0 if kind.startswith("gemma") else 1.0) + 0.1 * torch.randn_like(p))
       elif name.endswith("bias"):
         p.copy_(0.1 * torch.randn_like(p))
       else:
