@@ -384,7 +384,9 @@ def masked_updates(masks: Any) -> optax.GradientTransformationExtraArgs:
 
   Args:
     masks: pytree matching the params (or a prefix of it) whose leaves are ``None`` (leaf passes through) or
-      bool/0-1 arrays of the leaf's shape (non-zero = trainable). ``nnx.Variable`` wrappers are unwrapped.
+      bool/0-1 arrays of the leaf's shape (non-zero = trainable). ``nnx.Variable`` wrappers are unwrapped. Or a
+      function ``params -> masks`` called at init (e.g. the params' current non-zeros): a module-level function keeps
+      a chain built once equal to itself across models, so a cached chain is compiled once.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state :class:`MaskedUpdatesState` (holding the masks as bool
@@ -398,11 +400,12 @@ def masked_updates(masks: Any) -> optax.GradientTransformationExtraArgs:
     >>> updates['w'], updates['b']
     (Array([-1.,  0., -1.,  0.], dtype=float32), Array([-1.], dtype=float32))
   """
-  masks = nnx.as_pure(masks)
+  masks = masks if callable(masks) else nnx.as_pure(masks)
 
   def init_fn(params):
-    flat = _aligned_masks(masks, params, "params")
-    bool_masks = [None if mk is None else jnp.asarray(mk) != 0 for mk in flat]
+    flat = _aligned_masks(nnx.as_pure(masks(params)) if callable(masks) else masks, params, "params")
+    # strong-typed copies: the training loop donates its state, and a weak type would recompile a resumed step
+    bool_masks = [None if mk is None else jnp.array(mk, dtype=bool) for mk in flat]
     return MaskedUpdatesState(masks=jax.tree.unflatten(jax.tree.structure(nnx.as_pure(params)), bool_masks))
 
   def update_fn(updates, state, params=None, **extra_args):

@@ -236,34 +236,31 @@ def convert_gguf(
   # the name save_pretrained's temporaries have: `proxjax check` refuses it, a locked run's cleanup removes it
   tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:12]}"
   tmp.mkdir()
+  from safetensors import SafetensorError  # noqa: PLC0415  (what safetensors raises for a full disk)
+
   try:
-    _write_json(tmp / "config.json", _config_json(config, dtype))
-    _write_weights(tmp / "model.safetensors", plan, config, dtype, gguf_path)
-    # safetensors creates its file 0600; give it the mode every other file gets from the umask
-    os.chmod(tmp / "model.safetensors", (tmp / "config.json").stat().st_mode & 0o666)
-    _write_json(tmp / "generation_config.json", _generation_config_json(config))
-    for name, content in tokenizer_files.items():
-      (tmp / name).write_text(content, encoding="utf-8")
-    _write_json(
-      tmp / _MARKER,
-      {
-        "converter": "proxjax.models.convert.convert_gguf",
-        "converter_version": _CONVERTER_VERSION,
-        "source": str(gguf_path.resolve()),
-        "source_bytes": gguf_path.stat().st_size,
-        "dtype": dtype,
-      },
-    )
-  except Exception as err:  # a full disk or a permission problem while writing (safetensors: SafetensorError)
-    shutil.rmtree(tmp, ignore_errors=True)
-    if isinstance(err, ValueError):
-      raise
-    raise OSError(f"could not write the converted checkpoint {out_dir} ({' '.join(str(err).split())}); nothing "
-                  "was left behind (the conversion is written aside and renamed): free space and run it again") from err
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  try:
+    try:
+      _write_json(tmp / "config.json", _config_json(config, dtype))
+      _write_weights(tmp / "model.safetensors", plan, config, dtype, gguf_path)
+      # safetensors creates its file 0600; give it the mode every other file gets from the umask
+      os.chmod(tmp / "model.safetensors", (tmp / "config.json").stat().st_mode & 0o666)
+      _write_json(tmp / "generation_config.json", _generation_config_json(config))
+      for name, content in tokenizer_files.items():
+        (tmp / name).write_text(content, encoding="utf-8")
+      _write_json(
+        tmp / _MARKER,
+        {
+          "converter": "proxjax.models.convert.convert_gguf",
+          "converter_version": _CONVERTER_VERSION,
+          "source": str(gguf_path.resolve()),
+          "source_bytes": gguf_path.stat().st_size,
+          "dtype": dtype,
+        },
+      )
+    except (OSError, SafetensorError) as err:  # a full disk or a permission problem
+      raise OSError(f"could not write the converted checkpoint {out_dir} ({' '.join(str(err).split())}); nothing "
+                    "was left behind (the conversion is written aside and renamed): free space and run it again"
+                    ) from err
     _publish(tmp, out_dir, overwrite)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)

@@ -20,8 +20,8 @@ It reproduces lm-eval's own ``hf`` backend (``HFLM``, causal models) request by 
 
   in float32 (log-probabilities as ``logits - logsumexp(logits)``), computed on the device by one jitted function per
   bucket shape: requests are grouped by their input length rounded up to a bucket (16, 24, 32, 48, 64, 96, 128, …:
-  two sizes per octave, at most ``max_length``; :func:`bucket_length`) and by their continuation length (16, 64,
-  256, …; :func:`cont_bucket`), right-padded (the
+  two sizes per octave, at most ``max_length``; :func:`input_bucket`) and by their continuation length (16, 64,
+  256, …; :func:`continuation_bucket`), right-padded (the
   model is causal: tokens after the real ones change nothing before them), in batches of exactly ``batch_size`` rows
   (missing rows are padding). Only the continuation positions go through the output head; nothing of size
   ``vocab`` comes back to the host. Results come back in the order of the requests.
@@ -68,7 +68,7 @@ from proxjax.data import tasks as shipped_tasks
 from proxjax.data import text
 from proxjax.models import hf, llama
 
-__all__ = ["DEFAULT_MAX_GEN_TOKS", "ProxjaxLM", "bucket_length", "check_tasks", "cont_bucket", "run_tasks"]
+__all__ = ["DEFAULT_MAX_GEN_TOKS", "ProxjaxLM", "input_bucket", "check_tasks", "continuation_bucket", "run_tasks"]
 
 log = logging.getLogger(__name__)
 
@@ -81,14 +81,14 @@ DEFAULT_MAX_LENGTH = 2048
 _MIN_BUCKET = 16
 
 
-def bucket_length(n: int, limit: int | None = None) -> int:
+def input_bucket(n: int, limit: int | None = None) -> int:
   """The compiled length for ``n`` tokens: the smallest of 16, 24, 32, 48, 64, 96, … (``2^k`` and ``3·2^(k-1)``)
   that is ``≥ n``, capped at ``limit`` (then ``limit`` itself, which must be ``≥ n``).
 
   Example:
-    >>> [bucket_length(n) for n in (1, 16, 17, 25, 33, 100, 129, 200)]
+    >>> [input_bucket(n) for n in (1, 16, 17, 25, 33, 100, 129, 200)]
     [16, 16, 24, 32, 48, 128, 192, 256]
-    >>> bucket_length(257, limit=260), bucket_length(5, limit=8)
+    >>> input_bucket(257, limit=260), input_bucket(5, limit=8)
     (260, 8)
   """
   if n < 1:
@@ -101,13 +101,13 @@ def bucket_length(n: int, limit: int | None = None) -> int:
   return b if limit is None else min(b, limit)
 
 
-def cont_bucket(n: int, limit: int) -> int:
+def continuation_bucket(n: int, limit: int) -> int:
   """The number of scored positions compiled for a continuation of ``n`` tokens in a row of ``limit`` positions:
   16, 64, 256, 1024, … (powers of 4 from 16: the output head on a few spare positions costs little next to the
   forward pass, fewer shapes compile less), capped at ``limit``.
 
   Example:
-    >>> [cont_bucket(n, 512) for n in (1, 16, 17, 65, 300)], cont_bucket(20, 24)
+    >>> [continuation_bucket(n, 512) for n in (1, 16, 17, 65, 300)], continuation_bucket(20, 24)
     ([16, 16, 64, 256, 512], 24)
   """
   if not 1 <= n <= limit:
@@ -300,8 +300,8 @@ class ProxjaxLM(TemplateLM):
                   "truncated from the left", truncated, len(rows), n_max)
     groups: dict[tuple[int, int], list[int]] = {}
     for i, (inp, cont) in enumerate(rows):
-      t = bucket_length(len(inp), n_max)
-      groups.setdefault((t, cont_bucket(len(cont), t)), []).append(i)
+      t = input_bucket(len(inp), n_max)
+      groups.setdefault((t, continuation_bucket(len(cont), t)), []).append(i)
     out: list[tuple[float, bool] | None] = [None] * len(rows)
     bs = self.batch_size
     from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel

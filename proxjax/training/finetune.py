@@ -11,6 +11,7 @@ exactly zero (the N:M pattern survives training) while kept weights, norms and e
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
@@ -52,9 +53,21 @@ def sparsity_masks(model: nnx.Module, spec: Any = projection_spec) -> Any:
     >>> len(jax.tree.leaves(masks))  # the 7 projections of the block
     7
   """
-  pure, axes = flat_spec(nnx.state(model, nnx.Param), spec)
+  return _nonzero_masks(nnx.state(model, nnx.Param), spec)
+
+
+def _nonzero_masks(params: Any, spec: Any = projection_spec) -> Any:
+  pure, axes = flat_spec(params, spec)
   leaves, treedef = jax.tree.flatten(pure)
   return jax.tree.unflatten(treedef, [None if ax is None else jnp.asarray(x) != 0 for x, ax in zip(leaves, axes)])
+
+
+@functools.lru_cache(maxsize=8)
+def _chain(learning_rate: float, weight_decay: float, masks: Any = _nonzero_masks) -> optax.GradientTransformation:
+  """The fine-tuning chain; with the default masks (the projections' non-zeros, read at init) one object per
+  ``(learning_rate, weight_decay)``, so the training step compiles once for every model of a shape."""
+  return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(learning_rate, weight_decay=weight_decay),
+                     transforms.masked_updates(masks))
 
 
 def _loss(model, ids):
@@ -108,9 +121,9 @@ def finetune_masked(model: nnx.Module, batches: Iterable[Any], *, learning_rate:
     >>> r.steps, bool(jnp.all(up[...][0] == 0)), bool(jnp.all(up[...][1] != 0))
     (2, True, True)
   """
+  tx = _chain(float(learning_rate), float(weight_decay)) if masks is None else _chain.__wrapped__(
+      learning_rate, weight_decay, masks)
   masks = sparsity_masks(model) if masks is None else masks
-  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(learning_rate, weight_decay=weight_decay),
-                   transforms.masked_updates(masks))
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   fingerprint = None
   if state_dir is not None:

@@ -157,8 +157,8 @@ def test_compiled_shapes_are_bounded(backends):
   reqs = [(None, rng.integers(1, 320, n - 1).tolist(), rng.integers(1, 320, 1 + n % 3).tolist()) for n in lengths]
   out = ours._loglikelihood_tokens(reqs, disable_tqdm=True)
   inputs = {min(len(c) + len(x) - 1, MAX_LENGTH) for _, c, x in reqs}
-  assert {harness.bucket_length(n, MAX_LENGTH) for n in inputs} == {16, 24, 32, 48}
-  assert {harness.cont_bucket(len(x), MAX_LENGTH) for _, _, x in reqs} == {16}
+  assert {harness.input_bucket(n, MAX_LENGTH) for n in inputs} == {16, 24, 32, 48}
+  assert {harness.continuation_bucket(len(x), MAX_LENGTH) for _, _, x in reqs} == {16}
   assert 1 <= ours.compiles <= 8
   i = int(np.argmax(lengths))
   alone = ours._loglikelihood_tokens([reqs[i]], disable_tqdm=True)[0]

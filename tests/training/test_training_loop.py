@@ -174,6 +174,7 @@ def test_finetune_resumes_bit_for_bit_and_keeps_the_zeros(tmp_path):
     return model
 
   full_model = pruned()
+  compiled = finetune._RECIPE.step._cache_size()  # pylint: disable=protected-access
   full = finetune.finetune_masked(full_model, batches, learning_rate=1e-2, progress=False)
   assert full.steps == 4 and bool(jnp.all(full_model.model.layers[0].mlp.up_proj.kernel[...][::2] == 0))
   with pytest.raises(_Stop):
@@ -184,6 +185,8 @@ def test_finetune_resumes_bit_for_bit_and_keeps_the_zeros(tmp_path):
   assert resumed == full
   for a, b in zip(_leaves(model), _leaves(full_model), strict=True):
     np.testing.assert_array_equal(a, b)
+  # three models, one chain: the step compiled once (a chain built per call would compile it three times)
+  assert finetune._RECIPE.step._cache_size() - compiled <= 1  # pylint: disable=protected-access
   with pytest.raises(ValueError, match="different fine-tune run .*learning_rate"):
     finetune.finetune_masked(pruned(), batches, learning_rate=2e-2, progress=False, state_dir=tmp_path)
 
