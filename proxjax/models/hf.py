@@ -9,10 +9,15 @@ Qwen3, Gemma 2, Gemma 3 text), and orbax state I/O.
   model.layers.3.self_attn.q_norm.weight     <-> ("model", "layers", 3, "self_attn", "q_norm", "weight")   (Qwen3, Gemma 3)
   model.layers.3.self_attn.q_proj.weight     <-> ("model", "layers", 3, "self_attn", "q_proj", "kernel")   (transposed)
   model.layers.3.self_attn.q_proj.bias       <-> ("model", "layers", 3, "self_attn", "q_proj", "bias")
+  model.layers.3.self_attn.qkv_proj.weight   <-> ("model", "layers", 3, "self_attn", "qkv_proj", "kernel") (Phi-3)
+  model.layers.3.mlp.gate.weight             <-> ("model", "layers", 3, "mlp", "gate", "kernel")         (router)
+  model.layers.3.mlp.experts.5.up_proj.weight <-> ("model", "layers", 3, "mlp", "experts", "up_proj", "kernel")[5]
   model.norm.weight                          <-> ("model", "norm", "weight")
   lm_head.weight                             <-> ("lm_head", "kernel")                                     (transposed)
 
 A Hugging Face / PyTorch linear ``weight`` is ``(d_out, d_in)``; the Flax ``kernel`` is its transpose ``(d_in, d_out)``.
+A mixture of experts' stacked kernel ``(E, d_in, d_out)`` is ``E`` tensors, one per expert, as transformers'
+``save_pretrained`` writes them (:func:`hf_to_slot`, :func:`hf_names`).
 
 **Loading** (:func:`load_pretrained`) builds the model abstractly with ``nnx.eval_shape`` (no random init), checks
 every file header and every tensor name and shape first (all problems are reported in one :class:`CheckpointError`),
@@ -71,7 +76,9 @@ __all__ = [
     "CheckpointError",
     "check_sparsity",
     "checkpoint_fingerprint",
+    "hf_names",
     "hf_to_path",
+    "hf_to_slot",
     "load_pretrained",
     "path_to_hf",
     "remove_unfinished_saves",
@@ -97,7 +104,10 @@ _FIXED = {
 _INT = r"(0|[1-9][0-9]*)"
 _NORM_RE = re.compile(rf"model\.layers\.{_INT}\.(input_layernorm|post_attention_layernorm|pre_feedforward_layernorm|"
                       r"post_feedforward_layernorm|self_attn\.q_norm|self_attn\.k_norm)\.weight")
-_LINEAR_RE = re.compile(rf"model\.layers\.{_INT}\.(self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj)\.(weight|bias)")
+_LINEAR_RE = re.compile(rf"model\.layers\.{_INT}\.(self_attn\.(?:[qkvo]|qkv)_proj|mlp\.(?:gate|up|down|gate_up)_proj)\."
+                        r"(weight|bias)")
+_ROUTER_RE = re.compile(rf"model\.layers\.{_INT}\.mlp\.gate\.weight")
+_EXPERT_RE = re.compile(rf"model\.layers\.{_INT}\.mlp\.experts\.{_INT}\.(gate_proj|up_proj|down_proj)\.weight")
 # Non-persistent buffers that some older checkpoints contain; they are recomputed from the config.
 _IGNORED_RE = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 
@@ -106,7 +116,8 @@ ShardingFn = Callable[[Path, tuple[int, ...]], jax.sharding.Sharding]
 
 
 def hf_to_path(name: str) -> Path:
-  """The NNX parameter path of a Hugging Face tensor name.
+  """The NNX parameter path of a Hugging Face tensor name (for one expert's tensor, the stacked kernel's path: see
+  :func:`hf_to_slot` for its index).
 
   Raises:
     ValueError: ``name`` is not a Llama-family tensor name.
@@ -122,7 +133,55 @@ def hf_to_path(name: str) -> Path:
     return ("model", "layers", int(m[1]), *m[2].split("."), "weight")
   if m := _LINEAR_RE.fullmatch(name):
     return ("model", "layers", int(m[1]), *m[2].split("."), "kernel" if m[3] == "weight" else "bias")
+  return hf_to_slot(name)[0]
+
+
+def hf_to_slot(name: str) -> tuple[Path, int | None]:
+  """The NNX parameter path of a Hugging Face tensor name and, for one expert of a mixture of experts, its index in
+  the stacked kernel: ``model.layers.N.mlp.experts.E.gate_proj.weight`` is ``kernel[E]ᵀ`` of
+  ``("model", "layers", N, "mlp", "experts", "gate_proj", "kernel")`` (``(num_experts, d_in, d_out)``); every other
+  tensor is a whole parameter (index ``None``, as :func:`hf_to_path`).
+
+  Raises:
+    ValueError: ``name`` is not a Llama-family tensor name.
+
+  Example:
+    >>> from proxjax.models.hf import hf_to_slot
+    >>> hf_to_slot("model.layers.1.mlp.experts.3.down_proj.weight")
+    (('model', 'layers', 1, 'mlp', 'experts', 'down_proj', 'kernel'), 3)
+    >>> hf_to_slot("model.layers.1.mlp.gate.weight")  # the router: one dense (hidden, num_experts) kernel
+    (('model', 'layers', 1, 'mlp', 'gate', 'kernel'), None)
+  """
+  if m := _EXPERT_RE.fullmatch(name):
+    return ("model", "layers", int(m[1]), "mlp", "experts", m[3], "kernel"), int(m[2])
+  if m := _ROUTER_RE.fullmatch(name):
+    return ("model", "layers", int(m[1]), "mlp", "gate", "kernel"), None
+  if name in _FIXED or _NORM_RE.fullmatch(name) or _LINEAR_RE.fullmatch(name):
+    return hf_to_path(name), None
   raise ValueError(f"{name!r} is not a Llama-family tensor name")
+
+
+def _is_experts(path: Path) -> bool:
+  return len(path) > 3 and path[-3] == "experts" and path[-1] == "kernel"
+
+
+def hf_names(path: Path, shape: tuple[int, ...]) -> list[str]:
+  """The Hugging Face tensor names of an NNX parameter of this shape: one (:func:`path_to_hf`), or one per expert
+  for a stacked expert kernel ``(num_experts, d_in, d_out)`` (inverse of :func:`hf_to_slot`).
+
+  Example:
+    >>> from proxjax.models.hf import hf_names
+    >>> hf_names(("model", "layers", 0, "mlp", "experts", "up_proj", "kernel"), (2, 8, 4))
+    ['model.layers.0.mlp.experts.0.up_proj.weight', 'model.layers.0.mlp.experts.1.up_proj.weight']
+  """
+  path = tuple(path)
+  if not _is_experts(path):
+    return [path_to_hf(path)]
+  prefix = ".".join(str(p) for p in path[:-2])
+  names = [f"{prefix}.{e}.{path[-2]}.weight" for e in range(shape[0])]
+  if any(hf_to_slot(n) != (path, e) for e, n in enumerate(names)):
+    raise ValueError(f"{path!r} is not a Llama-family parameter path")
+  return names
 
 
 def path_to_hf(path: Path) -> str:
@@ -292,7 +351,10 @@ def load_pretrained(model_dir: str | os.PathLike[str], *, param_dtype: Any = Non
   graphdef, state = nnx.split(abstract)
   flat = nnx.to_flat_state(state)
   targets = {path: var for path, var in flat}
-  expected = {path_to_hf(path): path for path in targets}
+  expected: dict[str, tuple[Path, int | None]] = {}
+  for path, var in targets.items():
+    names = hf_names(path, tuple(var.get_value().shape))
+    expected.update({n: (path, i if _is_experts(path) else None) for i, n in enumerate(names)})
 
   # Pass 1: every file header (cheap: no tensor data is read).
   problems: list[str] = []
@@ -329,10 +391,10 @@ def load_pretrained(model_dir: str | os.PathLike[str], *, param_dtype: Any = Non
   for name in sorted(where):
     if name not in expected and not _IGNORED_RE.fullmatch(name) and not (tied_head and name == "lm_head.weight"):
       problems.append(f"unexpected tensor {name} (in {where[name]})")
-  for name, path in sorted(expected.items()):
+  for name, (path, index) in sorted(expected.items()):
     if name not in where:
       continue
-    want = tuple(targets[path].get_value().shape)
+    want = tuple(targets[path].get_value().shape)[(0 if index is None else 1):]
     want = want[::-1] if _is_kernel(path) else want
     if shapes[name] != want:
       problems.append(f"{name} (in {where[name]}) has shape {list(shapes[name])}, expected {list(want)}")
@@ -350,6 +412,7 @@ def load_pretrained(model_dir: str | os.PathLike[str], *, param_dtype: Any = Non
     if name in expected or (tied_head and name == "lm_head.weight"):
       by_file.setdefault(where[name], []).append(name)
   raw_embedding = raw_head = None
+  stacks: dict[Path, tuple[np.ndarray, set[int]]] = {}
   for fname, names in by_file.items():
     with safe_open(os.path.join(model_dir, fname), framework="numpy") as st:
       for name in names:
@@ -364,8 +427,15 @@ def load_pretrained(model_dir: str | os.PathLike[str], *, param_dtype: Any = Non
           continue
         if tied_head and name == "model.embed_tokens.weight":
           raw_embedding = arr
-        path = expected[name]
+        path, index = expected[name]
         arr = np.ascontiguousarray((arr.T if _is_kernel(path) else arr).astype(np_dtype, copy=False))
+        if index is not None:  # one expert of a stacked kernel: placed once all its experts are read
+          shape = tuple(targets[path].get_value().shape)
+          stack = stacks.setdefault(path, (np.empty(shape, np_dtype), set()))
+          stack[0][index], _ = arr, stack[1].add(index)
+          if len(stack[1]) < shape[0]:
+            continue
+          arr = stacks.pop(path)[0]
         targets[path].set_value(jax.device_put(arr, sharding(path, arr.shape) if sharding else None))
   if tied_head and raw_head is not None and raw_embedding is not None and not np.array_equal(raw_head, raw_embedding):
     problems.append(f"lm_head.weight (in {where['lm_head.weight']}) differs from model.embed_tokens.weight but "
@@ -421,11 +491,13 @@ def check_sparsity(model_dir: str | os.PathLike[str], *, n: int = 2, m: int = 4,
       with safe_open(fpath, framework="numpy") as st:
         for name in st.keys():
           try:
-            path = hf_to_path(name)
+            path, index = hf_to_slot(name)
           except ValueError:
             continue
           shape, dtype = tuple(st.get_slice(name).get_shape()), st.get_slice(name).get_dtype()
-          kernel = jax.ShapeDtypeStruct(shape[::-1], jnp.float32 if dtype.startswith(("F", "BF")) else jnp.int32)
+          stacked = (1,) * (index is not None)  # one expert: the spec sees a stack of one (E, d_in, d_out)
+          kernel = jax.ShapeDtypeStruct(stacked + shape[::-1],
+                                        jnp.float32 if dtype.startswith(("F", "BF")) else jnp.int32)
           if spec(path, kernel) is None:
             continue
           w = st.get_tensor(name)
@@ -460,9 +532,11 @@ def _default_permissions(path: str) -> None:
 
 
 def _write_weights(model: LlamaForCausalLM, out_dir: str, np_dtype: np.dtype, max_shard_bytes: int | None) -> None:
-  entries = sorted(((path_to_hf(path), path, var) for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))),
+  entries = sorted(((name, path, var, i if _is_experts(path) else None)
+                    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))
+                    for i, name in enumerate(hf_names(path, tuple(var.get_value().shape)))),
                    key=lambda e: _natural_key(e[0]))
-  sizes = [math.prod(var.get_value().shape) * np_dtype.itemsize for _, _, var in entries]
+  sizes = [math.prod(var.get_value().shape[(0 if i is None else 1):]) * np_dtype.itemsize for _, _, var, i in entries]
   shards: list[list[int]] = [[]]
   used = 0
   for i, size in enumerate(sizes):
@@ -477,8 +551,8 @@ def _write_weights(model: LlamaForCausalLM, out_dir: str, np_dtype: np.dtype, ma
     fname = SINGLE_FILE if n == 1 else f"model-{k + 1:05d}-of-{n:05d}.safetensors"
     tensors = {}
     for i in shard:
-      name, path, var = entries[i]
-      arr = np.asarray(jax.device_get(var.get_value()))
+      name, path, var, index = entries[i]
+      arr = np.asarray(jax.device_get(var.get_value() if index is None else var.get_value()[index]))
       # safetensors writes the raw buffer: a transposed view must be made contiguous or it is silently scrambled.
       arr = np.ascontiguousarray((arr.T if _is_kernel(path) else arr).astype(np_dtype, copy=False))
       if _is_float(arr):

@@ -1,5 +1,5 @@
-r"""A Flax NNX LLaMA-family causal language model (Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3 text) that mirrors
-Hugging Face names.
+r"""A Flax NNX LLaMA-family causal language model (Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3 text, Phi-3,
+Qwen3-MoE) that mirrors Hugging Face names.
 
 The module tree is the Hugging Face one, so mapping a checkpoint is mechanical (:mod:`proxjax.models.hf`)::
 
@@ -12,6 +12,9 @@ The module tree is the Hugging Face one, so mapping a checkpoint is mechanical (
       .post_attention_layernorm  LlamaRMSNorm
       .pre_feedforward_layernorm, .post_feedforward_layernorm   LlamaRMSNorm (``post_norms``: Gemma 2 / 3), else absent
       .mlp.{gate,up,down}_proj   nnx.Linear
+      .self_attn.qkv_proj, .mlp.gate_up_proj   Phi-3 (``fused_projections``) instead of q/k/v and gate/up
+      .mlp.gate                  Qwen3-MoE (``num_experts``): the router, nnx.Linear (hidden, E) without bias
+      .mlp.experts.{gate,up,down}_proj   StackedLinear, ``kernel`` (E, d_in, d_out); HF ``experts.{e}.*.weight``
     .model.norm                  LlamaRMSNorm
     .lm_head                     nnx.Linear without bias, or ``None`` when the embeddings are tied
 
@@ -28,6 +31,10 @@ Gemma 2       no       yes             yes         yes               GeGLU, ``at
                                                                      ``query_pre_attn_scalar``, ``layer_types``
 Gemma 3 text  yes      yes             yes         yes               as Gemma 2 without ``attn_softcap``, and
                                                                      ``rope_local_theta`` for sliding layers
+Phi-3         no       no              no          no                ``fused_projections``; ``sliding_window`` on
+                                                                     every layer
+Qwen3-MoE     yes      no              no          no                experts (``num_experts`` …), window on every
+                                                                     layer
 ============  =======  ==============  ==========  ================  ===============================================
 
 The maths, for hidden states ``h`` of shape ``(B, T, D)``:
@@ -52,6 +59,8 @@ The maths, for hidden states ``h`` of shape ``(B, T, D)``:
   an ``activation_threshold`` ``θ > 0``, FATReLU: ``act(x) = x if x > θ else 0`` (the comparison in float32).
   ``model(ids, return_activations=True)`` also returns every block's ``act(gate(x))`` (the FFN intermediate
   activations, ``(B, T, intermediate_size)`` each).
+* Mixture of experts (:class:`SparseMoeBlock`): ``p = softmax(x W_g)`` in float32, the top ``k`` experts and
+  weights (renormalised with ``norm_topk_prob``), ``Σ_j w_j · down_{e_j}(act(x G_{e_j}) ⊙ x U_{e_j})``.
 * Block: ``h ← h + attn(norm₁(h))``, ``h ← h + mlp(norm₂(h))``; with ``post_norms`` (Gemma)
   ``h ← h + norm_post_attn(attn(norm₁(h)))``, ``h ← h + norm_post_ff(mlp(norm_pre_ff(h)))``. Logits
   ``z = norm(h) Wₗₘᵀ`` in float32; with ``final_softcap = c``: ``z ← c · tanh(z / c)`` (in float32).
@@ -81,7 +90,7 @@ import json
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -96,13 +105,42 @@ LINEAR_NAMES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "sel
                 "mlp.up_proj", "mlp.down_proj")
 """The prunable linears of a decoder block, as attribute paths relative to the block (= Hugging Face names)."""
 
-_LINEAR_PARTS = frozenset(tuple(n.split(".")) for n in LINEAR_NAMES)
+FUSED_LINEAR_NAMES = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
+"""The prunable linears of a Phi-3 block (``fused_projections``): q/k/v in one kernel, gate/up in one kernel."""
+
+EXPERT_NAMES = ("mlp.experts.gate_proj", "mlp.experts.up_proj", "mlp.experts.down_proj")
+"""The stacked expert kernels of a mixture-of-experts block (``(E, d_in, d_out)`` each); Hugging Face stores expert
+``e`` of ``mlp.experts.gate_proj`` as ``mlp.experts.{e}.gate_proj.weight``."""
+
+_LINEAR_PARTS = frozenset(tuple(n.split(".")[-2:]) for n in LINEAR_NAMES + FUSED_LINEAR_NAMES)
+_EXPERT_PARTS = frozenset(tuple(n.split(".")[-2:]) for n in EXPERT_NAMES)
+
+
+def linear_names(config: LlamaConfig) -> tuple[str, ...]:
+  """The prunable linears of every decoder block of a model with this config, relative to the block:
+  :data:`LINEAR_NAMES`, with Phi-3's fused ``qkv_proj`` / ``gate_up_proj`` (:data:`FUSED_LINEAR_NAMES`), or with the
+  MLP replaced by the stacked experts (:data:`EXPERT_NAMES`) for a mixture of experts.
+
+  Example:
+    >>> from proxjax.models.llama import LlamaConfig, linear_names
+    >>> c = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+    ...                 num_attention_heads=2, architecture="Phi3ForCausalLM")
+    >>> linear_names(c)
+    ('self_attn.qkv_proj', 'self_attn.o_proj', 'mlp.gate_up_proj', 'mlp.down_proj')
+  """
+  if config.fused_projections:
+    return FUSED_LINEAR_NAMES
+  if config.num_experts:
+    return LINEAR_NAMES[:4] + EXPERT_NAMES
+  return LINEAR_NAMES
 
 
 def projection_spec(path: Sequence[Any], leaf: Any) -> int | None:
   """The sparsity spec of the LLaMA family: ``0`` (groups along the input axis) for the 2-D floating kernel of a
-  q/k/v/o/gate/up/down projection of a decoder block (``…layers.N.self_attn.q_proj.kernel`` etc.), ``None`` for
-  everything else (embeddings, norms, biases, ``lm_head``).
+  q/k/v/o/gate/up/down projection of a decoder block (``…layers.N.self_attn.q_proj.kernel`` etc., Phi-3's fused
+  ``qkv_proj`` and ``gate_up_proj`` too), ``1`` for a stacked expert kernel ``(E, d_in, d_out)``
+  (``…layers.N.mlp.experts.gate_proj.kernel`` etc.: every expert's input axis), ``None`` for everything else
+  (embeddings, norms, biases, the router ``mlp.gate``, ``lm_head``).
 
   It is the one notion of "which weights are pruned" for these models: the block-by-block pipeline, ``proxjax
   check``, the fine-tuning masks and ProxSparse all select with it (as a spec, see :mod:`proxjax.core.spec`).
@@ -114,27 +152,42 @@ def projection_spec(path: Sequence[Any], leaf: Any) -> int | None:
     0
     >>> projection_spec((K("lm_head"), K("kernel")), jnp.ones((8, 4))) is None
     True
+    >>> projection_spec((K("model"), K("layers"), K(0), K("mlp"), K("experts"), K("down_proj"), K("kernel")),
+    ...                 jnp.ones((4, 8, 4)))
+    1
   """
   names = [str(n) for n in path_names(path)] if path and not isinstance(path[0], str | int) else [str(p) for p in path]
-  if len(names) < 4 or names[-1] != "kernel" or "layers" not in names or tuple(names[-3:-1]) not in _LINEAR_PARTS:
+  if len(names) < 4 or names[-1] != "kernel" or "layers" not in names:
     return None
   shape, dtype = getattr(leaf, "shape", ()), getattr(leaf, "dtype", None)
-  return 0 if len(shape) == 2 and dtype is not None and jnp.issubdtype(dtype, jnp.floating) else None
+  if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+    return None
+  part = tuple(names[-3:-1])
+  if part in _LINEAR_PARTS and len(shape) == 2:
+    return 0
+  if part in _EXPERT_PARTS and names[-4] == "mlp" and len(shape) == 3:
+    return 1
+  return None
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
-                           "Gemma2ForCausalLM", "Gemma3ForCausalLM")
+                           "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM", "Qwen3MoeForCausalLM")
 """The Hugging Face ``architectures`` this model runs (Gemma 3: the text-only ``Gemma3ForCausalLM`` checkpoints)."""
 _MODEL_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
-                "Qwen3ForCausalLM": "qwen3", "Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3_text"}
+                "Qwen3ForCausalLM": "qwen3", "Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3_text",
+                "Phi3ForCausalLM": "phi3", "Qwen3MoeForCausalLM": "qwen3_moe"}
 _GEMMA = ("Gemma2ForCausalLM", "Gemma3ForCausalLM")
-_FAMILY_TRAITS = ("qk_norm", "norm_plus_one", "post_norms", "scale_embeddings")
+_MOE = ("Qwen3MoeForCausalLM",)
+_EVERY_LAYER_WINDOW = ("MistralForCausalLM", "Phi3ForCausalLM", "Qwen3MoeForCausalLM")  # one window for all layers
+_FAMILY_TRAITS = ("qk_norm", "norm_plus_one", "post_norms", "scale_embeddings", "fused_projections")
 _TRAITS = {  # what each architecture's Hugging Face class computes, in the order of _FAMILY_TRAITS
-    "LlamaForCausalLM": (False, False, False, False),
-    "MistralForCausalLM": (False, False, False, False),
-    "Qwen2ForCausalLM": (False, False, False, False),
-    "Qwen3ForCausalLM": (True, False, False, False),
-    "Gemma2ForCausalLM": (False, True, True, True),
-    "Gemma3ForCausalLM": (True, True, True, True),
+    "LlamaForCausalLM": (False, False, False, False, False),
+    "MistralForCausalLM": (False, False, False, False, False),
+    "Qwen2ForCausalLM": (False, False, False, False, False),
+    "Qwen3ForCausalLM": (True, False, False, False, False),
+    "Gemma2ForCausalLM": (False, True, True, True, False),
+    "Gemma3ForCausalLM": (True, True, True, True, False),
+    "Phi3ForCausalLM": (False, False, False, False, True),
+    "Qwen3MoeForCausalLM": (True, False, False, False, False),
 }
 # transformers' defaults for config.json keys that may be absent (the others default as for Llama).
 _HF_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -146,6 +199,10 @@ _HF_DEFAULTS: dict[str, dict[str, Any]] = {
                           "sliding_window": 4096, "query_pre_attn_scalar": 256, "attn_logit_softcapping": None,
                           "final_logit_softcapping": None, "rope_theta": 1_000_000.0,
                           "rope_local_base_freq": 10000.0},
+    "Phi3ForCausalLM": {"max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "sliding_window": None},
+    "Qwen3MoeForCausalLM": {"max_position_embeddings": 32768, "sliding_window": 4096, "num_experts": 128,
+                            "num_experts_per_tok": 8, "moe_intermediate_size": 768, "norm_topk_prob": False,
+                            "decoder_sparse_step": 1},
 }
 _ACTIVATIONS = {"silu": jax.nn.silu, "swish": jax.nn.silu, "relu": jax.nn.relu,
                 "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True)}
@@ -268,6 +325,16 @@ class LlamaConfig:
       Qwen3 without one, so that equal models have equal configs.
     rope_local_theta: ``None`` or the RoPE base of the sliding-window layers (Gemma 3's ``rope_local_base_freq`` /
       ``rope_parameters["sliding_attention"]``, never rescaled); Gemma 3 only (it defaults to 10000 there).
+    fused_projections: Phi-3's fused kernels: ``self_attn.qkv_proj`` ``(D, (H + 2 H_kv) d)`` (its outputs are q, k, v
+      in that order) and ``mlp.gate_up_proj`` ``(D, 2 I)`` (gate first, then up). Each is one linear: pruned as one
+      kernel with one Hessian (2:4 groups run along the input axis, which q, k and v share). ``None``: the
+      architecture's.
+    num_experts: ``None`` (a dense MLP) or the number of experts ``E`` of every block's mixture of experts
+      (Qwen3-MoE's ``num_experts`` / ``num_local_experts``).
+    num_experts_per_tok: experts per token ``k`` (``1 ≤ k ≤ E``); only with ``num_experts``.
+    moe_intermediate_size: every expert's MLP width; only with ``num_experts``.
+    norm_topk_prob: Qwen3-MoE's ``norm_topk_prob``: the ``k`` routing weights are renormalised to sum to 1; only with
+      ``num_experts`` (``None`` there means ``False``, transformers' default).
 
   Example:
     >>> from proxjax.models import LlamaConfig
@@ -318,6 +385,11 @@ class LlamaConfig:
   query_pre_attn_scalar: float | None = None
   layer_types: tuple[str, ...] | None = None
   rope_local_theta: float | None = None
+  fused_projections: bool | None = None
+  num_experts: int | None = None
+  num_experts_per_tok: int | None = None
+  moe_intermediate_size: int | None = None
+  norm_topk_prob: bool | None = None
 
   def __post_init__(self) -> None:
     put = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731  (frozen dataclass)
@@ -383,6 +455,7 @@ class LlamaConfig:
         raise UnsupportedModelError(f"{arch} has {name}={value} (its Hugging Face class computes only that), got "
                                     f"{name}={getattr(self, name)!r}")
     self._check_attention(arch)
+    self._check_experts(arch)
     if self.dtype is not None:
       put("dtype", name_of_dtype(dtype_from_name(self.dtype)))
     put("eos_token_id", _freeze(self.eos_token_id))
@@ -392,9 +465,9 @@ class LlamaConfig:
     put = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731  (frozen dataclass)
     gemma = arch in _GEMMA
     if self.sliding_window is not None:
-      if arch not in ("MistralForCausalLM", "Qwen3ForCausalLM", *_GEMMA):
-        raise UnsupportedModelError(f"sliding_window is only supported for MistralForCausalLM, Qwen3ForCausalLM and "
-                                    f"Gemma, not {arch}")
+      if arch not in (*_EVERY_LAYER_WINDOW, "Qwen3ForCausalLM", *_GEMMA):
+        raise UnsupportedModelError(f"sliding_window is only supported for {', '.join(_EVERY_LAYER_WINDOW)}, "
+                                    f"Qwen3ForCausalLM and Gemma, not {arch}")
       if not _is_int(self.sliding_window) or self.sliding_window < 1:
         raise ValueError(f"config field 'sliding_window' must be a positive int or None, got {self.sliding_window!r}")
     if self.layer_types is not None:
@@ -432,6 +505,26 @@ class LlamaConfig:
                                     f"supported for Gemma3ForCausalLM, not {arch}")
       if not isinstance(self.rope_local_theta, int | float) or not self.rope_local_theta > 0:
         raise ValueError(f"config field 'rope_local_theta' must be a positive number, got {self.rope_local_theta!r}")
+
+  def _check_experts(self, arch: str) -> None:
+    """Validates the mixture-of-experts fields (all ``None`` for a dense MLP)."""
+    put = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731  (frozen dataclass)
+    fields = ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob")
+    if arch not in _MOE:
+      given = [f for f in fields if getattr(self, f) is not None]
+      if given:
+        raise UnsupportedModelError(f"{', '.join(given)} (a mixture of experts) is only supported for "
+                                    f"{', '.join(_MOE)}, not {arch}")
+      return
+    for name in ("num_experts", "num_experts_per_tok", "moe_intermediate_size"):
+      value = getattr(self, name)
+      if not _is_int(value) or value < 1:
+        raise ValueError(f"config field {name!r} must be a positive int for {arch}, got {value!r}")
+    if self.num_experts_per_tok > self.num_experts:
+      raise ValueError(f"num_experts_per_tok={self.num_experts_per_tok} is more than num_experts={self.num_experts}")
+    put("norm_topk_prob", bool(self.norm_topk_prob))
+    if self.activation_threshold > 0:
+      raise UnsupportedModelError(f"activation_threshold (FATReLU) is not supported for the experts of {arch}")
 
   def layer_type(self, index: int) -> str:
     """``layer_types[index]``, or (``layer_types=None``) ``"sliding_attention"`` when ``sliding_window`` is set,
@@ -557,7 +650,7 @@ class LlamaConfig:
       """``d[key]``, or transformers' default for this architecture when the key is absent."""
       return d[key] if key in d else defaults.get(key, fallback)
 
-    gemma = arch in _GEMMA
+    gemma, moe = arch in _GEMMA, arch in _MOE
     if gemma and d.get("use_bidirectional_attention"):
       raise UnsupportedModelError(f"use_bidirectional_attention={d['use_bidirectional_attention']!r} (an encoder) is "
                                   "not supported: only causal language models")
@@ -591,6 +684,25 @@ class LlamaConfig:
     elif arch == "MistralForCausalLM":
       qkv_bias = o_bias = mlp_bias = False
       sliding_window = d.get("sliding_window", 4096)  # MistralConfig's default when the key is absent
+    elif arch == "Phi3ForCausalLM":  # no biases; Phi3Config's sliding_window (default None) on every layer
+      qkv_bias = o_bias = mlp_bias = False
+      sliding_window = get("sliding_window")
+      rope_type = rope.get("rope_type", rope.get("type", "default"))
+      if rope_type != "default":
+        raise UnsupportedModelError(
+            f"Phi-3 rope_type {rope_type!r} is not supported (only the plain RoPE of the 4k-context Phi-3 "
+            "checkpoints): 'longrope' (also written 'su' or 'yarn' in older Phi-3 configs) switches between "
+            "short_factor and long_factor frequencies by sequence length, which proxjax does not implement")
+    elif arch == "Qwen3MoeForCausalLM":  # Qwen3MoeConfig: one attention_bias; the window on every layer
+      qkv_bias = o_bias = bool(d.get("attention_bias", False))
+      mlp_bias = False
+      if d.get("use_sliding_window", False):
+        sliding_window = get("sliding_window")
+      if get("decoder_sparse_step") != 1 or d.get("mlp_only_layers"):
+        raise UnsupportedModelError(
+            f"Qwen3-MoE with dense MLP layers (decoder_sparse_step={get('decoder_sparse_step')!r}, mlp_only_layers="
+            f"{d.get('mlp_only_layers')!r}) is not supported: only a mixture of experts in every layer "
+            "(decoder_sparse_step=1, mlp_only_layers=[])")
     elif arch == "Qwen2ForCausalLM":
       qkv_bias, o_bias, mlp_bias = True, False, False
       if d.get("use_sliding_window", False) and d.get("sliding_window", 4096) is not None:  # Qwen2Config default
@@ -630,7 +742,7 @@ class LlamaConfig:
         num_attention_heads=d["num_attention_heads"],
         num_key_value_heads=d.get("num_key_value_heads"),
         head_dim=get("head_dim"),
-        rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+        rms_norm_eps=get("rms_norm_eps", 1e-6),
         rope_theta=rope_theta,
         rope_scaling=rope or None,
         max_position_embeddings=get("max_position_embeddings", 2048),
@@ -651,6 +763,10 @@ class LlamaConfig:
         query_pre_attn_scalar=get("query_pre_attn_scalar") if gemma else None,
         layer_types=layer_types,
         rope_local_theta=rope_local_theta,
+        num_experts=d.get("num_experts", d.get("num_local_experts", get("num_experts"))) if moe else None,
+        num_experts_per_tok=get("num_experts_per_tok") if moe else None,
+        moe_intermediate_size=get("moe_intermediate_size") if moe else None,
+        norm_topk_prob=get("norm_topk_prob") if moe else None,
     )
 
   @classmethod
@@ -733,7 +849,7 @@ class LlamaConfig:
     elif changed("hidden_act", "activation_threshold") or d.get(act_key) == "fatrelu":
       d[act_key] = self.hidden_act  # θ = 0: plain ReLU, which transformers reads faithfully
       d.pop("hidden_act_param", None)
-    if changed("head_dim") and (arch != "Qwen2ForCausalLM" or "head_dim" in d
+    if changed("head_dim") and (arch not in ("Qwen2ForCausalLM", "Phi3ForCausalLM", *_MOE) or "head_dim" in d
                                 or self.head_dim != self.hidden_size // self.num_attention_heads):
       d["head_dim"] = self.head_dim
     if changed("rope_theta", "rope_scaling", "rope_local_theta"):
@@ -751,11 +867,14 @@ class LlamaConfig:
       if arch == "LlamaForCausalLM":
         d["attention_bias"] = bool(self.qkv_bias)
         d["mlp_bias"] = bool(self.mlp_bias)
-      elif arch not in ("MistralForCausalLM", "Qwen2ForCausalLM"):
+      elif arch not in ("MistralForCausalLM", "Qwen2ForCausalLM", "Phi3ForCausalLM"):
         d["attention_bias"] = bool(self.qkv_bias)
     if changed("sliding_window", "layer_types"):
       types = [self.layer_type(i) for i in range(self.num_hidden_layers)]
-      if arch == "MistralForCausalLM":
+      if arch in ("MistralForCausalLM", "Phi3ForCausalLM"):
+        d["sliding_window"] = self.sliding_window
+      elif arch in _MOE:
+        d["use_sliding_window"] = self.sliding_window is not None
         d["sliding_window"] = self.sliding_window
       elif arch == "Qwen2ForCausalLM":
         d["use_sliding_window"] = False
@@ -772,6 +891,13 @@ class LlamaConfig:
           d[key] = getattr(self, name)
       if changed("query_pre_attn_scalar", "head_dim"):
         d["query_pre_attn_scalar"] = self.query_pre_attn_scalar or self.head_dim
+    if arch in _MOE and changed("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob"):
+      d["num_local_experts" if "num_local_experts" in d and "num_experts" not in d else "num_experts"] = self.num_experts
+      d["num_experts_per_tok"] = self.num_experts_per_tok
+      d["moe_intermediate_size"] = self.moe_intermediate_size
+      d["norm_topk_prob"] = self.norm_topk_prob
+      d.setdefault("decoder_sparse_step", 1)
+      d.setdefault("mlp_only_layers", [])
     if changed("dtype"):
       d["dtype"] = self.dtype
       if "torch_dtype" in d:
@@ -922,9 +1048,13 @@ class LlamaAttention(nnx.Module):
   def __init__(self, config: LlamaConfig, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs, layer_idx: int = 0):
     c = config
     q_out, kv_out = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
-    self.q_proj = _linear(c.hidden_size, q_out, c.qkv_bias, dtype, param_dtype, rngs)
-    self.k_proj = _linear(c.hidden_size, kv_out, c.qkv_bias, dtype, param_dtype, rngs)
-    self.v_proj = _linear(c.hidden_size, kv_out, c.qkv_bias, dtype, param_dtype, rngs)
+    self.fused = bool(c.fused_projections)
+    if self.fused:  # Phi-3: one kernel whose outputs are q, k, v in that order
+      self.qkv_proj = _linear(c.hidden_size, q_out + 2 * kv_out, c.qkv_bias, dtype, param_dtype, rngs)
+    else:
+      self.q_proj = _linear(c.hidden_size, q_out, c.qkv_bias, dtype, param_dtype, rngs)
+      self.k_proj = _linear(c.hidden_size, kv_out, c.qkv_bias, dtype, param_dtype, rngs)
+      self.v_proj = _linear(c.hidden_size, kv_out, c.qkv_bias, dtype, param_dtype, rngs)
     self.o_proj = _linear(q_out, c.hidden_size, c.o_bias, dtype, param_dtype, rngs)
     self.q_norm = _norm(c, c.head_dim, dtype, param_dtype) if c.qk_norm else None
     self.k_norm = _norm(c, c.head_dim, dtype, param_dtype) if c.qk_norm else None
@@ -942,9 +1072,15 @@ class LlamaAttention(nnx.Module):
     :meth:`LlamaForCausalLM.rope`; a layer with ``local_rope`` uses the last two), ``v`` ``(B, T, H_kv, d)`` (the
     first half of :meth:`__call__`; used by the KV cache of :mod:`proxjax.models.generate`)."""
     b, t, _ = x.shape
-    q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
-    k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
-    v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+    if self.fused:
+      q_out, kv_out = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+      qkv = self.qkv_proj(x)
+      q, k, v = qkv[..., :q_out], qkv[..., q_out:q_out + kv_out], qkv[..., q_out + kv_out:]
+    else:
+      q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+    q = q.reshape(b, t, self.num_heads, self.head_dim)
+    k = k.reshape(b, t, self.num_kv_heads, self.head_dim)
+    v = v.reshape(b, t, self.num_kv_heads, self.head_dim)
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
     cos, sin = rope[2:4] if self.local_rope else rope[:2]
@@ -977,7 +1113,8 @@ class LlamaAttention(nnx.Module):
 
 
 class LlamaMLP(nnx.Module):
-  r"""Gated MLP ``down(a ⊙ up(x))`` with the intermediate activation ``a = act(gate(x))``.
+  r"""Gated MLP ``down(a ⊙ up(x))`` with the intermediate activation ``a = act(gate(x))`` (Phi-3, with
+  ``fused_projections``: ``[gate(x), up(x)] = gate_up(x)``, the first ``intermediate_size`` outputs being ``gate``).
 
   ``act`` is ``config.hidden_act``: SiLU ``x σ(x)``, ReLU ``max(x, 0)``, the tanh GELU
   ``½x(1 + tanh(sqrt(2/π)(x + 0.044715x³)))`` (``"gelu_pytorch_tanh"``: Gemma's GeGLU), or, with ReLU and
@@ -997,8 +1134,12 @@ class LlamaMLP(nnx.Module):
 
   def __init__(self, config: LlamaConfig, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
     c = config
-    self.gate_proj = _linear(c.hidden_size, c.intermediate_size, c.mlp_bias, dtype, param_dtype, rngs)
-    self.up_proj = _linear(c.hidden_size, c.intermediate_size, c.mlp_bias, dtype, param_dtype, rngs)
+    self.fused = bool(c.fused_projections)
+    if self.fused:  # Phi-3: one kernel whose outputs are gate, then up
+      self.gate_up_proj = _linear(c.hidden_size, 2 * c.intermediate_size, c.mlp_bias, dtype, param_dtype, rngs)
+    else:
+      self.gate_proj = _linear(c.hidden_size, c.intermediate_size, c.mlp_bias, dtype, param_dtype, rngs)
+      self.up_proj = _linear(c.hidden_size, c.intermediate_size, c.mlp_bias, dtype, param_dtype, rngs)
     self.down_proj = _linear(c.intermediate_size, c.hidden_size, c.mlp_bias, dtype, param_dtype, rngs)
     self.hidden_act = c.hidden_act
     self.activation_threshold = c.activation_threshold
@@ -1014,10 +1155,128 @@ class LlamaMLP(nnx.Module):
     """The MLP output; with ``return_inputs`` also the input of ``down_proj`` (``a ⊙ up(x)``), with
     ``return_activation`` also ``a = act(gate(x))``, in that order: ``out``, ``(out, down_in)``, ``(out, a)`` or
     ``(out, down_in, a)``."""
-    a = self.act(self.gate_proj(x))
-    hidden = a * self.up_proj(x)
+    if self.fused:
+      gate, up = jnp.split(self.gate_up_proj(x), 2, axis=-1)
+    else:
+      gate, up = self.gate_proj(x), self.up_proj(x)
+    a = self.act(gate)
+    hidden = a * up
     out = self.down_proj(hidden)
     extra = (hidden,) * return_inputs + (a,) * return_activation
+    return (out, *extra) if extra else out
+
+
+class RoutedInputs(NamedTuple):
+  """The inputs of a stacked expert kernel and the tokens each expert receives (``return_inputs`` of a
+  mixture-of-experts block).
+
+  Attributes:
+    x: ``(B, T, d_in)``, the same input for every expert (``experts.gate_proj`` / ``up_proj``), or
+      ``(E, B, T, d_in)``, each expert's own (``experts.down_proj``: ``act(x K_gate[e]) ⊙ x K_up[e]``).
+    routed: ``(E, B, T)`` bool: token ``(b, t)`` is routed to expert ``e`` (one of its top ``k``).
+  """
+  x: jax.Array
+  routed: jax.Array
+
+
+class StackedLinear(nnx.Module):
+  """``E`` bias-free linears in one ``kernel`` ``(E, d_in, d_out)``: expert ``e`` maps ``x`` to ``x K[e]`` (Hugging
+  Face stores ``K[e]ᵀ`` as ``…experts.{e}.<name>.weight``)."""
+
+  def __init__(self, num: int, d_in: int, d_out: int, *, param_dtype: Any, rngs: nnx.Rngs):
+    self.kernel = nnx.Param(nnx.initializers.normal(_INIT_STD)(rngs.params(), (num, d_in, d_out), param_dtype))
+
+
+class MoeExperts(nnx.Module):
+  """The stacked experts of a block: ``gate_proj``, ``up_proj`` ``(E, D, I)`` and ``down_proj`` ``(E, I, D)``
+  (:class:`StackedLinear`, ``I = moe_intermediate_size``)."""
+
+  def __init__(self, config: LlamaConfig, *, param_dtype: Any, rngs: nnx.Rngs):
+    c = config
+    e, d, i = c.num_experts, c.hidden_size, c.moe_intermediate_size
+    self.gate_proj = StackedLinear(e, d, i, param_dtype=param_dtype, rngs=rngs)
+    self.up_proj = StackedLinear(e, d, i, param_dtype=param_dtype, rngs=rngs)
+    self.down_proj = StackedLinear(e, i, d, param_dtype=param_dtype, rngs=rngs)
+
+
+class SparseMoeBlock(nnx.Module):
+  r"""A top-``k`` mixture of experts in place of the MLP (Qwen3-MoE), as transformers 5 computes it.
+
+  For a token ``x`` ``(D,)``: router logits ``z = x W_g`` (``gate``, ``(D, E)``, no bias, the compute dtype),
+  ``p = softmax(z)`` in float32, ``(w, e) = top_k(p)`` (the ``k`` largest, ties to the lower index), with
+  ``norm_topk_prob`` ``w ← w / Σ w``, then ``w`` cast to the compute dtype; the output is
+  ``Σ_j w_j · down_{e_j}(act(x G_{e_j}) ⊙ x U_{e_j})``, the experts' terms added in increasing expert index
+  (transformers' ``index_add_`` order).
+
+  Every expert runs on every token (a ``lax.scan`` over the experts, the terms of the experts a token is not routed
+  to dropped with ``where``): exact, and ``E / k`` times the FLOPs of a routed dispatch, which is what the layer-wise
+  pipeline needs anyway (each expert's inputs), not what a fast inference path would do.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from proxjax.models.llama import LlamaConfig, SparseMoeBlock
+    >>> c = LlamaConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+    ...                 num_attention_heads=1, architecture="Qwen3MoeForCausalLM", num_experts=4,
+    ...                 num_experts_per_tok=2, moe_intermediate_size=4)
+    >>> moe = SparseMoeBlock(c, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+    >>> logits, weights, experts = moe.route(jnp.ones((1, 3, 8)))
+    >>> logits.shape, weights.shape, experts.shape
+    ((1, 3, 4), (1, 3, 2), (1, 3, 2))
+  """
+
+  def __init__(self, config: LlamaConfig, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+    c = config
+    self.gate = _linear(c.hidden_size, c.num_experts, False, dtype, param_dtype, rngs)
+    self.experts = MoeExperts(c, param_dtype=param_dtype, rngs=rngs)
+    self.num_experts = c.num_experts
+    self.top_k = c.num_experts_per_tok
+    self.norm_topk_prob = bool(c.norm_topk_prob)
+    self.hidden_act = c.hidden_act
+    self.dtype = dtype
+
+  def route(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(logits (B, T, E), weights (B, T, k), experts (B, T, k) int32)`` of ``x`` ``(B, T, D)``: the router logits
+    in the compute dtype, the top-``k`` routing weights (renormalised with ``norm_topk_prob``) and their experts,
+    in decreasing order of probability."""
+    logits = self.gate(x)
+    probs = jax.nn.softmax(logits.astype(_F32), axis=-1)
+    weights, experts = lax.top_k(probs, self.top_k)
+    if self.norm_topk_prob:
+      weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    return logits, weights.astype(logits.dtype), experts
+
+  def __call__(self, x: jax.Array, *, return_inputs: bool = False,
+               return_activation: bool = False) -> jax.Array | tuple[Any, ...]:
+    """The block's output ``(B, T, D)``; with ``return_inputs`` also ``{name: RoutedInputs}`` for
+    ``experts.gate_proj`` / ``experts.up_proj`` (one object: ``x``) and ``experts.down_proj`` (each expert's
+    ``act(x G_e) ⊙ x U_e``, ``(E, B, T, I)``); with ``return_activation`` also every expert's ``act(x G_e)``
+    ``(E, B, T, I)``; in that order."""
+    _, weights, experts = self.route(x)
+    onehot = experts[..., None] == jnp.arange(self.num_experts)  # (B, T, k, E)
+    routed = jnp.any(onehot, axis=-2)  # (B, T, E)
+    w = jnp.sum(jnp.where(onehot, weights[..., None], jnp.zeros((), weights.dtype)), axis=-2)  # one term per expert
+    act = _ACTIVATIONS[self.hidden_act]
+    kernels = [jnp.asarray(m.kernel[...], self.dtype)
+               for m in (self.experts.gate_proj, self.experts.up_proj, self.experts.down_proj)]
+
+    def expert(acc: jax.Array, xs: tuple[jax.Array, ...]) -> tuple[jax.Array, Any]:
+      gate, up, down, w_e, r_e = xs
+      a = act(x @ gate)
+      hidden = a * (x @ up)
+      out = hidden @ down
+      acc = acc + jnp.where(r_e[..., None], out * w_e[..., None], jnp.zeros((), out.dtype))
+      return acc, (hidden if return_inputs else None, a if return_activation else None)
+
+    xs = (*kernels, jnp.moveaxis(w, -1, 0), jnp.moveaxis(routed, -1, 0))
+    out, (hidden, a) = lax.scan(expert, jnp.zeros_like(x), xs)
+    extra: tuple[Any, ...] = ()
+    if return_inputs:
+      shared = RoutedInputs(x, jnp.moveaxis(routed, -1, 0))
+      extra += ({"mlp.experts.gate_proj": shared, "mlp.experts.up_proj": shared,
+                 "mlp.experts.down_proj": RoutedInputs(hidden, shared.routed)},)
+    if return_activation:
+      extra += (a,)
     return (out, *extra) if extra else out
 
 
@@ -1040,7 +1299,8 @@ class LlamaDecoderLayer(nnx.Module):
       self.pre_feedforward_layernorm = _norm(c, c.hidden_size, dtype, param_dtype)
       self.post_feedforward_layernorm = _norm(c, c.hidden_size, dtype, param_dtype)
     self.post_norms = bool(c.post_norms)
-    self.mlp = LlamaMLP(c, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.mlp = (SparseMoeBlock(c, dtype=dtype, param_dtype=param_dtype, rngs=rngs) if c.num_experts else
+                LlamaMLP(c, dtype=dtype, param_dtype=param_dtype, rngs=rngs))
 
   def __call__(self, h: jax.Array, rope: tuple[jax.Array, ...], *, return_inputs: bool = False,
                return_activation: bool = False,
@@ -1082,14 +1342,23 @@ class LlamaDecoderLayer(nnx.Module):
       attn_out = self.post_attention_layernorm(attn_out)
     h = h + attn_out
     y = self.pre_feedforward_layernorm(h) if self.post_norms else self.post_attention_layernorm(h)
-    mlp_out, down_in, a = self.mlp(y, return_inputs=True, return_activation=True)
+    if isinstance(self.mlp, SparseMoeBlock):
+      res = self.mlp(y, return_inputs=return_inputs, return_activation=return_activation)
+      mlp_out, rest = (res[0], list(res[1:])) if return_inputs or return_activation else (res, [])
+      mlp_inputs = rest.pop(0) if return_inputs else {}
+      a = rest.pop(0) if return_activation else None
+    else:
+      mlp_out, down_in, a = self.mlp(y, return_inputs=True, return_activation=True)
+      mlp_inputs = ({"mlp.gate_up_proj": y, "mlp.down_proj": down_in} if self.mlp.fused else
+                    {"mlp.gate_proj": y, "mlp.up_proj": y, "mlp.down_proj": down_in})
     if self.post_norms:
       mlp_out = self.post_feedforward_layernorm(mlp_out)
     h = h + mlp_out
     out: tuple[Any, ...] = (h,)
     if return_inputs:
-      out += ({"self_attn.q_proj": x, "self_attn.k_proj": x, "self_attn.v_proj": x, "self_attn.o_proj": o_in,
-               "mlp.gate_proj": y, "mlp.up_proj": y, "mlp.down_proj": down_in},)
+      attn_inputs = ({"self_attn.qkv_proj": x} if self.self_attn.fused else
+                     {"self_attn.q_proj": x, "self_attn.k_proj": x, "self_attn.v_proj": x})
+      out += ({**attn_inputs, "self_attn.o_proj": o_in, **mlp_inputs},)
     if return_activation:
       out += (a,)
     return out if len(out) > 1 else h

@@ -59,6 +59,12 @@ parameter; ``P = model_devices · data_devices`` devices):
   ``seconds = Σ_phase max(flops/flops_per_s, bytes/bytes_per_s)`` (a roofline: a lower bound, reached only by
   large, well-shaped matmuls), plus host↔device transfers at ``host_bytes_per_s`` when given.
 
+**Families.** Phi-3's fused ``qkv_proj`` / ``gate_up_proj`` are one linear each (one input, one Hessian). A mixture
+of experts (``num_experts = E``) counts ``E`` kernels per stacked expert linear (each pruned on its own, one at a
+time, so a pruning phase holds one expert's ``H`` and pieces), the stage's ``E`` Hessian states ``E·4·d_in²`` and,
+in a Hessian pass, every expert's masked input ``E·4·(b/P)·T·d_in``; the router ``(D, E)`` is dense. The forward runs
+every expert on every token (the model's dispatch), so its FLOPs count all ``E``.
+
 **Not counted**: allocator fragmentation and XLA's padding/alignment, the compiler's own workspace, the CUDA/ROCm
 context and library handles (cuBLAS/cuSOLVER workspaces; several hundred MiB), JAX's preallocation (by default JAX
 reserves 75 % of a GPU up front: set ``XLA_PYTHON_CLIENT_PREALLOCATE=false`` to see real use), the token
@@ -86,7 +92,7 @@ import jax.numpy as jnp
 from proxjax.pipeline import prune as _pipeline
 from proxjax.pruning import pruner as _pruner
 from proxjax.core import sharding as _sharding
-from proxjax.models.llama import LINEAR_NAMES, LlamaConfig
+from proxjax.models.llama import EXPERT_NAMES, FUSED_LINEAR_NAMES, LINEAR_NAMES, LlamaConfig, linear_names
 from proxjax.pruning.methods import MethodConfig, ProxConfig, PruneConfig, SparseGPTConfig
 from proxjax.pruning.refine import Preconditioned, as_precision
 
@@ -126,13 +132,17 @@ GD_PASSES = 6
 
 _F32 = 4
 _I32 = 4
-_SHORT = {n: n.split(".")[-1] for n in LINEAR_NAMES}
+_SHORT = {n: n.split(".")[-1] for n in LINEAR_NAMES + FUSED_LINEAR_NAMES} | {n: n[4:] for n in EXPERT_NAMES}
 # Which array feeds each linear (linears with the same key share one XᵀX and one Hessian state, as the pipeline's
 # _input_owners finds them by tracing) and how deep into the block
 # the forward must run to produce it: 0 the first norm, 1 the attention output, 2 the second norm, 3 the MLP hidden.
 _INPUT = {"self_attn.q_proj": ("x", 0), "self_attn.k_proj": ("x", 0), "self_attn.v_proj": ("x", 0),
           "self_attn.o_proj": ("attn", 1), "mlp.gate_proj": ("y", 2), "mlp.up_proj": ("y", 2),
-          "mlp.down_proj": ("hidden", 3)}
+          "mlp.down_proj": ("hidden", 3), "self_attn.qkv_proj": ("x", 0), "mlp.gate_up_proj": ("y", 2),
+          "mlp.experts.gate_proj": ("routed y", 2), "mlp.experts.up_proj": ("routed y", 2),
+          "mlp.experts.down_proj": ("routed hidden", 3)}
+# A mixture of experts' inputs ("routed …") are held once per expert: each expert's masked copy of its input and its
+# own Hessian state (E × d_in² per stacked kernel).
 _FULL = 4  # the whole block (propagation)
 
 
@@ -311,9 +321,33 @@ def _rate(name: str, value: float | None) -> float | None:
 # ---------------------------------------------------------------------------------------------------- shapes --
 
 
+def _copies(c: LlamaConfig, name: str) -> int:
+  """How many kernels (or inputs and Hessian states) ``name`` stands for: ``num_experts`` for a stacked expert kernel
+  or a routed input, else 1."""
+  return c.num_experts if name in EXPERT_NAMES or name.startswith("routed") else 1
+
+
+def _router_size(c: LlamaConfig) -> int:
+  """The router's parameters per block (``hidden × num_experts``, dense), 0 without experts."""
+  return c.hidden_size * c.num_experts if c.num_experts else 0
+
+
 def _linears(c: LlamaConfig) -> dict[str, tuple[int, int, bool]]:
-  """name → (d_in, d_out, has bias)."""
+  """name → (d_in, d_out, has bias) of every prunable linear of a block (one expert's for stacked experts)."""
   q_out, kv_out = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+  if c.fused_projections:
+    return {"self_attn.qkv_proj": (c.hidden_size, q_out + 2 * kv_out, bool(c.qkv_bias)),
+            "self_attn.o_proj": (q_out, c.hidden_size, bool(c.o_bias)),
+            "mlp.gate_up_proj": (c.hidden_size, 2 * c.intermediate_size, bool(c.mlp_bias)),
+            "mlp.down_proj": (c.intermediate_size, c.hidden_size, bool(c.mlp_bias))}
+  if c.num_experts:
+    i = c.moe_intermediate_size
+    return {"self_attn.q_proj": (c.hidden_size, q_out, bool(c.qkv_bias)),
+            "self_attn.k_proj": (c.hidden_size, kv_out, bool(c.qkv_bias)),
+            "self_attn.v_proj": (c.hidden_size, kv_out, bool(c.qkv_bias)),
+            "self_attn.o_proj": (q_out, c.hidden_size, bool(c.o_bias)),
+            "mlp.experts.gate_proj": (c.hidden_size, i, False), "mlp.experts.up_proj": (c.hidden_size, i, False),
+            "mlp.experts.down_proj": (i, c.hidden_size, False)}
   return {"self_attn.q_proj": (c.hidden_size, q_out, bool(c.qkv_bias)),
           "self_attn.k_proj": (c.hidden_size, kv_out, bool(c.qkv_bias)),
           "self_attn.v_proj": (c.hidden_size, kv_out, bool(c.qkv_bias)),
@@ -330,9 +364,11 @@ def _split(size: int, devices: int) -> int:
 
 def _block_param_bytes(c: LlamaConfig, pb: int, model_devices: int) -> int:
   total = c.block_norm_size * pb  # the norm scales (replicated): 2 or 4 of hidden_size, + q/k norms
-  for d_in, d_out, bias in _linears(c).values():
-    local = _split(d_out, model_devices)
-    total += (d_in * local + (local if bias else 0)) * pb
+  if c.num_experts:  # the router kernel (hidden, E), split along E like any kernel's outputs
+    total += c.hidden_size * _split(c.num_experts, model_devices) * pb
+  for name, (d_in, d_out, bias) in _linears(c).items():
+    local = d_out if name in EXPERT_NAMES else _split(d_out, model_devices)  # stacked experts: replicated
+    total += (d_in * local + (local if bias else 0)) * pb * _copies(c, name)
   return total
 
 
@@ -344,8 +380,9 @@ def _outer_param_bytes(c: LlamaConfig, pb: int, model_devices: int) -> int:
 
 def _param_counts(c: LlamaConfig) -> dict[str, int]:
   lin = _linears(c)
-  pruned = sum(d_in * d_out for d_in, d_out, _ in lin.values()) * c.num_hidden_layers
-  block = c.block_norm_size + sum(d_in * d_out + (d_out if bias else 0) for d_in, d_out, bias in lin.values())
+  pruned = sum(d_in * d_out * _copies(c, n) for n, (d_in, d_out, _) in lin.items()) * c.num_hidden_layers
+  block = c.block_norm_size + _router_size(c) + sum((d_in * d_out + (d_out if bias else 0)) * _copies(c, n)
+                                                    for n, (d_in, d_out, bias) in lin.items())
   outer = c.vocab_size * c.hidden_size * (1 if c.tie_word_embeddings else 2) + c.hidden_size
   total = block * c.num_hidden_layers + outer
   return {"total": total, "pruned": pruned, "dense": total - pruned}
@@ -424,13 +461,12 @@ class _Dims(NamedTuple):
 
 def _width(c: LlamaConfig, key: str) -> int:
   return {"x": c.hidden_size, "attn": c.num_attention_heads * c.head_dim, "y": c.hidden_size,
-          "hidden": c.intermediate_size}[key]
+          "hidden": c.intermediate_size, "routed y": c.hidden_size, "routed hidden": c.moe_intermediate_size}[key]
 
 
-def _used_linears(level: int) -> list[str]:
+def _used_linears(c: LlamaConfig, level: int) -> list[str]:
   """The linears the forward runs to produce the inputs at ``level`` (``_FULL``: all)."""
-  need = {0: 0, 1: 3, 2: 4, 3: 6, _FULL: 7}[level]
-  return list(LINEAR_NAMES[:need])
+  return [n for n in linear_names(c) if _INPUT[n][1] < level]
 
 
 def _forward_temps(dm: _Dims, level: int) -> tuple[int, int]:
@@ -447,12 +483,12 @@ def _forward_temps(dm: _Dims, level: int) -> tuple[int, int]:
     phases.append(2 * scores + 4 * a + 2 * akv + x)  # scores + probabilities, q/k/v (repeated), attention output
   if level >= 2:
     phases.append(3 * x)
-  if level >= 3:
-    phases.append(3 * _F32 * b * t * c.intermediate_size + 2 * x)  # gate, up, their product
+  if level >= 3:  # gate, up, their product (of one expert at a time, for a mixture of experts)
+    phases.append(3 * _F32 * b * t * (c.moe_intermediate_size or c.intermediate_size) + 2 * x)
   kernels = 0
   if dm.pb != _F32 or dm.model_devices > 1:
     lin = _linears(c)
-    kernels = sum(_F32 * lin[n][0] * lin[n][1] for n in _used_linears(level))
+    kernels = sum(_F32 * lin[n][0] * lin[n][1] * _copies(c, n) for n in _used_linears(c, level))
   return max(phases), kernels
 
 
@@ -464,7 +500,7 @@ def _inputs(names: Sequence[str]) -> list[str]:
 
 def _states_bytes(c: LlamaConfig, names: Sequence[str]) -> int:
   """The Hessian states of a stage: one float32 ``d_in × d_in`` sum and an int32 count per distinct input."""
-  return sum(_F32 * _width(c, key) ** 2 + _I32 for key in _inputs(names))
+  return sum((_F32 * _width(c, key) ** 2 + _I32) * _copies(c, key) for key in _inputs(names))
 
 
 def _pass_parts(dm: _Dims, names: tuple[str, ...] | None) -> dict[str, int]:
@@ -481,7 +517,7 @@ def _pass_parts(dm: _Dims, names: tuple[str, ...] | None) -> dict[str, int]:
   hess = 0
   for key in _inputs(names):  # per distinct input: the input, its masked copy, the partial XᵀX
     d_in = _width(c, key)
-    hess += 2 * _F32 * dm.b * dm.t * d_in + _F32 * d_in * d_in
+    hess += (2 * _F32 * dm.b * dm.t * d_in + _F32 * d_in * d_in) * _copies(c, key)
   return {"batch": dm.act + dm.b * dm.t, "rope": rope, "states in": states, "states out": states,
           "temps": max(acts, hess) + kernels}
 
@@ -518,8 +554,8 @@ def block_passes(config: LlamaConfig, *, batch_size: int, seqlen: int, param_byt
   dm = _Dims(b // devices, _positive_int("seqlen", seqlen), c, pb, model_devices)
   weights = _block_param_bytes(c, pb, model_devices)
   out = {}
-  for key, names in [("forward", None)] + [(_stage_key(s), s) for s in _pipeline.true_sequential_stages(LINEAR_NAMES,
-                                                                                         true_sequential)]:
+  for key, names in [("forward", None)] + [(_stage_key(s), s) for s in _pipeline.true_sequential_stages(
+      linear_names(c), true_sequential)]:
     p = _pass_parts(dm, names)
     outputs = p.get("output", 0) + p.get("states out", 0)
     out[key] = PieceMemory(weights + p["batch"] + p["rope"] + p.get("states in", 0), outputs, p["temps"])
@@ -639,8 +675,8 @@ def _forward_flops_per_token(c: LlamaConfig, level: int) -> tuple[float, float, 
   hd, h, t_attn = c.head_dim, c.num_attention_heads, 0
   flops = 4.0 * c.hidden_size  # the first norm
   floats = float(c.hidden_size)
-  for n in _used_linears(level):
-    flops += 2.0 * lin[n][0] * lin[n][1]
+  for n in _used_linears(c, level):  # every expert on every token: the model's dense dispatch
+    flops += 2.0 * lin[n][0] * lin[n][1] * _copies(c, n)
     floats += lin[n][1]
   if level >= 1:
     t_attn = 1
@@ -738,7 +774,7 @@ def estimate(config: LlamaConfig, *, nsamples: int, seqlen: int, method: str | M
   b = -(-min(batch_size, n) // devices) * devices
   dm = _Dims(b // devices, t, c, pb, md)
   lin = _linears(c)
-  stages = _pipeline.true_sequential_stages(LINEAR_NAMES, true_sequential)
+  stages = _pipeline.true_sequential_stages(linear_names(c), true_sequential)
   block_w = _block_param_bytes(c, pb, md)
   weights = block_w if offload else block_w * c.num_hidden_layers + _outer_param_bytes(c, pb, md)
   counts = _param_counts(c)
@@ -792,7 +828,7 @@ def estimate(config: LlamaConfig, *, nsamples: int, seqlen: int, method: str | M
     f += attn * (4.0 * t * c.num_attention_heads * c.head_dim + 5.0 * c.num_attention_heads * t)
     floats += attn * 2.0 * c.num_attention_heads * t  # scores and probabilities
     fwd_flops += tokens * f
-    used_w = sum(lin[nm][0] * lin[nm][1] for nm in _used_linears(level))
+    used_w = sum(lin[nm][0] * lin[nm][1] * _copies(c, nm) for nm in _used_linears(c, level))
     fwd_bytes += tokens * 2 * _F32 * floats + passes * used_w * (pb + (2 * _F32 if pb != _F32 or md > 1 else 0))
   for stage in stages:
     for key in _inputs(stage):
@@ -802,13 +838,13 @@ def estimate(config: LlamaConfig, *, nsamples: int, seqlen: int, method: str | M
     hess_bytes += passes * 2 * _states_bytes(c, stage)  # every state read and written per batch
   costs = {"forward": _cost(fwd_flops, fwd_bytes, **rate), "hessians": _cost(hess_flops, hess_bytes, **rate)}
   work: dict[str, list[float]] = {}  # per-linear parts summed over the block, then timed as one roofline each
-  for name in LINEAR_NAMES:
+  for name in linear_names(c):
     d_in, d_out, _ = lin[name]
     for key, (f, nbytes) in _linear_work(d_in, d_out, method, refine, iterations, refine_steps, pb, md,
                                           blocksize).items():
       acc = work.setdefault(key, [0.0, 0.0])
-      acc[0] += f
-      acc[1] += nbytes
+      acc[0] += f * _copies(c, name)  # each expert's kernel is pruned on its own
+      acc[1] += nbytes * _copies(c, name)
   costs.update({key: _cost(f, nbytes, **rate) for key, (f, nbytes) in work.items()})
   padded = passes * b * t * c.hidden_size * _F32 / devices  # one pass's batches, per device
   transfer = len(levels) * padded + (padded if c.num_hidden_layers > 1 else 0)  # batches in, propagated outputs out
@@ -1032,7 +1068,7 @@ def measure_block(config: LlamaConfig, *, batch_size: int, seqlen: int, param_dt
   x, valid = sds(act_shape, f32), sds(act_shape[:2], jnp.bool_)
   rope = jax.eval_shape(model.rope, jnp.arange(t))  # (cos, sin), or four tables with a local RoPE base
   base = p_bytes + _local_bytes(x, act_s) + sum(_local_bytes(r, None) for r in rope)
-  stages = _pipeline.true_sequential_stages(LINEAR_NAMES, true_sequential)
+  stages = _pipeline.true_sequential_stages(linear_names(c), true_sequential)
   keys = ["forward"] + [_stage_key(s) for s in stages]
   wanted = set(keys if passes is None else passes)
   if wanted - set(keys):
@@ -1051,7 +1087,9 @@ def measure_block(config: LlamaConfig, *, batch_size: int, seqlen: int, param_dt
     owners = _pipeline.input_owners(graphdef, tuple(stage), act_shape, plain(rope),
                                      plain(params))
     distinct = tuple(dict.fromkeys(owners[n] for n in stage))
-    states = {n: _cal.HessianState(sds((lin[n][0],) * 2, f32), sds((), jnp.int32)) for n in distinct}
+    stack = lambda n: (c.num_experts,) if n in EXPERT_NAMES else ()  # noqa: E731  (a state per expert)
+    states = {n: _cal.HessianState(sds(stack(n) + (lin[n][0],) * 2, f32), sds(stack(n), jnp.int32))
+              for n in distinct}
     inputs = base + _local_bytes(valid, valid_s) + sum(_local_bytes(v, None) for v in jax.tree.leaves(states))
     fn = _pipeline.block_function("accumulate", graphdef, distinct, mesh, act_shape)
     out[_stage_key(stage)] = _analysis(fn, (params, x, valid, rope, states), inputs)

@@ -45,7 +45,8 @@ from proxjax.core.files import atomic_write as _atomic_write
 from proxjax.core.files import open_run_dir as _open_run_dir
 from proxjax.core.files import write_json as _write_json
 from proxjax.core.spec import flat_spec
-from proxjax.models.llama import LINEAR_NAMES, projection_spec
+from proxjax.models.llama import LINEAR_NAMES, RoutedInputs, projection_spec
+from proxjax.models.llama import linear_names as _family_linears
 from proxjax.pruning import calibration as _cal
 from proxjax.pruning import pruner as _pruner
 from proxjax.pruning.methods import MethodConfig, PruneConfig
@@ -57,6 +58,22 @@ TRUE_SEQUENTIAL_STAGES = (
     ("mlp.down_proj",),
 )
 """The order in which ``true_sequential`` prunes a LLaMA block's projections (SparseGPT's grouping)."""
+
+FAMILY_STAGES = (
+    TRUE_SEQUENTIAL_STAGES[0] + ("self_attn.qkv_proj",),
+    TRUE_SEQUENTIAL_STAGES[1],
+    TRUE_SEQUENTIAL_STAGES[2] + ("mlp.gate_up_proj", "mlp.experts.gate_proj", "mlp.experts.up_proj"),
+    TRUE_SEQUENTIAL_STAGES[3] + ("mlp.experts.down_proj",),
+)
+"""The stages of every family: :data:`TRUE_SEQUENTIAL_STAGES` with Phi-3's fused ``qkv_proj`` and ``gate_up_proj``
+and a mixture of experts' stacked ``experts.gate_proj`` / ``up_proj`` (third stage) and ``down_proj`` (fourth)."""
+
+MIN_EXPERT_TOKENS = 64
+"""The default fewest calibration tokens an expert must receive for its kernels to be pruned by the method with
+its own Hessian (``min_expert_tokens`` of :func:`prune_model`). An expert's ``H_e`` has rank at most its token
+count, so below a few dozen tokens the local loss is fitted to a handful of tokens; such an expert is pruned by
+magnitude instead (which needs no calibration) and listed in :attr:`PipelineResult.underfed_experts`, never
+skipped. Real calibration sets (e.g. 128 × 2048 tokens) give every expert of a working router thousands."""
 
 _STATE_VERSION = 2
 
@@ -100,13 +117,17 @@ class PipelineResult(NamedTuple):
   """Result of :func:`prune_model`.
 
   Attributes:
-    layers: one :class:`LayerReport` per pruned linear, in pruning order.
+    layers: one :class:`LayerReport` per pruned linear, in pruning order; a stacked expert kernel gets one per expert,
+      named ``mlp.experts.{e}.gate_proj`` etc. (the Hugging Face name), with its own ``tokens``.
     resumed_blocks: blocks taken from ``state_dir`` instead of being pruned in this call.
     seconds: wall time of this call.
+    underfed_experts: the experts' reports whose ``tokens`` were fewer than ``min_expert_tokens``: those kernels
+      were pruned by magnitude (``method == "magnitude"``), not skipped.
   """
   layers: list[LayerReport]
   resumed_blocks: list[int]
   seconds: float
+  underfed_experts: tuple[LayerReport, ...] = ()
 
 
 def select_linears(names: Sequence[str], num_blocks: int, include: Sequence[str] | None = None,
@@ -136,7 +157,7 @@ def select_linears(names: Sequence[str], num_blocks: int, include: Sequence[str]
 
 
 def true_sequential_stages(selected: Sequence[str], true_sequential: bool) -> list[tuple[str, ...]]:
-  """The stages in which a block's ``selected`` linears are pruned: :data:`TRUE_SEQUENTIAL_STAGES` order (linears
+  """The stages in which a block's ``selected`` linears are pruned: :data:`FAMILY_STAGES` order (linears
   outside it last), or one stage of all without ``true_sequential``.
 
   Example:
@@ -146,8 +167,8 @@ def true_sequential_stages(selected: Sequence[str], true_sequential: bool) -> li
   selected = tuple(selected)
   if not true_sequential:
     return [selected] if selected else []
-  staged = [tuple(n for n in stage if n in selected) for stage in TRUE_SEQUENTIAL_STAGES]
-  rest = tuple(n for n in selected if not any(n in stage for stage in TRUE_SEQUENTIAL_STAGES))
+  staged = [tuple(n for n in stage if n in selected) for stage in FAMILY_STAGES]
+  rest = tuple(n for n in selected if not any(n in stage for stage in FAMILY_STAGES))
   return [s for s in staged if s] + ([rest] if rest else [])
 
 
@@ -168,12 +189,13 @@ def _check_ids(model: Any, ids: np.ndarray) -> None:
 
 
 def _selected_by(spec: Callable[[Any, Any], int | None], block: int, name: str, kernel: Any) -> bool:
-  """Whether ``spec`` selects the kernel of linear ``name`` in block ``block`` (it must say axis 0 if it does)."""
+  """Whether ``spec`` selects the kernel of linear ``name`` in block ``block`` (it must say the input axis if it
+  does: 0 of a kernel ``(d_in, d_out)``, 1 of stacked experts ``(E, d_in, d_out)``)."""
   path = ("model", "layers", block, *name.split("."), "kernel")
   axis = spec(path, kernel)
-  if axis is not None and axis != 0:
+  if axis is not None and axis != len(kernel.shape) - 2:
     raise ValueError(f"the spec groups {'.'.join(map(str, path))} along axis {axis}; the pipeline prunes kernels "
-                     "(d_in, d_out) along their input axis 0")
+                     "(d_in, d_out) along their input axis 0 (stacked experts (E, d_in, d_out) along axis 1)")
   return axis is not None
 
 
@@ -190,9 +212,34 @@ def _forward_impl(graphdef, params, h, rope):
   return nnx.merge(graphdef, params)(h, rope).astype(jnp.float32)
 
 
+def _expert_update(state: _cal.HessianState, inputs: RoutedInputs, valid: jax.Array) -> _cal.HessianState:
+  """Adds ``Σ_t x_t x_tᵀ`` over the real tokens routed to each expert: ``xtx (E, d, d)``, ``count (E,)``."""
+  routed = inputs.routed & valid[None]
+  x = inputs.x.astype(jnp.float32)
+  x = jnp.where(routed[..., None], x if x.ndim == 4 else x[None], 0.0)
+  xtx = jnp.einsum("ebtd,ebtf->edf", x, x, precision=jax.lax.Precision.HIGHEST)
+  return _cal.HessianState(state.xtx + xtx, state.count + jnp.sum(routed, axis=(1, 2), dtype=jnp.int32))
+
+
 def _accumulate_impl(graphdef, params, h, valid, rope, states, *, names):
   _, inputs = nnx.merge(graphdef, params)(h, rope, return_inputs=True)
-  return {n: _cal.hessian_update(states[n], inputs[n], valid) for n in names}
+  return {n: _expert_update(states[n], inputs[n], valid) if isinstance(inputs[n], RoutedInputs)
+          else _cal.hessian_update(states[n], inputs[n], valid) for n in names}
+
+
+def _state_init(kernel: Any) -> _cal.HessianState:
+  """An empty Hessian state for a kernel ``(d_in, d_out)``, or one per expert for ``(E, d_in, d_out)``."""
+  if len(kernel.shape) == 2:
+    return _cal.hessian_init(kernel.shape[0])
+  e, d_in = kernel.shape[:2]
+  return _cal.HessianState(jnp.zeros((e, d_in, d_in), jnp.float32), jnp.zeros((e,), jnp.int32))
+
+
+def _hessian_of(state: _cal.HessianState) -> jax.Array:
+  """``H = X Xᵀ / n``; per expert ``(E, d, d)`` for a stacked state (an expert without tokens gets zeros)."""
+  if state.count.ndim == 0:
+    return _cal.hessian_from_state(state)
+  return state.xtx / jnp.maximum(state.count, 1).astype(jnp.float32)[:, None, None]
 
 
 @functools.lru_cache(maxsize=64)
@@ -280,7 +327,7 @@ def _hessians(block: Any, h: np.ndarray, rope: Any, names: tuple[str, ...], batc
   struct = lambda tree: ShapeKey(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree))  # noqa: E731
   owners = input_owners(graphdef, names, act_shape, struct(rope), struct(params))
   distinct = tuple(dict.fromkeys(owners[n] for n in names))
-  states = {n: _cal.hessian_init(_submodule(block, n).kernel.shape[0]) for n in distinct}
+  states = {n: _state_init(_submodule(block, n).kernel) for n in distinct}
   fn = block_function("accumulate", graphdef, distinct, mesh, act_shape)
   for start, stop in _batches(h.shape[0], batch_size):
     x, valid = _padded(h, start, stop, batch_size, mesh)
@@ -298,11 +345,13 @@ def layer_statistics(model: Any, calibration_ids: Any, blocks: Sequence[int], *,
     model: a :class:`~proxjax.models.LlamaForCausalLM`.
     calibration_ids: int token ids ``(N, T)``.
     blocks: the decoder block indices.
-    names: the linears (default every projection of a block, :data:`proxjax.models.LINEAR_NAMES`).
+    names: the linears (default every projection of a block, :func:`proxjax.models.llama.linear_names`).
     batch_size: sequences per forward pass.
 
   Returns:
-    ``{(block, name): (kernel (d_in, d_out), H (d_in, d_in) float32)}``.
+    ``{(block, name): (kernel (d_in, d_out), H (d_in, d_in) float32)}``; for stacked experts the kernel is
+    ``(E, d_in, d_out)`` and ``H`` ``(E, d_in, d_in)``, each expert's over the tokens routed to it (zeros for an
+    expert that received none).
 
   Example:
     >>> import numpy as np
@@ -315,7 +364,7 @@ def layer_statistics(model: Any, calibration_ids: Any, blocks: Sequence[int], *,
     >>> kernel.shape, h.shape
     ((32, 16), (32, 32))
   """
-  names = tuple(LINEAR_NAMES if names is None else names)
+  names = tuple(_family_linears(model.config) if names is None else names)
   ids = np.asarray(calibration_ids)
   _check_ids(model, ids)
   wanted = sorted(set(int(b) for b in blocks))
@@ -330,7 +379,7 @@ def layer_statistics(model: Any, calibration_ids: Any, blocks: Sequence[int], *,
     if b in wanted:
       states = _hessians(block, h, rope, names, batch_size, None)
       for name in names:
-        out[(b, name)] = (_submodule(block, name).kernel[...], _cal.hessian_from_state(states[name]))
+        out[(b, name)] = (_submodule(block, name).kernel[...], _hessian_of(states[name]))
     h = _propagate(block, h, rope, batch_size, None)
   return out
 
@@ -390,7 +439,8 @@ def prune_model(model: Any, calibration_ids: Any, method: str | MethodConfig | P
                 linear_names: Sequence[str] | None = None, spec: Callable[[Any, Any], int | None] | None = None,
                 batch_size: int = 8, state_dir: str | None = None,
                 progress: bool = True, run_info: Mapping[str, Any] | None = None,
-                mesh: jax.sharding.Mesh | None = None, offload: bool = False) -> PipelineResult:
+                mesh: jax.sharding.Mesh | None = None, offload: bool = False,
+                min_expert_tokens: int = MIN_EXPERT_TOKENS) -> PipelineResult:
   r"""Prunes a decoder-only model block by block, in place, each linear to N:M along its input axis (docs/method.md, "Pipeline").
 
   Each selected linear ``K₀`` of block ``b`` becomes :func:`proxjax.prune_kernel` ``(K₀, H, method, ...)``, the
@@ -401,6 +451,14 @@ def prune_model(model: Any, calibration_ids: Any, method: str | MethodConfig | P
 
   where ``x_t`` are the linear's inputs for the calibration tokens, computed with blocks ``< b`` (and, with
   ``true_sequential``, the earlier stages of block ``b``) already pruned.
+
+  **Fused and stacked kernels.** Phi-3's ``qkv_proj`` and ``gate_up_proj`` are one linear each (one kernel, one
+  ``H``: q, k and v share their input, and 2:4 groups run along it). A mixture of experts' stacked kernels
+  ``(E, d_in, d_out)`` are pruned expert by expert, expert ``e`` with ``H_e = Σ_{t→e} x_t x_tᵀ / n_e`` over the
+  ``n_e`` calibration tokens routed to it (one of their top ``k``), **unweighted** by the routing weight: the local
+  loss is then the error of the expert's own output on the tokens it serves, the same problem as for a dense MLP,
+  and not one that shifts with the router's (pruned-model) confidence. An expert with ``n_e <
+  min_expert_tokens`` is pruned by magnitude (reported, never skipped); the router (``mlp.gate``) stays dense.
 
   Args:
     model: the model, modified in place (see the module docstring for the interface it must have).
@@ -413,7 +471,8 @@ def prune_model(model: Any, calibration_ids: Any, method: str | MethodConfig | P
     true_sequential: prune in stages q,k,v → o → gate,up → down, re-capturing inputs before each stage.
     include: fnmatch patterns over ``"{block}.{name}"`` (e.g. ``"*.mlp.*"``); default all.
     ignore: patterns to leave dense.
-    linear_names: the candidate linears of a block; default ``proxjax.models.llama.LINEAR_NAMES``.
+    linear_names: the candidate linears of a block; default :func:`proxjax.models.llama.linear_names` of
+      ``model.config`` (``proxjax.models.llama.LINEAR_NAMES`` for a model without one).
     spec: the sparsity spec that decides which kernels are pruned (:mod:`proxjax.core.spec`), called with the
       kernel's path ``("model", "layers", b, *name.split("."), "kernel")`` and the kernel; default
       :func:`proxjax.models.llama.projection_spec`. A kernel it selects must be grouped along axis 0 (its input
@@ -427,6 +486,9 @@ def prune_model(model: Any, calibration_ids: Any, method: str | MethodConfig | P
       split over every device (``batch_size`` is rounded up to a multiple of the device count; the padding rows
       are masked out of ``H``), ``H`` is replicated and every kernel is pruned sharded (see
       :func:`proxjax.prune_kernel`). ``None``: the default device.
+    min_expert_tokens: an expert of a mixture of experts whose calibration tokens (those routed to it) are fewer
+      is pruned by magnitude instead of by the method (default :data:`MIN_EXPERT_TOKENS`); its reports are listed
+      in :attr:`PipelineResult.underfed_experts` and a warning names them.
     offload: move each block to the devices only while it is worked on and back to host memory (the first CPU
       device) after, so the accelerators hold one block's weights, its Hessians and one calibration batch; the
       calibration activations always stay on host. Load the model on host for this
@@ -448,7 +510,10 @@ def prune_model(model: Any, calibration_ids: Any, method: str | MethodConfig | P
   """
   config = _pruner.as_config(method, refine=refine, n=n, m=m)
   if linear_names is None:
-    linear_names = LINEAR_NAMES
+    model_config = getattr(model, "config", None)
+    linear_names = _family_linears(model_config) if model_config is not None else LINEAR_NAMES
+  if isinstance(min_expert_tokens, bool) or not isinstance(min_expert_tokens, int) or min_expert_tokens < 1:
+    raise ValueError(f"min_expert_tokens must be a positive int, got {min_expert_tokens!r}")
   spec = projection_spec if spec is None else spec
   ids = np.asarray(calibration_ids)
   if ids.ndim != 2 or ids.shape[0] == 0 or ids.shape[1] == 0 or not np.issubdtype(ids.dtype, np.integer):
@@ -493,6 +558,10 @@ def prune_model(model: Any, calibration_ids: Any, method: str | MethodConfig | P
         for name in stage:
           bar.set_postfix_str(f"block {b} {name}")
           kernel = _submodule(block, name).kernel
+          if len(kernel.shape) == 3:
+            reports.extend(_prune_experts(b, name, kernel, states[name], config, min_expert_tokens, mesh))
+            bar.update(1)
+            continue
           t0 = time.perf_counter()
           hessian = _cal.hessian_from_state(states[name])
           try:
@@ -518,7 +587,43 @@ def prune_model(model: Any, calibration_ids: Any, method: str | MethodConfig | P
     if offload:
       _sharding.place(block, None)
   bar.close()
-  return PipelineResult(layers, resumed, time.perf_counter() - t_start)
+  underfed = tuple(r for r in layers if ".experts." in r.name and r.tokens < min_expert_tokens)
+  if underfed:
+    warnings.warn(f"{len(underfed)} expert kernel(s) received fewer than {min_expert_tokens} calibration tokens and "
+                  "were pruned by magnitude: " + ", ".join(f"model.layers.{r.block}.{r.name} ({r.tokens})"
+                                                          for r in underfed[:8]) + (" ..." if len(underfed) > 8 else ""),
+                  stacklevel=2)
+  return PipelineResult(layers, resumed, time.perf_counter() - t_start, underfed)
+
+
+def _prune_experts(b: int, name: str, kernel: Any, state: _cal.HessianState, config: PruneConfig,
+                   min_expert_tokens: int, mesh: Any) -> list[LayerReport]:
+  """Prunes a stacked expert kernel ``(E, d_in, d_out)`` expert by expert: expert ``e`` with ``H_e`` of the tokens
+  routed to it, or by magnitude when it received fewer than ``min_expert_tokens``; one report each."""
+  magnitude = _pruner.as_config("magnitude", refine=None, n=config.n, m=config.m)
+  counts = np.asarray(state.count)
+  head, tail = name.rsplit(".", 1)
+  reports = []
+  for e in range(kernel.shape[0]):
+    t0 = time.perf_counter()
+    tokens = int(counts[e])
+    enough = tokens >= min_expert_tokens
+    d_in = kernel.shape[1]
+    hessian = state.xtx[e] / np.float32(tokens) if enough else jnp.eye(d_in, dtype=jnp.float32)
+    try:
+      res = _pruner.prune_kernel(kernel[e], hessian, config if enough else magnitude, mesh=mesh)
+    except ValueError as err:
+      raise ValueError(f"block {b} {head}.{e}.{tail} (model.layers.{b}.{head}.{e}.{tail}): {err}") from err
+    kernel[e] = res.kernel.astype(kernel.dtype)
+    if not bool(_nm.is_nm(kernel[e], config.n, config.m, axis=0)):
+      raise RuntimeError(f"block {b} {head}.{e}.{tail}: the pruned kernel is not {config.n}:{config.m} "
+                         "(please report this bug)")
+    i = res.info
+    reports.append(LayerReport(b, f"{head}.{e}.{tail}", tuple(kernel.shape[1:]),
+                               (config if enough else magnitude).method_name, i.loss_before_refine,
+                               i.loss_after_refine, i.iterations, i.cap_hit, i.groups_projected, i.refine,
+                               i.refine_steps, tokens, time.perf_counter() - t0))
+  return reports
 
 
 # ------------------------------------------------------------------------------------------------- any Flax model --
