@@ -177,9 +177,10 @@ def decode_step(model: LlamaForCausalLM, cache: KVCache, tokens: ArrayLike) -> t
     >>> c = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
     ...                 num_attention_heads=2)
     >>> model = LlamaForCausalLM(c, rngs=nnx.Rngs(0))
-    >>> _, cache = prefill(model, init_cache(model, 1, 16), jnp.array([[5, 6]]), jnp.array([2]))
-    >>> logits, cache = decode_step(model, cache, jnp.array([7]))
-    >>> bool(jnp.allclose(logits[0], model(jnp.array([[5, 6, 7]]))[0, 2], atol=1e-6)), cache.lengths.tolist()
+    >>> _, cache = nnx.jit(prefill)(model, init_cache(model, 1, 16), jnp.array([[5, 6]]), jnp.array([2]))
+    >>> logits, cache = nnx.jit(decode_step)(model, cache, jnp.array([7]))
+    >>> full = nnx.jit(lambda m, ids: m(ids))(model, jnp.array([[5, 6, 7]]))
+    >>> bool(jnp.allclose(logits[0], full[0, 2], atol=1e-6)), cache.lengths.tolist()
     (True, [3])
   """
   tokens = jnp.asarray(tokens)
