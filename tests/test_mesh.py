@@ -9,26 +9,19 @@ cases (``SLOW_CASES`` of tests/support/mesh_run.py, or marked ``slow`` in tests/
 slow`` runs them.
 """
 
-import subprocess
 import xml.etree.ElementTree as ET
 
 import pytest
 
-from tests.support.mesh_run import RUN, cases, selected_cases, start_mesh_run
+from tests.support.mesh_run import cases, selected_cases, start_mesh_run, wait_mesh_run
 
 
 @pytest.fixture(scope="module")
 def mesh_results(request) -> dict[str, object]:
   start_mesh_run(selected_cases(request.session.items))  # normally started already (tests/conftest.py)
-  proc, report, log = RUN["proc"], RUN["report"], RUN["log"]
-  try:
-    proc.wait(timeout=1800)
-  except subprocess.TimeoutExpired:
-    proc.kill()
-  log.seek(0)
-  output = log.read()[-10000:]
+  report, output, exit_status = wait_mesh_run(timeout=1800)
   if not report.exists():
-    pytest.fail(f"the 8-device test run produced no report (exit {proc.returncode}):\n{output}")
+    pytest.fail(f"the 8-device test run produced no report (exit {exit_status}):\n{output}")
   results: dict[str, object] = {}
   for case in ET.parse(report).getroot().iter("testcase"):
     name = f"{case.get('classname').rsplit('.', 1)[-1]}::{case.get('name').split('[')[0]}"

@@ -12,6 +12,7 @@ import pathlib
 import subprocess
 import sys
 import tempfile
+import time
 
 MESH_DIR = pathlib.Path(__file__).resolve().parents[1] / "mesh"
 REPO = MESH_DIR.parents[1]
@@ -51,19 +52,57 @@ def selected_cases(items) -> list[str]:
           if item.nodeid.split("::")[0].endswith("test_mesh.py") and hasattr(item, "callspec")]
 
 
-RUN: dict[str, object] = {}  # the one background run of this session: {"proc", "report", "log"}
+RUN: dict[str, object] = {}  # the one background run of this session: {"proc", "report", "log", "done"}
+
+
+def _shared_dir() -> pathlib.Path | None:
+  """Under pytest-xdist, a folder that every worker of this test run shares (named by the run's id), else ``None``."""
+  uid = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+  return None if uid is None else pathlib.Path(tempfile.gettempdir()) / f"proxjax-mesh-{uid}"
 
 
 def start_mesh_run(selected: list[str]) -> None:
   """Starts the 8-device run of the ``selected`` cases (``"module::function"``) in the background, once per session.
   tests/conftest.py calls this right after collection (and deselection), so the subprocess runs exactly the selected
-  cases, on the second core while the single-device tests run."""
+  cases alongside the single-device tests. Under pytest-xdist every worker collects and calls this; the first one
+  to create ``started`` in the shared folder starts the run, the others only note where its results will be."""
   if RUN or not selected:
     return
-  tmp = pathlib.Path(tempfile.mkdtemp(prefix="proxjax-mesh-"))
-  env = dict(os.environ, PROXJAX_MESH_TESTS="1", XLA_FLAGS="--xla_force_host_platform_device_count=8")
-  log = open(tmp / "log.txt", "w+")  # noqa: SIM115 (closed when the results are read)
+  shared = _shared_dir()
+  if shared is None:
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix="proxjax-mesh-"))
+  else:
+    tmp = shared
+    tmp.mkdir(exist_ok=True)
+    try:
+      os.close(os.open(tmp / "started", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:  # another worker started it
+      RUN.update(report=tmp / "junit.xml", log=tmp / "log.txt", done=tmp / "exit", proc=None)
+      return
+  env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
+  env.update(PROXJAX_MESH_TESTS="1", XLA_FLAGS="--xla_force_host_platform_device_count=8")
   node_ids = [f"{MESH_DIR / module}.py::{function}" for module, function in (c.split("::") for c in selected)]
-  RUN.update(report=tmp / "junit.xml", log=log, proc=subprocess.Popen(
-      [sys.executable, "-m", "pytest", *node_ids, "-q", "-p", "no:cacheprovider", "-o", "addopts=",
-       f"--junitxml={tmp / 'junit.xml'}"], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO))
+  command = [sys.executable, "-m", "pytest", *node_ids, "-q", "-p", "no:cacheprovider", "-o", "addopts=",
+             f"--junitxml={tmp / 'junit.xml'}"]
+  with open(tmp / "log.txt", "w") as log:
+    # the shell writes the exit status to `exit` once pytest is done: other workers wait for that file
+    proc = subprocess.Popen(["/bin/sh", "-c", '"$@"; echo $? > "$0"', str(tmp / "exit"), *command], env=env,
+                            stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+  RUN.update(report=tmp / "junit.xml", log=tmp / "log.txt", done=tmp / "exit", proc=proc)
+
+
+def wait_mesh_run(timeout: float = 1800.0) -> tuple[pathlib.Path, str, int | None]:
+  """Waits for the run (this process's, or another xdist worker's) for at most ``timeout`` seconds; returns its
+  junit report's path, the last 10,000 characters of its output, and its exit status (``None``: it did not end)."""
+  proc, done = RUN["proc"], RUN["done"]
+  deadline = time.monotonic() + timeout
+  if proc is not None:
+    try:
+      proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+      proc.kill()
+  while not done.exists() and time.monotonic() < deadline:
+    time.sleep(0.5)
+  status = done.read_text().strip() if done.exists() else ""
+  output = RUN["log"].read_text(errors="replace")[-10000:]
+  return RUN["report"], output, int(status) if status.isdigit() else None
