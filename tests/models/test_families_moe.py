@@ -7,8 +7,12 @@ Models: one tiny random transformers model per family (tests/support/torch_llama
 2 query heads of 16, 2 layers, vocab 64, a sliding window of 5 on every layer; Phi-3 with 1 key/value head (GQA),
 Qwen3-MoE with 2 and 4 experts, top 2, ``moe_intermediate_size`` 32 and ``norm_topk_prob``), shared by the tests of
 this module; every kernel is (32, 32) or (32, 64) (Phi-3's qkv_proj and gate_up_proj), so pruning compiles its
-programs for two shapes only. No download. Tolerance as in
+programs for two shapes only (shapes the models of tests/models/test_families.py share). No download. Tolerance as in
 test_llama.py: ``|ours − torch| ≤ 2e-5 · max|torch|`` (float32, CPU).
+
+Compiles, as in test_families.py: the forwards compared with transformers run eagerly (their ops compile once for
+both families); greedy decoding compiles three programs per family (2 prompts, prompt and cache bucket 16); one
+pruning method per family in the default suite (Phi-3 Wanda, Qwen3-MoE SparseGPT; the others under ``slow``).
 """
 
 from __future__ import annotations
@@ -64,9 +68,9 @@ def pair(tmp_path_factory):
   return make
 
 
-@nnx.jit
 def _forward(model, ids):
-  return model(ids)
+  """The model's logits, run eagerly: its ops compile once for both families (a jitted forward compiles per model)."""
+  return model(jnp.asarray(ids))
 
 
 def _ids(seed: int, shape=(2, T)) -> np.ndarray:
@@ -189,9 +193,10 @@ def test_config_unsupported(pair, kind, change, match):
 
 # --- greedy decoding with the KV cache -------------------------------------------------------------------------------
 
-PROMPTS = [[5, 17, 33, 3, 50, 41, 7], [20, 13], [8, 8, 60, 11, 12, 33, 2, 9, 14, 15, 16, 1]]
-N_NEW = 17
-"""1 token from the prefill and one chunk of 16 decode steps; every prompt + its tokens runs past the window of 5."""
+PROMPTS = [[5, 17, 33, 3, 50, 41, 7], [20, 13]]
+N_NEW = 9
+"""1 token from the prefill and 8 decode steps (one chunk); every prompt + its tokens (16 and 11) runs past the window
+of 5 and fits the cache bucket of 16 (one batch of 2, prompt bucket 16)."""
 
 
 @pytest.mark.parametrize("kind", list(VARIANTS))
@@ -214,8 +219,14 @@ PRUNED = {"phi3": 2 * 4, "qwen3_moe": 2 * (4 + 3 * E)}
 every expert's gate, up, down."""
 
 
-@pytest.mark.parametrize("method", ["wanda", "sparsegpt", pytest.param("prox", marks=pytest.mark.slow)])
-@pytest.mark.parametrize("kind", list(VARIANTS))
+DEFAULT_METHOD = {"phi3": "wanda", "qwen3_moe": "sparsegpt"}
+"""The one method per family in the default suite (Wanda also prunes Qwen3-MoE's experts in
+test_underfed_experts_are_reported_and_pruned_by_magnitude); the other methods run under ``slow``."""
+
+
+@pytest.mark.parametrize("kind,method", [
+    pytest.param(kind, method, marks=() if DEFAULT_METHOD[kind] == method else pytest.mark.slow)
+    for kind in DEFAULT_METHOD for method in METHODS])
 def test_prune_end_to_end(pair, kind, method, tmp_path):
   """``prune_model`` makes every fused kernel and every expert exactly 2:4 along its input axis and changes nothing
   else (router, norms, embeddings); ``check_sparsity`` passes on the saved checkpoint, transformers runs it, and its
@@ -249,7 +260,7 @@ def test_prune_end_to_end(pair, kind, method, tmp_path):
   rows = check_sparsity(out)
   assert len(rows) == PRUNED[kind] and all(r["ok"] and r["sparsity"] >= 0.5 for r in rows)
 
-  windows = _ids(1, (2, T))  # the shape of test_padded_batch_logits: the same compiled forward
+  windows = _ids(1, (2, T))
   ours = perplexity(lambda ids: _forward(model, ids), windows, batch_size=2, progress=False)
   hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, attn_implementation="eager").eval()
   logits = torch.log_softmax(torch.as_tensor(_torch_logits(hf, windows), dtype=torch.float64), dim=-1)

@@ -29,25 +29,34 @@ HF_CLASSES = {
 }
 
 WINDOW = 5
-"""The sliding window of the family variants below: shorter than every test sequence (16 tokens, prompts + 20)."""
+"""The sliding window of the family variants below: shorter than every test sequence (16 tokens, prompts + 9)."""
+FAMILY_SHAPES = dict(hidden_size=32, intermediate_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+"""The shapes of every ``FAMILIES`` variant: GQA (4 query heads, 2 key/value heads) with an explicit head_dim (16 ≠
+hidden 32 / 4 heads), so every kernel is (32, 64) (q), (32, 32) (k, v, gate, up, down) or (64, 32) (o). Pruning
+compiles its programs once per kernel shape: the four variants share them, and with the (32, 32) and (32, 64)
+kernels of tests/models/test_families_moe.py."""
 FAMILIES = {
-    # Qwen3: q/k RMSNorm per head, an explicit head_dim (32 ≠ hidden 64 / 4 heads), no biases, untied.
-    "qwen3": ("qwen3", dict(head_dim=32)),
+    # Qwen3: q/k RMSNorm per head, an explicit head_dim, no biases, untied.
+    "qwen3": ("qwen3", FAMILY_SHAPES),
     # Qwen3 with sliding-window layers from max_window_layers = 1, attention biases and tied embeddings.
-    "qwen3_window": ("qwen3", dict(head_dim=16, attention_bias=True, tie_word_embeddings=True, use_sliding_window=True,
-                                   sliding_window=WINDOW, max_window_layers=1)),
+    "qwen3_window": ("qwen3", FAMILY_SHAPES | dict(attention_bias=True, tie_word_embeddings=True,
+                                                   use_sliding_window=True, sliding_window=WINDOW,
+                                                   max_window_layers=1)),
     # Gemma 2: layers 0 (sliding) and 1 (full); soft caps small enough to bite on these logits and scores.
-    "gemma2": ("gemma2", dict(head_dim=16, tie_word_embeddings=True, sliding_window=WINDOW, query_pre_attn_scalar=32,
-                              attn_logit_softcapping=2.0, final_logit_softcapping=3.0)),
+    "gemma2": ("gemma2", FAMILY_SHAPES | dict(tie_word_embeddings=True, sliding_window=WINDOW,
+                                              query_pre_attn_scalar=32, attn_logit_softcapping=2.0,
+                                              final_logit_softcapping=3.0)),
     # Gemma 3 text: sliding layer 0 with the local RoPE base, full layer 1 with a linearly scaled global base.
-    "gemma3": ("gemma3", dict(head_dim=16, tie_word_embeddings=True, sliding_window=WINDOW, query_pre_attn_scalar=32,
-                              layer_types=["sliding_attention", "full_attention"],
-                              rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0,
-                                                                  "rope_theta": 1e6},
-                                               "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})),
+    "gemma3": ("gemma3", FAMILY_SHAPES | dict(tie_word_embeddings=True, sliding_window=WINDOW,
+                                              query_pre_attn_scalar=32,
+                                              layer_types=["sliding_attention", "full_attention"],
+                                              rope_parameters={"full_attention": {"rope_type": "linear",
+                                                                                  "factor": 2.0, "rope_theta": 1e6},
+                                                               "sliding_attention": {"rope_type": "default",
+                                                                                     "rope_theta": 1e4}})),
 }
-"""The Qwen3 / Gemma variants of tests/models/test_families.py and tests/models/test_generate.py:
-``make_torch_model(kind, **overrides)`` for ``kind, overrides = FAMILIES[name]``."""
+"""The Qwen3 / Gemma variants of tests/models/test_families.py: ``make_torch_model(kind, **overrides)`` for
+``kind, overrides = FAMILIES[name]``."""
 
 
 def make_torch_model(kind: str, seed: int = 0, **overrides):
@@ -102,5 +111,5 @@ PIPELINE_SHAPES = dict(intermediate_size=64)
 tests/pipeline/test_pipeline.py): every kernel is (64, 64) (q, o, gate, up, down) or (64, 32) (k, v: still GQA and
 still a non-square kernel). Pruning compiles its programs once per distinct kernel shape and a training step solves
 the prox once per distinct shape, so two shapes instead of four halve most of those tests' compile time; the same
-shapes in both places let them reuse each other's compiled programs. (The models of tests/models/ keep
-intermediate 128.)"""
+shapes in both places let them reuse each other's compiled programs. (tests/models/test_llama.py and
+test_generate.py keep intermediate 128; the family variants above have their own shapes.)"""
