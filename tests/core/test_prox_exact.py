@@ -119,6 +119,12 @@ def _groups(x: np.ndarray) -> np.ndarray:
   return x.reshape(l // 4, 4, c).transpose(0, 2, 1).reshape(-1, 4)
 
 
+def _ungroups(g: np.ndarray, shape: tuple[int, int] | None = None) -> np.ndarray:
+  """The inverse of :func:`_groups`: rows of 4 back to a ``shape`` (default ``SHAPE``) array, groups along axis 0."""
+  l, c = SHAPE if shape is None else shape
+  return np.asarray(g).reshape(l // 4, c, 4).transpose(0, 2, 1).reshape(l, c)
+
+
 def _top2_mask(groups: np.ndarray) -> np.ndarray:
   """NumPy 2:4 mask: the two largest |.| per row, ties broken by the lower index (stable sort)."""
   order = np.argsort(-np.abs(groups), axis=1, kind="stable")
@@ -220,17 +226,19 @@ def test_fixture_exact(fixture_data, fast):
 
 
 def test_fixture_exact_plain_layout(fixture_data):
-  """The lambda_sweep groups through a plain ``(4, n)`` call per lambda (no vmap), same bound."""
+  """The lambda_sweep groups through a plain ``SHAPE`` call per lambda (no vmap; groups along axis 0, zero padded:
+  the compile of the property tests below), same bound."""
   sel = fixture_data["labels"] == "lambda_sweep"
   y, lam, obj = fixture_data["y"][sel], fixture_data["lam"][sel], fixture_data["obj"][sel]
   uniq = np.unique(lam)
-  width = max(int(np.sum(lam == v)) for v in uniq)
+  slots = SHAPE[0] // 4 * SHAPE[1]
+  assert max(int(np.sum(lam == v)) for v in uniq) <= slots
   w = np.empty((y.shape[0], 4), np.float32)
   for v in uniq:
     idx = np.flatnonzero(lam == v)
-    cols = np.zeros((4, width), np.float32)
-    cols[:, :idx.size] = y[idx].T
-    w[idx] = _prox(cols, np.float32(v), axis=0)[:, :idx.size].T
+    groups = np.zeros((slots, 4), np.float32)
+    groups[:idx.size] = y[idx]
+    w[idx] = _groups(_prox(_ungroups(groups), np.float32(v), axis=0))[:idx.size]
   check_one_sided(y, lam, w, obj, fixture_data["labels"][sel], fixture_data["w"][sel], what="fixture (plain layout)")
 
 
@@ -298,8 +306,7 @@ def _tie_array(seed: int) -> np.ndarray:
   """A SHAPE array whose first groups are TIE_GROUPS (the rest random)."""
   g = _groups(_normal(SHAPE, seed))
   g[:len(TIE_GROUPS)] = TIE_GROUPS
-  l, c = SHAPE
-  return g.reshape(l // 4, c, 4).transpose(0, 2, 1).reshape(SHAPE)
+  return _ungroups(g)
 
 
 class TestTiesUnderJit(chex.TestCase):
@@ -373,10 +380,17 @@ def test_mixed_magnitudes_are_finite_and_shrink():
     assert not bad.size, f"lam={lam}: |w| > |y| at {bad}: y={x.ravel()[bad]}, w={out.ravel()[bad]}"
 
 
-def test_one_compile_per_shape(monkeypatch):
-  """``prox_24`` traces, and so compiles, once per shape: a new λ value or type (Python float, NumPy or JAX scalar)
-  reuses the compiled program. Counted two ways, neither of which can pass vacuously: Python-level traces of the
-  jitted body (a counter in the function it calls while tracing) and the entries of the jit's executable cache."""
+def test_one_compile_per_shape_pytree_and_axis_layouts(monkeypatch):
+  """Three checks on the two fresh shapes of part 1 (each prox shape is a compile of its own; parts 2 and 3 reuse
+  part 1's instead of compiling two more):
+
+  1. ``prox_24`` traces, and so compiles, once per shape: a new λ value or type (Python float, NumPy or JAX scalar)
+     reuses the compiled program. Counted two ways, neither of which can pass vacuously: Python-level traces of the
+     jitted body (a counter in the function it calls while tracing) and the entries of the jit's executable cache.
+  2. A pytree is processed leaf-wise (leaves of two shapes, in dicts and a list).
+  3. Axis layouts: ``(d_out, d_in)`` with groups along ``axis=1`` and ``axis=-1`` equals the transposed ``axis=0``
+     call.
+  """
   from proxjax.core import prox as prox_module  # pylint: disable=import-outside-toplevel
 
   traces: list[tuple[int, ...]] = []
@@ -389,7 +403,7 @@ def test_one_compile_per_shape(monkeypatch):
   monkeypatch.setattr(prox_module, "_prox_components", counting_body)
   jitted = prox_module.prox_leaf.fast  # the eager call on CPU arrays takes the fast-math jit
   a = jnp.asarray(_normal((44, 3), 10))  # shapes no other test uses: their first call must trace and compile
-  b = jnp.asarray(_normal((52, 3), 11))
+  b = jnp.asarray(_normal((3, 44), 11))  # groups along axis 1
   cached = jitted._cache_size()
   jax.block_until_ready(proxjax.prox_24(a, 0.5))
   assert traces == [(11, 3)], traces  # groups of 4 along axis 0: 44 / 4 = 11
@@ -398,16 +412,21 @@ def test_one_compile_per_shape(monkeypatch):
     jax.block_until_ready(proxjax.prox_24(a, lam))
     assert len(traces) == 1, f"lambda {lam!r} ({type(lam).__name__}) retraced (weak vs. strong typed scalar?)"
   assert jitted._cache_size() == cached + 1
-  jax.block_until_ready(proxjax.prox_24(b, 0.5))
-  assert traces == [(11, 3), (13, 3)], traces  # a new shape: one more trace and one more executable
+  jax.block_until_ready(proxjax.prox_24(b, 0.5, axis=1))
+  assert traces == [(11, 3), (3, 11)], traces  # a new shape: one more trace and one more executable
   assert jitted._cache_size() == cached + 2
 
-
-def test_pytree_is_leafwise():
-  tree = {"dense": {"kernel": _normal(SHAPE, 13), "other": _normal(SHAPE, 14)}, "list": [_normal((12, 3), 15)]}
+  # 2. leaf-wise on a pytree (was test_pytree_is_leafwise)
+  tree = {"dense": {"kernel": _normal(SHAPE, 13), "other": _normal(SHAPE, 14)}, "list": [_normal((44, 3), 15)]}
   out = proxjax.prox_24(tree, LAM)
   chex.assert_trees_all_equal_structs(out, tree)
   chex.assert_trees_all_close(out, jax.tree.map(lambda leaf: _prox(leaf, LAM), tree), rtol=1e-6, atol=1e-30)
+
+  # 3. axis layouts (was test_axis_layouts)
+  x_oi = _normal((3, 44), 19)  # (d_out, d_in), groups along d_in
+  expected = _prox(x_oi.T, LAM, axis=0).T
+  for axis in (1, -1):
+    np.testing.assert_allclose(_prox(x_oi, LAM, axis=axis), expected, rtol=1e-6, atol=1e-7)
 
 
 def test_vmap_matches_unbatched():
@@ -416,13 +435,6 @@ def test_vmap_matches_unbatched():
   out = jax.vmap(lambda x, lam: proxjax.prox_24(x, lam))(jnp.asarray(xb), jnp.asarray(lams))
   for i in range(3):
     np.testing.assert_allclose(np.asarray(out[i]), _prox(xb[i], lams[i]), rtol=1e-5, atol=1e-6)
-
-
-def test_axis_layouts():
-  x_oi = _normal(SHAPE[::-1], 19)  # (d_out, d_in), groups along d_in
-  expected = _prox(x_oi.T, LAM, axis=0).T
-  for axis in (1, -1):
-    np.testing.assert_allclose(_prox(x_oi, LAM, axis=axis), expected, rtol=1e-6, atol=1e-7)
 
 
 def test_errors():
