@@ -52,6 +52,7 @@ from tests.support.torch_llama import (  # noqa: E402
     T,
     WINDOW,
     assert_close,
+    eager_logits,
     input_ids,
     make_torch_model,
     rel_err,
@@ -78,9 +79,7 @@ def pair(tmp_path_factory):
   return make
 
 
-def _forward(model, ids):
-  """The model's logits, run eagerly: its ops compile once for every variant (a jitted forward compiles per config)."""
-  return model(jnp.asarray(ids))
+_forward = eager_logits
 
 
 def _with(model: LlamaForCausalLM, **changes) -> LlamaForCausalLM:

@@ -40,7 +40,7 @@ from proxjax.pipeline import memory  # noqa: E402
 from proxjax.pipeline import prune as pipeline  # noqa: E402
 from proxjax.pipeline.evaluate import perplexity  # noqa: E402
 from proxjax.pruning.methods import PruneConfig  # noqa: E402
-from tests.support.torch_llama import assert_close, make_torch_model, to_np  # noqa: E402
+from tests.support.torch_llama import assert_close, eager_logits, make_torch_model, to_np  # noqa: E402
 
 V, T, WINDOW, E = 64, 16, 5, 4
 SHAPES = dict(vocab_size=V, hidden_size=32, intermediate_size=32, num_attention_heads=2, num_key_value_heads=1,
@@ -68,9 +68,7 @@ def pair(tmp_path_factory):
   return make
 
 
-def _forward(model, ids):
-  """The model's logits, run eagerly: its ops compile once for both families (a jitted forward compiles per model)."""
-  return model(jnp.asarray(ids))
+_forward = eager_logits
 
 
 def _ids(seed: int, shape=(2, T)) -> np.ndarray:

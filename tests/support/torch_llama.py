@@ -113,3 +113,9 @@ still a non-square kernel). Pruning compiles its programs once per distinct kern
 the prox once per distinct shape, so two shapes instead of four halve most of those tests' compile time; the same
 shapes in both places let them reuse each other's compiled programs. (tests/models/test_llama.py and
 test_generate.py keep intermediate 128; the family variants above have their own shapes.)"""
+
+
+def eager_logits(model, ids):
+  """The model's logits, run eagerly: its ops compile once for every model of the family tests (a jitted forward
+  compiles per config)."""
+  return model(jnp.asarray(ids))
