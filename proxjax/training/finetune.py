@@ -62,12 +62,16 @@ def _nonzero_masks(params: Any, spec: Any = projection_spec) -> Any:
   return jax.tree.unflatten(treedef, [None if ax is None else jnp.asarray(x) != 0 for x, ax in zip(leaves, axes)])
 
 
-@functools.lru_cache(maxsize=8)
-def _chain(learning_rate: float, weight_decay: float, masks: Any = _nonzero_masks) -> optax.GradientTransformation:
-  """The fine-tuning chain; with the default masks (the projections' non-zeros, read at init) one object per
-  ``(learning_rate, weight_decay)``, so the training step compiles once for every model of a shape."""
+def _chain(learning_rate: float, weight_decay: float, masks: Any) -> optax.GradientTransformation:
   return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(learning_rate, weight_decay=weight_decay),
                      transforms.masked_updates(masks))
+
+
+@functools.lru_cache(maxsize=8)
+def _default_chain(learning_rate: float, weight_decay: float) -> optax.GradientTransformation:
+  """The chain with the default masks (the projections' non-zeros, read at init): one object per
+  ``(learning_rate, weight_decay)``, so the training step compiles once for every model of a shape."""
+  return _chain(learning_rate, weight_decay, _nonzero_masks)
 
 
 def _loss(model, ids):
@@ -121,16 +125,16 @@ def finetune_masked(model: nnx.Module, batches: Iterable[Any], *, learning_rate:
     >>> r.steps, bool(jnp.all(up[...][0] == 0)), bool(jnp.all(up[...][1] != 0))
     (2, True, True)
   """
-  tx = _chain(float(learning_rate), float(weight_decay)) if masks is None else _chain.__wrapped__(
-      learning_rate, weight_decay, masks)
-  masks = sparsity_masks(model) if masks is None else masks
-  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  tx = (_default_chain(float(learning_rate), float(weight_decay)) if masks is None
+        else _chain(learning_rate, weight_decay, masks))
   fingerprint = None
   if state_dir is not None:
+    masks = sparsity_masks(model) if masks is None else masks  # read before the optimizer's init, as its masks are
     batches = np.asarray(list(batches)).astype(np.int32)
     fingerprint = {"learning_rate": float(learning_rate), "weight_decay": float(weight_decay),
                    "batches": loop.digest([batches]), "masks": loop.digest(jax.tree.leaves(masks)),
                    "run_info": run_info or {}}
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   steps = len(batches) if hasattr(batches, "__len__") else None
   data = (jnp.asarray(np.asarray(ids), jnp.int32) for ids in batches)
   result = loop.run(_RECIPE, model, optimizer, data, steps=steps, state_dir=state_dir, save_every=save_every,
