@@ -30,6 +30,7 @@ A comparison such as ``w == p + u`` is deliberately not used to decide "unchange
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -39,7 +40,7 @@ import optax
 from flax import nnx
 from jax.typing import ArrayLike
 
-from proxjax.core import nm
+from proxjax.core import nm, xla
 from proxjax.core import prox as _prox
 from proxjax.core.prox import prox_24
 from proxjax.core.spec import Spec, flat_spec, is_none, per_leaf
@@ -125,6 +126,13 @@ def _spans_devices(x: Any) -> bool:
   return isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) and len(x.sharding.device_set) > 1
 
 
+@functools.partial(xla.jit_fast_on_cpu, static_argnames=("axis",))
+def _prox_stacked(stack: jax.Array, strengths: jax.Array, axis: int) -> jax.Array:
+  """``prox_leaf`` of every ``stack[k]`` with strength ``strengths[k]``, one after the other (``lax.map``): one
+  module-level jitted function, so an eager call compiles once per (shape, dtype, axis), not once per call."""
+  return jax.lax.map(lambda zs: _prox.prox_leaf(zs[0], zs[1], axis), (stack, strengths))
+
+
 def _prox_many(zs: list[jax.Array], axes: list[int], lam: jax.Array, eta: jax.Array,
                fuse: bool = True, mults: list[jax.Array] | None = None) -> list[jax.Array]:
   """``prox_24(z, lam · c, eta, axis=ax)`` for every ``z`` (``c`` its multiplier, 1 without ``mults``); with
@@ -153,13 +161,10 @@ def _prox_many(zs: list[jax.Array], axes: list[int], lam: jax.Array, eta: jax.Ar
     strengths = jnp.stack([(jnp.asarray(lam) if mults is None else jnp.asarray(lam * mults[i])) * eta
                            for i in idx]).astype(ct)
 
-    def solve(z_s, ax=ax):
-      return _prox.prox_leaf(z_s[0], z_s[1], ax)
-
     if len(idx) == 1:
-      out[idx[0]] = solve((zs[idx[0]], strengths[0]))
+      out[idx[0]] = _prox.prox_leaf(zs[idx[0]], strengths[0], ax)
       continue
-    solved = jax.lax.map(solve, (jnp.stack([zs[i] for i in idx]), strengths))
+    solved = _prox_stacked(jnp.stack([zs[i] for i in idx]), strengths, ax)
     for k, i in enumerate(idx):
       out[i] = solved[k]
   return out
