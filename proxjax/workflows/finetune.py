@@ -52,10 +52,11 @@ def _finetune(job: FinetuneJob, model_dir: str, out_dir: str, state_dir: str) ->
     eval_data = common.evaluation_data(model_dir, job.eval)  # the same windows before and after
     result["eval_protocol"] = dict(eval_data.protocol)
     result["ppl_before"] = common.perplexity(model, eval_data, job.eval.batch_size, job.progress).ppl
-  masks = ft.sparsity_masks(model)
+  masks = ft.sparsity_masks(model)  # for the check below; finetune_masked's default masks are the same zeros, and
+  # its default chain is cached, so the training step compiles once per model shape, not once per run
   common.say_if_resuming(state_dir, loop.STATE_FILE)
   trained = ft.finetune_masked(model, batches, learning_rate=job.learning_rate, weight_decay=job.weight_decay,
-                               masks=masks, progress=job.progress, state_dir=state_dir, save_every=job.save_every,
+                               progress=job.progress, state_dir=state_dir, save_every=job.save_every,
                                run_info={"source": job.train, "checkpoint": checkpoint_fingerprint(model_dir)})
   result["losses"] = trained.losses
   if job.check:  # every weight that was zero must still be exactly zero
