@@ -1,5 +1,5 @@
 """Hugging Face safetensors checkpoints in and out of :class:`~proxjax.models.LlamaForCausalLM` (Llama, Mistral, Qwen2,
-Qwen3, Gemma 2, Gemma 3 text), and orbax state I/O.
+Qwen3, Gemma 2, Gemma 3 text, Phi-3, Qwen3-MoE, Mixtral), and orbax state I/O.
 
 **Names.** The NNX tree mirrors Hugging Face, so a tensor name maps to an NNX parameter path mechanically
 (:func:`hf_to_path` / :func:`path_to_hf`)::
@@ -12,6 +12,9 @@ Qwen3, Gemma 2, Gemma 3 text), and orbax state I/O.
   model.layers.3.self_attn.qkv_proj.weight   <-> ("model", "layers", 3, "self_attn", "qkv_proj", "kernel") (Phi-3)
   model.layers.3.mlp.gate.weight             <-> ("model", "layers", 3, "mlp", "gate", "kernel")         (router)
   model.layers.3.mlp.experts.5.up_proj.weight <-> ("model", "layers", 3, "mlp", "experts", "up_proj", "kernel")[5]
+  model.layers.3.block_sparse_moe.gate.weight <-> ("model", "layers", 3, "block_sparse_moe", "gate", "kernel")  (Mixtral)
+  model.layers.3.block_sparse_moe.experts.5.w1.weight
+                                <-> ("model", "layers", 3, "block_sparse_moe", "experts", "w1", "kernel")[5]  (Mixtral)
   model.norm.weight                          <-> ("model", "norm", "weight")
   lm_head.weight                             <-> ("lm_head", "kernel")                                     (transposed)
 
@@ -106,8 +109,10 @@ _NORM_RE = re.compile(rf"model\.layers\.{_INT}\.(input_layernorm|post_attention_
                       r"post_feedforward_layernorm|self_attn\.q_norm|self_attn\.k_norm)\.weight")
 _LINEAR_RE = re.compile(rf"model\.layers\.{_INT}\.(self_attn\.(?:[qkvo]|qkv)_proj|mlp\.(?:gate|up|down|gate_up)_proj)\."
                         r"(weight|bias)")
-_ROUTER_RE = re.compile(rf"model\.layers\.{_INT}\.mlp\.gate\.weight")
-_EXPERT_RE = re.compile(rf"model\.layers\.{_INT}\.mlp\.experts\.{_INT}\.(gate_proj|up_proj|down_proj)\.weight")
+_ROUTER_RE = re.compile(rf"model\.layers\.{_INT}\.(mlp|block_sparse_moe)\.gate\.weight")
+_EXPERT_RES = (  # Qwen3-MoE's experts, Mixtral's (gate w1, up w3, down w2)
+    re.compile(rf"model\.layers\.{_INT}\.(mlp)\.experts\.{_INT}\.(gate_proj|up_proj|down_proj)\.weight"),
+    re.compile(rf"model\.layers\.{_INT}\.(block_sparse_moe)\.experts\.{_INT}\.(w1|w2|w3)\.weight"))
 # Non-persistent buffers that some older checkpoints contain; they are recomputed from the config.
 _IGNORED_RE = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 
@@ -139,8 +144,9 @@ def hf_to_path(name: str) -> Path:
 def hf_to_slot(name: str) -> tuple[Path, int | None]:
   """The NNX parameter path of a Hugging Face tensor name and, for one expert of a mixture of experts, its index in
   the stacked kernel: ``model.layers.N.mlp.experts.E.gate_proj.weight`` is ``kernel[E]ᵀ`` of
-  ``("model", "layers", N, "mlp", "experts", "gate_proj", "kernel")`` (``(num_experts, d_in, d_out)``); every other
-  tensor is a whole parameter (index ``None``, as :func:`hf_to_path`).
+  ``("model", "layers", N, "mlp", "experts", "gate_proj", "kernel")`` (``(num_experts, d_in, d_out)``), Mixtral's
+  ``model.layers.N.block_sparse_moe.experts.E.w1.weight`` that of ``(…, N, "block_sparse_moe", "experts", "w1",
+  "kernel")``; every other tensor is a whole parameter (index ``None``, as :func:`hf_to_path`).
 
   Raises:
     ValueError: ``name`` is not a Llama-family tensor name.
@@ -151,11 +157,14 @@ def hf_to_slot(name: str) -> tuple[Path, int | None]:
     (('model', 'layers', 1, 'mlp', 'experts', 'down_proj', 'kernel'), 3)
     >>> hf_to_slot("model.layers.1.mlp.gate.weight")  # the router: one dense (hidden, num_experts) kernel
     (('model', 'layers', 1, 'mlp', 'gate', 'kernel'), None)
+    >>> hf_to_slot("model.layers.0.block_sparse_moe.experts.7.w2.weight")  # Mixtral: w2 is the down projection
+    (('model', 'layers', 0, 'block_sparse_moe', 'experts', 'w2', 'kernel'), 7)
   """
-  if m := _EXPERT_RE.fullmatch(name):
-    return ("model", "layers", int(m[1]), "mlp", "experts", m[3], "kernel"), int(m[2])
+  for expert_re in _EXPERT_RES:
+    if m := expert_re.fullmatch(name):
+      return ("model", "layers", int(m[1]), m[2], "experts", m[4], "kernel"), int(m[3])
   if m := _ROUTER_RE.fullmatch(name):
-    return ("model", "layers", int(m[1]), "mlp", "gate", "kernel"), None
+    return ("model", "layers", int(m[1]), m[2], "gate", "kernel"), None
   if name in _FIXED or _NORM_RE.fullmatch(name) or _LINEAR_RE.fullmatch(name):
     return hf_to_path(name), None
   raise ValueError(f"{name!r} is not a Llama-family tensor name")

@@ -1,5 +1,5 @@
 r"""A Flax NNX LLaMA-family causal language model (Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3 text, Phi-3,
-Qwen3-MoE) that mirrors Hugging Face names.
+Qwen3-MoE, Mixtral) that mirrors Hugging Face names.
 
 The module tree is the Hugging Face one, so mapping a checkpoint is mechanical (:mod:`proxjax.models.hf`)::
 
@@ -15,6 +15,8 @@ The module tree is the Hugging Face one, so mapping a checkpoint is mechanical (
       .self_attn.qkv_proj, .mlp.gate_up_proj   Phi-3 (``fused_projections``) instead of q/k/v and gate/up
       .mlp.gate                  Qwen3-MoE (``num_experts``): the router, nnx.Linear (hidden, E) without bias
       .mlp.experts.{gate,up,down}_proj   StackedLinear, ``kernel`` (E, d_in, d_out); HF ``experts.{e}.*.weight``
+      .block_sparse_moe.gate, .block_sparse_moe.experts.{w1,w3,w2}   Mixtral: the same, under its checkpoints' names
+                                 (``w1`` gate, ``w3`` up, ``w2`` down; HF ``block_sparse_moe.experts.{e}.w1.weight``)
     .model.norm                  LlamaRMSNorm
     .lm_head                     nnx.Linear without bias, or ``None`` when the embeddings are tied
 
@@ -35,6 +37,9 @@ Phi-3         no       no              no          no                ``fused_pro
                                                                      every layer
 Qwen3-MoE     yes      no              no          no                experts (``num_experts`` …), window on every
                                                                      layer
+Mixtral       no       no              no          no                experts named ``block_sparse_moe.experts.w*``,
+                                                                     weights always renormalised and kept in float32;
+                                                                     ``sliding_window`` on every layer
 ============  =======  ==============  ==========  ================  ===============================================
 
 The maths, for hidden states ``h`` of shape ``(B, T, D)``:
@@ -60,7 +65,8 @@ The maths, for hidden states ``h`` of shape ``(B, T, D)``:
   ``model(ids, return_activations=True)`` also returns every block's ``act(gate(x))`` (the FFN intermediate
   activations, ``(B, T, intermediate_size)`` each).
 * Mixture of experts (:class:`SparseMoeBlock`): ``p = softmax(x W_g)`` in float32, the top ``k`` experts and
-  weights (renormalised with ``norm_topk_prob``), ``Σ_j w_j · down_{e_j}(act(x G_{e_j}) ⊙ x U_{e_j})``.
+  weights (renormalised with ``norm_topk_prob``; always for Mixtral), ``Σ_j w_j · down_{e_j}(act(x G_{e_j}) ⊙ x
+  U_{e_j})``.
 * Block: ``h ← h + attn(norm₁(h))``, ``h ← h + mlp(norm₂(h))``; with ``post_norms`` (Gemma)
   ``h ← h + norm_post_attn(attn(norm₁(h)))``, ``h ← h + norm_post_ff(mlp(norm_pre_ff(h)))``. Logits
   ``z = norm(h) Wₗₘᵀ`` in float32; with ``final_softcap = c``: ``z ← c · tanh(z / c)`` (in float32).
@@ -109,17 +115,40 @@ FUSED_LINEAR_NAMES = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_pro
 """The prunable linears of a Phi-3 block (``fused_projections``): q/k/v in one kernel, gate/up in one kernel."""
 
 EXPERT_NAMES = ("mlp.experts.gate_proj", "mlp.experts.up_proj", "mlp.experts.down_proj")
-"""The stacked expert kernels of a mixture-of-experts block (``(E, d_in, d_out)`` each); Hugging Face stores expert
-``e`` of ``mlp.experts.gate_proj`` as ``mlp.experts.{e}.gate_proj.weight``."""
+"""The stacked expert kernels of a Qwen3-MoE block (``(E, d_in, d_out)`` each; gate, up, down); Hugging Face stores
+expert ``e`` of ``mlp.experts.gate_proj`` as ``mlp.experts.{e}.gate_proj.weight``."""
+
+MIXTRAL_EXPERT_NAMES = ("block_sparse_moe.experts.w1", "block_sparse_moe.experts.w3", "block_sparse_moe.experts.w2")
+"""The stacked expert kernels of a Mixtral block, in the order of :data:`EXPERT_NAMES` (gate ``w1``, up ``w3``, down
+``w2``): Mixtral checkpoints, and transformers' ``save_pretrained``, store expert ``e`` as
+``block_sparse_moe.experts.{e}.w1.weight`` and the router as ``block_sparse_moe.gate.weight``."""
 
 _LINEAR_PARTS = frozenset(tuple(n.split(".")[-2:]) for n in LINEAR_NAMES + FUSED_LINEAR_NAMES)
-_EXPERT_PARTS = frozenset(tuple(n.split(".")[-2:]) for n in EXPERT_NAMES)
+_EXPERT_SUFFIXES = frozenset(EXPERT_NAMES + MIXTRAL_EXPERT_NAMES)
+
+
+def expert_names(config: LlamaConfig) -> tuple[str, str, str]:
+  """The ``(gate, up, down)`` stacked expert kernels of a mixture-of-experts block, relative to the block:
+  :data:`MIXTRAL_EXPERT_NAMES` for Mixtral, :data:`EXPERT_NAMES` otherwise; the first part (``mlp`` or
+  ``block_sparse_moe``) is the block's attribute that holds the router (``gate``) and the experts.
+
+  Example:
+    >>> from proxjax.models.llama import LlamaConfig, expert_names
+    >>> c = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+    ...                 num_attention_heads=2, architecture="MixtralForCausalLM", num_experts=4, num_experts_per_tok=2)
+    >>> expert_names(c)
+    ('block_sparse_moe.experts.w1', 'block_sparse_moe.experts.w3', 'block_sparse_moe.experts.w2')
+  """
+  if not config.num_experts:
+    raise ValueError(f"{config.architecture} has no mixture of experts (num_experts is None)")
+  return MIXTRAL_EXPERT_NAMES if config.architecture == "MixtralForCausalLM" else EXPERT_NAMES
 
 
 def linear_names(config: LlamaConfig) -> tuple[str, ...]:
   """The prunable linears of every decoder block of a model with this config, relative to the block:
   :data:`LINEAR_NAMES`, with Phi-3's fused ``qkv_proj`` / ``gate_up_proj`` (:data:`FUSED_LINEAR_NAMES`), or with the
-  MLP replaced by the stacked experts (:data:`EXPERT_NAMES`) for a mixture of experts.
+  MLP replaced by the stacked experts (:func:`expert_names`: :data:`EXPERT_NAMES`, Mixtral's
+  :data:`MIXTRAL_EXPERT_NAMES`) for a mixture of experts.
 
   Example:
     >>> from proxjax.models.llama import LlamaConfig, linear_names
@@ -131,7 +160,7 @@ def linear_names(config: LlamaConfig) -> tuple[str, ...]:
   if config.fused_projections:
     return FUSED_LINEAR_NAMES
   if config.num_experts:
-    return LINEAR_NAMES[:4] + EXPERT_NAMES
+    return LINEAR_NAMES[:4] + expert_names(config)
   return LINEAR_NAMES
 
 
@@ -139,8 +168,9 @@ def projection_spec(path: Sequence[Any], leaf: Any) -> int | None:
   """The sparsity spec of the LLaMA family: ``0`` (groups along the input axis) for the 2-D floating kernel of a
   q/k/v/o/gate/up/down projection of a decoder block (``…layers.N.self_attn.q_proj.kernel`` etc., Phi-3's fused
   ``qkv_proj`` and ``gate_up_proj`` too), ``1`` for a stacked expert kernel ``(E, d_in, d_out)``
-  (``…layers.N.mlp.experts.gate_proj.kernel`` etc.: every expert's input axis), ``None`` for everything else
-  (embeddings, norms, biases, the router ``mlp.gate``, ``lm_head``).
+  (``…layers.N.mlp.experts.gate_proj.kernel`` etc., Mixtral's ``…layers.N.block_sparse_moe.experts.w1.kernel``
+  etc.: every expert's input axis), ``None`` for everything else (embeddings, norms, biases, the router ``mlp.gate``
+  / ``block_sparse_moe.gate``, ``lm_head``).
 
   It is the one notion of "which weights are pruned" for these models: the block-by-block pipeline, ``proxjax
   check``, the fine-tuning masks and ProxSparse all select with it (as a spec, see :mod:`proxjax.core.spec`).
@@ -165,19 +195,21 @@ def projection_spec(path: Sequence[Any], leaf: Any) -> int | None:
   part = tuple(names[-3:-1])
   if part in _LINEAR_PARTS and len(shape) == 2:
     return 0
-  if part in _EXPERT_PARTS and names[-4] == "mlp" and len(shape) == 3:
+  if ".".join(names[-4:-1]) in _EXPERT_SUFFIXES and len(shape) == 3:
     return 1
   return None
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
-                           "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM", "Qwen3MoeForCausalLM")
+                           "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM", "Qwen3MoeForCausalLM",
+                           "MixtralForCausalLM")
 """The Hugging Face ``architectures`` this model runs (Gemma 3: the text-only ``Gemma3ForCausalLM`` checkpoints)."""
 _MODEL_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
                 "Qwen3ForCausalLM": "qwen3", "Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3_text",
-                "Phi3ForCausalLM": "phi3", "Qwen3MoeForCausalLM": "qwen3_moe"}
+                "Phi3ForCausalLM": "phi3", "Qwen3MoeForCausalLM": "qwen3_moe", "MixtralForCausalLM": "mixtral"}
 _GEMMA = ("Gemma2ForCausalLM", "Gemma3ForCausalLM")
-_MOE = ("Qwen3MoeForCausalLM",)
-_EVERY_LAYER_WINDOW = ("MistralForCausalLM", "Phi3ForCausalLM", "Qwen3MoeForCausalLM")  # one window for all layers
+_MOE = ("Qwen3MoeForCausalLM", "MixtralForCausalLM")
+_EVERY_LAYER_WINDOW = ("MistralForCausalLM", "Phi3ForCausalLM", "Qwen3MoeForCausalLM",
+                       "MixtralForCausalLM")  # one window for all layers
 _FAMILY_TRAITS = ("qk_norm", "norm_plus_one", "post_norms", "scale_embeddings", "fused_projections")
 _TRAITS = {  # what each architecture's Hugging Face class computes, in the order of _FAMILY_TRAITS
     "LlamaForCausalLM": (False, False, False, False, False),
@@ -188,6 +220,7 @@ _TRAITS = {  # what each architecture's Hugging Face class computes, in the orde
     "Gemma3ForCausalLM": (True, True, True, True, False),
     "Phi3ForCausalLM": (False, False, False, False, True),
     "Qwen3MoeForCausalLM": (True, False, False, False, False),
+    "MixtralForCausalLM": (False, False, False, False, False),
 }
 # transformers' defaults for config.json keys that may be absent (the others default as for Llama).
 _HF_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -203,6 +236,9 @@ _HF_DEFAULTS: dict[str, dict[str, Any]] = {
     "Qwen3MoeForCausalLM": {"max_position_embeddings": 32768, "sliding_window": 4096, "num_experts": 128,
                             "num_experts_per_tok": 8, "moe_intermediate_size": 768, "norm_topk_prob": False,
                             "decoder_sparse_step": 1},
+    "MixtralForCausalLM": {"max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "rope_theta": 1_000_000.0,
+                           "sliding_window": None, "num_experts": 8, "num_experts_per_tok": 2,
+                           "num_key_value_heads": 8},
 }
 _ACTIVATIONS = {"silu": jax.nn.silu, "swish": jax.nn.silu, "relu": jax.nn.relu,
                 "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True)}
@@ -264,8 +300,8 @@ def _is_int(x: Any) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
-  """The architecture of a Llama / Mistral / Qwen2 / Qwen3 / Gemma 2 / Gemma 3 causal LM (the fields of a Hugging
-  Face ``config.json``).
+  """The architecture of a Llama / Mistral / Qwen2 / Qwen3 / Gemma 2 / Gemma 3 / Phi-3 / Qwen3-MoE / Mixtral causal LM
+  (the fields of a Hugging Face ``config.json``).
 
   Build it from a ``config.json`` dict with :meth:`from_hf` / :meth:`from_dir`, or directly (fields left ``None``
   are derived). It is frozen and hashable (``extra`` is excluded from equality and hashing), so it can be a static
@@ -330,11 +366,13 @@ class LlamaConfig:
       kernel with one Hessian (2:4 groups run along the input axis, which q, k and v share). ``None``: the
       architecture's.
     num_experts: ``None`` (a dense MLP) or the number of experts ``E`` of every block's mixture of experts
-      (Qwen3-MoE's ``num_experts`` / ``num_local_experts``).
+      (Qwen3-MoE's ``num_experts``, Mixtral's ``num_local_experts``).
     num_experts_per_tok: experts per token ``k`` (``1 ≤ k ≤ E``); only with ``num_experts``.
-    moe_intermediate_size: every expert's MLP width; only with ``num_experts``.
+    moe_intermediate_size: every expert's MLP width; only with ``num_experts`` (Mixtral: ``intermediate_size``, its
+      ``config.json`` has no key of its own; ``None`` becomes that).
     norm_topk_prob: Qwen3-MoE's ``norm_topk_prob``: the ``k`` routing weights are renormalised to sum to 1; only with
-      ``num_experts`` (``None`` there means ``False``, transformers' default).
+      ``num_experts`` (``None`` there means ``False``, transformers' default; Mixtral always renormalises, so
+      ``None`` means ``True`` and ``False`` is refused).
 
   Example:
     >>> from proxjax.models import LlamaConfig
@@ -444,6 +482,7 @@ class LlamaConfig:
     one_bias = {(b, b, False) for b in (False, True)}  # attention_bias: q, k, v and o together
     allowed = {"LlamaForCausalLM": {(b, b, m) for b in (False, True) for m in (False, True)},
                "MistralForCausalLM": {(False, False, False)},
+               "MixtralForCausalLM": {(False, False, False)},
                "Qwen2ForCausalLM": {(True, False, False)}}.get(arch, one_bias)
     if biases not in allowed:
       raise UnsupportedModelError(f"{arch} cannot have (qkv_bias, o_bias, mlp_bias) = {biases}")
@@ -516,12 +555,21 @@ class LlamaConfig:
         raise UnsupportedModelError(f"{', '.join(given)} (a mixture of experts) is only supported for "
                                     f"{', '.join(_MOE)}, not {arch}")
       return
+    if arch == "MixtralForCausalLM" and self.moe_intermediate_size is None:
+      put("moe_intermediate_size", self.intermediate_size)
     for name in ("num_experts", "num_experts_per_tok", "moe_intermediate_size"):
       value = getattr(self, name)
       if not _is_int(value) or value < 1:
         raise ValueError(f"config field {name!r} must be a positive int for {arch}, got {value!r}")
     if self.num_experts_per_tok > self.num_experts:
       raise ValueError(f"num_experts_per_tok={self.num_experts_per_tok} is more than num_experts={self.num_experts}")
+    if arch == "MixtralForCausalLM":  # experts as wide as intermediate_size; top-k weights always renormalised
+      if self.moe_intermediate_size != self.intermediate_size:
+        raise UnsupportedModelError(f"{arch}'s experts are intermediate_size={self.intermediate_size} wide, got "
+                                    f"moe_intermediate_size={self.moe_intermediate_size}")
+      if self.norm_topk_prob is not None and not self.norm_topk_prob:
+        raise UnsupportedModelError(f"{arch} always renormalises its top-k routing weights, got norm_topk_prob=False")
+      put("norm_topk_prob", True)
     put("norm_topk_prob", bool(self.norm_topk_prob))
     if self.activation_threshold > 0:
       raise UnsupportedModelError(f"activation_threshold (FATReLU) is not supported for the experts of {arch}")
@@ -541,6 +589,13 @@ class LlamaConfig:
   def layer_local_rope(self, index: int) -> bool:
     """Whether layer ``index`` rotates with the local base ``rope_local_theta`` (a Gemma 3 sliding layer)."""
     return self.rope_local_theta is not None and self.layer_type(index) == "sliding_attention"
+
+  @property
+  def router_weights_float32(self) -> bool:
+    """Whether the top-``k`` routing weights multiply the experts' outputs in float32 (Mixtral: transformers keeps
+    them float32, so in a lower compute dtype each term is rounded once, after the product) rather than cast to the
+    compute dtype first (Qwen3-MoE). Identical in float32."""
+    return self.architecture == "MixtralForCausalLM"
 
   @property
   def block_norm_size(self) -> int:
@@ -703,6 +758,9 @@ class LlamaConfig:
             f"Qwen3-MoE with dense MLP layers (decoder_sparse_step={get('decoder_sparse_step')!r}, mlp_only_layers="
             f"{d.get('mlp_only_layers')!r}) is not supported: only a mixture of experts in every layer "
             "(decoder_sparse_step=1, mlp_only_layers=[])")
+    elif arch == "MixtralForCausalLM":  # MixtralConfig: no biases; sliding_window (default None) on every layer
+      qkv_bias = o_bias = mlp_bias = False
+      sliding_window = get("sliding_window")
     elif arch == "Qwen2ForCausalLM":
       qkv_bias, o_bias, mlp_bias = True, False, False
       if d.get("use_sliding_window", False) and d.get("sliding_window", 4096) is not None:  # Qwen2Config default
@@ -740,7 +798,7 @@ class LlamaConfig:
         intermediate_size=d["intermediate_size"],
         num_hidden_layers=d["num_hidden_layers"],
         num_attention_heads=d["num_attention_heads"],
-        num_key_value_heads=d.get("num_key_value_heads"),
+        num_key_value_heads=get("num_key_value_heads"),
         head_dim=get("head_dim"),
         rms_norm_eps=get("rms_norm_eps", 1e-6),
         rope_theta=rope_theta,
@@ -765,8 +823,10 @@ class LlamaConfig:
         rope_local_theta=rope_local_theta,
         num_experts=d.get("num_experts", d.get("num_local_experts", get("num_experts"))) if moe else None,
         num_experts_per_tok=get("num_experts_per_tok") if moe else None,
-        moe_intermediate_size=get("moe_intermediate_size") if moe else None,
-        norm_topk_prob=get("norm_topk_prob") if moe else None,
+        # Mixtral: transformers ignores these keys (experts intermediate_size wide, weights always renormalised).
+        moe_intermediate_size=(d["intermediate_size"] if arch == "MixtralForCausalLM" else
+                               get("moe_intermediate_size")) if moe else None,
+        norm_topk_prob=get("norm_topk_prob") if moe and arch != "MixtralForCausalLM" else None,
     )
 
   @classmethod
@@ -867,11 +927,11 @@ class LlamaConfig:
       if arch == "LlamaForCausalLM":
         d["attention_bias"] = bool(self.qkv_bias)
         d["mlp_bias"] = bool(self.mlp_bias)
-      elif arch not in ("MistralForCausalLM", "Qwen2ForCausalLM", "Phi3ForCausalLM"):
+      elif arch not in ("MistralForCausalLM", "Qwen2ForCausalLM", "Phi3ForCausalLM", "MixtralForCausalLM"):
         d["attention_bias"] = bool(self.qkv_bias)
     if changed("sliding_window", "layer_types"):
       types = [self.layer_type(i) for i in range(self.num_hidden_layers)]
-      if arch in ("MistralForCausalLM", "Phi3ForCausalLM"):
+      if arch in ("MistralForCausalLM", "Phi3ForCausalLM", "MixtralForCausalLM"):
         d["sliding_window"] = self.sliding_window
       elif arch in _MOE:
         d["use_sliding_window"] = self.sliding_window is not None
@@ -891,7 +951,10 @@ class LlamaConfig:
           d[key] = getattr(self, name)
       if changed("query_pre_attn_scalar", "head_dim"):
         d["query_pre_attn_scalar"] = self.query_pre_attn_scalar or self.head_dim
-    if arch in _MOE and changed("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob"):
+    if arch == "MixtralForCausalLM" and changed("num_experts", "num_experts_per_tok"):
+      d["num_local_experts"] = self.num_experts  # the expert width is intermediate_size; renormalisation is fixed
+      d["num_experts_per_tok"] = self.num_experts_per_tok
+    elif arch in _MOE and changed("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob"):
       d["num_local_experts" if "num_local_experts" in d and "num_experts" not in d else "num_experts"] = self.num_experts
       d["num_experts_per_tok"] = self.num_experts_per_tok
       d["moe_intermediate_size"] = self.moe_intermediate_size
@@ -1188,25 +1251,32 @@ class StackedLinear(nnx.Module):
 
 
 class MoeExperts(nnx.Module):
-  """The stacked experts of a block: ``gate_proj``, ``up_proj`` ``(E, D, I)`` and ``down_proj`` ``(E, I, D)``
-  (:class:`StackedLinear`, ``I = moe_intermediate_size``)."""
+  """The stacked experts of a block: gate and up ``(E, D, I)``, down ``(E, I, D)`` (:class:`StackedLinear`, ``I =
+  moe_intermediate_size``), named ``gate_proj``, ``up_proj``, ``down_proj`` (Qwen3-MoE) or ``w1``, ``w3``, ``w2``
+  (Mixtral): the last parts of :func:`expert_names`, in :attr:`names`."""
 
   def __init__(self, config: LlamaConfig, *, param_dtype: Any, rngs: nnx.Rngs):
     c = config
     e, d, i = c.num_experts, c.hidden_size, c.moe_intermediate_size
-    self.gate_proj = StackedLinear(e, d, i, param_dtype=param_dtype, rngs=rngs)
-    self.up_proj = StackedLinear(e, d, i, param_dtype=param_dtype, rngs=rngs)
-    self.down_proj = StackedLinear(e, i, d, param_dtype=param_dtype, rngs=rngs)
+    self.names = tuple(n.rsplit(".", 1)[1] for n in expert_names(c))  # (gate, up, down)
+    for name, (d_in, d_out) in zip(self.names, ((d, i), (d, i), (i, d)), strict=True):
+      setattr(self, name, StackedLinear(e, d_in, d_out, param_dtype=param_dtype, rngs=rngs))
+
+  def stacked(self) -> tuple[StackedLinear, StackedLinear, StackedLinear]:
+    """The ``(gate, up, down)`` stacked linears."""
+    return tuple(getattr(self, n) for n in self.names)
 
 
 class SparseMoeBlock(nnx.Module):
-  r"""A top-``k`` mixture of experts in place of the MLP (Qwen3-MoE), as transformers 5 computes it.
+  r"""A top-``k`` mixture of experts in place of the MLP (Qwen3-MoE's ``mlp``, Mixtral's ``block_sparse_moe``), as
+  transformers 5 computes it.
 
   For a token ``x`` ``(D,)``: router logits ``z = x W_g`` (``gate``, ``(D, E)``, no bias, the compute dtype),
   ``p = softmax(z)`` in float32, ``(w, e) = top_k(p)`` (the ``k`` largest, ties to the lower index), with
-  ``norm_topk_prob`` ``w ← w / Σ w``, then ``w`` cast to the compute dtype; the output is
-  ``Σ_j w_j · down_{e_j}(act(x G_{e_j}) ⊙ x U_{e_j})``, the experts' terms added in increasing expert index
-  (transformers' ``index_add_`` order).
+  ``norm_topk_prob`` (always for Mixtral) ``w ← w / Σ w``, then ``w`` cast to the compute dtype (Qwen3-MoE; Mixtral
+  keeps it in float32 and rounds each product ``w_j · down(…)`` to the compute dtype instead,
+  :attr:`LlamaConfig.router_weights_float32`); the output is ``Σ_j w_j · down_{e_j}(act(x G_{e_j}) ⊙ x U_{e_j})``,
+  the experts' terms added in increasing expert index (transformers' ``index_add_`` order).
 
   Every expert runs on every token (a ``lax.scan`` over the experts, the terms of the experts a token is not routed
   to dropped with ``where``): exact, and ``E / k`` times the FLOPs of a routed dispatch, which is what the layer-wise
@@ -1229,43 +1299,46 @@ class SparseMoeBlock(nnx.Module):
     c = config
     self.gate = _linear(c.hidden_size, c.num_experts, False, dtype, param_dtype, rngs)
     self.experts = MoeExperts(c, param_dtype=param_dtype, rngs=rngs)
+    self.input_names = expert_names(c)  # the keys of return_inputs: (gate, up, down) relative to the block
     self.num_experts = c.num_experts
     self.top_k = c.num_experts_per_tok
     self.norm_topk_prob = bool(c.norm_topk_prob)
+    self.weights_float32 = c.router_weights_float32
     self.hidden_act = c.hidden_act
     self.dtype = dtype
 
   def route(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """``(logits (B, T, E), weights (B, T, k), experts (B, T, k) int32)`` of ``x`` ``(B, T, D)``: the router logits
-    in the compute dtype, the top-``k`` routing weights (renormalised with ``norm_topk_prob``) and their experts,
-    in decreasing order of probability."""
+    in the compute dtype, the top-``k`` routing weights (renormalised with ``norm_topk_prob``; in the compute dtype,
+    or float32 with ``router_weights_float32``) and their experts, in decreasing order of probability."""
     logits = self.gate(x)
     probs = jax.nn.softmax(logits.astype(_F32), axis=-1)
     weights, experts = lax.top_k(probs, self.top_k)
     if self.norm_topk_prob:
       weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
-    return logits, weights.astype(logits.dtype), experts
+    return logits, weights if self.weights_float32 else weights.astype(logits.dtype), experts
 
   def __call__(self, x: jax.Array, *, return_inputs: bool = False,
                return_activation: bool = False) -> jax.Array | tuple[Any, ...]:
-    """The block's output ``(B, T, D)``; with ``return_inputs`` also ``{name: RoutedInputs}`` for
-    ``experts.gate_proj`` / ``experts.up_proj`` (one object: ``x``) and ``experts.down_proj`` (each expert's
-    ``act(x G_e) ⊙ x U_e``, ``(E, B, T, I)``); with ``return_activation`` also every expert's ``act(x G_e)``
-    ``(E, B, T, I)``; in that order."""
+    """The block's output ``(B, T, D)``; with ``return_inputs`` also ``{name: RoutedInputs}`` for the gate and up
+    kernels (``mlp.experts.gate_proj`` / ``up_proj``, Mixtral's ``block_sparse_moe.experts.w1`` / ``w3``: one
+    object, ``x``) and the down kernel (``…down_proj`` / ``…w2``: each expert's ``act(x G_e) ⊙ x U_e``,
+    ``(E, B, T, I)``); with ``return_activation`` also every expert's ``act(x G_e)`` ``(E, B, T, I)``; in that
+    order."""
     _, weights, experts = self.route(x)
     onehot = experts[..., None] == jnp.arange(self.num_experts)  # (B, T, k, E)
     routed = jnp.any(onehot, axis=-2)  # (B, T, E)
     w = jnp.sum(jnp.where(onehot, weights[..., None], jnp.zeros((), weights.dtype)), axis=-2)  # one term per expert
     act = _ACTIVATIONS[self.hidden_act]
-    kernels = [jnp.asarray(m.kernel[...], self.dtype)
-               for m in (self.experts.gate_proj, self.experts.up_proj, self.experts.down_proj)]
+    kernels = [jnp.asarray(m.kernel[...], self.dtype) for m in self.experts.stacked()]
 
     def expert(acc: jax.Array, xs: tuple[jax.Array, ...]) -> tuple[jax.Array, Any]:
       gate, up, down, w_e, r_e = xs
       a = act(x @ gate)
       hidden = a * (x @ up)
       out = hidden @ down
-      acc = acc + jnp.where(r_e[..., None], out * w_e[..., None], jnp.zeros((), out.dtype))
+      term = (out * w_e[..., None]).astype(out.dtype)  # float32 weights (Mixtral): rounded after the product
+      acc = acc + jnp.where(r_e[..., None], term, jnp.zeros((), out.dtype))
       return acc, (hidden if return_inputs else None, a if return_activation else None)
 
     xs = (*kernels, jnp.moveaxis(w, -1, 0), jnp.moveaxis(routed, -1, 0))
@@ -1273,8 +1346,8 @@ class SparseMoeBlock(nnx.Module):
     extra: tuple[Any, ...] = ()
     if return_inputs:
       shared = RoutedInputs(x, jnp.moveaxis(routed, -1, 0))
-      extra += ({"mlp.experts.gate_proj": shared, "mlp.experts.up_proj": shared,
-                 "mlp.experts.down_proj": RoutedInputs(hidden, shared.routed)},)
+      gate_name, up_name, down_name = self.input_names
+      extra += ({gate_name: shared, up_name: shared, down_name: RoutedInputs(hidden, shared.routed)},)
     if return_activation:
       extra += (a,)
     return (out, *extra) if extra else out
@@ -1299,8 +1372,16 @@ class LlamaDecoderLayer(nnx.Module):
       self.pre_feedforward_layernorm = _norm(c, c.hidden_size, dtype, param_dtype)
       self.post_feedforward_layernorm = _norm(c, c.hidden_size, dtype, param_dtype)
     self.post_norms = bool(c.post_norms)
-    self.mlp = (SparseMoeBlock(c, dtype=dtype, param_dtype=param_dtype, rngs=rngs) if c.num_experts else
-                LlamaMLP(c, dtype=dtype, param_dtype=param_dtype, rngs=rngs))
+    # The feed-forward under its Hugging Face name: ``mlp``, or Mixtral's ``block_sparse_moe``.
+    self.feed_forward_name = expert_names(c)[0].split(".")[0] if c.num_experts else "mlp"
+    setattr(self, self.feed_forward_name,
+            SparseMoeBlock(c, dtype=dtype, param_dtype=param_dtype, rngs=rngs) if c.num_experts else
+            LlamaMLP(c, dtype=dtype, param_dtype=param_dtype, rngs=rngs))
+
+  @property
+  def feed_forward(self) -> LlamaMLP | SparseMoeBlock:
+    """The block's MLP or mixture of experts (``self.mlp``, Mixtral's ``self.block_sparse_moe``)."""
+    return getattr(self, self.feed_forward_name)
 
   def __call__(self, h: jax.Array, rope: tuple[jax.Array, ...], *, return_inputs: bool = False,
                return_activation: bool = False,
@@ -1342,14 +1423,15 @@ class LlamaDecoderLayer(nnx.Module):
       attn_out = self.post_attention_layernorm(attn_out)
     h = h + attn_out
     y = self.pre_feedforward_layernorm(h) if self.post_norms else self.post_attention_layernorm(h)
-    if isinstance(self.mlp, SparseMoeBlock):
-      res = self.mlp(y, return_inputs=return_inputs, return_activation=return_activation)
+    ffn = self.feed_forward
+    if isinstance(ffn, SparseMoeBlock):
+      res = ffn(y, return_inputs=return_inputs, return_activation=return_activation)
       mlp_out, rest = (res[0], list(res[1:])) if return_inputs or return_activation else (res, [])
       mlp_inputs = rest.pop(0) if return_inputs else {}
       a = rest.pop(0) if return_activation else None
     else:
-      mlp_out, down_in, a = self.mlp(y, return_inputs=True, return_activation=True)
-      mlp_inputs = ({"mlp.gate_up_proj": y, "mlp.down_proj": down_in} if self.mlp.fused else
+      mlp_out, down_in, a = ffn(y, return_inputs=True, return_activation=True)
+      mlp_inputs = ({"mlp.gate_up_proj": y, "mlp.down_proj": down_in} if ffn.fused else
                     {"mlp.gate_proj": y, "mlp.up_proj": y, "mlp.down_proj": down_in})
     if self.post_norms:
       mlp_out = self.post_feedforward_layernorm(mlp_out)

@@ -92,7 +92,8 @@ import jax.numpy as jnp
 from proxjax.pipeline import prune as _pipeline
 from proxjax.pruning import pruner as _pruner
 from proxjax.core import sharding as _sharding
-from proxjax.models.llama import EXPERT_NAMES, FUSED_LINEAR_NAMES, LINEAR_NAMES, LlamaConfig, linear_names
+from proxjax.models.llama import (EXPERT_NAMES, FUSED_LINEAR_NAMES, LINEAR_NAMES, MIXTRAL_EXPERT_NAMES, LlamaConfig,
+                                  expert_names, linear_names)
 from proxjax.pruning.methods import MethodConfig, ProxConfig, PruneConfig, SparseGPTConfig
 from proxjax.pruning.refine import Preconditioned, as_precision
 
@@ -132,7 +133,8 @@ GD_PASSES = 6
 
 _F32 = 4
 _I32 = 4
-_SHORT = {n: n.split(".")[-1] for n in LINEAR_NAMES + FUSED_LINEAR_NAMES} | {n: n[4:] for n in EXPERT_NAMES}
+_EXPERTS = frozenset(EXPERT_NAMES + MIXTRAL_EXPERT_NAMES)  # stacked expert kernels (E, d_in, d_out), every family's
+_SHORT = {n: n.split(".")[-1] for n in LINEAR_NAMES + FUSED_LINEAR_NAMES} | {n: n.split(".", 1)[1] for n in _EXPERTS}
 # Which array feeds each linear (linears with the same key share one XᵀX and one Hessian state, as the pipeline's
 # _input_owners finds them by tracing) and how deep into the block
 # the forward must run to produce it: 0 the first norm, 1 the attention output, 2 the second norm, 3 the MLP hidden.
@@ -140,7 +142,8 @@ _INPUT = {"self_attn.q_proj": ("x", 0), "self_attn.k_proj": ("x", 0), "self_attn
           "self_attn.o_proj": ("attn", 1), "mlp.gate_proj": ("y", 2), "mlp.up_proj": ("y", 2),
           "mlp.down_proj": ("hidden", 3), "self_attn.qkv_proj": ("x", 0), "mlp.gate_up_proj": ("y", 2),
           "mlp.experts.gate_proj": ("routed y", 2), "mlp.experts.up_proj": ("routed y", 2),
-          "mlp.experts.down_proj": ("routed hidden", 3)}
+          "mlp.experts.down_proj": ("routed hidden", 3), "block_sparse_moe.experts.w1": ("routed y", 2),
+          "block_sparse_moe.experts.w3": ("routed y", 2), "block_sparse_moe.experts.w2": ("routed hidden", 3)}
 # A mixture of experts' inputs ("routed …") are held once per expert: each expert's masked copy of its input and its
 # own Hessian state (E × d_in² per stacked kernel).
 _FULL = 4  # the whole block (propagation)
@@ -324,7 +327,7 @@ def _rate(name: str, value: float | None) -> float | None:
 def _copies(c: LlamaConfig, name: str) -> int:
   """How many kernels (or inputs and Hessian states) ``name`` stands for: ``num_experts`` for a stacked expert kernel
   or a routed input, else 1."""
-  return c.num_experts if name in EXPERT_NAMES or name.startswith("routed") else 1
+  return c.num_experts if name in _EXPERTS or name.startswith("routed") else 1
 
 
 def _router_size(c: LlamaConfig) -> int:
@@ -342,12 +345,12 @@ def _linears(c: LlamaConfig) -> dict[str, tuple[int, int, bool]]:
             "mlp.down_proj": (c.intermediate_size, c.hidden_size, bool(c.mlp_bias))}
   if c.num_experts:
     i = c.moe_intermediate_size
+    gate, up, down = expert_names(c)
     return {"self_attn.q_proj": (c.hidden_size, q_out, bool(c.qkv_bias)),
             "self_attn.k_proj": (c.hidden_size, kv_out, bool(c.qkv_bias)),
             "self_attn.v_proj": (c.hidden_size, kv_out, bool(c.qkv_bias)),
             "self_attn.o_proj": (q_out, c.hidden_size, bool(c.o_bias)),
-            "mlp.experts.gate_proj": (c.hidden_size, i, False), "mlp.experts.up_proj": (c.hidden_size, i, False),
-            "mlp.experts.down_proj": (i, c.hidden_size, False)}
+            gate: (c.hidden_size, i, False), up: (c.hidden_size, i, False), down: (i, c.hidden_size, False)}
   return {"self_attn.q_proj": (c.hidden_size, q_out, bool(c.qkv_bias)),
           "self_attn.k_proj": (c.hidden_size, kv_out, bool(c.qkv_bias)),
           "self_attn.v_proj": (c.hidden_size, kv_out, bool(c.qkv_bias)),
@@ -367,7 +370,7 @@ def _block_param_bytes(c: LlamaConfig, pb: int, model_devices: int) -> int:
   if c.num_experts:  # the router kernel (hidden, E), split along E like any kernel's outputs
     total += c.hidden_size * _split(c.num_experts, model_devices) * pb
   for name, (d_in, d_out, bias) in _linears(c).items():
-    local = d_out if name in EXPERT_NAMES else _split(d_out, model_devices)  # stacked experts: replicated
+    local = d_out if name in _EXPERTS else _split(d_out, model_devices)  # stacked experts: replicated
     total += (d_in * local + (local if bias else 0)) * pb * _copies(c, name)
   return total
 
@@ -1087,7 +1090,7 @@ def measure_block(config: LlamaConfig, *, batch_size: int, seqlen: int, param_dt
     owners = _pipeline.input_owners(graphdef, tuple(stage), act_shape, plain(rope),
                                      plain(params))
     distinct = tuple(dict.fromkeys(owners[n] for n in stage))
-    stack = lambda n: (c.num_experts,) if n in EXPERT_NAMES else ()  # noqa: E731  (a state per expert)
+    stack = lambda n: (c.num_experts,) if n in _EXPERTS else ()  # noqa: E731  (a state per expert)
     states = {n: _cal.HessianState(sds(stack(n) + (lin[n][0],) * 2, f32), sds(stack(n), jnp.int32))
               for n in distinct}
     inputs = base + _local_bytes(valid, valid_s) + sum(_local_bytes(v, None) for v in jax.tree.leaves(states))

@@ -45,7 +45,7 @@ from proxjax.core.files import atomic_write as _atomic_write
 from proxjax.core.files import open_run_dir as _open_run_dir
 from proxjax.core.files import write_json as _write_json
 from proxjax.core.spec import flat_spec
-from proxjax.models.llama import LINEAR_NAMES, RoutedInputs, projection_spec
+from proxjax.models.llama import EXPERT_NAMES, LINEAR_NAMES, MIXTRAL_EXPERT_NAMES, RoutedInputs, projection_spec
 from proxjax.models.llama import linear_names as _family_linears
 from proxjax.pruning import calibration as _cal
 from proxjax.pruning import pruner as _pruner
@@ -62,11 +62,13 @@ TRUE_SEQUENTIAL_STAGES = (
 FAMILY_STAGES = (
     TRUE_SEQUENTIAL_STAGES[0] + ("self_attn.qkv_proj",),
     TRUE_SEQUENTIAL_STAGES[1],
-    TRUE_SEQUENTIAL_STAGES[2] + ("mlp.gate_up_proj", "mlp.experts.gate_proj", "mlp.experts.up_proj"),
-    TRUE_SEQUENTIAL_STAGES[3] + ("mlp.experts.down_proj",),
+    TRUE_SEQUENTIAL_STAGES[2] + ("mlp.gate_up_proj", EXPERT_NAMES[0], EXPERT_NAMES[1], MIXTRAL_EXPERT_NAMES[0],
+                                 MIXTRAL_EXPERT_NAMES[1]),
+    TRUE_SEQUENTIAL_STAGES[3] + (EXPERT_NAMES[2], MIXTRAL_EXPERT_NAMES[2]),
 )
 """The stages of every family: :data:`TRUE_SEQUENTIAL_STAGES` with Phi-3's fused ``qkv_proj`` and ``gate_up_proj``
-and a mixture of experts' stacked ``experts.gate_proj`` / ``up_proj`` (third stage) and ``down_proj`` (fourth)."""
+and a mixture of experts' stacked gate and up kernels (third stage: ``mlp.experts.gate_proj`` / ``up_proj``,
+Mixtral's ``block_sparse_moe.experts.w1`` / ``w3``) and down kernel (fourth: ``down_proj``, Mixtral's ``w2``)."""
 
 MIN_EXPERT_TOKENS = 64
 """The default fewest calibration tokens an expert must receive for its kernels to be pruned by the method with
@@ -118,7 +120,8 @@ class PipelineResult(NamedTuple):
 
   Attributes:
     layers: one :class:`LayerReport` per pruned linear, in pruning order; a stacked expert kernel gets one per expert,
-      named ``mlp.experts.{e}.gate_proj`` etc. (the Hugging Face name), with its own ``tokens``.
+      named ``mlp.experts.{e}.gate_proj`` etc. (the Hugging Face name; Mixtral's ``block_sparse_moe.experts.{e}.w1``
+      etc.), with its own ``tokens``.
     resumed_blocks: blocks taken from ``state_dir`` instead of being pruned in this call.
     seconds: wall time of this call.
     underfed_experts: the experts' reports whose ``tokens`` were fewer than ``min_expert_tokens``: those kernels
@@ -458,7 +461,8 @@ def prune_model(model: Any, calibration_ids: Any, method: str | MethodConfig | P
   ``n_e`` calibration tokens routed to it (one of their top ``k``), **unweighted** by the routing weight: the local
   loss is then the error of the expert's own output on the tokens it serves, the same problem as for a dense MLP,
   and not one that shifts with the router's (pruned-model) confidence. An expert with ``n_e <
-  min_expert_tokens`` is pruned by magnitude (reported, never skipped); the router (``mlp.gate``) stays dense.
+  min_expert_tokens`` is pruned by magnitude (reported, never skipped); the router (``mlp.gate``,
+  Mixtral's ``block_sparse_moe.gate``) stays dense.
 
   Args:
     model: the model, modified in place (see the module docstring for the interface it must have).

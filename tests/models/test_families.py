@@ -53,8 +53,11 @@ from tests.support.torch_llama import (  # noqa: E402
     WINDOW,
     assert_close,
     eager_logits,
+    hf_logits,
     input_ids,
     make_torch_model,
+    model_pairs,
+    param_arrays,
     rel_err,
     to_np,
 )
@@ -65,18 +68,7 @@ ARCHITECTURES = {"qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM", "ge
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
   """(torch model, our model loaded from its save_pretrained output, that directory), cached per variant."""
-  cache = {}
-
-  def make(name: str):
-    if name not in cache:
-      kind, overrides = FAMILIES[name]
-      tm = make_torch_model(kind, seed=11, **overrides)
-      d = tmp_path_factory.mktemp(name)
-      tm.save_pretrained(d)
-      cache[name] = (tm, load_pretrained(d), d)
-    return cache[name]
-
-  return make
+  return model_pairs(tmp_path_factory, lambda name: make_torch_model(FAMILIES[name][0], seed=11, **FAMILIES[name][1]))
 
 
 _forward = eager_logits
@@ -89,10 +81,7 @@ def _with(model: LlamaForCausalLM, **changes) -> LlamaForCausalLM:
                    nnx.state(model))
 
 
-def _torch_logits(tm, ids, mask=None) -> np.ndarray:
-  with torch.no_grad():
-    kw = {} if mask is None else {"attention_mask": torch.as_tensor(mask, dtype=torch.long)}
-    return tm(input_ids=torch.as_tensor(ids, dtype=torch.long), **kw).logits.float().numpy()
+_torch_logits = hf_logits
 
 
 # --- the forward -----------------------------------------------------------------------------------------------------
@@ -330,8 +319,7 @@ DEFAULT_METHOD = {"qwen3": "wanda", "gemma2": "sparsegpt", "gemma3": "wanda"}
 every family); the other methods run under ``slow``."""
 
 
-def _flat(model) -> dict:
-  return {tuple(map(str, k)): np.asarray(v.get_value()) for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+_flat = param_arrays
 
 
 @pytest.mark.parametrize("name,method", [

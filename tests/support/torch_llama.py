@@ -7,6 +7,8 @@ session-wide ``checkpoint`` fixture of tests/conftest.py. Tolerance: ``|ours −
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -14,6 +16,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
+from flax import nnx  # noqa: E402
 
 TOL = 2e-5
 B, T = 2, 16
@@ -26,6 +29,7 @@ HF_CLASSES = {
     "gemma3": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM),
     "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM),
     "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM),
+    "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM),
 }
 
 WINDOW = 5
@@ -119,3 +123,34 @@ def eager_logits(model, ids):
   """The model's logits, run eagerly: its ops compile once for every model of the family tests (a jitted forward
   compiles per config)."""
   return model(jnp.asarray(ids))
+
+
+def hf_logits(model, ids, mask=None) -> np.ndarray:
+  """transformers' logits of ``ids`` ``(B, T)`` as float32 NumPy; ``mask`` ``(B, T)`` (1 = real token) is passed as
+  the ``attention_mask`` (padding)."""
+  with torch.no_grad():
+    kw = {} if mask is None else {"attention_mask": torch.as_tensor(mask, dtype=torch.long)}
+    return model(input_ids=torch.as_tensor(ids, dtype=torch.long), **kw).logits.float().numpy()
+
+
+def param_arrays(model) -> dict[tuple[str, ...], np.ndarray]:
+  """Every ``nnx.Param`` of a proxjax model as a NumPy array, keyed by its path as strings."""
+  return {tuple(map(str, k)): np.asarray(v.get_value()) for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def model_pairs(tmp_path_factory, build: Callable[[str], Any]) -> Callable[[str], tuple[Any, Any, Any]]:
+  """``make(name)`` → ``(torch model, our model loaded from its save_pretrained output, that directory)``, the torch
+  model ``build(name)``, each built once (the body of the family tests' module-scoped ``pair`` fixtures)."""
+  from proxjax.models import load_pretrained  # noqa: PLC0415
+
+  cache: dict[str, tuple[Any, Any, Any]] = {}
+
+  def make(name: str) -> tuple[Any, Any, Any]:
+    if name not in cache:
+      tm = build(name)
+      d = tmp_path_factory.mktemp(name)
+      tm.save_pretrained(d)
+      cache[name] = (tm, load_pretrained(d), d)
+    return cache[name]
+
+  return make
