@@ -35,3 +35,10 @@ def test_import_proxjax_imports_no_jax():
   code = "import sys, proxjax, proxjax.models; print('JAX' if 'jax' in sys.modules else 'NO-JAX', proxjax.__version__)"
   proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
   assert proc.stdout.split()[0] == "NO-JAX", proc.stdout + proc.stderr
+
+
+def test_family_naming_is_public():
+  """What the pipeline, the memory planner and ``proxjax check`` name every family's linears with (issue 17)."""
+  names = ["expert_names", "hf_names", "hf_to_slot", "linear_names"]
+  assert set(names) <= set(proxjax.models.__all__)
+  assert proxjax.models.hf_to_slot("model.layers.2.block_sparse_moe.experts.1.w3.weight")[1] == 1

@@ -133,6 +133,19 @@ def hf_logits(model, ids, mask=None) -> np.ndarray:
     return model(input_ids=torch.as_tensor(ids, dtype=torch.long), **kw).logits.float().numpy()
 
 
+def assert_padded_batch_close(tm, model, ids, lengths) -> None:
+  """Right-pads row ``i`` of ``ids`` ``(B, T)`` after ``lengths[i]`` tokens (id 0) and checks that every real
+  position has transformers' logits (with the padding masked out there) within :data:`TOL`; ours run eagerly
+  (:func:`eager_logits`, no mask: right padding never reaches an earlier position)."""
+  lengths = np.asarray(lengths)
+  mask = np.arange(ids.shape[1])[None, :] < lengths[:, None]
+  ids = np.where(mask, ids, 0).astype(np.int32)
+  ref = hf_logits(tm, ids, mask)
+  ours = np.asarray(eager_logits(model, ids))
+  for row, n in enumerate(lengths):
+    assert_close(ours[row, :n], ref[row, :n])
+
+
 def param_arrays(model) -> dict[tuple[str, ...], np.ndarray]:
   """Every ``nnx.Param`` of a proxjax model as a NumPy array, keyed by its path as strings."""
   return {tuple(map(str, k)): np.asarray(v.get_value()) for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
