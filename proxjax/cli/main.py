@@ -14,9 +14,13 @@ Examples::
   proxjax prune smollm2 out/wanda --method wanda --mesh 8        # kernels split over 8 devices
   proxjax prune big-model out/prox --mesh model=8 --offload       # one block on the devices at a time
 
-Multi-host: run the same command on every host after ``jax.distributed.initialize()`` (e.g. through
-``JAX_COORDINATOR_ADDRESS``/process environment as the cluster provides, or a small wrapper script); ``--mesh auto``
-then spans every host's devices.
+Several processes (hosts): ``prune`` and ``eval`` take ``--coordinator HOST:PORT --num-processes N --process-id I``;
+run the same command on every process, only ``--process-id`` differing. They join JAX's distributed runtime before
+anything touches a device (:mod:`proxjax.core.distributed`: bounded waits, the arguments compared across processes),
+``--mesh`` (default ``auto`` then) spans every process's devices and process 0 writes the outputs::
+
+  proxjax prune smollm2 out/wanda --method wanda --coordinator 10.0.0.1:1234 --num-processes 2 --process-id 0
+  proxjax prune smollm2 out/wanda --method wanda --coordinator 10.0.0.1:1234 --num-processes 2 --process-id 1
 
 The command line is thin: argparse → a typed configuration (:mod:`proxjax.workflows.config`, validated before
 anything is loaded; a bad argument exits with code 2) → a workflow (:mod:`proxjax.workflows`) → print. JAX is
@@ -154,8 +158,27 @@ def _prune_job(args: argparse.Namespace) -> jobs.PruneJob:
       mesh=args.mesh, offload=args.offload, progress=not args.quiet)
 
 
+def _join(args: argparse.Namespace) -> None:
+  """Joins the other processes (``--coordinator``, ``--num-processes``, ``--process-id``) before anything touches a
+  device, and refuses to go on unless every process parsed the same arguments (all but ``--process-id``)."""
+  given = [f for f in ("coordinator", "num_processes", "process_id") if getattr(args, f, None) is not None]
+  if not given:
+    return
+  if len(given) < 3:
+    raise ArgumentError("--coordinator, --num-processes and --process-id go together (give all three)")
+  import jax  # pylint: disable=import-outside-toplevel  (the arguments are valid by now)
+
+  from proxjax import __version__  # pylint: disable=import-outside-toplevel
+  from proxjax.core import distributed  # pylint: disable=import-outside-toplevel
+  config = _checked(distributed.DistributedConfig, args.coordinator, args.num_processes, args.process_id,
+                    join_timeout=args.join_timeout, heartbeat_timeout=args.heartbeat_timeout)
+  arguments = {k: v for k, v in vars(args).items() if k != "process_id"}
+  distributed.initialize(config, fingerprint={"arguments": arguments, "proxjax": __version__, "jax": jax.__version__})
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
   job = _prune_job(args)
+  _join(args)
   if args.dry_run:
     from proxjax.workflows.prune import dry_run  # pylint: disable=import-outside-toplevel
     flops = None if args.device_tflops is None else args.device_tflops * 1e12
@@ -184,6 +207,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
   if args.json:
     _checked(paths.check_file, args.json, sources=[paths.model_path(model)], what="--json")
   if args.tasks is not None:
+    if args.coordinator is not None:
+      raise ArgumentError("--tasks does not run across processes yet: drop --coordinator (one process evaluates)")
     return _eval_tasks(args, model)
   for flag in ("num_fewshot", "limit", "include_path"):
     if getattr(args, flag) is not None:
@@ -194,6 +219,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
   job = jobs.EvalJob(model, jobs.EvalConfig(dataset, seqlen=args.seqlen, max_windows=args.max_windows,
                                             batch_size=args.batch_size),
                      json=args.json, mesh=args.mesh, progress=not args.quiet)
+  _join(args)
   from proxjax.workflows.evaluate import evaluate  # pylint: disable=import-outside-toplevel
   _, text = evaluate(job)
   print(text)
@@ -355,6 +381,18 @@ def _common(p: argparse.ArgumentParser) -> None:
   p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
   p.add_argument("--quiet", action="store_true", help="no progress bars")
   _mesh_flag(p)
+  _distributed_flags(p)
+
+
+def _distributed_flags(p: argparse.ArgumentParser) -> None:
+  g = p.add_argument_group("several processes (hosts); run the same command on each, only --process-id differing")
+  g.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address and a free port (with the next two)")
+  g.add_argument("--num-processes", type=int, metavar="N", help="how many processes take part")
+  g.add_argument("--process-id", type=int, metavar="I", help="this process's index, 0..N-1 (0 writes the outputs)")
+  g.add_argument("--join-timeout", type=int, default=300, metavar="S",
+                 help="seconds to wait for every process to join; then all exit (default 300)")
+  g.add_argument("--heartbeat-timeout", type=int, default=60, metavar="S",
+                 help="a process silent (dead) or failed for S seconds stops all of them (default 60)")
 
 
 def _resume_flags(p: argparse.ArgumentParser, report: str) -> None:

@@ -10,10 +10,16 @@ predicted, so ``N = W (T - 1)`` tokens are scored, and
 All windows have the same length, so this equals Wanda/SparseGPT's ``exp(mean over windows of the window's mean
 loss)``. Each ``ℓ`` is computed in float32 in a jitted helper (the log-softmax is never materialized: one logsumexp and
 one gather per position); the sums are accumulated in float64 on the host.
+
+On a device mesh (``mesh=``), each batch of windows is a global array split over every device, each process
+supplying only its own devices' rows (``jax.make_array_from_callback``), and the compiled helper returns the token
+NLL replicated (one all-gather of ``(B, T-1)`` floats): every process, on one host or several
+(:mod:`proxjax.core.distributed`), then sums the same numbers in the same order and gets the same perplexity.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -22,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
+
+from proxjax.core import sharding
 
 __all__ = ["PerplexityResult", "format_report", "padded_batch", "perplexity"]
 
@@ -44,8 +52,7 @@ class PerplexityResult(NamedTuple):
   seqlen: int
 
 
-@jax.jit
-def _token_nll(logits: jax.Array, ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _token_nll_impl(logits: jax.Array, ids: jax.Array) -> tuple[jax.Array, jax.Array]:
   """``(B, T-1)`` float32 NLL of ``ids[:, 1:]`` under ``logits[:, :-1]``, and ``(B,)`` "all logits finite"."""
   z = logits.astype(jnp.float32)
   finite = jnp.all(jnp.isfinite(z), axis=(1, 2))
@@ -53,6 +60,16 @@ def _token_nll(logits: jax.Array, ids: jax.Array) -> tuple[jax.Array, jax.Array]
   lse = jax.nn.logsumexp(z, axis=-1)
   target = jnp.take_along_axis(z, ids[:, 1:, None].astype(jnp.int32), axis=-1)[..., 0]
   return lse - target, finite
+
+
+_token_nll = jax.jit(_token_nll_impl)
+
+
+@functools.lru_cache(maxsize=8)
+def _token_nll_on(mesh: jax.sharding.Mesh) -> Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]:
+  """:func:`_token_nll` with both outputs replicated over ``mesh`` (readable by every process)."""
+  rep = sharding.replicated(mesh)
+  return jax.jit(_token_nll_impl, out_shardings=(rep, rep))
 
 
 def padded_batch(windows: np.ndarray, start: int, batch_size: int) -> tuple[np.ndarray, int]:
@@ -73,7 +90,7 @@ def padded_batch(windows: np.ndarray, start: int, batch_size: int) -> tuple[np.n
 
 
 def perplexity(logits_fn: Callable[[Any], Any], windows: Any, *, batch_size: int = 1,
-               progress: bool = True) -> PerplexityResult:
+               progress: bool = True, mesh: jax.sharding.Mesh | None = None) -> PerplexityResult:
   """Perplexity of ``logits_fn`` on ``windows`` (see the module docstring for the exact definition).
 
   Windows are fed ``batch_size`` at a time. The last partial batch is padded with copies of its first window up to
@@ -85,6 +102,9 @@ def perplexity(logits_fn: Callable[[Any], Any], windows: Any, *, batch_size: int
     windows: ``(W, T)`` integer token ids, ``T ≥ 2`` (e.g. :attr:`proxjax.data.EvalData.windows`).
     batch_size: windows per call.
     progress: show a tqdm progress bar (with the running perplexity).
+    mesh: feed each batch as a global array split over the mesh's devices (``batch_size`` rounded up to a multiple of
+      the device count; the padding rows are ignored) and read the NLL replicated: the mesh may span several
+      processes (module docstring). ``logits_fn`` then receives that global array. ``None``: a host array.
 
   Returns:
     A :class:`PerplexityResult`.
@@ -111,13 +131,20 @@ def perplexity(logits_fn: Callable[[Any], Any], windows: Any, *, batch_size: int
   if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
     raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
   bs = int(min(batch_size, n_windows))
+  token_nll = _token_nll
+  if mesh is not None:
+    bs = -(-bs // mesh.size) * mesh.size
+    ids_sharding, token_nll = sharding.activation_sharding(mesh, (bs, seqlen)), _token_nll_on(mesh)
   w = w.astype(np.int32)
   total, count = 0.0, 0
   bar = tqdm(total=n_windows, desc="perplexity", unit="window", disable=not progress)
   try:
     for start in range(0, n_windows, bs):
       batch, valid = padded_batch(w, start, bs)
-      ids = jnp.asarray(batch)
+      if mesh is None:
+        ids = jnp.asarray(batch)
+      else:  # each process supplies its devices' rows
+        ids = jax.make_array_from_callback(batch.shape, ids_sharding, lambda index, b=batch: b[index])
       logits = logits_fn(ids)
       shape = tuple(getattr(logits, "shape", ()))
       if len(shape) != 3 or shape[:2] != (bs, seqlen):
@@ -128,7 +155,7 @@ def perplexity(logits_fn: Callable[[Any], Any], windows: Any, *, batch_size: int
       if top >= vocab:
         raise ValueError(f"token id {top} in windows {start}..{start + valid - 1} is outside the logits' vocabulary "
                          f"of size {vocab}")
-      nll, finite = _token_nll(logits, ids)
+      nll, finite = token_nll(logits, ids)
       finite = np.asarray(finite)[:valid]
       if not finite.all():
         bad = start + int(np.argmin(finite))

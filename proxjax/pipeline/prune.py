@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from proxjax.core import distributed as _distributed
 from proxjax.core import nm as _nm
 from proxjax.core import sharding as _sharding
 from proxjax.core.files import atomic_write as _atomic_write
@@ -308,6 +309,9 @@ def _padded(h: np.ndarray, start: int, stop: int, batch_size: int, mesh: Any) ->
     x = np.concatenate([x, np.zeros((batch_size - (stop - start),) + x.shape[1:], x.dtype)])
   if mesh is None:
     return jnp.asarray(x), jnp.asarray(valid)
+  if mesh.is_multi_process:  # each process supplies its devices' rows (device_put would all-gather to compare them)
+    return tuple(jax.make_array_from_callback(a.shape, _sharding.activation_sharding(mesh, a.shape),
+                                              lambda index, a=a: a[index]) for a in (x, valid))
   return (jax.device_put(x, _sharding.activation_sharding(mesh, x.shape)),
           jax.device_put(valid, _sharding.activation_sharding(mesh, valid.shape)))
 
@@ -318,8 +322,20 @@ def _propagate(block: Any, h: np.ndarray, rope: Any, batch_size: int, mesh: Any)
   fn = block_function("forward", graphdef, (), mesh, (batch_size,) + h.shape[1:])
   for start, stop in _batches(h.shape[0], batch_size):
     x, _ = _padded(h, start, stop, batch_size, mesh)
-    out[start:stop] = np.asarray(fn(params, x, rope))[: stop - start]
+    out[start:stop] = _local_rows(fn(params, x, rope), stop - start)
   return out
+
+
+def _local_rows(y: jax.Array, rows: int) -> np.ndarray:
+  """The first ``rows`` rows of a batch's output on host. Across processes (:mod:`proxjax.core.distributed`) a
+  process reads only the rows on its own devices and leaves the others zero: those are the only rows it feeds its
+  devices later (every batch of one shape is split the same way, :func:`_padded`), so nothing crosses hosts."""
+  if y.is_fully_addressable or y.is_fully_replicated:
+    return np.asarray(y)[:rows]
+  out = np.zeros(y.shape, y.dtype)
+  for shard in y.addressable_shards:
+    out[shard.index] = np.asarray(shard.data)
+  return out[:rows]
 
 
 def _hessians(block: Any, h: np.ndarray, rope: Any, names: tuple[str, ...], batch_size: int,
@@ -541,7 +557,7 @@ def prune_model(model: Any, calibration_ids: Any, method: str | MethodConfig | P
   from tqdm.auto import tqdm
   t_start = time.perf_counter()
   rope = model.rope(jnp.arange(ids.shape[1]))
-  h = np.concatenate([np.asarray(_embed(model, jnp.asarray(ids[a:b], jnp.int32)))
+  h = np.concatenate([_distributed.gather(_embed(model, jnp.asarray(ids[a:b], jnp.int32)))
                       for a, b in _batches(ids.shape[0], batch_size)])
   layers: list[LayerReport] = []
   resumed: list[int] = []

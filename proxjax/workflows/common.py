@@ -1,5 +1,10 @@
 """What every workflow shares: resolving the model argument, the output directory check, the provenance a pruned
-checkpoint carries, loading a model onto a mesh, evaluation windows and perplexity."""
+checkpoint carries, loading a model onto a mesh, evaluation windows and perplexity.
+
+Across processes (:mod:`proxjax.core.distributed`, the ``--coordinator`` flags): every process resolves and checks the
+same paths, loads the same checkpoint and tokenizes the same text; the mesh spans every process's devices (``auto``
+when none is given); process 0 alone takes the output's lock and writes (:func:`save` gathers the parameters to
+it first, :func:`write_once`), while the others wait for it and learn whether it succeeded."""
 
 from __future__ import annotations
 
@@ -18,7 +23,7 @@ from flax import nnx
 
 import proxjax
 from proxjax import data
-from proxjax.core import files, sharding
+from proxjax.core import distributed, files, sharding
 from proxjax.models import UnsupportedModelError, load_pretrained, save_pretrained
 from proxjax.models.convert import default_model_dir
 from proxjax.models.hf import METADATA_FILE, remove_unfinished_saves
@@ -78,13 +83,33 @@ def resumable(job: Any, body: Callable[[Any, str, str, str], dict[str, Any]]) ->
   output and state directories checked, the output's lock held (:func:`exclusive`)."""
   model_dir_ = model_dir(job.model)
   out_dir, state_dir = run_dirs(job.out_dir, model_dir_)
+  if not distributed.is_coordinator():  # several processes: process 0 alone holds the lock and writes
+    return body(job, model_dir_, out_dir, state_dir)
   with exclusive(out_dir, state_dir, restart=job.out_dir.restart):
     return body(job, model_dir_, out_dir, state_dir)
 
 
 def save(model: Any, out_dir: str, *, kept: str, **kwargs: Any) -> None:
   """:func:`proxjax.models.save_pretrained`, with a disk or permission failure reported in one line that says what
-  was ``kept`` and how to resume (the save is atomic: nothing that looks like a finished checkpoint is left)."""
+  was ``kept`` and how to resume (the save is atomic: nothing that looks like a finished checkpoint is left).
+
+  Across processes, every process gathers the parameters to host (:func:`proxjax.core.distributed.gather`, one leaf
+  at a time) and process 0 alone writes (:func:`write_once`)."""
+  if distributed.process_count() > 1:
+    graphdef, state = nnx.split(model)
+    host = nnx.merge(graphdef, distributed.gather(state))
+    write_once(lambda: _save(host, out_dir, kept=kept, **kwargs), f"writing the checkpoint {out_dir}")
+    return
+  _save(model, out_dir, kept=kept, **kwargs)
+
+
+def write_once(fn: Callable[[], Any], what: str) -> Any:
+  """``fn()`` on process 0 only, the other processes waiting for it (:func:`proxjax.core.distributed.on_coordinator`);
+  in a single process just ``fn()``."""
+  return distributed.on_coordinator(fn, what)
+
+
+def _save(model: Any, out_dir: str, *, kept: str, **kwargs: Any) -> None:
   try:
     save_pretrained(model, out_dir, **kwargs)
   except (ValueError, UnsupportedModelError):
@@ -115,13 +140,23 @@ def provenance(directory: str) -> dict[str, Any]:
 
 
 def mesh_of(spec: str | None) -> Any:
-  """The device mesh of a ``--mesh`` value (None without one)."""
+  """The device mesh of a ``--mesh`` value (None without one; ``auto``, every process's devices, when several
+  processes run together)."""
+  if not spec and distributed.process_count() > 1:
+    spec = "auto"
   return None if not spec else sharding.parse_mesh(spec)
 
 
 def load_model(directory: str, mesh: Any, offload: bool = False, param_dtype: Any = None) -> Any:
   """The model, placed on the host (``offload``), straight into its shardings on ``mesh``, or on the default
-  device."""
+  device.
+
+  Raises:
+    ValueError: ``offload`` across processes (not supported yet).
+  """
+  if offload and distributed.process_count() > 1:
+    raise ValueError("--offload is not supported across processes yet: drop it (the mesh spans every process's "
+                     "devices, so each holds only its shards of the model)")
   kwargs = {} if param_dtype is None else {"param_dtype": param_dtype}
   if offload:
     return load_pretrained(directory, sharding=lambda path, shape: jax.devices("cpu")[0], **kwargs)
@@ -140,8 +175,10 @@ def logits_fn() -> Any:
   return nnx.jit(lambda m, ids: m(ids))  # one object: evaluating twice (before/after) compiles once
 
 
-def perplexity(model: Any, eval_data: data.EvalData, batch_size: int, progress: bool) -> evaluate.PerplexityResult:
-  """:func:`proxjax.pipeline.evaluate.perplexity` of ``model`` on ``eval_data``'s windows."""
+def perplexity(model: Any, eval_data: data.EvalData, batch_size: int, progress: bool,
+               mesh: Any = None) -> evaluate.PerplexityResult:
+  """:func:`proxjax.pipeline.evaluate.perplexity` of ``model`` on ``eval_data``'s windows; with the ``mesh`` the model
+  is placed on, the windows are split over its devices (required when it spans several processes)."""
   logits = logits_fn()
   return evaluate.perplexity(lambda ids: logits(model, jnp.asarray(ids)), eval_data.windows, batch_size=batch_size,
-                             progress=progress)
+                             progress=progress, mesh=mesh)

@@ -23,11 +23,16 @@ __all__ = ["evaluate", "evaluate_tasks"]
 
 
 def evaluate(job: EvalJob) -> tuple[dict[str, Any], str]:
-  """Runs ``job``: returns the result (also written to ``job.json`` when given) and the printed report."""
+  """Runs ``job``: returns the result (also written to ``job.json`` when given) and the printed report.
+
+  Across processes (:mod:`proxjax.core.distributed`) every process reads the checkpoint and the text, keeps its
+  devices' shards and feeds its devices' rows of each batch of windows; every process returns the same perplexity and
+  process 0 alone writes ``job.json``."""
   model_dir = common.model_dir(job.model)
-  model = common.load_model(model_dir, common.mesh_of(job.mesh))
+  mesh = common.mesh_of(job.mesh)
+  model = common.load_model(model_dir, mesh)
   eval_data = common.evaluation_data(model_dir, job.eval)
-  result = common.perplexity(model, eval_data, job.eval.batch_size, job.progress)
+  result = common.perplexity(model, eval_data, job.eval.batch_size, job.progress, mesh=mesh)
   protocol = dict(eval_data.protocol)
   provenance = common.provenance(model_dir)
   extra: dict[str, Any] = {"model": os.path.abspath(model_dir)}
@@ -41,7 +46,7 @@ def evaluate(job: EvalJob) -> tuple[dict[str, Any], str]:
          "predicted_tokens": result.predicted_tokens, "windows": result.windows, "seqlen": result.seqlen,
          "dataset": job.eval.dataset, "protocol": protocol, **extra}
   if job.json:
-    files.write_json(job.json, out)
+    common.write_once(lambda: files.write_json(job.json, out), f"writing {job.json}")
   return out, ev.format_report(result, protocol, **extra)
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from proxjax import data, pipeline
-from proxjax.core import files
+from proxjax.core import distributed, files
 from proxjax.models import LlamaConfig
 from proxjax.models.hf import checkpoint_fingerprint
 from proxjax.pipeline import memory, report as plots
@@ -33,13 +33,19 @@ __all__ = ["dry_run", "prune"]
 
 def prune(job: PruneJob) -> dict[str, Any]:
   """Runs ``job``: writes the pruned checkpoint (with ``proxjax.json`` provenance), ``proxjax-report.json`` and
-  ``proxjax-layer-losses.png``; resumes from the state directory of an interrupted run. Returns the report."""
+  ``proxjax-layer-losses.png``; resumes from the state directory of an interrupted run. Returns the report.
+
+  Across processes (:mod:`proxjax.core.distributed`) every process runs this with the same job: each reads the
+  checkpoint and the calibration text and keeps its devices' shards; calibration batches are split over every device
+  and Hessians summed by the compiled programs; process 0 writes the checkpoint, then the report and the plot, the
+  others waiting for it. No resume state is kept yet across processes (a killed run starts again from block 0)."""
   return common.resumable(job, _prune)
 
 
 def _prune(job: PruneJob, model_dir: str, out_dir: str, state_dir: str) -> dict[str, Any]:
   cfg, cal = job.prune, job.calibration
   mesh = common.mesh_of(job.mesh)
+  processes = distributed.process_count()
   t0 = time.perf_counter()
   model = common.load_model(model_dir, mesh, job.offload)
   tokenizer = data.load_tokenizer(model_dir)
@@ -51,10 +57,11 @@ def _prune(job: PruneJob, model_dir: str, out_dir: str, state_dir: str) -> dict[
                  "seed": cal.seed}
   print(f"proxjax {common.VERSION}: pruning {model_dir} with {cfg.method_name} (refine {cfg.refine_kind}, "
         f"{cfg.method}); calibration {calibration}", file=sys.stderr)
-  common.say_if_resuming(state_dir)
+  if processes == 1:
+    common.say_if_resuming(state_dir)
   result = pipeline.prune_model(
       model, ids, cfg, true_sequential=job.true_sequential, include=job.include, ignore=job.ignore,
-      batch_size=job.batch_size, state_dir=state_dir, progress=job.progress,
+      batch_size=job.batch_size, state_dir=state_dir if processes == 1 else None, progress=job.progress,
       run_info={"model_dir": os.path.abspath(model_dir), "checkpoint": checkpoint_fingerprint(model_dir)},
       mesh=mesh, offload=job.offload)
   provenance = {
@@ -63,6 +70,7 @@ def _prune(job: PruneJob, model_dir: str, out_dir: str, state_dir: str) -> dict[
       "true_sequential": job.true_sequential, "include": job.include, "ignore": job.ignore,
       "calibration": calibration, "resumed_blocks": result.resumed_blocks, "seconds": time.perf_counter() - t0,
       "mesh": None if mesh is None else dict(mesh.shape), "offload": job.offload,
+      **({"processes": processes} if processes > 1 else {}),
   }
   losses = np.array([r.loss_after_refine for r in result.layers], float)
   summary = {"linears": len(result.layers),
@@ -74,17 +82,22 @@ def _prune(job: PruneJob, model_dir: str, out_dir: str, state_dir: str) -> dict[
   full = {**provenance, "summary": summary, "layers": [r._asdict() for r in result.layers]}
   if job.eval is not None:
     eval_data = common.evaluation_data(model_dir, job.eval)
-    ppl = common.perplexity(model, eval_data, job.eval.batch_size, job.progress)
+    ppl = common.perplexity(model, eval_data, job.eval.batch_size, job.progress, mesh=None if job.offload else mesh)
     full["eval"] = {"dataset": job.eval.dataset, "ppl": ppl.ppl, "nll": ppl.nll,
                     "predicted_tokens": ppl.predicted_tokens, "windows": ppl.windows, "seqlen": ppl.seqlen,
                     "protocol": dict(eval_data.protocol)}
   report_path = job.out_dir.report or os.path.join(out_dir, "proxjax-report.json")
-  files.write_json(report_path, full)
-  if result.layers:
-    label = f"{cfg.method_name}+{cfg.refine_kind}" if cfg.refine_kind else cfg.method_name
-    plots.plot_layer_losses({label: full["layers"]}, job.plot or os.path.join(out_dir, "proxjax-layer-losses.png"),
-                            title=f"{os.path.basename(model_dir.rstrip(os.sep))}: relative local loss")
-  common.finish_state(job.out_dir, state_dir)
+
+  def write_report() -> None:
+    files.write_json(report_path, full)
+    if result.layers:
+      label = f"{cfg.method_name}+{cfg.refine_kind}" if cfg.refine_kind else cfg.method_name
+      plots.plot_layer_losses({label: full["layers"]}, job.plot or os.path.join(out_dir, "proxjax-layer-losses.png"),
+                              title=f"{os.path.basename(model_dir.rstrip(os.sep))}: relative local loss")
+    if processes == 1:
+      common.finish_state(job.out_dir, state_dir)
+
+  common.write_once(write_report, f"writing the report {report_path}")
   full["report_path"] = report_path
   return full
 

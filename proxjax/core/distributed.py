@@ -1,0 +1,262 @@
+r"""Several processes as one JAX program: joining JAX's multi-process runtime with bounded waits, refusing processes
+that run different jobs, and the few collective helpers the workflows need to read and write results once.
+
+Every process (one per host, or several on one machine) runs the same command with its own ``process_id``;
+:func:`initialize` joins them through ``jax.distributed.initialize`` before anything touches a device, after which
+``jax.devices()`` lists every process's devices and :func:`proxjax.core.sharding.make_mesh` builds one global mesh over
+them. Arrays on that mesh are *global*: a process holds, and can read, only the shards on its own devices
+(``addressable_shards``); :func:`gather` turns them into a host array on every process (a collective).
+
+**Failure bound.** :func:`initialize` passes ``join_timeout`` as JAX's initialization timeout and
+``heartbeat_timeout`` as both its heartbeat and its shutdown timeout, so no process waits forever for another:
+
+* a process that never joins: every process that did exits (JAX's runtime aborts it: exit status 134, SIGABRT)
+  ``join_timeout`` seconds after it began to wait;
+* a process that dies (killed, crashed, its host lost): the others abort within ``heartbeat_timeout`` seconds (plus
+  about a second of error polling);
+* a process that stops with a Python error (a bad file on one host): it waits at most ``heartbeat_timeout`` seconds
+  for the others at JAX's shutdown barrier, which then fails and aborts every process.
+
+The abort's message is JAX's (``Terminating process because the JAX distributed service detected fatal errors. This
+most likely indicates that another task died``); :func:`initialize` prints the bound on stderr before joining, so the
+log of every process says what to expect. A process that is alive but stuck (a deadlock in Python) still sends
+heartbeats: it is not detected.
+
+**Same job everywhere.** :func:`check_same` exchanges a SHA-256 of a job description (the parsed arguments) through the
+runtime (an all-gather of 16 bytes per process) and raises the same ``ValueError`` on every process when they differ.
+
+Example (one process, a runtime of one: what the tests of tests/test_multihost.py do with two)::
+
+  from proxjax.core import distributed
+  distributed.initialize(distributed.DistributedConfig("127.0.0.1:12345", num_processes=1, process_id=0),
+                         fingerprint={"command": "prune", "method": "wanda"})
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import re
+import sys
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+import jax
+import numpy as np
+
+__all__ = ["DistributedConfig", "check_same", "fingerprint", "gather", "initialize", "is_coordinator",
+           "on_coordinator", "process_count"]
+
+T = TypeVar("T")
+
+_ADDRESS = re.compile(r"(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(?P<port>\d{1,5})")
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+  """How this process joins the others (validated when built; imports nothing).
+
+  Attributes:
+    coordinator: ``HOST:PORT`` of process 0, where it serves the runtime's coordination service (the same on every
+      process; ``[::1]:PORT`` for an IPv6 address).
+    num_processes: how many processes take part.
+    process_id: this process's index, ``0 <= process_id < num_processes``; process 0 is the coordinator and the one
+      that writes outputs.
+    join_timeout: seconds every process waits for all of them to join (JAX's ``initialization_timeout``).
+    heartbeat_timeout: seconds without a heartbeat after which a process counts as dead, and seconds a finished or
+      failed process waits for the others at shutdown (see the module docstring for the bound this gives).
+
+  Example:
+    >>> DistributedConfig("10.0.0.1:1234", num_processes=2, process_id=1).bound
+    300
+    >>> DistributedConfig("10.0.0.1", num_processes=2, process_id=0)
+    Traceback (most recent call last):
+    ValueError: coordinator must be HOST:PORT (e.g. 10.0.0.1:1234), got '10.0.0.1'
+  """
+  coordinator: str
+  num_processes: int
+  process_id: int
+  join_timeout: int = 300
+  heartbeat_timeout: int = 60
+
+  def __post_init__(self) -> None:
+    match = _ADDRESS.fullmatch(self.coordinator) if isinstance(self.coordinator, str) else None
+    if match is None or not 1 <= int(match["port"]) <= 65535:
+      raise ValueError(f"coordinator must be HOST:PORT (e.g. 10.0.0.1:1234), got {self.coordinator!r}")
+    for name, low in (("num_processes", 1), ("process_id", 0), ("join_timeout", 1), ("heartbeat_timeout", 1)):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    if self.process_id >= self.num_processes:
+      raise ValueError(f"process_id must be below num_processes ({self.num_processes}), got {self.process_id}")
+
+  @property
+  def bound(self) -> int:
+    """The longest a process waits for a missing, dead or failed one before it exits, in seconds (the larger of the
+    two timeouts; add about a second for the runtime's error polling)."""
+    return max(self.join_timeout, self.heartbeat_timeout)
+
+
+def initialize(config: DistributedConfig, fingerprint: Any = None) -> None:
+  """Joins JAX's multi-process runtime as ``config`` says; then, with ``fingerprint``, refuses to go on unless every
+  process passed an equal one (:func:`check_same`).
+
+  Must run before anything initializes a JAX backend (``jax.devices()``, any computation); called again in the same
+  program (a second workflow) it only checks that ``config`` names the same process and compares ``fingerprint``.
+  On CPU the cross-process collectives are JAX's gloo implementation (selected here unless another one is
+  configured). The timeouts bound every wait (module docstring); the bound is printed on stderr first.
+
+  Raises:
+    RuntimeError: a JAX backend is already initialized (without the runtime), or the runtime was joined as another
+      process.
+    ValueError: the fingerprints differ (on every process).
+  """
+  if not isinstance(config, DistributedConfig):
+    raise ValueError(f"config must be a DistributedConfig, got {config!r}")
+  if jax.distributed.is_initialized():  # a second workflow in the same program: the runtime is joined already
+    if (jax.process_count(), jax.process_index()) != (config.num_processes, config.process_id):
+      raise RuntimeError(f"this program already joined as process {jax.process_index()} of {jax.process_count()}, "
+                         f"not {config.process_id} of {config.num_processes}")
+    if fingerprint is not None:
+      check_same(fingerprint)
+    return
+  if jax.config.jax_cpu_collectives_implementation in (None, "gloo"):
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  print(f"proxjax: process {config.process_id} of {config.num_processes} joining {config.coordinator}; every "
+        f"process must join within {config.join_timeout} s, and a process silent or failed for "
+        f"{config.heartbeat_timeout} s stops all of them (JAX aborts each: 'Terminating process because the JAX "
+        "distributed service detected fatal errors')", file=sys.stderr, flush=True)
+  jax.distributed.initialize(coordinator_address=config.coordinator, num_processes=config.num_processes,
+                             process_id=config.process_id, initialization_timeout=config.join_timeout,
+                             heartbeat_timeout_seconds=config.heartbeat_timeout,
+                             shutdown_timeout_seconds=config.heartbeat_timeout)
+  if fingerprint is not None:
+    check_same(fingerprint)
+
+
+def _canonical(value: Any) -> Any:
+  """A JSON-ready form of ``value`` that is equal on two processes exactly when the values are equal (functions by
+  their qualified name, not their address)."""
+  if dataclasses.is_dataclass(value) and not isinstance(value, type):
+    return {"__class__": type(value).__qualname__,
+            **{f.name: _canonical(getattr(value, f.name)) for f in dataclasses.fields(value)}}
+  if isinstance(value, tuple) and hasattr(value, "_asdict"):
+    return {"__class__": type(value).__qualname__, **{k: _canonical(v) for k, v in value._asdict().items()}}
+  if isinstance(value, Mapping):
+    return {str(k): _canonical(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
+  if isinstance(value, list | tuple):
+    return [_canonical(v) for v in value]
+  if isinstance(value, float) and not math.isfinite(value):
+    return repr(value)
+  if value is None or isinstance(value, bool | int | float | str):
+    return value
+  if callable(value):
+    return f"{getattr(value, '__module__', '')}.{getattr(value, '__qualname__', type(value).__qualname__)}"
+  return repr(value)
+
+
+def fingerprint(value: Any) -> str:
+  """The SHA-256 (hex) of ``value``'s canonical JSON: dataclasses, named tuples, mappings (sorted), sequences and
+  scalars by value, functions by qualified name, anything else by ``repr``.
+
+  Example:
+    >>> fingerprint({"b": 1, "a": [2.0, None]}) == fingerprint({"a": [2.0, None], "b": 1})
+    True
+  """
+  text = json.dumps(_canonical(value), sort_keys=True, separators=(",", ":"))
+  return hashlib.sha256(text.encode()).hexdigest()
+
+
+def check_same(value: Any, what: str = "arguments") -> str:
+  """Checks that every process passed an equal ``value`` (by :func:`fingerprint`): each contributes the first 16
+  bytes of its hash to one all-gather, so every process sees the same table and all raise together.
+
+  Returns:
+    The fingerprint.
+
+  Raises:
+    ValueError: some process's value differs from process 0's (naming those processes).
+
+  Example:
+    >>> len(check_same({"command": "prune"}))  # one process: nothing to differ from
+    64
+  """
+  digest = fingerprint(value)
+  if jax.process_count() == 1:
+    return digest
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+
+  mine = np.frombuffer(bytes.fromhex(digest)[:16], np.uint32)
+  table = np.asarray(multihost_utils.process_allgather(mine)).reshape(jax.process_count(), -1)
+  differ = [p for p in range(len(table)) if not np.array_equal(table[p], table[0])]
+  if differ:
+    raise ValueError(f"the {what} differ between processes: process(es) {differ} do not match process 0 (run the "
+                     "same command, with the same proxjax and JAX versions, on every process; only --process-id "
+                     "may differ)")
+  return digest
+
+
+def process_count() -> int:
+  """``jax.process_count()``: 1 unless :func:`initialize` joined several processes."""
+  return jax.process_count()
+
+
+def is_coordinator() -> bool:
+  """Whether this is process 0 (the one that writes outputs), always true in a single process."""
+  return jax.process_index() == 0
+
+
+def gather(tree: Any) -> Any:
+  """Every array leaf of ``tree`` as a whole NumPy array on every process.
+
+  A leaf that this process can read whole (a host array, a fully addressable or fully replicated ``jax.Array``) is
+  converted locally; a global array sharded over other processes' devices is all-gathered (a collective: every
+  process must call this with the same tree, leaves in the same order; one leaf at a time, so the devices hold at
+  most one whole leaf more).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> gather({"w": jnp.ones((2, 3))})["w"].shape
+    (2, 3)
+  """
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+
+  def one(x: Any) -> Any:
+    if isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated):
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+  return jax.tree.map(one, tree)
+
+
+def on_coordinator(fn: Callable[[], T], what: str) -> T | None:
+  """Runs ``fn`` on process 0 only (e.g. writing the checkpoint), while the others wait for it; then every process
+  learns whether it succeeded. Returns ``fn()`` on process 0 and ``None`` elsewhere.
+
+  The wait is a broadcast from process 0 (a barrier): a failure of ``fn`` is re-raised on process 0, and every
+  other process raises ``RuntimeError`` naming ``what``, so no process waits on a failed writer. In a single
+  process this is ``fn()``.
+
+  Example:
+    >>> on_coordinator(lambda: "written", "writing the report")
+    'written'
+  """
+  if jax.process_count() == 1:
+    return fn()
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+
+  result: T | None = None
+  error: BaseException | None = None
+  if is_coordinator():
+    try:
+      result = fn()
+    except BaseException as err:  # pylint: disable=broad-exception-caught  (re-raised below, after the others know)
+      error = err
+  failed = int(np.asarray(multihost_utils.broadcast_one_to_all(np.int32(error is not None))))
+  if error is not None:
+    raise error
+  if failed:
+    raise RuntimeError(f"process 0 failed while {what} (its output says why); nothing else was written")
+  return result

@@ -1,0 +1,258 @@
+"""proxjax across processes, for real: JAX's multi-process runtime with 2 processes x 2 fake CPU devices on this
+machine (one 4-device global mesh, gloo collectives), against the single-process results.
+
+Every group of processes is started once, all at the same time, by the module fixture (tests/support/multihost_run.py
+is what each process runs): one pair runs ``proxjax prune`` (Wanda), ``proxjax eval`` and ``prune_model`` (magnitude)
+together; a pair with different arguments; a pair of which one is killed; and one process whose partner never
+starts. This process computes the single-device references meanwhile (``prune`` and ``eval`` through the same command
+line). Compiles: in each process of the pair, one program per distinct kernel shape (2) and method for pruning, the
+block forward and Hessian programs of the stages, the embedding and the logits (each once per process).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import re
+import resource
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from proxjax import cli
+from proxjax.models.hf import check_sparsity
+from tests.support.cli import prune_cli
+from tests.support.multihost_run import distributed_flags
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+HEARTBEAT = 5
+"""``--heartbeat-timeout`` of the pair whose process 1 is killed."""
+JOIN = 5
+"""``--join-timeout`` of the process whose partner never starts."""
+SLACK = 15.0
+"""Seconds allowed beyond a timeout for the runtime's error polling and for a loaded 2-core machine."""
+LIMIT = 600.0
+"""No process of these tests may run longer (they are killed then, and the tests fail)."""
+
+
+def _free_ports(n: int) -> list[int]:
+  socks = [socket.socket() for _ in range(n)]
+  for s in socks:
+    s.bind(("127.0.0.1", 0))
+  ports = [s.getsockname()[1] for s in socks]
+  for s in socks:
+    s.close()
+  return ports
+
+
+class Process:
+  """One started process: its output file, when it printed what, when it ended and how."""
+
+  def __init__(self, name: str, args: list[str], log: pathlib.Path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
+    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=2", PYTHONUNBUFFERED="1")
+    self.name, self.log = name, log
+    with open(log, "w") as f:
+      self.proc = subprocess.Popen([sys.executable, "-m", "tests.support.multihost_run", *args], cwd=REPO, env=env,
+                                   stdout=f, stderr=subprocess.STDOUT)
+    self.seen: dict[str, float] = {}
+    self.ended: float | None = None
+    self.killed: float | None = None
+    self.returncode: int | None = None
+    self.cpu_s: float | None = None  # user + system CPU seconds, once ended
+
+  @property
+  def output(self) -> str:
+    return self.log.read_text(errors="replace")
+
+  def poll(self, watch: tuple[str, ...]) -> bool:
+    """Notes when each of ``watch`` first appears in the output and when the process ends; True once it ended."""
+    now = time.monotonic()
+    text = self.output
+    for word in watch:
+      if word not in self.seen and word in text:
+        self.seen[word] = now
+    if self.ended is None:
+      pid, status, usage = os.wait4(self.proc.pid, os.WNOHANG)
+      if pid:
+        self.ended, self.returncode = now, os.waitstatus_to_exitcode(status)
+        self.cpu_s = usage.ru_utime + usage.ru_stime
+        self.proc.returncode = self.returncode  # reaped here: Popen must not wait for it again
+    return self.ended is not None
+
+
+@pytest.fixture(scope="module")
+def runs(checkpoint, corpus, tmp_path_factory) -> dict[str, object]:
+  work = tmp_path_factory.mktemp("multihost")
+  ckpt, text = str(checkpoint), str(corpus)
+  session, mismatch, killed, alone = _free_ports(4)
+  prune = ["cli", "prune", ckpt, "--method", "wanda", "--calibration", f"{text}/calib.txt", "--seqlen", "32",
+           "--batch-size", "4", "--quiet"]
+  procs = {
+      **{f"session{i}": Process(f"session{i}", ["session", str(i), str(session), str(work), ckpt, text],
+                                work / f"session{i}.log") for i in (0, 1)},
+      **{f"mismatch{i}": Process(f"mismatch{i}", [*prune, str(work / "mismatch"), "--nsamples", str(6 + i),
+                                                  *distributed_flags(i, mismatch, join=60, heartbeat=20)],
+                                 work / f"mismatch{i}.log") for i in (0, 1)},
+      **{f"killed{i}": Process(f"killed{i}", ["join" if i else "cli", *prune[1:], str(work / "killed"),
+                                              "--nsamples", "6",
+                                              *distributed_flags(i, killed, join=60, heartbeat=HEARTBEAT)],
+                               work / f"killed{i}.log") for i in (0, 1)},
+      "alone": Process("alone", [*prune, str(work / "alone"), "--nsamples", "6",
+                                 *distributed_flags(0, alone, join=JOIN, heartbeat=HEARTBEAT)], work / "alone.log"),
+  }
+  # the single-process references, computed while the processes run
+  reference = tmp_path_factory.mktemp("reference")
+  cpu = resource.getrusage(resource.RUSAGE_SELF)
+  assert prune_cli(checkpoint, corpus, reference / "wanda", "--method", "wanda") == 0
+  assert cli.main(["eval", str(reference / "wanda"), "--dataset", str(corpus / "eval.txt"), "--seqlen", "32",
+                   "--quiet", "--max-windows", "16", "--json", str(reference / "eval.json")]) == 0
+  after = resource.getrusage(resource.RUSAGE_SELF)
+  reference_cpu = after.ru_utime + after.ru_stime - cpu.ru_utime - cpu.ru_stime
+  deadline = time.monotonic() + LIMIT
+  while time.monotonic() < deadline:
+    for p in procs.values():
+      p.poll(("joining", "joined", "pruning"))
+    victim = procs["killed1"]
+    if victim.killed is None and "joined" in victim.seen:  # it joined, the arguments were compared: process 0 goes on
+      victim.proc.kill()
+      victim.killed = time.monotonic()
+    if all(p.ended is not None for p in procs.values()):
+      break
+    time.sleep(0.1)
+  for p in procs.values():
+    if p.ended is None:
+      p.proc.kill()
+      p.proc.wait()
+  print("CPU seconds:", {"reference": round(reference_cpu, 1), **{n: p.cpu_s and round(p.cpu_s, 1)
+                                                                  for n, p in procs.items()}})
+  return {"work": work, "reference": reference, **procs}
+
+
+def _check_ended(p: Process) -> None:
+  if p.ended is None:
+    pytest.fail(f"{p.name} ran longer than {LIMIT} s and was killed:\n{p.output[-5000:]}")
+
+
+def _ok(p: Process) -> None:
+  _check_ended(p)
+  assert p.returncode == 0, f"{p.name} exited with {p.returncode}:\n{p.output[-5000:]}"
+
+
+def test_prune_across_two_processes_equals_one_process(runs):
+  for i in (0, 1):
+    _ok(runs[f"session{i}"])
+  out, ref = runs["work"] / "wanda", runs["reference"] / "wanda"
+  many, one = load_file(str(out / "model.safetensors")), load_file(str(ref / "model.safetensors"))
+  assert many.keys() == one.keys()
+  for name, value in one.items():
+    np.testing.assert_array_equal(many[name], value, err_msg=name)  # bitwise: Wanda's masks and the kept weights
+  rows = check_sparsity(str(out))
+  assert len(rows) == 14 and all(r["ok"] for r in rows)
+  report = json.loads((out / "proxjax-report.json").read_text())
+  assert report["processes"] == 2 and report["mesh"] == {"data": 1, "model": 4}
+  assert json.loads((out / "proxjax.json").read_text())["processes"] == 2
+  # written once, by process 0: the checkpoint, its report and plot, nothing left beside it (no second save's
+  # temporary directory, no lock)
+  assert sorted(p.name for p in out.iterdir()) == sorted(
+      ["config.json", "generation_config.json", "model.safetensors", "proxjax-layer-losses.png",
+       "proxjax-report.json", "proxjax.json", "tokenizer.json", "tokenizer_config.json"])
+  assert not [p.name for p in runs["work"].iterdir() if p.name.startswith("wanda") and p.name != "wanda"]
+  for i in (0, 1):
+    session = json.loads((runs["work"] / f"session-{i}.json").read_text())
+    assert (session["processes"], session["devices"], session["local_devices"]) == (2, 4, 2)
+
+
+def test_eval_across_two_processes_equals_one_process(runs):
+  for i in (0, 1):
+    _ok(runs[f"session{i}"])
+  many = json.loads((runs["work"] / "eval.json").read_text())
+  one = json.loads((runs["reference"] / "eval.json").read_text())
+  assert (many["windows"], many["predicted_tokens"]) == (one["windows"], one["predicted_tokens"]) == (16, 16 * 31)
+  assert many["ppl"] == pytest.approx(one["ppl"], rel=1e-6)
+  printed = [re.findall(r"^perplexity\s+: (\S+)$", runs[f"session{i}"].output, re.M) for i in (0, 1)]
+  assert printed[0] == printed[1] and len(printed[0]) == 1  # every process computed the same number
+
+
+def test_prune_model_magnitude_across_two_processes(runs, checkpoint):
+  for i in (0, 1):
+    _ok(runs[f"session{i}"])
+  session = json.loads((runs["work"] / "session-0.json").read_text())
+  assert len(session["sharded_across_processes"]) == 14  # every kernel's columns were split over both processes
+  kernels = [dict(np.load(runs["work"] / f"magnitude-{i}.npz")) for i in (0, 1)]
+  dense = load_file(str(checkpoint / "model.safetensors"))
+  for name, value in kernels[0].items():
+    np.testing.assert_array_equal(kernels[1][name], value, err_msg=name)
+    w = dense[f"model.layers.{name}.weight"].T  # (d_in, d_out), groups of 4 along d_in
+    groups = np.abs(w).reshape(-1, 4, w.shape[1])
+    keep = np.argsort(-groups, axis=1, kind="stable")[:, :2]  # the 2 largest |w| of each group (no ties here)
+    mask = np.zeros(groups.shape, bool)
+    np.put_along_axis(mask, keep, True, axis=1)
+    np.testing.assert_array_equal(value, np.where(mask.reshape(w.shape), w, 0), err_msg=name)
+
+
+def test_mismatched_arguments_are_refused(runs):
+  for i in (0, 1):
+    p = runs[f"mismatch{i}"]
+    _check_ended(p)
+    assert p.returncode == 2, p.output[-3000:]
+    assert "error: the arguments differ between processes: process(es) [1] do not match process 0" in p.output
+    assert "pruning" not in p.seen  # refused right after joining, before loading anything
+  assert not (runs["work"] / "mismatch").exists()
+
+
+def test_a_killed_process_stops_the_other_within_the_bound(runs):
+  victim, survivor = runs["killed1"], runs["killed0"]
+  _check_ended(survivor)
+  assert victim.killed is not None, f"process 1 never joined:\n{victim.output[-3000:]}"
+  assert survivor.returncode != 0
+  assert survivor.ended - victim.killed <= HEARTBEAT + SLACK, survivor.ended - victim.killed
+  assert "another task died" in survivor.output, survivor.output[-3000:]
+  assert f"a process silent or failed for {HEARTBEAT} s stops all of them" in survivor.output
+  assert not (runs["work"] / "killed").exists()
+
+
+def test_a_process_that_never_joins_stops_the_other_within_the_bound(runs):
+  p = runs["alone"]
+  _check_ended(p)
+  assert p.returncode != 0
+  assert "joining" in p.seen and p.ended - p.seen["joining"] <= JOIN + SLACK, p.ended - p.seen["joining"]
+  assert "another task died" in p.output or "DEADLINE_EXCEEDED" in p.output, p.output[-3000:]
+  assert not (runs["work"] / "alone").exists()
+
+
+# ------------------------------------------------------------------------------------- arguments, in this process --
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--coordinator", "127.0.0.1:1234"], "--coordinator, --num-processes and --process-id go together"),
+    (["--coordinator", "127.0.0.1", "--num-processes", "2", "--process-id", "0"], "coordinator must be HOST:PORT"),
+    (["--coordinator", "h:1", "--num-processes", "2", "--process-id", "2"], "process_id must be below num_processes"),
+    (["--coordinator", "h:1", "--num-processes", "2", "--process-id", "0", "--join-timeout", "0"],
+     "join_timeout must be an int >= 1"),
+])
+def test_bad_distributed_flags_exit_2(argv, message, checkpoint, corpus, tmp_path, capsys):
+  assert prune_cli(checkpoint, corpus, tmp_path / "out", "--method", "magnitude", *argv) == 2
+  assert message in capsys.readouterr().err
+
+
+def test_eval_tasks_refuse_several_processes(checkpoint, capsys):
+  assert cli.main(["eval", str(checkpoint), "--tasks", "lambada", "--coordinator", "h:1", "--num-processes", "2",
+                   "--process-id", "0"]) == 2
+  assert "--tasks does not run across processes yet" in capsys.readouterr().err
+
+
+def test_fingerprint_is_by_value():
+  from proxjax.core.distributed import fingerprint
+  from proxjax.workflows.config import EvalConfig
+
+  assert fingerprint({"f": test_fingerprint_is_by_value, "c": EvalConfig("lee")}) == fingerprint(
+      {"c": EvalConfig("lee"), "f": test_fingerprint_is_by_value})  # a function by its name, not its address
+  assert fingerprint(EvalConfig("lee", seqlen=64)) != fingerprint(EvalConfig("lee", seqlen=65))
+  assert fingerprint([1, 2]) != fingerprint([2, 1])
