@@ -236,8 +236,9 @@ def on_coordinator(fn: Callable[[], T], what: str) -> T | None:
   learns whether it succeeded. Returns ``fn()`` on process 0 and ``None`` elsewhere.
 
   The wait is a broadcast from process 0 (a barrier): a failure of ``fn`` is re-raised on process 0, and every
-  other process raises ``RuntimeError`` naming ``what``, so no process waits on a failed writer. In a single
-  process this is ``fn()``.
+  other process raises an error of the same kind (``ValueError`` for a ``ValueError``, ``OSError`` for an
+  ``OSError``, else ``RuntimeError``) naming ``what``, so no process waits on a failed writer and all exit alike. In
+  a single process this is ``fn()``.
 
   Example:
     >>> on_coordinator(lambda: "written", "writing the report")
@@ -247,6 +248,7 @@ def on_coordinator(fn: Callable[[], T], what: str) -> T | None:
     return fn()
   from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
 
+  kinds: tuple[type[BaseException], ...] = (ValueError, OSError, RuntimeError)
   result: T | None = None
   error: BaseException | None = None
   if is_coordinator():
@@ -254,9 +256,10 @@ def on_coordinator(fn: Callable[[], T], what: str) -> T | None:
       result = fn()
     except BaseException as err:  # pylint: disable=broad-exception-caught  (re-raised below, after the others know)
       error = err
-  failed = int(np.asarray(multihost_utils.broadcast_one_to_all(np.int32(error is not None))))
+  kind = 0 if error is None else 1 + next(i for i, k in enumerate(kinds) if isinstance(error, k) or k is RuntimeError)
+  kind = int(np.asarray(multihost_utils.broadcast_one_to_all(np.int32(kind))))
   if error is not None:
     raise error
-  if failed:
-    raise RuntimeError(f"process 0 failed while {what} (its output says why); nothing else was written")
+  if kind:
+    raise kinds[kind - 1](f"process 0 failed while {what} (its output says why); nothing else was written")
   return result

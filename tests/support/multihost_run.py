@@ -13,7 +13,13 @@ pair of processes runs together (one JAX start-up for all of them), writing its 
 2. ``proxjax eval WORK/wanda --json WORK/eval.json`` across them;
 3. :func:`proxjax.pipeline.prune_model` with magnitude on the checkpoint loaded onto the 4-device global mesh: each
    process gathers the pruned kernels and writes ``WORK/magnitude-{PROCESS_ID}.npz``;
-4. ``WORK/session-{PROCESS_ID}.json``: what it ran, its CPU seconds and wall time.
+4. :func:`proxjax.core.distributed.on_coordinator` with a writer that fails (on process 0);
+5. ``WORK/session-{PROCESS_ID}.json``: what it ran, the failure each process saw, its CPU seconds, wall time and
+   compiles per step.
+
+``python -m tests.support.multihost_run methods PROCESS_ID PORT WORK CHECKPOINT CORPUS M1,M2``: joins (Python API),
+then :func:`proxjax.pipeline.prune_model` with each method on the global mesh; writes ``WORK/{M}-{PROCESS_ID}.npz``
+(the kernels) and ``WORK/{M}-{PROCESS_ID}.json`` (each layer's relative local loss).
 """
 
 from __future__ import annotations
@@ -24,9 +30,13 @@ import json
 import resource
 import sys
 import time
+from typing import Any
 
 ARGS = ("--calibration", "{corpus}/calib.txt", "--nsamples", "6", "--seqlen", "32", "--batch-size", "4", "--quiet")
 """The calibration of tests/support/cli.py's ``prune_cli`` (the single-process reference), as a template."""
+
+LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+           "mlp.up_proj", "mlp.down_proj")
 
 
 def distributed_flags(process_id: int, port: int, join: int = 60, heartbeat: int = 20) -> list[str]:
@@ -35,60 +45,96 @@ def distributed_flags(process_id: int, port: int, join: int = 60, heartbeat: int
           "--join-timeout", str(join), "--heartbeat-timeout", str(heartbeat)]
 
 
-def session(process_id: int, port: int, work: str, checkpoint: str, corpus: str) -> int:
-  from proxjax import cli  # noqa: PLC0415
-
-  import jax  # noqa: PLC0415
-
-  compiles: list[str] = []
-  jax.monitoring.register_event_duration_secs_listener(
-      lambda event, _, **__: compiles.append(event) if event == "/jax/core/compile/backend_compile_duration" else None)
-  t0 = time.perf_counter()
-  cpu = [time.process_time()]
-  counts = []
-  flags = distributed_flags(process_id, port)
-  calibration = [a.format(corpus=corpus) for a in ARGS]
-  done = {}
-  code = cli.main(["prune", checkpoint, f"{work}/wanda", "--method", "wanda", *calibration, *flags])
-  done["prune"] = code
-  seconds = {"prune": time.perf_counter() - t0}
-  cpu.append(time.process_time())
-  counts.append(len(compiles))
-  if code == 0:
-    done["eval"] = cli.main(["eval", f"{work}/wanda", "--dataset", f"{corpus}/eval.txt", "--seqlen", "32", "--quiet",
-                             "--max-windows", "16", "--json", f"{work}/eval.json", *flags])
-    seconds["eval"] = time.perf_counter() - t0 - sum(seconds.values())
-    cpu.append(time.process_time())
-    counts.append(len(compiles))
-
-  import numpy as np  # noqa: PLC0415
-
+def calibration_ids(checkpoint: str, corpus: str) -> Any:
+  """The calibration windows ``ARGS`` describe (6 x 32 packed tokens of ``corpus/calib.txt``)."""
   from proxjax import data  # noqa: PLC0415
-  from proxjax.core import distributed, sharding  # noqa: PLC0415
+
+  documents = data.load_documents(f"{corpus}/calib.txt", split="calibration")
+  return data.calibration_windows(data.load_tokenizer(checkpoint), documents, nsamples=6, seqlen=32, seed=0,
+                                  mode="packed")
+
+
+def kernels(model: Any) -> dict[str, Any]:
+  """``{"BLOCK.NAME": kernel}`` of every projection."""
+  return {f"{b}.{name}": functools.reduce(getattr, name.split("."), block).kernel[...]
+          for b, block in enumerate(model.model.layers) for name in LINEARS}
+
+
+def _pruned_on_mesh(checkpoint: str, corpus: str, method: str) -> tuple[dict[str, Any], Any]:
+  """The checkpoint loaded onto the mesh of every process's devices and pruned by ``method``: its kernels (global
+  arrays) and the pipeline's result."""
+  from proxjax.core import sharding  # noqa: PLC0415
   from proxjax.models import load_pretrained  # noqa: PLC0415
   from proxjax.pipeline import prune_model  # noqa: PLC0415
 
   mesh = sharding.make_mesh()
   model = load_pretrained(checkpoint, sharding=sharding.checkpoint_sharding(mesh))
-  tokenizer = data.load_tokenizer(checkpoint)
-  ids = data.calibration_windows(tokenizer, data.load_documents(f"{corpus}/calib.txt", split="calibration"),
-                                 nsamples=6, seqlen=32, seed=0, mode="packed")
-  prune_model(model, ids, "magnitude", batch_size=4, mesh=mesh, progress=False)
-  kernels = {f"{b}.{name}": functools.reduce(getattr, name.split("."), block).kernel[...]
-             for b, block in enumerate(model.model.layers)
-             for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                          "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
-  sharded = sorted(k for k, v in kernels.items() if not v.is_fully_addressable)
-  np.savez(f"{work}/magnitude-{process_id}.npz", **distributed.gather(kernels))
-  seconds["magnitude"] = time.perf_counter() - t0 - sum(seconds.values())
+  result = prune_model(model, calibration_ids(checkpoint, corpus), method, batch_size=4, mesh=mesh, progress=False)
+  return kernels(model), result
+
+
+def session(process_id: int, port: int, work: str, checkpoint: str, corpus: str) -> int:
+  import jax  # noqa: PLC0415
+
+  from proxjax import cli  # noqa: PLC0415
+
+  compiles: list[str] = []
+  jax.monitoring.register_event_duration_secs_listener(
+      lambda event, _, **__: compiles.append(event) if event == "/jax/core/compile/backend_compile_duration" else None)
+  t0 = time.perf_counter()
+  marks = [(time.perf_counter(), time.process_time(), 0)]
+
+  def mark(step: str) -> None:
+    marks.append((time.perf_counter(), time.process_time(), len(compiles)))
+    steps.append(step)
+
+  steps: list[str] = []
+  flags = distributed_flags(process_id, port)
+  done = {"prune": cli.main(["prune", checkpoint, f"{work}/wanda", "--method", "wanda",
+                             *(a.format(corpus=corpus) for a in ARGS), *flags])}
+  mark("prune")
+  if done["prune"] == 0:
+    done["eval"] = cli.main(["eval", f"{work}/wanda", "--dataset", f"{corpus}/eval.txt", "--seqlen", "32", "--quiet",
+                             "--max-windows", "16", "--json", f"{work}/eval.json", *flags])
+    mark("eval")
+
+  import numpy as np  # noqa: PLC0415
+
+  from proxjax.core import distributed  # noqa: PLC0415
+
+  pruned, _ = _pruned_on_mesh(checkpoint, corpus, "magnitude")
+  sharded = sorted(k for k, v in pruned.items() if not v.is_fully_addressable)
+  np.savez(f"{work}/magnitude-{process_id}.npz", **distributed.gather(pruned))
+  mark("magnitude")
+  try:  # a writer that fails on process 0: every process raises the same kind of error
+    distributed.on_coordinator(lambda: open(f"{work}/no-such-folder/file", "w"), "writing a file")
+    failure = None
+  except OSError as err:
+    failure = f"{type(err).__name__}: {err}"
   usage = resource.getrusage(resource.RUSAGE_SELF)
+  per_step = {s: {"wall_s": b[0] - a[0], "cpu_s": b[1] - a[1], "compiles": b[2] - a[2]}
+              for s, a, b in zip(steps, marks, marks[1:])}
   with open(f"{work}/session-{process_id}.json", "w") as f:
     json.dump({"exit": done, "devices": len(jax.devices()), "local_devices": len(jax.local_devices()),
-               "processes": jax.process_count(), "sharded_across_processes": sharded,
-               "cpu_s": usage.ru_utime + usage.ru_stime, "wall_s": time.perf_counter() - t0, "seconds": seconds,
-               "cpu_phases": [b - a for a, b in zip(cpu, cpu[1:] + [time.process_time()])], "cpu_at_start": cpu[0],
-               "compiles": [b - a for a, b in zip([0] + counts, counts + [len(compiles)])]}, f)
+               "processes": jax.process_count(), "sharded_across_processes": sharded, "steps": per_step,
+               "failure": failure,
+               "cpu_s": usage.ru_utime + usage.ru_stime, "wall_s": time.perf_counter() - t0}, f)
   return max(done.values())
+
+
+def methods(process_id: int, port: int, work: str, checkpoint: str, corpus: str, names: str) -> int:
+  import numpy as np  # noqa: PLC0415
+
+  from proxjax.core import distributed  # noqa: PLC0415
+
+  distributed.initialize(distributed.DistributedConfig(f"127.0.0.1:{port}", 2, process_id, join_timeout=60,
+                                                       heartbeat_timeout=30), fingerprint=names)
+  for method in names.split(","):
+    pruned, result = _pruned_on_mesh(checkpoint, corpus, method)
+    np.savez(f"{work}/{method}-{process_id}.npz", **distributed.gather(pruned))
+    with open(f"{work}/{method}-{process_id}.json", "w") as f:
+      json.dump({f"{r.block}.{r.name}": r.loss_after_refine for r in result.layers}, f)
+  return 0
 
 
 def main(argv: list[str]) -> int:
@@ -104,6 +150,9 @@ def main(argv: list[str]) -> int:
   if argv[0] == "session":
     process_id, port, work, checkpoint, corpus = argv[1:]
     return session(int(process_id), int(port), work, checkpoint, corpus)
+  if argv[0] == "methods":
+    process_id, port, work, checkpoint, corpus, names = argv[1:]
+    return methods(int(process_id), int(port), work, checkpoint, corpus, names)
   raise SystemExit(f"unknown mode {argv[0]!r}")
 
 
