@@ -177,7 +177,8 @@ def check_same(value: Any, what: str = "arguments") -> str:
     The fingerprint.
 
   Raises:
-    ValueError: some process's value differs from process 0's (naming those processes).
+    ValueError: some process's value differs from process 0's (naming those processes), or the processes have
+      different numbers of devices (which the exchange, and proxjax's meshes, need equal).
 
   Example:
     >>> len(check_same({"command": "prune"}))  # one process: nothing to differ from
@@ -186,6 +187,10 @@ def check_same(value: Any, what: str = "arguments") -> str:
   digest = fingerprint(value)
   if jax.process_count() == 1:
     return digest
+  if len(jax.devices()) != jax.process_count() * jax.local_device_count():
+    raise ValueError(f"the processes have different numbers of devices ({jax.local_device_count()} here, "
+                     f"{len(jax.devices())} in all over {jax.process_count()} processes): give every process the "
+                     "same number")
   from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
 
   mine = np.frombuffer(bytes.fromhex(digest)[:16], np.uint32)
