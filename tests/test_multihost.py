@@ -206,6 +206,14 @@ def test_a_failed_write_on_process_0_fails_every_process(runs):
                          "written")
 
 
+def test_resume_state_is_refused_across_processes(runs):
+  for i in (0, 1):
+    _ok(runs[f"session{i}"])
+    refused = json.loads((runs["work"] / f"session-{i}.json").read_text())["state_dir"]
+    assert refused.startswith("state_dir (resume) and offload are not supported yet on a mesh that spans several")
+    assert not (runs["work"] / f"state-{i}").exists()
+
+
 def test_mismatched_arguments_are_refused(runs):
   for i in (0, 1):
     p = runs[f"mismatch{i}"]

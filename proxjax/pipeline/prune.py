@@ -505,7 +505,10 @@ def prune_model(model: Any, calibration_ids: Any, method: str | MethodConfig | P
       parameters are placed by :mod:`proxjax.core.sharding` (kernels' outputs over ``model``), calibration batches are
       split over every device (``batch_size`` is rounded up to a multiple of the device count; the padding rows
       are masked out of ``H``), ``H`` is replicated and every kernel is pruned sharded (see
-      :func:`proxjax.prune_kernel`). ``None``: the default device.
+      :func:`proxjax.prune_kernel`). ``None``: the default device. The mesh may span several processes
+      (:mod:`proxjax.core.distributed`; every process calls this with the same arguments, each supplying its devices'
+      rows of every batch and keeping on host only the activation rows of its own devices), without ``state_dir``
+      or ``offload`` yet.
     min_expert_tokens: an expert of a mixture of experts whose calibration tokens (those routed to it) are fewer
       is pruned by magnitude instead of by the method (default :data:`MIN_EXPERT_TOKENS`); its reports are listed
       in :attr:`PipelineResult.underfed_experts` and a warning names them.
@@ -551,6 +554,9 @@ def prune_model(model: Any, calibration_ids: Any, method: str | MethodConfig | P
     mesh = _sharding.make_mesh(devices=jax.devices()[:1])
   if mesh is not None:
     batch_size = -(-batch_size // mesh.size) * mesh.size
+  if mesh is not None and mesh.is_multi_process and (state_dir is not None or offload):
+    raise ValueError("state_dir (resume) and offload are not supported yet on a mesh that spans several processes "
+                     "(proxjax.core.distributed)")
   if state_dir is not None:
     _open_run_dir(state_dir, _fingerprint(ids, config, true_sequential, selected, run_info))
 

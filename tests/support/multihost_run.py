@@ -13,7 +13,8 @@ pair of processes runs together (one JAX start-up for all of them), writing its 
 2. ``proxjax eval WORK/wanda --json WORK/eval.json`` across them;
 3. :func:`proxjax.pipeline.prune_model` with magnitude on the checkpoint loaded onto the 4-device global mesh: each
    process gathers the pruned kernels and writes ``WORK/magnitude-{PROCESS_ID}.npz``;
-4. :func:`proxjax.core.distributed.on_coordinator` with a writer that fails (on process 0);
+4. :func:`proxjax.core.distributed.on_coordinator` with a writer that fails (on process 0), and ``prune_model``
+   with a ``state_dir`` (refused across processes);
 5. ``WORK/session-{PROCESS_ID}.json``: what it ran, the failure each process saw, its CPU seconds, wall time and
    compiles per step.
 
@@ -60,7 +61,7 @@ def kernels(model: Any) -> dict[str, Any]:
           for b, block in enumerate(model.model.layers) for name in LINEARS}
 
 
-def _pruned_on_mesh(checkpoint: str, corpus: str, method: str) -> tuple[dict[str, Any], Any]:
+def _pruned_on_mesh(checkpoint: str, corpus: str, method: str, **kwargs: Any) -> tuple[dict[str, Any], Any]:
   """The checkpoint loaded onto the mesh of every process's devices and pruned by ``method``: its kernels (global
   arrays) and the pipeline's result."""
   from proxjax.core import sharding  # noqa: PLC0415
@@ -69,7 +70,8 @@ def _pruned_on_mesh(checkpoint: str, corpus: str, method: str) -> tuple[dict[str
 
   mesh = sharding.make_mesh()
   model = load_pretrained(checkpoint, sharding=sharding.checkpoint_sharding(mesh))
-  result = prune_model(model, calibration_ids(checkpoint, corpus), method, batch_size=4, mesh=mesh, progress=False)
+  result = prune_model(model, calibration_ids(checkpoint, corpus), method, batch_size=4, mesh=mesh, progress=False,
+                       **kwargs)
   return kernels(model), result
 
 
@@ -111,13 +113,18 @@ def session(process_id: int, port: int, work: str, checkpoint: str, corpus: str)
     failure = None
   except OSError as err:
     failure = f"{type(err).__name__}: {err}"
+  try:  # resume state across processes: refused before any work
+    _pruned_on_mesh(checkpoint, corpus, "magnitude", state_dir=f"{work}/state-{process_id}")
+    refused = None
+  except ValueError as err:
+    refused = str(err)
   usage = resource.getrusage(resource.RUSAGE_SELF)
   per_step = {s: {"wall_s": b[0] - a[0], "cpu_s": b[1] - a[1], "compiles": b[2] - a[2]}
               for s, a, b in zip(steps, marks, marks[1:])}
   with open(f"{work}/session-{process_id}.json", "w") as f:
     json.dump({"exit": done, "devices": len(jax.devices()), "local_devices": len(jax.local_devices()),
                "processes": jax.process_count(), "sharded_across_processes": sharded, "steps": per_step,
-               "failure": failure,
+               "failure": failure, "state_dir": refused,
                "cpu_s": usage.ru_utime + usage.ru_stime, "wall_s": time.perf_counter() - t0}, f)
   return max(done.values())
 
