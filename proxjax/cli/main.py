@@ -390,9 +390,10 @@ def _distributed_flags(p: argparse.ArgumentParser) -> None:
   g.add_argument("--num-processes", type=int, metavar="N", help="how many processes take part")
   g.add_argument("--process-id", type=int, metavar="I", help="this process's index, 0..N-1 (0 writes the outputs)")
   g.add_argument("--join-timeout", type=int, default=300, metavar="S",
-                 help="seconds to wait for every process to join; then all exit (default 300)")
+                 help="seconds to wait for every process to join; then all exit, about 5 s later (default 300)")
   g.add_argument("--heartbeat-timeout", type=int, default=60, metavar="S",
-                 help="a process silent (dead) or failed for S seconds stops all of them (default 60)")
+                 help="a process silent (dead) or failed for S seconds stops all of them, within about 2 s more "
+                      "(default 60)")
 
 
 def _resume_flags(p: argparse.ArgumentParser, report: str) -> None:

@@ -11,9 +11,10 @@ them. Arrays on that mesh are *global*: a process holds, and can read, only the 
 ``heartbeat_timeout`` as both its heartbeat and its shutdown timeout, so no process waits forever for another:
 
 * a process that never joins: every process that did exits (JAX's runtime aborts it: exit status 134, SIGABRT)
-  ``join_timeout`` seconds after it began to wait;
-* a process that dies (killed, crashed, its host lost): the others abort within ``heartbeat_timeout`` seconds (plus
-  about a second of error polling);
+  ``join_timeout`` + :data:`JOIN_EXTRA_S` seconds after it began to wait (JAX's registration adds about 5 s, measured
+  with JAX 0.10.2 for join timeouts of 5 and 10 s and heartbeats of 2 to 12 s);
+* a process that dies (killed, crashed, its host lost): the others abort within ``heartbeat_timeout`` +
+  :data:`DETECT_EXTRA_S` seconds (the runtime's error polling; measured 5.1 to 6.0 s with a 5 s heartbeat);
 * a process that stops with a Python error (a bad file on one host): it waits at most ``heartbeat_timeout`` seconds
   for the others at JAX's shutdown barrier, which then fails and aborts every process.
 
@@ -51,6 +52,12 @@ __all__ = ["DistributedConfig", "check_same", "fingerprint", "gather", "initiali
 
 T = TypeVar("T")
 
+JOIN_EXTRA_S = 5
+"""Seconds JAX's runtime takes beyond ``join_timeout`` to give up on a process that never joins (measured)."""
+
+DETECT_EXTRA_S = 2
+"""Seconds beyond ``heartbeat_timeout`` within which the others abort after a process died (measured: about 1)."""
+
 _ADDRESS = re.compile(r"(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(?P<port>\d{1,5})")
 
 
@@ -70,7 +77,7 @@ class DistributedConfig:
 
   Example:
     >>> DistributedConfig("10.0.0.1:1234", num_processes=2, process_id=1).bound
-    300
+    305
     >>> DistributedConfig("10.0.0.1", num_processes=2, process_id=0)
     Traceback (most recent call last):
     ValueError: coordinator must be HOST:PORT (e.g. 10.0.0.1:1234), got '10.0.0.1'
@@ -94,9 +101,9 @@ class DistributedConfig:
 
   @property
   def bound(self) -> int:
-    """The longest a process waits for a missing, dead or failed one before it exits, in seconds (the larger of the
-    two timeouts; add about a second for the runtime's error polling)."""
-    return max(self.join_timeout, self.heartbeat_timeout)
+    """The longest a process waits for a missing, dead or failed one before it exits, in seconds (module docstring):
+    ``max(join_timeout + JOIN_EXTRA_S, heartbeat_timeout + DETECT_EXTRA_S)``."""
+    return max(self.join_timeout + JOIN_EXTRA_S, self.heartbeat_timeout + DETECT_EXTRA_S)
 
 
 def initialize(config: DistributedConfig, fingerprint: Any = None) -> None:
@@ -125,9 +132,9 @@ def initialize(config: DistributedConfig, fingerprint: Any = None) -> None:
   if jax.config.jax_cpu_collectives_implementation in (None, "gloo"):
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
   print(f"proxjax: process {config.process_id} of {config.num_processes} joining {config.coordinator}; every "
-        f"process must join within {config.join_timeout} s, and a process silent or failed for "
-        f"{config.heartbeat_timeout} s stops all of them (JAX aborts each: 'Terminating process because the JAX "
-        "distributed service detected fatal errors')", file=sys.stderr, flush=True)
+        f"process must join within {config.join_timeout} s (+{JOIN_EXTRA_S}), and a process silent or failed for "
+        f"{config.heartbeat_timeout} s (+{DETECT_EXTRA_S}) stops all of them (JAX aborts each: 'Terminating process "
+        "because the JAX distributed service detected fatal errors')", file=sys.stderr, flush=True)
   jax.distributed.initialize(coordinator_address=config.coordinator, num_processes=config.num_processes,
                              process_id=config.process_id, initialization_timeout=config.join_timeout,
                              heartbeat_timeout_seconds=config.heartbeat_timeout,
