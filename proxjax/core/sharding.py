@@ -59,6 +59,7 @@ __all__ = [
     "make_mesh",
     "parse_mesh",
     "place",
+    "put",
     "replicated",
     "spec_for",
     "tree_shardings",
@@ -246,6 +247,29 @@ def checkpoint_sharding(mesh: Mesh) -> Callable[[tuple[Any, ...], tuple[int, ...
   return lambda path, shape: named(mesh, logical_axes(path, shape), shape)
 
 
+def put(x: Any, target: Any) -> jax.Array:
+  """``jax.device_put(x, target)`` for host data ``x`` that every process holds whole (a tensor read from a
+  checkpoint, a freshly initialised parameter).
+
+  Onto a sharding whose devices span several processes, ``jax.device_put`` all-gathers the copies to check that every
+  process passed the same values (a full extra pass over the network per tensor); here each process instead builds
+  only its own devices' shards from its copy (``jax.make_array_from_callback``). Otherwise it is ``jax.device_put``.
+
+  Example:
+    >>> import numpy as np
+    >>> from proxjax.core.sharding import make_mesh, named, put
+    >>> mesh = make_mesh()
+    >>> a = put(np.arange(8.0).reshape(2, 4), named(mesh, ("d_in", "d_out"), (2, 4)))
+    >>> a.shape, tuple(a.sharding.spec) == tuple(named(mesh, ("d_in", "d_out"), (2, 4)).spec)
+    ((2, 4), True)
+  """
+  if (target is None or not isinstance(target, jax.sharding.Sharding) or target.is_fully_addressable
+      or (isinstance(x, jax.Array) and not x.is_fully_addressable)):  # already global: a reshard
+    return jax.device_put(x, target)
+  host = np.asarray(x)
+  return jax.make_array_from_callback(host.shape, target, lambda index: host[index])
+
+
 def place(module: Any, mesh: Mesh | None, variables: Any = None) -> None:
   """Moves an NNX module's variables (default: its ``nnx.Param`` s), in place, to their declared shardings on
   ``mesh`` (``None``: to the host, i.e. the first CPU device).
@@ -268,4 +292,7 @@ def place(module: Any, mesh: Mesh | None, variables: Any = None) -> None:
     target = jax.tree.map(lambda _: jax.devices("cpu")[0], state)
   else:
     target = tree_shardings(state, mesh)
+    if mesh.is_multi_process:  # each process builds its own shards (see put)
+      nnx.update(module, jax.tree.map(put, state, target))
+      return
   nnx.update(module, jax.device_put(state, target))

@@ -25,8 +25,10 @@ A mixture of experts' stacked kernel ``(E, d_in, d_out)`` is ``E`` tensors, one 
 **Loading** (:func:`load_pretrained`) builds the model abstractly with ``nnx.eval_shape`` (no random init), checks
 every file header and every tensor name and shape first (all problems are reported in one :class:`CheckpointError`),
 then reads the weights tensor by tensor with ``safetensors.safe_open`` and places each one with ``jax.device_put``
-(optionally on a per-parameter sharding). bfloat16 tensors are read as ``ml_dtypes.bfloat16`` NumPy arrays: the
-NumPy framework of safetensors only understands ``bfloat16`` once ``ml_dtypes`` is imported (it is, here).
+(optionally on a per-parameter sharding; on a mesh spanning several processes each process builds only its own
+devices' shards from the tensor it read: :func:`proxjax.core.sharding.put`). bfloat16 tensors are read as
+``ml_dtypes.bfloat16`` NumPy arrays: the NumPy framework of safetensors only understands ``bfloat16`` once
+``ml_dtypes`` is imported (it is, here).
 
 **Saving** (:func:`save_pretrained`) writes the Hugging Face layout into a temporary sibling directory and renames it
 into place at the end, so an interrupted save never leaves a complete-looking checkpoint.
@@ -64,6 +66,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from proxjax.core.pattern import check_nm
+from proxjax.core.sharding import put
 
 from proxjax.models.llama import (
     CheckpointError,
@@ -445,7 +448,7 @@ def load_pretrained(model_dir: str | os.PathLike[str], *, param_dtype: Any = Non
           if len(stack[1]) < shape[0]:
             continue
           arr = stacks.pop(path)[0]
-        targets[path].set_value(jax.device_put(arr, sharding(path, arr.shape) if sharding else None))
+        targets[path].set_value(put(arr, sharding(path, arr.shape) if sharding else None))
   if tied_head and raw_head is not None and raw_embedding is not None and not np.array_equal(raw_head, raw_embedding):
     problems.append(f"lm_head.weight (in {where['lm_head.weight']}) differs from model.embed_tokens.weight but "
                     "config.json has tie_word_embeddings=true")
