@@ -8,18 +8,24 @@ after refinement, and per method the total wall time relative to Wanda's and to 
 side in this run. Every method is compiled first (one warm-up call per method and layer shape: the prox with
 ``cap=1, refine_steps=1``, which runs the same executables), so times exclude compiles.
 
-Methods (``--methods``, default all but ``prox-paper``, which alone takes ~20 minutes on 2 CPU cores):
+Methods (``--methods``, default all but ``prox-shared`` and ``prox-paper``, which alone takes ~20 minutes on 2 CPU
+cores):
 
 * ``wanda``, ``sparsegpt+cg``: the references.
 * ``prox`` the library default (FISTA, ``lam0_relative=1e-3``, ``budget=150``; docs/method.md, "Acceleration").
 * ``prox-fista-K``: the same with ``budget=K`` (K in ``--budgets``), the frontier of loss vs time.
 * ``prox-plain-300``: plain proximal gradient, ``budget=300`` (the earlier fast setting).
 * ``prox-paper``: the paper's schedule (``λ₀ = 0.01``, ``β = 1.01``, plain; 1000–1800 iterations per layer).
+* ``prox-shared``: the default, but the linears that share an input (and so ``H``) pruned as one kernel: q|k|v and
+  gate|up concatenated along the output axis, one ``prune_kernel`` call each (one set-up, one loop that runs until
+  the last group of all of them is 2:4, ``κ`` the quantile over all their groups); each projection's loss is then
+  computed on its own columns.
 
 Run from the repository root (after ``bash setup.sh``; converts the bundled model on first use)::
 
   python benchmarks/real_layers.py                          # CPU: blocks 0 15 29, ~15 min on 2 cores
   python benchmarks/real_layers.py --methods wanda sparsegpt+cg prox prox-paper   # with the paper's schedule
+  python benchmarks/real_layers.py --blocks 15 --cache /tmp/b15.npz --methods wanda sparsegpt+cg prox prox-shared
 
 ``--gpu`` runs the same comparison on one 7B-shaped block (LLaMA-2 7B: 4096 → 4096 / 11008; synthetic kernels and
 Hessians from ``benchmarks/scale_blocks.py``'s generator, since no checkpoint reaches the GPU machine), for when an
@@ -52,6 +58,45 @@ def methods(budgets: list[int]) -> dict[str, tuple[str, str | None, dict[str, An
     out[f"prox-fista-{k}"] = ("prox", "cg", {"budget": k})
   out["prox-plain-300"] = ("prox", "cg", {"budget": 300, "accelerate": False})
   out["prox-paper"] = ("prox", "cg", {"lam0": 0.01, "beta": 1.01, "accelerate": False})
+  out["prox-shared"] = ("prox", "cg", {SHARED: True})
+  return out
+
+
+SHARED = "_shared"  # marks a variant that prunes the linears sharing an input as one kernel
+GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj"))
+
+
+def shared_units(layers: dict[tuple[int, str], Any]) -> list[tuple[list[tuple[int, str]], Any, Any]]:
+  """The layers as pruning units: (keys, concatenated kernel, H), one unit per group of linears sharing an input."""
+  units, done = [], set()
+  for key in layers:
+    if key in done:
+      continue
+    block, name = key
+    group = next((g for g in GROUPS if name in g), (name,))
+    keys = [(block, n) for n in group if (block, n) in layers]
+    done.update(keys)
+    units.append((keys, jax.numpy.concatenate([layers[k][0] for k in keys], axis=1), layers[key][1]))
+  return units
+
+
+def prune_shared(layers: dict[tuple[int, str], Any], options: dict[str, Any], units: list[Any] | None = None
+                 ) -> dict[tuple[int, str], tuple[float, int, int]]:
+  """Prunes every unit of :func:`shared_units` with the prox (CG refinement); per layer (loss, iterations, CG steps)."""
+  done = [(keys, hess, proxjax.prune_kernel(kernel, hess, "prox", refine="cg", **options))
+          for keys, kernel, hess in units or shared_units(layers)]
+  return _split_losses(layers, done)
+
+
+def _split_losses(layers: dict[tuple[int, str], Any], done: list[Any]) -> dict[tuple[int, str], tuple[float, int, int]]:
+  out = {}
+  for keys, hess, res in done:
+    start = 0
+    for key in keys:
+      width = layers[key][0].shape[1]
+      loss = float(proxjax.relative_local_loss(res.kernel[:, start:start + width], layers[key][0], hess))
+      out[key] = (loss, res.info.iterations, res.info.refine_steps)
+      start += width
   return out
 
 
@@ -95,10 +140,12 @@ def main() -> None:
   p.add_argument("--methods", nargs="+", help="labels to run (default: all but prox-paper)")
   p.add_argument("--gpu", action="store_true", help="one synthetic LLaMA-2-7B-shaped block instead of SmolLM2")
   p.add_argument("--tokens", type=int, default=131072, help="--gpu: calibration tokens per input")
+  p.add_argument("--cache", help="an .npz file: the layers are read from it if it exists, else computed and saved "
+                 "there")
   args = p.parse_args()
 
   table = methods(args.budgets)
-  labels = args.methods or [label for label in table if label != "prox-paper"]
+  labels = args.methods or [label for label in table if label not in ("prox-paper", "prox-shared")]
   unknown = [label for label in labels if label not in table]
   if unknown:
     p.error(f"unknown methods {unknown}; choose from {list(table)}")
@@ -109,8 +156,16 @@ def main() -> None:
     layers = synthetic_7b_layers(args.seed, args.tokens)
     print(f"one LLaMA-2-7B-shaped block (synthetic, seed {args.seed}, {args.tokens} tokens per input) on "
           f"{jax.devices()[0].device_kind}")
+  elif args.cache and os.path.exists(args.cache):
+    with np.load(args.cache) as saved:
+      layers = {(b, n): (jax.numpy.asarray(saved[f"{b}/{n}/k"]), jax.numpy.asarray(saved[f"{b}/{n}/h"]))
+                for b in args.blocks for n in NAMES}
   else:
     layers = smollm2_layers(args.blocks, args.nsamples, args.seqlen, args.seed)
+    if args.cache:
+      np.savez(args.cache, **{f"{b}/{n}/{x}": np.asarray(v) for (b, n), pair in layers.items()
+                              for x, v in zip("kh", pair)})
+  if not args.gpu:
     print(f"SmolLM2-135M-Instruct (dequantized Q4_1), blocks {args.blocks}, calibration wiki {args.nsamples}×"
           f"{args.seqlen} packed seed {args.seed}; H from the dense model for all methods; {jax.devices()[0]}")
   blocks = sorted({b for b, _ in layers})
@@ -119,6 +174,25 @@ def main() -> None:
   seconds: dict[str, float] = {}
   for label in labels:
     method, refine, options = table[label]
+    if options.get(SHARED):
+      opts = {k: v for k, v in options.items() if k != SHARED}
+      units = shared_units(layers)
+      seen = set()
+      for _, kernel, hess in units:  # compile once per shape
+        if kernel.shape not in seen:
+          seen.add(kernel.shape)
+          jax.block_until_ready(proxjax.prune_kernel(kernel, hess, "prox", refine="cg", cap=1, refine_steps=1,
+                                                     **opts).kernel)
+      t0 = time.perf_counter()
+      done = [(keys, hess, proxjax.prune_kernel(kernel, hess, "prox", refine="cg", **opts))
+              for keys, kernel, hess in units]
+      jax.block_until_ready([res.kernel for _, _, res in done])
+      seconds[label] = time.perf_counter() - t0  # the losses below are not timed (their compiles would count)
+      for key, row in _split_losses(layers, done).items():
+        results[(label, key)] = row
+      print(f"  done {label} in {seconds[label]:.1f} s", flush=True)
+      table_of(labels[:labels.index(label) + 1], table, layers, blocks, results, seconds)
+      continue
     warm = {**options, **({"cap": 1} if method == "prox" else {}), **({"refine_steps": 1} if refine else {})}
     seen = set()
     for kernel, hess in layers.values():
