@@ -28,6 +28,7 @@ from safetensors.numpy import load_file
 
 from proxjax import cli
 from proxjax.core.distributed import DETECT_EXTRA_S, JOIN_EXTRA_S
+from tests.support.agreement import assert_iterative_agreement
 from proxjax.models.hf import check_sparsity
 from tests.support.cli import prune_cli
 from tests.support.multihost_run import distributed_flags
@@ -308,8 +309,9 @@ def _wait(procs: list[Process], limit: float = LIMIT) -> None:
 @pytest.mark.slow
 def test_sparsegpt_and_prox_across_two_processes_match_one_process(checkpoint, corpus, tmp_path):
   """``prune_model`` with SparseGPT and prox (defaults: FISTA, CG refinement) across 2 processes x 2 devices, by the
-  mesh tests' criteria for iterative methods: >= 99.9 % of each kernel's mask and each layer's relative local loss
-  within 1e-5 of the single-device run (global reductions round differently)."""
+  mesh tests' criterion for iterative methods (tests/support/agreement.py: >= 99.9 % of each kernel's mask; each
+  layer's local loss within 1e-5 relative where the masks are identical, 1 % where a near-tie group went the other way;
+  global reductions round differently)."""
   from proxjax.models import load_pretrained
   from proxjax.pipeline import prune_model
   from tests.support.multihost_run import calibration_ids, kernels
@@ -333,8 +335,4 @@ def test_sparsegpt_and_prox_across_two_processes_match_one_process(checkpoint, c
     for i in (0, 1):
       got = dict(np.load(tmp_path / f"{method}-{i}.npz"))
       losses = json.loads((tmp_path / f"{method}-{i}.json").read_text())
-      assert got.keys() == ref_kernels.keys() and losses.keys() == ref_losses.keys()
-      for name, value in ref_kernels.items():
-        agree = np.mean((got[name] != 0) == (value != 0))
-        assert agree >= 0.999, (method, name, agree)
-        assert abs(losses[name] - ref_losses[name]) <= 1e-5, (method, name, losses[name], ref_losses[name])
+      assert_iterative_agreement(got, ref_kernels, losses, ref_losses, f"{method} process {i}")
