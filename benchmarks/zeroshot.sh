@@ -29,6 +29,15 @@ if [ ! -f $MODELS/prox-seed0-ft/proxjax-finetune.json ]; then
     --seqlen 256 --lr 5e-5 --eval lee --quiet 2>&1 | tail -3
 fi
 evaluate prox-seed0-ft $MODELS/prox-seed0-ft
+# ProxSparse, the README's protocol (400 steps of 256 wiki tokens, lambda1 0.003 relative); --save-every 25 makes an
+# interrupted run resume from its last saved step
+if [ ! -f $MODELS/proxsparse400/proxjax-report.json ]; then
+  echo "=== proxsparse: $(date +%H:%M:%S)"
+  /usr/bin/time -f "proxsparse train wall %e s" .venv/bin/proxjax proxsparse smollm2 $MODELS/proxsparse400 --steps 400 \
+    --seqlen 256 --split-documents --train wiki --lr 5e-4 --lam1 0.003 --lam-relative --save-every 25 --eval lee \
+    --eval-seqlen 512 --quiet 2>&1 | tail -3
+fi
+evaluate proxsparse400 $MODELS/proxsparse400
 python3 - "$OUT" <<'PY'
 import json, pathlib, sys
 print("| model | acc | acc stderr | perplexity of the last word |\n|---|---|---|---|")
