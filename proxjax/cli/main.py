@@ -14,10 +14,11 @@ Examples::
   proxjax prune smollm2 out/wanda --method wanda --mesh 8        # kernels split over 8 devices
   proxjax prune big-model out/prox --mesh model=8 --offload       # one block on the devices at a time
 
-Several processes (hosts): ``prune`` and ``eval`` take ``--coordinator HOST:PORT --num-processes N --process-id I``;
-run the same command on every process, only ``--process-id`` differing. They join JAX's distributed runtime before
-anything touches a device (:mod:`proxjax.core.distributed`: bounded waits, the arguments compared across processes),
-``--mesh`` (default ``auto`` then) spans every process's devices and process 0 writes the outputs::
+Several processes (hosts): ``prune``, ``eval``, ``finetune``, ``proxsparse`` and ``prosparse`` take ``--coordinator
+HOST:PORT --num-processes N --process-id I``; run the same command on every process, only ``--process-id``
+differing. They join JAX's distributed runtime before anything touches a device (:mod:`proxjax.core.distributed`:
+bounded waits, the arguments compared across processes), ``--mesh`` (default ``auto`` then) spans every process's
+devices and process 0 writes the outputs::
 
   proxjax prune smollm2 out/wanda --method wanda --coordinator 10.0.0.1:1234 --num-processes 2 --process-id 0
   proxjax prune smollm2 out/wanda --method wanda --coordinator 10.0.0.1:1234 --num-processes 2 --process-id 1
@@ -315,7 +316,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                          steps=args.steps, batch_size=args.batch_size, seqlen=args.seqlen, learning_rate=args.lr,
                          weight_decay=args.weight_decay, seed=args.seed, save_every=args.save_every,
                          eval=_eval_config(args.eval, args.eval_seqlen, args.max_windows, 8), check=args.check,
-                         progress=not args.quiet)
+                         mesh=args.mesh, progress=not args.quiet)
+  _join(args)
   from proxjax.workflows.finetune import finetune  # pylint: disable=import-outside-toplevel
   result = finetune(job)
   msg = f"wrote {job.out_dir.out_dir}: {job.steps} steps, loss {result['losses'][0]:.4f} -> {result['losses'][-1]:.4f}"
@@ -334,6 +336,7 @@ def cmd_proxsparse(args: argparse.Namespace) -> int:
       split_documents=args.split_documents, batch_size=args.batch_size, save_every=args.save_every,
       eval=_eval_config(args.eval, args.eval_seqlen, args.max_windows, args.eval_batch_size), mesh=args.mesh,
       progress=not args.quiet)
+  _join(args)
   from proxjax.workflows.proxsparse import proxsparse  # pylint: disable=import-outside-toplevel
   full = proxsparse(job)
   print(f"wrote {job.out_dir.out_dir}: {job.steps} steps, loss {full['losses'][0]:.4f} -> {full['losses'][-1]:.4f}, "
@@ -354,7 +357,8 @@ def cmd_prosparse(args: argparse.Namespace) -> int:
       lr_warmup_steps=args.lr_warmup_steps, weight_decay=args.weight_decay, l1_warmup=args.l1_warmup,
       l1_warmup_steps=args.l1_warmup_steps, l1_stages=args.l1_stages, threshold=args.threshold, export=args.export,
       eval=_eval_config(args.eval, args.eval_seqlen, args.max_windows, args.eval_batch_size),
-      save_every=args.save_every, progress=not args.quiet)
+      save_every=args.save_every, mesh=args.mesh, progress=not args.quiet)
+  _join(args)
   from proxjax.workflows.prosparse import prosparse  # pylint: disable=import-outside-toplevel
   result = prosparse(job)
   theta = result["export"]["hidden_act_param"]
@@ -533,6 +537,8 @@ def _add_finetune(sub: Any) -> None:
   p.add_argument("--save-every", type=int, default=50, help="save the training state every N steps (default 50)")
   _resume_flags(p, "proxjax-finetune.json")
   p.add_argument("--quiet", action="store_true")
+  _mesh_flag(p)
+  _distributed_flags(p)
   p.set_defaults(func=cmd_finetune)
 
 
@@ -574,6 +580,7 @@ def _add_proxsparse(sub: Any) -> None:
   p.add_argument("--max-windows", type=int, help="evaluation windows at most")
   p.add_argument("--quiet", action="store_true", help="no progress bars")
   _mesh_flag(p)
+  _distributed_flags(p)
   p.set_defaults(func=cmd_proxsparse)
 
 
@@ -627,6 +634,8 @@ def _add_prosparse(sub: Any) -> None:
   p.add_argument("--save-every", type=int, default=50, help="save the resume state every N steps (default 50)")
   _resume_flags(p, "proxjax-prosparse.json")
   p.add_argument("--quiet", action="store_true", help="no progress bars")
+  _mesh_flag(p)
+  _distributed_flags(p)
   p.set_defaults(func=cmd_prosparse)
 
 

@@ -22,7 +22,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from proxjax.core import transforms
+from proxjax.core import sharding, transforms
 from proxjax.core.spec import flat_spec
 from proxjax.models.llama import projection_spec
 from proxjax.training import loop
@@ -85,7 +85,7 @@ _RECIPE = loop.Recipe("fine-tune", loop.train_step(_loss), ("losses",), lambda t
 def finetune_masked(model: nnx.Module, batches: Iterable[Any], *, learning_rate: float = 2e-5,
                     weight_decay: float = 0.0, masks: Any = None, progress: bool = True,
                     state_dir: str | os.PathLike[str] | None = None, save_every: int = 0,
-                    run_info: dict[str, Any] | None = None,
+                    run_info: dict[str, Any] | None = None, mesh: Any = None,
                     callback: Callable[[int, dict[str, Any]], None] | None = None) -> FinetuneResult:
   """Trains ``model`` in place with AdamW on :func:`~proxjax.training.loop.lm_loss`, pruned weights held at zero.
 
@@ -103,6 +103,9 @@ def finetune_masked(model: nnx.Module, batches: Iterable[Any], *, learning_rate:
       read into one array and are part of the run's fingerprint.
     save_every: save every this many steps (0: only after the last one), with ``state_dir``.
     run_info: JSON data identifying the run, checked on resume.
+    mesh: a :mod:`proxjax.core.sharding` mesh: params and optimizer state are placed on their declared shardings
+      (and kept there) and each batch is split over every device along its rows; the mesh may span several processes
+      (:mod:`proxjax.core.distributed`: every process passes the same batches and supplies its own devices' rows).
     callback: called as ``callback(step, metrics)`` after every step (host scalars ``loss`` and ``seconds``).
 
   Returns:
@@ -134,9 +137,13 @@ def finetune_masked(model: nnx.Module, batches: Iterable[Any], *, learning_rate:
     fingerprint = {"learning_rate": float(learning_rate), "weight_decay": float(weight_decay),
                    "batches": loop.digest([batches]), "masks": loop.digest(jax.tree.leaves(masks)),
                    "run_info": run_info or {}}
+  if mesh is not None:
+    sharding.place(model, mesh)
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  if mesh is not None:
+    sharding.place(optimizer, mesh, nnx.optimizer.OptState)
   steps = len(batches) if hasattr(batches, "__len__") else None
-  data = (jnp.asarray(np.asarray(ids), jnp.int32) for ids in batches)
+  data = (loop.batch_on(np.asarray(ids).astype(np.int32), mesh) for ids in batches)
   result = loop.run(_RECIPE, model, optimizer, data, steps=steps, state_dir=state_dir, save_every=save_every,
-                    fingerprint=fingerprint, progress=progress, callback=callback)
+                    fingerprint=fingerprint, pin_shardings=mesh is not None, progress=progress, callback=callback)
   return FinetuneResult(result.history["losses"], result.steps)

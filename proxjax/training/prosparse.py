@@ -54,6 +54,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from proxjax.core import distributed, sharding
 from proxjax.pipeline import evaluate
 from proxjax.pipeline.evaluate import padded_batch
 from proxjax.models.llama import LlamaForCausalLM
@@ -374,7 +375,7 @@ def train_prosparse(model: LlamaForCausalLM, batches: Any, *, l1: Callable[[Any]
                     learning_rate: float = 5e-5, lr_schedule: str = "cosine", lr_warmup_steps: int = 0,
                     lr_min_ratio: float = 0.1, weight_decay: float = 0.0, clip_norm: float = 1.0,
                     state_dir: str | os.PathLike[str] | None = None, save_every: int = 0,
-                    run_info: Mapping[str, Any] | None = None, progress: bool = True,
+                    run_info: Mapping[str, Any] | None = None, progress: bool = True, mesh: Any = None,
                     callback: Callable[[int, LossParts], None] | None = None) -> TrainResult:
   r"""Continued training of a ReLU model on ``NLL + λ(t) R`` (see the module docstring), in its parameter dtype.
 
@@ -408,6 +409,9 @@ def train_prosparse(model: LlamaForCausalLM, batches: Any, *, l1: Callable[[Any]
     save_every: save every this many steps (0: only after the last step).
     run_info: JSON-serialisable facts that identify the run (e.g. the source checkpoint), checked on resume.
     progress: a tqdm bar with loss, NLL, R, λ and the batch's zero fraction.
+    mesh: a :mod:`proxjax.core.sharding` mesh: params and optimizer state on their declared shardings (kept there),
+      each batch split over every device along its rows; it may span several processes (every process passes the
+      same batches and builds its own devices' rows).
     callback: called as ``callback(step, parts)`` after every step (``parts`` as host floats).
 
   Returns:
@@ -444,9 +448,18 @@ def train_prosparse(model: LlamaForCausalLM, batches: Any, *, l1: Callable[[Any]
   if not np.all(np.isfinite(lambdas)) or np.any(lambdas < 0):
     raise ValueError("the λ schedule gives negative or non-finite values")
   lrs = schedule_values(settings.schedule(steps), steps)
+  if mesh is not None:
+    sharding.place(model, mesh)
   optimizer = nnx.Optimizer(model, _optimizer_tx(float(clip_norm)), wrt=nnx.Param)
   _hyperparams(optimizer)["weight_decay"][...] = weight_decay
+  if mesh is not None:
+    sharding.place(optimizer, mesh, nnx.optimizer.OptState)
   lam32, lr32 = lambdas.astype(np.float32), lrs.astype(np.float32)
+
+  def batch(t: int) -> tuple[Any, ...]:
+    if mesh is None:
+      return batches[t], lam32[t], lr32[t]
+    return (loop.batch_on(batches[t], mesh), *(sharding.put(v, sharding.replicated(mesh)) for v in (lam32[t], lr32[t])))
 
   def record(t: int, m: dict[str, Any]) -> dict[str, Any]:
     return {"losses": m["loss"], "lm_losses": m["lm"], "l1": m["l1"], "lambdas": m["lam"],
@@ -462,9 +475,8 @@ def train_prosparse(model: LlamaForCausalLM, batches: Any, *, l1: Callable[[Any]
                  "run_info": dict(run_info or {})}
   report = None if callback is None else (
       lambda t, m: callback(t, LossParts(m["loss"], m["lm"], m["l1"], m["lam"], m["zero_fraction"])))
-  trained = loop.run(recipe, model, optimizer, lambda t: (batches[t], lam32[t], lr32[t]), steps=steps,
-                     state_dir=state_dir, save_every=save_every, fingerprint=fingerprint, progress=progress,
-                     callback=report)
+  trained = loop.run(recipe, model, optimizer, batch, steps=steps, state_dir=state_dir, save_every=save_every,
+                     fingerprint=fingerprint, pin_shardings=mesh is not None, progress=progress, callback=report)
   return TrainResult(model, *(trained.history[k] for k in _HISTORY), steps, trained.resumed_from)
 
 
@@ -557,23 +569,27 @@ def activation_sparsity(model: LlamaForCausalLM, windows: Any, batch_size: int =
                             float(config.activation_threshold))
 
 
-def perplexity_and_sparsity(model: Any, eval_data: Any, batch_size: int = 8, progress: bool = False) -> dict[str, Any]:
+def perplexity_and_sparsity(model: Any, eval_data: Any, batch_size: int = 8, progress: bool = False,
+                            mesh: Any = None) -> dict[str, Any]:
   """Perplexity (:func:`proxjax.pipeline.evaluate.perplexity`, as ``proxjax eval``) and activation sparsity (as
   :func:`activation_sparsity`) from the same forward passes: the zero counts of each batch are taken next to its
   logits, and the padded rows of the last batch (``perplexity`` pads with copies of the batch's first window, in
-  window order) are dropped."""
+  window order) are dropped. With the ``mesh`` the model is placed on, each batch is split over its devices and the
+  counts are gathered to every process (:func:`proxjax.core.distributed.gather`)."""
   windows = np.asarray(eval_data.windows)
   n_windows, seqlen = windows.shape
   bs = min(batch_size, n_windows)
+  if mesh is not None:  # evaluate.perplexity rounds the batch up to a multiple of the device count
+    bs = -(-bs // mesh.size) * mesh.size
   counts: list[np.ndarray] = []
 
   def logits_fn(ids: jax.Array) -> jax.Array:
     logits, zeros = logits_and_zero_counts(model, ids)
     valid = min(bs, n_windows - bs * len(counts))
-    counts.append(np.asarray(zeros)[:, :valid].astype(np.int64).sum(axis=1))
+    counts.append(distributed.gather(zeros)[:, :valid].astype(np.int64).sum(axis=1))
     return logits
 
-  ppl = evaluate.perplexity(logits_fn, windows, batch_size=batch_size, progress=progress)
+  ppl = evaluate.perplexity(logits_fn, windows, batch_size=batch_size, progress=progress, mesh=mesh)
   if len(counts) != -(-n_windows // bs):  # perplexity's batching changed: the zero counts would be misattributed
     raise RuntimeError(f"expected {-(-n_windows // bs)} batches from evaluate.perplexity, got {len(counts)}")
   c = model.config

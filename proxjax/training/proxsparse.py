@@ -539,7 +539,9 @@ def proxsparse(model: nnx.Module, documents: Sequence[ArrayLike], *, steps: int,
     state_dir: resume directory (``None``: no saving); see the module docs.
     save_every: save every this many steps (0: only at the end), with ``state_dir``.
     mesh: a :mod:`proxjax.core.sharding` mesh: params, optimizer state, ``W₀`` and batches are placed on their declared
-      shardings and the prox is solved per kernel (``fuse=False``).
+      shardings and the prox is solved per kernel (``fuse=False``). It may span several processes
+      (:mod:`proxjax.core.distributed`): every process passes the same documents and builds its own devices' rows
+      of each batch.
     progress: tqdm bar with the loss and the fraction of 2:4 groups.
     return_learned: keep the learned (pre-extraction) params and the optimizer in the result.
     run_info: JSON data identifying the run (e.g. the checkpoint path); a state directory of another run is refused.
@@ -594,12 +596,14 @@ def proxsparse(model: nnx.Module, documents: Sequence[ArrayLike], *, steps: int,
 
   max_length = max(d.size for d in docs)
 
+  scalars = (jnp.float32(lam2), jnp.float32(eps)) if mesh is None else tuple(
+      sharding.put(np.float32(v), sharding.replicated(mesh)) for v in (lam2, eps))
+
   def batch(t: int) -> tuple[Any, ...]:
     ids, valid = document_batch(docs, t, batch_size, max_length)
-    if mesh is not None:
-      ids = jax.device_put(ids, sharding.activation_sharding(mesh, ids.shape))
-      valid = jax.device_put(valid, sharding.activation_sharding(mesh, valid.shape))
-    return ids, valid, w0, jnp.float32(lam2), jnp.float32(eps)
+    if mesh is not None:  # split over the mesh's devices (each process builds its own devices' rows)
+      ids, valid = loop.batch_on(ids, mesh), loop.batch_on(valid, mesh)
+    return ids, valid, w0, *scalars
 
   def record(t: int, m: dict[str, Any]) -> dict[str, Any]:
     return {**{name: m[key] for name, key in _METRICS}, "learning_rates": _lr_at(learning_rate, steps, t)}

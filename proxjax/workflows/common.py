@@ -28,6 +28,7 @@ from proxjax.models import UnsupportedModelError, load_pretrained, save_pretrain
 from proxjax.models.convert import default_model_dir
 from proxjax.models.hf import METADATA_FILE, remove_unfinished_saves
 from proxjax.pipeline import evaluate
+from proxjax.training import loop
 from proxjax.workflows import paths
 from proxjax.workflows.config import EvalConfig, OutputConfig
 
@@ -122,6 +123,22 @@ def say_if_resuming(state_dir: str, marker: str | None = None) -> None:
   """Tells the user (stderr) that the run resumes: ``state_dir`` exists, or ``state_dir/marker`` when given."""
   if os.path.exists(os.path.join(state_dir, marker) if marker else state_dir):
     print(f"resuming from {state_dir}", file=sys.stderr)
+
+
+def processes() -> dict[str, int]:
+  """``{"processes": N}`` for a report or provenance when several processes ran the job, else ``{}``."""
+  count = distributed.process_count()
+  return {"processes": count} if count > 1 else {}
+
+
+def training_state(state_dir: str) -> str | None:
+  """The state directory a training workflow saves its resume state in, after saying whether it resumes: ``state_dir``
+  in a single process; across processes none yet (said on stderr: a killed run starts again from step 0)."""
+  if distributed.process_count() > 1:
+    print("proxjax: no resume state across processes yet (a killed run starts again from step 0)", file=sys.stderr)
+    return None
+  say_if_resuming(state_dir, loop.STATE_FILE)
+  return state_dir
 
 
 def finish_state(output: OutputConfig, state_dir: str) -> None:

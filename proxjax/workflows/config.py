@@ -258,6 +258,8 @@ class TrainingJob:
     learning_rate: the (peak) learning rate.
     eval: perplexity before and after, or ``None``.
     save_every: save the training state (the output's state directory) every N steps (0: only after the last).
+    mesh: as for :class:`PruneJob` (``auto`` when several processes run the job); each batch is split over its
+      devices.
     progress: progress bars.
   """
   model: str
@@ -270,6 +272,7 @@ class TrainingJob:
   learning_rate: float = 2e-5
   eval: EvalConfig | None = None
   save_every: int = 50
+  mesh: str | None = None
   progress: bool = True
 
   def __post_init__(self) -> None:
@@ -315,7 +318,6 @@ class ProxSparseJob(TrainingJob):
     prox_scaling: ``strength`` or ``lr``.
     max_documents: use only the first K documents.
     split_documents: cut documents into pieces of ``seqlen`` tokens instead of truncating them.
-    mesh: as for :class:`PruneJob`.
   """
   lam1: float
   steps: int = 400
@@ -328,7 +330,6 @@ class ProxSparseJob(TrainingJob):
   prox_scaling: str = "strength"
   max_documents: int | None = None
   split_documents: bool = False
-  mesh: str | None = None
 
   def __post_init__(self) -> None:
     super().__post_init__()

@@ -21,7 +21,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from proxjax import data
-from proxjax.core import files
+from proxjax.core import distributed, files
 from proxjax.models.hf import checkpoint_fingerprint
 from proxjax.training import prosparse as ps
 from proxjax.workflows import common
@@ -39,7 +39,8 @@ def _prosparse(job: ProSparseJob, model_dir: str, out_dir: str, state_dir: str) 
   l1 = ps.l1_schedule(job.l1_warmup, job.l1_warmup_steps, job.l1_stages)  # validates before any long work
   t0 = time.perf_counter()
 
-  model = common.load_model(model_dir, None, param_dtype=jnp.float32)  # trained in float32; saved in the source's
+  mesh = common.mesh_of(job.mesh)
+  model = common.load_model(model_dir, mesh, param_dtype=jnp.float32)  # trained in float32; saved in the source's
   source_act, source_threshold = model.config.hidden_act, model.config.activation_threshold
   tokenizer = data.load_tokenizer(model_dir)
   documents = data.load_documents(job.train, split="calibration")
@@ -62,7 +63,7 @@ def _prosparse(job: ProSparseJob, model_dir: str, out_dir: str, state_dir: str) 
              "stages": [{"end_step": e, "peak": v} for e, v in job.l1_stages],
              "schedule": "lambda(t) = l_{i-1} + (l_i - l_{i-1}) sin(pi/2 (t - T_{i-1}) / (T_i - T_{i-1})) "
                          "(our reading of ProSparse)", "final_lambda": float(lambdas[-1])},
-      "threshold": job.threshold,
+      "threshold": job.threshold, "mesh": None if mesh is None else dict(mesh.shape), **common.processes(),
   }
   print(f"proxjax {common.VERSION}: prosparse {model_dir} ({source_act}"
         f"{f', threshold {source_threshold:g}' if source_threshold else ''}) -> {out_dir}; {job.steps} steps of "
@@ -74,24 +75,27 @@ def _prosparse(job: ProSparseJob, model_dir: str, out_dir: str, state_dir: str) 
     result["eval"] = {"dataset": job.eval.dataset, "protocol": dict(eval_data.protocol)}
     cached = os.path.join(state_dir, "eval-before.json")
     before = None
-    if os.path.isfile(cached):
+    several = distributed.process_count() > 1  # no state across processes yet
+    if not several and os.path.isfile(cached):
       with open(cached) as f:
         saved = json.load(f)
       if (saved.get("protocol") == files.json_roundtrip(eval_data.protocol)
           and saved.get("model") == result["source_model"]):
         before = saved["before"]
     if before is None:
-      before = ps.perplexity_and_sparsity(model, eval_data, job.eval.batch_size, job.progress)
-      os.makedirs(state_dir, exist_ok=True)
-      files.write_json(cached, {"protocol": eval_data.protocol, "model": result["source_model"], "before": before})
+      before = ps.perplexity_and_sparsity(model, eval_data, job.eval.batch_size, job.progress, mesh=mesh)
+      if not several:
+        os.makedirs(state_dir, exist_ok=True)
+        files.write_json(cached, {"protocol": eval_data.protocol, "model": result["source_model"], "before": before})
     result["before"] = before
 
   relu = ps.with_activation(model, "relu", 0.0)  # SiLU → ReLU (a ReLU/FATReLU source trains as plain ReLU)
   del model
+  resume_dir = common.training_state(state_dir)
   trained = ps.train_prosparse(
       relu, batches, l1=l1, learning_rate=job.learning_rate, lr_schedule=job.lr_schedule,
-      lr_warmup_steps=job.lr_warmup_steps, weight_decay=job.weight_decay, state_dir=state_dir,
-      save_every=job.save_every, progress=job.progress,
+      lr_warmup_steps=job.lr_warmup_steps, weight_decay=job.weight_decay, state_dir=resume_dir,
+      save_every=job.save_every, progress=job.progress, mesh=mesh,
       run_info={"source_model": result["source_model"], "train": result["train"],
                 "checkpoint": checkpoint_fingerprint(model_dir)})
   relu = trained.model
@@ -101,9 +105,10 @@ def _prosparse(job: ProSparseJob, model_dir: str, out_dir: str, state_dir: str) 
                         "learning_rates": trained.learning_rates, "seconds": trained.seconds}
   final = ps.with_activation(relu, "relu", job.threshold) if job.threshold > 0 else relu
   if eval_data is not None:
-    result["after_relu"] = ps.perplexity_and_sparsity(relu, eval_data, job.eval.batch_size, job.progress)
+    result["after_relu"] = ps.perplexity_and_sparsity(relu, eval_data, job.eval.batch_size, job.progress, mesh=mesh)
     if job.threshold > 0:
-      result["after_threshold"] = ps.perplexity_and_sparsity(final, eval_data, job.eval.batch_size, job.progress)
+      result["after_threshold"] = ps.perplexity_and_sparsity(final, eval_data, job.eval.batch_size, job.progress,
+                                                             mesh=mesh)
     result["after"] = result["after_threshold" if job.threshold > 0 else "after_relu"]
 
   saved_model = final if job.export != "relu" else relu
@@ -124,7 +129,8 @@ def _prosparse(job: ProSparseJob, model_dir: str, out_dir: str, state_dir: str) 
               metadata={**common.provenance(model_dir), "prosparse": summary},
               overwrite=job.out_dir.overwrite, allow_fatrelu=theta > 0)
   report_path = job.out_dir.report or os.path.join(out_dir, "proxjax-prosparse.json")
-  files.write_json(report_path, result)
-  common.finish_state(job.out_dir, state_dir)
+  common.write_once(lambda: files.write_json(report_path, result), f"writing the report {report_path}")
+  if resume_dir is not None:
+    common.finish_state(job.out_dir, state_dir)
   result["report_path"] = report_path
   return result

@@ -22,7 +22,6 @@ from proxjax import data
 from proxjax.core import files
 from proxjax.models import check_sparsity
 from proxjax.models.hf import checkpoint_fingerprint
-from proxjax.training import loop
 from proxjax.training import proxsparse as ps
 from proxjax.workflows import common
 from proxjax.workflows.config import ProxSparseJob
@@ -56,30 +55,26 @@ def _proxsparse(job: ProxSparseJob, model_dir: str, out_dir: str, state_dir: str
   eval_data = None
   if job.eval is not None:
     eval_data = common.evaluation_data(model_dir, job.eval)  # the same windows before and after
-    full["ppl_before"] = common.perplexity(model, eval_data, job.eval.batch_size, job.progress).ppl
-  common.say_if_resuming(state_dir, loop.STATE_FILE)
+    full["ppl_before"] = common.perplexity(model, eval_data, job.eval.batch_size, job.progress, mesh=mesh).ppl
+  resume_dir = common.training_state(state_dir)
   result = ps.proxsparse(model, docs, steps=job.steps, lam1=job.lam1, learning_rate=job.learning_rate,
                          lam_relative=job.lam_relative, lam2=job.lam2, eps=job.eps, prox_scaling=job.prox_scaling,
-                         batch_size=job.batch_size, state_dir=state_dir, save_every=job.save_every, mesh=mesh,
+                         batch_size=job.batch_size, state_dir=resume_dir, save_every=job.save_every, mesh=mesh,
                          progress=job.progress, run_info={"model_dir": os.path.abspath(model_dir),
                                                           "checkpoint": checkpoint_fingerprint(model_dir)})
   provenance = {
       "proxjax_version": common.VERSION, "source_model": os.path.abspath(model_dir), "method": "proxsparse",
       "refine": None, "n": 2, "m": 4, "options": options, "calibration": train,
       "final_fraction_24": result.final_fraction_24, "resumed_from": result.resumed_from,
-      "seconds": time.perf_counter() - t0, "mesh": None if mesh is None else dict(mesh.shape),
+      "seconds": time.perf_counter() - t0, "mesh": None if mesh is None else dict(mesh.shape), **common.processes(),
       "note": "masks learned end to end (ProxSparse, exact 2:4 prox); kept weights are the original ones",
   }
   if eval_data is not None:
-    full["ppl_after"] = common.perplexity(model, eval_data, job.eval.batch_size, job.progress).ppl
+    full["ppl_after"] = common.perplexity(model, eval_data, job.eval.batch_size, job.progress, mesh=mesh).ppl
     full["eval"] = {"dataset": job.eval.dataset, "seqlen": job.eval.seqlen, "ppl_before": full["ppl_before"],
                     "ppl": full["ppl_after"], "protocol": dict(eval_data.protocol)}
   common.save(model, out_dir, source_dir=model_dir, metadata=provenance, overwrite=job.out_dir.overwrite,
               kept=f"the training state is kept in {state_dir}: free space and rerun the same command to finish")
-  rows = check_sparsity(out_dir)
-  bad = [r["name"] for r in rows if not r["ok"]]
-  if bad or not rows:
-    raise RuntimeError(f"the saved checkpoint {out_dir} is not 2:4 in {bad or 'any projection'} (please report this)")
   full.update(provenance)
   full.update({
       "lam1_effective": result.lam1_effective, "losses": result.losses, "regularizer": result.regularizer,
@@ -88,11 +83,21 @@ def _proxsparse(job: ProxSparseJob, model_dir: str, out_dir: str, state_dir: str
       "lam1_schedule": {"lam1": job.lam1, "relative": job.lam_relative, "prox_scaling": job.prox_scaling,
                         "per_step_strength": ("λ₁·c_i (constant)" if job.prox_scaling == "strength"
                                               else "λ₁·c_i·learning_rate(t)")},
-      "sparsity": {"projections": len(rows), "all_2_4": True,
-                   "zeros": sum(r["zeros"] for r in rows), "size": sum(r["size"] for r in rows)},
   })
   report_path = job.out_dir.report or os.path.join(out_dir, "proxjax-report.json")
-  files.write_json(report_path, full)
-  common.finish_state(job.out_dir, state_dir)
+
+  def check_and_report() -> None:  # process 0 alone: it wrote the checkpoint, and it may be the only one to see it
+    rows = check_sparsity(out_dir)
+    bad = [r["name"] for r in rows if not r["ok"]]
+    if bad or not rows:
+      raise RuntimeError(f"the saved checkpoint {out_dir} is not 2:4 in {bad or 'any projection'} (please report "
+                         "this)")
+    full["sparsity"] = {"projections": len(rows), "all_2_4": True, "zeros": sum(r["zeros"] for r in rows),
+                        "size": sum(r["size"] for r in rows)}
+    files.write_json(report_path, full)
+
+  common.write_once(check_and_report, f"checking the checkpoint and writing the report {report_path}")
+  if resume_dir is not None:
+    common.finish_state(job.out_dir, state_dir)
   full["report_path"] = report_path
   return full

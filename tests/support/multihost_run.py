@@ -18,6 +18,13 @@ pair of processes runs together (one JAX start-up for all of them), writing its 
 5. ``WORK/session-{PROCESS_ID}.json``: what it ran, the failure each process saw, its CPU seconds, wall time and
    compiles per step.
 
+``python -m tests.support.multihost_run train PROCESS_ID PORT WORK CHECKPOINT CORPUS PRUNED``: the training commands
+across the pair: ``proxjax finetune PRUNED WORK/finetune`` (:data:`FINETUNE`: one step), ``proxjax proxsparse
+CHECKPOINT WORK/proxsparse`` (:func:`proxsparse_args`: two steps, the first at learning rate 0) and ``proxjax
+prosparse CHECKPOINT WORK/prosparse`` (:data:`PROSPARSE`), then :func:`proxsparse_run` (the Python API, the same two
+steps) on the 4-device global mesh, writing the gathered learned parameters to ``WORK/api-proxsparse-{PROCESS_ID}.npz``
+and the per-step histories to ``WORK/api-proxsparse-{PROCESS_ID}.json``.
+
 ``python -m tests.support.multihost_run methods PROCESS_ID PORT WORK CHECKPOINT CORPUS M1,M2``: joins (Python API),
 then :func:`proxjax.pipeline.prune_model` with each method on the global mesh; writes ``WORK/{M}-{PROCESS_ID}.npz``
 (the kernels) and ``WORK/{M}-{PROCESS_ID}.json`` (each layer's relative local loss).
@@ -36,6 +43,19 @@ from typing import Any
 ARGS = ("--calibration", "{corpus}/calib.txt", "--nsamples", "6", "--seqlen", "32", "--batch-size", "4", "--quiet")
 """The calibration of tests/support/cli.py's ``prune_cli`` (the single-process reference), as a template."""
 
+FINETUNE = ("--train", "{corpus}/calib.txt", "--steps", "1", "--batch-size", "4", "--seqlen", "32", "--lr", "1e-3",
+            "--quiet")
+"""``proxjax finetune`` arguments: one step of 4 windows of 32 tokens (one row per device of the 4-device mesh)."""
+
+PROXSPARSE = dict(steps=2, lam1=0.1, lam_relative=True, learning_rate=1e-2, lam2=0.1, batch_size=4)
+"""ProxSparse settings of :func:`proxsparse_run` and :func:`proxsparse_args`: two steps (the first at learning rate 0,
+the warm-up's: prox only; the second with the full rate) of 4 pieces of 32 tokens."""
+
+PROSPARSE = ("--train", "{corpus}/calib.txt", "--steps", "2", "--batch-size", "4", "--seqlen", "32", "--lr", "1e-3",
+             "--l1-stages", "2:1e-3", "--eval", "{corpus}/eval.txt", "--eval-seqlen", "32", "--max-windows", "8",
+             "--quiet")
+"""``proxjax prosparse`` arguments: two steps of 4 windows, λ rising to 1e-3, perplexity and sparsity on 8 windows."""
+
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
            "mlp.up_proj", "mlp.down_proj")
 
@@ -53,6 +73,42 @@ def calibration_ids(checkpoint: str, corpus: str) -> Any:
   documents = data.load_documents(f"{corpus}/calib.txt", split="calibration")
   return data.calibration_windows(data.load_tokenizer(checkpoint), documents, nsamples=6, seqlen=32, seed=0,
                                   mode="packed")
+
+
+def proxsparse_args(corpus: str) -> list[str]:
+  """The ``proxjax proxsparse`` options of :data:`PROXSPARSE` on ``corpus/calib.txt`` cut into 32-token pieces."""
+  p = PROXSPARSE
+  return ["--train", f"{corpus}/calib.txt", "--split-documents", "--seqlen", "32", "--steps", str(p["steps"]),
+          "--lam1", str(p["lam1"]), "--lam-relative", "--lr", str(p["learning_rate"]), "--lam2", str(p["lam2"]),
+          "--batch-size", str(p["batch_size"]), "--quiet"]
+
+
+def proxsparse_run(checkpoint: str, corpus: str, mesh: Any = None) -> Any:
+  """:func:`proxjax.training.proxsparse.proxsparse` with :data:`PROXSPARSE` on the checkpoint (float32), on ``mesh``
+  or one device, with the documents ``proxjax proxsparse`` would use; returns its result (``return_learned``)."""
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  from proxjax import data  # noqa: PLC0415
+  from proxjax.core import sharding  # noqa: PLC0415
+  from proxjax.models import load_pretrained  # noqa: PLC0415
+  from proxjax.training import proxsparse as ps  # noqa: PLC0415
+
+  model = load_pretrained(checkpoint, sharding=None if mesh is None else sharding.checkpoint_sharding(mesh),
+                          param_dtype=jnp.float32)
+  documents = data.load_documents(f"{corpus}/calib.txt", split="calibration")
+  docs = ps.tokenize_documents(data.load_tokenizer(checkpoint), documents, 32, split=True)
+  return ps.proxsparse(model, docs, mesh=mesh, progress=False, return_learned=True, **PROXSPARSE)
+
+
+HISTORY = ("losses", "regularizer", "lam2_terms", "grad_norms", "fraction_24")
+"""The per-step histories of a ProxSparse result the tests compare."""
+
+
+def by_path(tree: Any) -> dict[str, Any]:
+  """``{key path: leaf}`` of a pytree (``jax.tree_util.keystr``)."""
+  import jax  # noqa: PLC0415
+
+  return {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def kernels(model: Any) -> dict[str, Any]:
@@ -129,6 +185,24 @@ def session(process_id: int, port: int, work: str, checkpoint: str, corpus: str)
   return max(done.values())
 
 
+def train(process_id: int, port: int, work: str, checkpoint: str, corpus: str, pruned: str) -> int:
+  import numpy as np  # noqa: PLC0415
+
+  from proxjax import cli  # noqa: PLC0415
+  from proxjax.core import distributed, sharding  # noqa: PLC0415
+
+  flags = distributed_flags(process_id, port)
+  done = [cli.main(["finetune", pruned, f"{work}/finetune", *(a.format(corpus=corpus) for a in FINETUNE), *flags]),
+          cli.main(["proxsparse", checkpoint, f"{work}/proxsparse", *proxsparse_args(corpus), *flags]),
+          cli.main(["prosparse", checkpoint, f"{work}/prosparse", *(a.format(corpus=corpus) for a in PROSPARSE),
+                    *flags])]
+  result = proxsparse_run(checkpoint, corpus, sharding.make_mesh())
+  np.savez(f"{work}/api-proxsparse-{process_id}.npz", **by_path(distributed.gather(result.learned)))
+  with open(f"{work}/api-proxsparse-{process_id}.json", "w") as f:
+    json.dump({k: getattr(result, k) for k in HISTORY}, f)
+  return max(done)
+
+
 def methods(process_id: int, port: int, work: str, checkpoint: str, corpus: str, names: str) -> int:
   import numpy as np  # noqa: PLC0415
 
@@ -157,6 +231,9 @@ def main(argv: list[str]) -> int:
   if argv[0] == "session":
     process_id, port, work, checkpoint, corpus = argv[1:]
     return session(int(process_id), int(port), work, checkpoint, corpus)
+  if argv[0] == "train":
+    process_id, port, work, checkpoint, corpus, pruned = argv[1:]
+    return train(int(process_id), int(port), work, checkpoint, corpus, pruned)
   if argv[0] == "methods":
     process_id, port, work, checkpoint, corpus, names = argv[1:]
     return methods(int(process_id), int(port), work, checkpoint, corpus, names)
