@@ -125,8 +125,7 @@ def test_hessian_accumulation_from_batch_split_activations():
   assert big == ["f32[128,128]", "f32[64,64]"], ops["all-reduce"]  # one reduction per distinct input
 
 
-@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt", "prox"])
-def test_prune_model_sharded_equals_single_device(method):
+def _prune_model_sharded_equals_single_device(method):
   ids = np.random.default_rng(0).integers(0, 64, (6, 16))
   opts = {"lam0": 0.01, "beta": 1.1, "accelerate": False} if method == "prox" else {}
   results = {}
@@ -157,6 +156,19 @@ def test_prune_model_sharded_equals_single_device(method):
       np.testing.assert_allclose([losses[n] for n in one_l], list(one_l.values()), rtol=1e-5, err_msg=name)
     else:
       assert_iterative_agreement(k, one_k, losses, one_l, name)
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda"])
+def test_prune_model_sharded_equals_single_device(method):
+  """The whole pipeline on a data x model mesh (and offloaded) equals one device bitwise for the one-shot methods."""
+  _prune_model_sharded_equals_single_device(method)
+
+
+@pytest.mark.slow  # the iterative methods' sharded solves are checked per kernel above in the default suite
+@pytest.mark.parametrize("method", ["sparsegpt", "prox"])
+def test_prune_model_sharded_iterative_equals_single_device(method):
+  """The whole pipeline on a data x model mesh with SparseGPT and prox, by tests/support/agreement.py."""
+  _prune_model_sharded_equals_single_device(method)
 
 
 def test_sharded_checkpoint_round_trip(tmp_path):

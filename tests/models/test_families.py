@@ -293,10 +293,12 @@ def _hf_greedy(tm, prompt, n):
   return out[0, len(prompt):].tolist()
 
 
-@pytest.mark.parametrize("name", ["qwen3_window", "gemma2", "gemma3"])
+@pytest.mark.parametrize("name", [pytest.param(n, marks=() if n == "gemma3" else pytest.mark.slow)
+                                  for n in ("qwen3_window", "gemma2", "gemma3")])
 def test_greedy_cached_equals_uncached_and_transformers(pair, name):
   """Cached == uncached (a full forward per step) == transformers' ``generate(do_sample=False)``, over a padded
-  batch of 2 prompts, with sliding-window layers (and Gemma 3's local RoPE) past their window."""
+  batch of 2 prompts, with sliding-window layers (and Gemma 3's local RoPE) past their window. Gemma 3 (sliding and
+  global layers, local RoPE, q/k norms) in the default suite, the others under ``slow``."""
   tm, model, _ = pair(name)
   cached = gen.greedy_generate(model, PROMPTS, N_NEW)
   assert [len(r) for r in cached] == [N_NEW] * len(PROMPTS)

@@ -233,8 +233,10 @@ N_NEW = 9
 of 5 and fits the cache bucket of 16 (one batch of 2, prompt bucket 16)."""
 
 
-@pytest.mark.parametrize("kind", list(VARIANTS))
+@pytest.mark.parametrize("kind", [pytest.param(k, marks=() if k == "qwen3_moe" else pytest.mark.slow) for k in VARIANTS])
 def test_greedy_cached_equals_uncached_and_transformers(pair, kind):
+  """Cached == uncached == transformers' greedy generate; Qwen3-MoE in the default suite (the cache is the LLaMA
+  family's, tests/models/test_families.py), Mixtral and Phi-3 under ``slow``."""
   tm, model, _ = pair(kind)
   cached = gen.greedy_generate(model, PROMPTS, N_NEW)
   assert cached == gen.greedy_generate(model, PROMPTS, N_NEW, use_cache=False)
@@ -439,6 +441,7 @@ def test_prox_24_update_prunes_every_expert_along_its_input_axis(pair):
         assert not bool(proxjax.is_nm(got, 2, 4, axis=1)), (kind, key, e)
 
 
+@pytest.mark.slow  # the stacked experts' 2:4 update is checked in test_spec_optax_and_planner
 def test_finetune_keeps_every_expert_zero():
   """One masked fine-tuning step (``proxjax.training.finetune.finetune_masked``: AdamW, one compile of the step, about
   7 s of CPU) on a 2:4 one-block Qwen3-MoE model (random weights, the shapes above): every zero of every expert kernel and attention

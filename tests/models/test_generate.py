@@ -83,8 +83,8 @@ def test_cached_equals_uncached(models, variant):
   assert len({tuple(r) for r in cached}) == len(PROMPTS)  # the prompts matter: not one constant continuation
 
 
-@pytest.mark.parametrize("variant", ["llama", "gqa", "mistral_window"])
-def test_equals_transformers_generate(models, variant):
+@pytest.mark.parametrize("variant", [pytest.param("llama", marks=pytest.mark.slow), "gqa", "mistral_window"])
+def test_equals_transformers_generate(models, variant):  # plain llama under slow: gqa and the window cover it
   """float32: plain multi-head Llama, GQA with biases, Mistral with a window of 6 (exceeded by every prompt + its 20
   tokens), each a padded batch of 4 against transformers' ``generate`` one prompt at a time."""
   tm, model = _model(models, variant)

@@ -126,6 +126,7 @@ def test_lm_loss_ignores_padding():
   assert ps.document_batch([ids, ids[:5]], 3, batch_size=1)[0].shape == (1, 8)  # cycling; a power of two
 
 
+@pytest.mark.slow  # a non-default option; the default scaling is checked by the end-to-end tests
 def test_prox_scaling_lr_uses_the_learning_rate_as_eta():
   kernel = jax.random.normal(jax.random.key(0), (8, 4))
   params = {"model": {"layers": {0: {"mlp": {"up_proj": {"kernel": kernel}}}}}, "lm_head": {"kernel": jnp.ones((8, 4))}}
@@ -201,6 +202,7 @@ class _Stop(Exception):
   pass
 
 
+@pytest.mark.slow  # the shared loop's resume is checked bit for bit in tests/training/test_training_loop.py
 def test_resume_gives_the_uninterrupted_result(checkpoint, docs, tmp_path):
   full = ps.proxsparse(_model(checkpoint), docs, progress=False, return_learned=True, **SETTINGS)
   state_dir = tmp_path / "state"
