@@ -58,8 +58,8 @@ def _free_ports(n: int) -> list[int]:
 class Process:
   """One started process: its output file, when it printed what, when it ended and how."""
 
-  def __init__(self, name: str, args: list[str], log: pathlib.Path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
+  def __init__(self, name: str, args: list[str], log: pathlib.Path, env: dict[str, str] | None = None):
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_XDIST", "SLURM_"))}, **(env or {})}
     env.update(XLA_FLAGS="--xla_force_host_platform_device_count=2", PYTHONUNBUFFERED="1")
     self.name, self.log = name, log
     with open(log, "w") as f:
@@ -111,7 +111,7 @@ def _watch(procs: dict[str, Process]) -> None:
 def runs(checkpoint, corpus, tmp_path_factory) -> dict[str, object]:
   work = tmp_path_factory.mktemp("multihost")
   ckpt, text = str(checkpoint), str(corpus)
-  session, mismatch, killed, alone = _free_ports(4)
+  session, mismatch, killed, alone, slurm = _free_ports(5)
   prune = ["cli", "prune", ckpt, "--method", "wanda", "--calibration", f"{text}/calib.txt", "--seqlen", "32",
            "--batch-size", "4", "--quiet"]
   procs = {
@@ -124,6 +124,11 @@ def runs(checkpoint, corpus, tmp_path_factory) -> dict[str, object]:
                                               "--nsamples", "6",
                                               *distributed_flags(i, killed, join=60, heartbeat=HEARTBEAT)],
                                work / f"killed{i}.log") for i in (0, 1)},
+      **{f"slurm{i}": Process(f"slurm{i}", ["detect", str(work / f"slurm-{i}.json"), *prune[1:], str(work / "slurm"),
+                                            "--coordinator", "auto", "--join-timeout", "60"], work / f"slurm{i}.log",
+                              env=slurm_env(i, slurm)) for i in (0, 1)},
+      "nocluster": Process("nocluster", [*prune, str(work / "nocluster"), "--coordinator", "auto"],
+                           work / "nocluster.log"),
       "alone": Process("alone", [*prune, str(work / "alone"), "--nsamples", "6",
                                  *distributed_flags(0, alone, join=JOIN, heartbeat=HEARTBEAT)], work / "alone.log"),
   }
@@ -150,6 +155,15 @@ def runs(checkpoint, corpus, tmp_path_factory) -> dict[str, object]:
           f"{killed.returncode}); alone {alone.ended - alone.seen['joining']:.1f} s after it began to join (exit "
           f"{alone.returncode})")
   return {"work": work, "reference": reference, **procs}
+
+
+def slurm_env(process_id: int, port: int) -> dict[str, str]:
+  """What ``srun --ntasks=2`` sets for task ``process_id`` on one node, as JAX's SLURM detection reads it (JAX 0.10's
+  ``jax._src.clusters.slurm_cluster``), with ``JAX_COORDINATOR_PORT`` for a free port (JAX derives one from the job
+  id otherwise)."""
+  return {"SLURM_JOB_ID": "4242", "SLURM_STEP_NODELIST": "127.0.0.1", "SLURM_NTASKS": "2",
+          "SLURM_PROCID": str(process_id), "SLURM_LOCALID": str(process_id), "SLURM_STEP_NUM_NODES": "1",
+          "JAX_COORDINATOR_PORT": str(port)}
 
 
 def _check_ended(p: Process) -> None:
@@ -229,6 +243,25 @@ def test_resume_state_is_refused_across_processes(runs):
     refused = json.loads((runs["work"] / f"session-{i}.json").read_text())["state_dir"]
     assert refused.startswith("state_dir (resume) and offload are not supported yet on a mesh that spans several")
     assert not (runs["work"] / f"state-{i}").exists()
+
+
+def test_coordinator_auto_detects_slurm(runs):
+  """``--coordinator auto`` with SLURM's variables (2 tasks on one node; no --num-processes, no --process-id): JAX's
+  detection joins them as processes 0 and 1 of 2 over all 4 devices, the arguments compared as usual."""
+  for i in (0, 1):
+    p = runs[f"slurm{i}"]
+    _ok(p)
+    assert json.loads((runs["work"] / f"slurm-{i}.json").read_text()) == {"process": i, "processes": 2, "devices": 4}
+    assert f"proxjax: joined as process {i} of 2" in p.output
+    assert "joining the coordinator JAX detects (SLURM, Cloud TPU, ...)" in p.output
+
+
+def test_coordinator_auto_without_a_cluster_exits_2(runs):
+  p = runs["nocluster"]
+  _check_ended(p)
+  assert p.returncode == 2, p.output[-3000:]
+  assert "error: --coordinator auto: JAX detected no cluster here (SLURM: SLURM_JOB_ID" in p.output
+  assert not (runs["work"] / "nocluster").exists()
 
 
 def test_mismatched_arguments_are_refused(runs):

@@ -165,8 +165,9 @@ def _join(args: argparse.Namespace) -> None:
   given = [f for f in ("coordinator", "num_processes", "process_id") if getattr(args, f, None) is not None]
   if not given:
     return
-  if len(given) < 3:
-    raise ArgumentError("--coordinator, --num-processes and --process-id go together (give all three)")
+  if len(given) < 3 and args.coordinator != "auto":
+    raise ArgumentError("--coordinator, --num-processes and --process-id go together (give all three, or "
+                        "--coordinator auto on SLURM / Cloud TPU)")
   import jax  # pylint: disable=import-outside-toplevel  (the arguments are valid by now)
 
   from proxjax import __version__  # pylint: disable=import-outside-toplevel
@@ -390,7 +391,10 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def _distributed_flags(p: argparse.ArgumentParser) -> None:
   g = p.add_argument_group("several processes (hosts); run the same command on each, only --process-id differing")
-  g.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address and a free port (with the next two)")
+  g.add_argument("--coordinator", metavar="HOST:PORT",
+                 help="process 0's address and a free port (with the next two), or 'auto': JAX detects the "
+                      "coordinator, the process count and index under SLURM (srun; one task per GPU) or on a Cloud "
+                      "TPU VM")
   g.add_argument("--num-processes", type=int, metavar="N", help="how many processes take part")
   g.add_argument("--process-id", type=int, metavar="I", help="this process's index, 0..N-1 (0 writes the outputs)")
   g.add_argument("--join-timeout", type=int, default=300, metavar="S",

@@ -47,10 +47,14 @@ from typing import Any, TypeVar
 import jax
 import numpy as np
 
-__all__ = ["DistributedConfig", "check_same", "fingerprint", "gather", "initialize", "is_coordinator",
+__all__ = ["AUTO", "DistributedConfig", "check_same", "fingerprint", "gather", "initialize", "is_coordinator",
            "on_coordinator", "process_count"]
 
 T = TypeVar("T")
+
+AUTO = "auto"
+"""The coordinator that lets JAX's cluster auto-detection (``jax.distributed.initialize()`` without arguments) find
+the coordinator, the number of processes and this process's index (:func:`initialize`)."""
 
 JOIN_EXTRA_S = 5
 """Seconds JAX's runtime takes beyond ``join_timeout`` to give up on a process that never joins (measured)."""
@@ -67,10 +71,11 @@ class DistributedConfig:
 
   Attributes:
     coordinator: ``HOST:PORT`` of process 0, where it serves the runtime's coordination service (the same on every
-      process; ``[::1]:PORT`` for an IPv6 address).
-    num_processes: how many processes take part.
+      process; ``[::1]:PORT`` for an IPv6 address), or :data:`AUTO`: JAX's cluster auto-detection finds it, and the
+      two below when they are ``None`` (see :func:`initialize`).
+    num_processes: how many processes take part (``None`` only with :data:`AUTO`).
     process_id: this process's index, ``0 <= process_id < num_processes``; process 0 is the coordinator and the one
-      that writes outputs.
+      that writes outputs (``None`` only with :data:`AUTO`).
     join_timeout: seconds every process waits for all of them to join (JAX's ``initialization_timeout``).
     heartbeat_timeout: seconds without a heartbeat after which a process counts as dead, and seconds a finished or
       failed process waits for the others at shutdown (see the module docstring for the bound this gives).
@@ -78,25 +83,29 @@ class DistributedConfig:
   Example:
     >>> DistributedConfig("10.0.0.1:1234", num_processes=2, process_id=1).bound
     305
+    >>> DistributedConfig("auto").num_processes is None  # SLURM, Cloud TPU, ... say it (initialize)
+    True
     >>> DistributedConfig("10.0.0.1", num_processes=2, process_id=0)
     Traceback (most recent call last):
-    ValueError: coordinator must be HOST:PORT (e.g. 10.0.0.1:1234), got '10.0.0.1'
+    ValueError: coordinator must be HOST:PORT (e.g. 10.0.0.1:1234) or 'auto', got '10.0.0.1'
   """
   coordinator: str
-  num_processes: int
-  process_id: int
+  num_processes: int | None = None
+  process_id: int | None = None
   join_timeout: int = 300
   heartbeat_timeout: int = 60
 
   def __post_init__(self) -> None:
     match = _ADDRESS.fullmatch(self.coordinator) if isinstance(self.coordinator, str) else None
-    if match is None or not 1 <= int(match["port"]) <= 65535:
-      raise ValueError(f"coordinator must be HOST:PORT (e.g. 10.0.0.1:1234), got {self.coordinator!r}")
+    if self.coordinator != AUTO and (match is None or not 1 <= int(match["port"]) <= 65535):
+      raise ValueError(f"coordinator must be HOST:PORT (e.g. 10.0.0.1:1234) or {AUTO!r}, got {self.coordinator!r}")
     for name, low in (("num_processes", 1), ("process_id", 0), ("join_timeout", 1), ("heartbeat_timeout", 1)):
       value = getattr(self, name)
+      if value is None and self.coordinator == AUTO and name in ("num_processes", "process_id"):
+        continue
       if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    if self.process_id >= self.num_processes:
+    if None not in (self.num_processes, self.process_id) and self.process_id >= self.num_processes:
       raise ValueError(f"process_id must be below num_processes ({self.num_processes}), got {self.process_id}")
 
   @property
@@ -115,30 +124,55 @@ def initialize(config: DistributedConfig, fingerprint: Any = None) -> None:
   On CPU the cross-process collectives are JAX's gloo implementation (selected here unless another one is
   configured). The timeouts bound every wait (module docstring); the bound is printed on stderr first.
 
+  With ``config.coordinator == AUTO`` JAX's cluster auto-detection supplies what ``config`` leaves ``None``: under
+  SLURM (``srun``; it reads ``SLURM_JOB_ID``, ``SLURM_STEP_NODELIST``, ``SLURM_NTASKS``, ``SLURM_PROCID`` and
+  ``SLURM_LOCALID``) the first node of the step is the coordinator, on port ``JAX_COORDINATOR_PORT`` or one derived
+  from the job id, ``SLURM_NTASKS`` processes, ``SLURM_PROCID`` this one, and on GPUs each process sees only GPU
+  ``SLURM_LOCALID`` (so run one task per GPU); on a Cloud TPU VM the TPU metadata (one process per worker); also
+  Open MPI's ``mpirun`` and Kubernetes (JAX 0.10's ``jax._src.clusters``). The joined process then says which it is
+  on stderr.
+
   Raises:
     RuntimeError: a JAX backend is already initialized (without the runtime), or the runtime was joined as another
       process.
-    ValueError: the fingerprints differ (on every process).
+    ValueError: the fingerprints differ (on every process); :data:`AUTO` where JAX detects no cluster.
   """
   if not isinstance(config, DistributedConfig):
     raise ValueError(f"config must be a DistributedConfig, got {config!r}")
   if jax.distributed.is_initialized():  # a second workflow in the same program: the runtime is joined already
-    if (jax.process_count(), jax.process_index()) != (config.num_processes, config.process_id):
+    if any(want is not None and want != got for want, got in ((config.num_processes, jax.process_count()),
+                                                              (config.process_id, jax.process_index()))):
       raise RuntimeError(f"this program already joined as process {jax.process_index()} of {jax.process_count()}, "
                          f"not {config.process_id} of {config.num_processes}")
     if fingerprint is not None:
       check_same(fingerprint)
     return
-  if jax.config.jax_cpu_collectives_implementation in (None, "gloo"):
+  collectives = jax.config.jax_cpu_collectives_implementation
+  if collectives in (None, "gloo"):
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  print(f"proxjax: process {config.process_id} of {config.num_processes} joining {config.coordinator}; every "
-        f"process must join within {config.join_timeout} s (+{JOIN_EXTRA_S}), and a process silent or failed for "
-        f"{config.heartbeat_timeout} s (+{DETECT_EXTRA_S}) stops all of them (JAX aborts each: 'Terminating process "
-        "because the JAX distributed service detected fatal errors')", file=sys.stderr, flush=True)
-  jax.distributed.initialize(coordinator_address=config.coordinator, num_processes=config.num_processes,
-                             process_id=config.process_id, initialization_timeout=config.join_timeout,
-                             heartbeat_timeout_seconds=config.heartbeat_timeout,
-                             shutdown_timeout_seconds=config.heartbeat_timeout)
+  auto = config.coordinator == AUTO
+  who = ("this process" if auto and config.process_id is None else f"process {config.process_id}") + (
+      "" if config.num_processes is None else f" of {config.num_processes}")
+  where = "the coordinator JAX detects (SLURM, Cloud TPU, ...)" if auto else config.coordinator
+  print(f"proxjax: {who} joining {where}; every process must join within {config.join_timeout} s "
+        f"(+{JOIN_EXTRA_S}), and a process silent or failed for {config.heartbeat_timeout} s (+{DETECT_EXTRA_S}) stops "
+        "all of them (JAX aborts each: 'Terminating process because the JAX distributed service detected fatal "
+        "errors')", file=sys.stderr, flush=True)
+  try:
+    jax.distributed.initialize(coordinator_address=None if auto else config.coordinator,
+                               num_processes=config.num_processes, process_id=config.process_id,
+                               initialization_timeout=config.join_timeout,
+                               heartbeat_timeout_seconds=config.heartbeat_timeout,
+                               shutdown_timeout_seconds=config.heartbeat_timeout)
+  except ValueError as err:
+    jax.config.update("jax_cpu_collectives_implementation", collectives)  # not joined: as it was
+    if not auto or "must be defined" not in str(err) and "should be defined" not in str(err):
+      raise
+    raise ValueError("--coordinator auto: JAX detected no cluster here (SLURM: SLURM_JOB_ID, SLURM_STEP_NODELIST, "
+                     "SLURM_NTASKS, SLURM_PROCID and SLURM_LOCALID set by srun; a Cloud TPU VM; Open MPI; Kubernetes): "
+                     "give --coordinator HOST:PORT --num-processes N --process-id I") from None
+  if auto:
+    print(f"proxjax: joined as process {jax.process_index()} of {jax.process_count()}", file=sys.stderr, flush=True)
   if fingerprint is not None:
     check_same(fingerprint)
 

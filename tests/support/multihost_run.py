@@ -6,6 +6,10 @@
 ``python -m tests.support.multihost_run join ARGS...``: joins the other processes as ``proxjax ARGS...`` would (the
 same arguments compared), prints ``joined`` and waits to be killed.
 
+``python -m tests.support.multihost_run detect OUT.json ARGS...``: joins as ``proxjax ARGS...`` would (e.g. with
+``--coordinator auto`` and SLURM's environment variables) and writes its process index, the process count and the
+global device count to ``OUT.json``.
+
 ``python -m tests.support.multihost_run session PROCESS_ID PORT WORK CHECKPOINT CORPUS``: the session of checks one
 pair of processes runs together (one JAX start-up for all of them), writing its results under ``WORK``:
 
@@ -228,6 +232,14 @@ def main(argv: list[str]) -> int:
     print("joined", flush=True)
     time.sleep(600)
     return 1
+  if argv[0] == "detect":
+    import jax  # noqa: PLC0415
+
+    command_line = importlib.import_module("proxjax.cli.main")
+    command_line._join(command_line.build_parser().parse_args(argv[2:]))
+    with open(argv[1], "w") as f:
+      json.dump({"process": jax.process_index(), "processes": jax.process_count(), "devices": len(jax.devices())}, f)
+    return 0
   if argv[0] == "session":
     process_id, port, work, checkpoint, corpus = argv[1:]
     return session(int(process_id), int(port), work, checkpoint, corpus)
