@@ -324,24 +324,3 @@ def test_the_prox_schedule_is_set_once_and_resolved_in_the_report():
   assert s.lam0 == pytest.approx(1e-3 * s.lipschitz * s.kappa, rel=1e-5)
   assert s.beta == pytest.approx((s.lipschitz * s.kappa / s.lam0) ** (1 / 150), rel=1e-5)
   assert 100 <= res.info.iterations <= 200 and res.info.schedule.estimated_iterations == 150 and not res.info.cap_hit
-
-
-def test_the_certificate_changes_no_iterate(monkeypatch):
-  """The loop's 2-sparse certificate (proxjax.core.prox.prox_24_listed: closed form for certified groups, the
-  Newton solve gathered in chunks for the rest, the list carried) against the loop without it, on the toy layer:
-  the same mask, iterations and losses (1e-6). Three compiles of the loop: the default (shared with the toy tests),
-  without the certificate, and with chunks of 32 groups (several chunks per iteration, the list rebuilt and reused)."""
-  k, h = _toy(1)
-  assert pruner._certify_statics(k.shape, None, pruner.CERTIFY)["capacity"] > 0  # on by default
-  runs = {}
-  for name, certify in (("on", pruner.CERTIFY), ("off", pruner.Certify(capacity=0.0)),
-                        ("chunks", pruner.Certify(capacity=0.5, chunk=32))):
-    monkeypatch.setattr(pruner, "CERTIFY", certify)
-    runs[name] = prune_kernel(k, h)
-  off = runs["off"]
-  for name in ("on", "chunks"):
-    res = runs[name]
-    np.testing.assert_array_equal(np.asarray(res.mask), np.asarray(off.mask), err_msg=name)
-    assert res.info.iterations == off.info.iterations, name
-    assert res.info.loss_before_refine == pytest.approx(off.info.loss_before_refine, rel=1e-6, abs=1e-9), name
-    assert res.info.loss_after_refine == pytest.approx(off.info.loss_after_refine, rel=1e-6, abs=1e-9), name
