@@ -16,6 +16,9 @@ cores):
 * ``prox-fista-K``: the same with ``budget=K`` (K in ``--budgets``), the frontier of loss vs time.
 * ``prox-plain-300``: plain proximal gradient, ``budget=300`` (the earlier fast setting).
 * ``prox-paper``: the paper's schedule (``λ₀ = 0.01``, ``β = 1.01``, plain; 1000–1800 iterations per layer).
+* ``prox-nocert``: the default without the 2-sparse certificate in the loop (every iteration runs the Newton solve
+  on every group; ``proxjax.pruning.pruner.CERTIFY`` set to ``Certify(capacity=0)``): the same iterates up to
+  float rounding, to time the certificate.
 * ``prox-shared``: the default, but the linears that share an input (and so ``H``) pruned as one kernel: q|k|v and
   gate|up concatenated along the output axis, one ``prune_kernel`` call each (one set-up, one loop that runs until
   the last group of all of them is 2:4, ``κ`` the quantile over all their groups); each projection's loss is then
@@ -37,15 +40,18 @@ accelerator is lent::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import jax
 import numpy as np
 
 import proxjax
+from proxjax.pruning import pruner
 
 NAMES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
          "mlp.up_proj", "mlp.down_proj")
@@ -59,7 +65,22 @@ def methods(budgets: list[int]) -> dict[str, tuple[str, str | None, dict[str, An
   out["prox-plain-300"] = ("prox", "cg", {"budget": 300, "accelerate": False})
   out["prox-paper"] = ("prox", "cg", {"lam0": 0.01, "beta": 1.01, "accelerate": False})
   out["prox-shared"] = ("prox", "cg", {SHARED: True})
+  out["prox-nocert"] = ("prox", "cg", {NOCERT: True})
   return out
+
+
+NOCERT = "_nocert"  # marks the default prox run with the loop's certificate off
+
+
+@contextlib.contextmanager
+def certificate(on: bool) -> Iterator[None]:
+  """The prox loop's certificate as it is (``on``) or off, for the duration (restored afterwards)."""
+  saved = pruner.CERTIFY
+  pruner.CERTIFY = saved if on else pruner.Certify(capacity=0.0)
+  try:
+    yield
+  finally:
+    pruner.CERTIFY = saved
 
 
 SHARED = "_shared"  # marks a variant that prunes the linears sharing an input as one kernel
@@ -140,6 +161,8 @@ def main() -> None:
   p.add_argument("--methods", nargs="+", help="labels to run (default: all but prox-paper)")
   p.add_argument("--gpu", action="store_true", help="one synthetic LLaMA-2-7B-shaped block instead of SmolLM2")
   p.add_argument("--tokens", type=int, default=131072, help="--gpu: calibration tokens per input")
+  p.add_argument("--rounds", type=int, default=1, help="run every method this many times, interleaved; the table "
+                 "uses each method's fastest round")
   p.add_argument("--cache", help="an .npz file: the layers are read from it if it exists, else computed and saved "
                  "there")
   args = p.parse_args()
@@ -171,42 +194,54 @@ def main() -> None:
   blocks = sorted({b for b, _ in layers})
 
   results: dict[tuple[str, tuple[int, str]], Any] = {}
+  rounds: dict[str, list[float]] = {label: [] for label in labels}
   seconds: dict[str, float] = {}
-  for label in labels:
-    method, refine, options = table[label]
-    if options.get(SHARED):
-      opts = {k: v for k, v in options.items() if k != SHARED}
-      units = shared_units(layers)
-      seen = set()
-      for _, kernel, hess in units:  # compile once per shape
-        if kernel.shape not in seen:
-          seen.add(kernel.shape)
-          jax.block_until_ready(proxjax.prune_kernel(kernel, hess, "prox", refine="cg", cap=1, refine_steps=1,
-                                                     **opts).kernel)
-      t0 = time.perf_counter()
-      done = [(keys, hess, proxjax.prune_kernel(kernel, hess, "prox", refine="cg", **opts))
-              for keys, kernel, hess in units]
-      jax.block_until_ready([res.kernel for _, _, res in done])
-      seconds[label] = time.perf_counter() - t0  # the losses below are not timed (their compiles would count)
-      for key, row in _split_losses(layers, done).items():
-        results[(label, key)] = row
-      print(f"  done {label} in {seconds[label]:.1f} s", flush=True)
-      table_of(labels[:labels.index(label) + 1], table, layers, blocks, results, seconds)
-      continue
-    warm = {**options, **({"cap": 1} if method == "prox" else {}), **({"refine_steps": 1} if refine else {})}
+  for r in range(args.rounds):  # every round runs every method once: the methods are timed interleaved
+    for label in labels:
+      method, refine, options = table[label]
+      with certificate(not options.get(NOCERT)):
+        rounds[label].append(run_method(label, method, refine, options, layers, results, warm_up=r == 0))
+      seconds[label] = min(rounds[label])
+      print(f"  done {label} in {rounds[label][-1]:.1f} s (round {r + 1})", flush=True)
+      if label not in ("wanda", "sparsegpt+cg") and r == args.rounds - 1:
+        table_of(labels[:labels.index(label) + 1], table, layers, blocks, results, seconds)
+  if args.rounds > 1:
+    print("\nseconds per round (the table uses each method's fastest): "
+          + "; ".join(f"{label} " + " ".join(f"{t:.1f}" for t in rounds[label]) for label in labels))
+
+
+def run_method(label: str, method: str, refine: str | None, options: dict[str, Any], layers: dict[Any, Any],
+               results: dict[Any, Any], warm_up: bool) -> float:
+  """Prunes every layer with one method (compiled first when ``warm_up``); stores its rows, returns the seconds."""
+  shared = bool(options.get(SHARED))
+  options = {k: v for k, v in options.items() if k not in (SHARED, NOCERT)}
+  if shared:
+    units = shared_units(layers)
     seen = set()
-    for kernel, hess in layers.values():
-      if kernel.shape not in seen:  # compile once per shape (traced options: the same executables)
+    for _, kernel, hess in units:  # compile once per shape
+      if warm_up and kernel.shape not in seen:
         seen.add(kernel.shape)
-        jax.block_until_ready(proxjax.prune_kernel(kernel, hess, method, refine=refine, **warm).kernel)
+        jax.block_until_ready(proxjax.prune_kernel(kernel, hess, "prox", refine="cg", cap=1, refine_steps=1,
+                                                   **options).kernel)
     t0 = time.perf_counter()
-    for key, (kernel, hess) in layers.items():
-      res = proxjax.prune_kernel(kernel, hess, method, refine=refine, **options)
-      results[(label, key)] = (res.info.loss_after_refine, res.info.iterations, res.info.refine_steps)
-    seconds[label] = time.perf_counter() - t0
-    print(f"  done {label} in {seconds[label]:.1f} s", flush=True)
-    if label not in ("wanda", "sparsegpt+cg"):
-      table_of(labels[:labels.index(label) + 1], table, layers, blocks, results, seconds)
+    done = [(keys, hess, proxjax.prune_kernel(kernel, hess, "prox", refine="cg", **options))
+            for keys, kernel, hess in units]
+    jax.block_until_ready([res.kernel for _, _, res in done])
+    took = time.perf_counter() - t0  # the losses below are not timed (their compiles would count)
+    for key, row in _split_losses(layers, done).items():
+      results[(label, key)] = row
+    return took
+  warm = {**options, **({"cap": 1} if method == "prox" else {}), **({"refine_steps": 1} if refine else {})}
+  seen = set()
+  for kernel, hess in layers.values():
+    if warm_up and kernel.shape not in seen:  # compile once per shape (traced options: the same executables)
+      seen.add(kernel.shape)
+      jax.block_until_ready(proxjax.prune_kernel(kernel, hess, method, refine=refine, **warm).kernel)
+  t0 = time.perf_counter()
+  for key, (kernel, hess) in layers.items():
+    res = proxjax.prune_kernel(kernel, hess, method, refine=refine, **options)
+    results[(label, key)] = (res.info.loss_after_refine, res.info.iterations, res.info.refine_steps)
+  return time.perf_counter() - t0
 
 
 def table_of(labels: list[str], table: dict[str, Any], layers: dict[Any, Any], blocks: list[int],

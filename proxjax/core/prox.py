@@ -34,10 +34,11 @@ regimes (``tests/core/test_prox_exact.py``): no miss at relative tolerance 1e-6.
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.typing import ArrayLike
 
 from proxjax.core import xla
@@ -95,12 +96,17 @@ def _solve_sorted(a1, a2, a3, a4, lam):
   t_max = jnp.minimum(a3, a2 / jnp.maximum(lam * a1, tiny))
   rs, rd = jnp.sqrt(s_), jnp.sqrt(d_)
   t = jnp.clip((rs - rd) / jnp.maximum(lam * (rs + rd), tiny), 0.0, t_max)  # the peak of G''
-  for _ in range(_NEWTON_3):
+
+  # The Newton steps are loops, not unrolled: XLA compiles one step's fusions once (the unrolled program compiled
+  # ~30 % longer), and the loop runs as fast (benchmarks/README.md, "Cost per iteration").
+  def newton_3(_, t):
     ru, rv = 1.0 / (1.0 + lam * t), 1.0 / jnp.maximum(1.0 - lam * t, tiny)
     su, dv = (s_ * ru) ** 2, (d_ * rv) ** 2  # written so that D = 0 gives 0, never 0/0
     g1 = t - a3 + 0.25 * lam * (su - dv)
     g2 = 1.0 - 0.5 * lam * lam * (su * ru + dv * rv)
-    t = jnp.where(g2 > 0, jnp.clip(t - g1 / jnp.where(g2 > 0, g2, 1.0), 0.0, t_max), t)
+    return jnp.where(g2 > 0, jnp.clip(t - g1 / jnp.where(g2 > 0, g2, 1.0), 0.0, t_max), t)
+
+  t = lax.fori_loop(0, _NEWTON_3, newton_3, t)
   p = s_ / (1.0 + lam * t)
   m = jnp.where(d_ > 0, d_ / jnp.maximum(1.0 - lam * t, tiny), 0.0)
   w_three = (0.5 * (p + m), jnp.maximum(0.5 * (p - m), 0.0), t, zero)
@@ -108,9 +114,11 @@ def _solve_sorted(a1, a2, a3, a4, lam):
 
   # Dense support: Newton on F(p, q) along λ_j = λ·j/J, j = 1..J, then corrector steps at λ.
   inv_lam = 1.0 / jnp.maximum(lam, tiny)
-  p, q = s_, t_
-  for j in range(_HOMOTOPY + _CORRECT):
-    frac = min(j + 1, _HOMOTOPY) / _HOMOTOPY
+  fracs = jnp.asarray([min(j + 1, _HOMOTOPY) / _HOMOTOPY for j in range(_HOMOTOPY + _CORRECT)], a1.dtype)
+
+  def newton_dense(j, pq):
+    p, q = pq
+    frac = fracs[j]
     lj = lam * frac
     rp = 1.0 / jnp.maximum(1.0 - lj * p, tiny)
     rq = 1.0 / jnp.maximum(1.0 - lj * q, tiny)
@@ -127,7 +135,9 @@ def _solve_sorted(a1, a2, a3, a4, lam):
     bound = 0.9 * inv_lam / frac
     p_new = jnp.clip(p + (fpq * fq - fqq * fp) * rdet, 0.0, 0.1 * p + bound)
     q_new = jnp.clip(q + (fpq * fp - fpp * fq) * rdet, 0.0, 0.1 * q + bound)
-    p, q = jnp.where(ok, p_new, p), jnp.where(ok, q_new, q)
+    return jnp.where(ok, p_new, p), jnp.where(ok, q_new, q)
+
+  p, q = lax.fori_loop(0, _HOMOTOPY + _CORRECT, newton_dense, (s_, t_))
   vq, vp = 1.0 - lam * q, 1.0 - lam * p
   valid = (vq > eps) & (vp > eps)
   m = jnp.where(d_ > 0, d_ / jnp.maximum(vq, eps), 0.0)
@@ -143,6 +153,12 @@ def _solve_sorted(a1, a2, a3, a4, lam):
 def _prox_components(y: tuple[jax.Array, ...], lam: jax.Array) -> tuple[jax.Array, ...]:
   """Elementwise exact prox on the four components of each group (any shapes that broadcast)."""
   mags, idx = _sort4([jnp.abs(c) for c in y])
+  return _prox_sorted(y, mags, idx, lam)
+
+
+def _prox_sorted(y: tuple[jax.Array, ...], mags: list[jax.Array], idx: list[jax.Array],
+                 lam: jax.Array) -> tuple[jax.Array, ...]:
+  """:func:`_prox_components` given the sorted magnitudes and their original positions (:func:`_sort4`)."""
   scale = mags[0]
   safe = jnp.where(scale > 0, scale, 1.0)
   w, use_two = _solve_sorted(*(v / safe for v in mags), lam * safe)
@@ -164,6 +180,178 @@ def prox_leaf(x: jax.Array, lam: jax.Array, axis: int) -> jax.Array:
   y = tuple(c.astype(ct) for c in _components(x, axis))
   w = _prox_components(y, jnp.asarray(lam, ct))
   return nm.merge_groups(jnp.stack(w, axis=axis + 1), axis).astype(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The 2-sparse certificate and the compacted prox of the prox-gradient loop (docs/method.md, "The 2:4 regularizer and
+# its prox"; benchmarks/README.md, "Cost per iteration").
+
+_CERT_MARGIN = 16  # rounding margin of the certificate, in units of eps times its terms (in units of a1 = 1)
+
+
+def _certified_sorted(mags: list[jax.Array], lam: jax.Array) -> jax.Array:
+  r"""Whether ``(a1, a2, 0, 0)`` is provably the global minimizer, from the sorted magnitudes and the strength.
+
+  With ``φ(μ) = min_{w1, w2 >= 0} ½(w1 − a1)² + ½(w2 − a2)² + μ w1 w2`` (concave in ``μ``, ``φ(0) = 0``), every
+  ``w`` with ``s = w3 + w4 ∈ (0, a3 + a4]`` has objective at least ``½(a3² + a4²) + φ(λs) − a3 s + ¼s²`` (drop
+  ``λ w3 w4 (w1 + w2) >= 0``; ``½(w3 − a3)² + ½(w4 − a4)² >= ½(a3² + a4²) − a3 s + ¼s²``), and by concavity
+  ``φ(λs) >= (s / (a3 + a4)) φ(λ(a3 + a4))``. So ``φ(λ(a3 + a4)) >= a3 (a3 + a4)`` makes the 2-support at least as
+  good as every other point (a minimizer never exceeds ``a``, so ``s <= a3 + a4``). ``φ`` in closed form: the
+  interior stationary point when ``a2 > μ a1``, ``(μ/4)[(a1 + a2)²/(1 + μ) − (a1 − a2)²/(1 − μ)]``, else ``½a2²``.
+  Groups with ``a3 = 0`` are 2-sparse already. A margin of a few ulps keeps rounding from certifying a boundary case.
+  """
+  a1, a2, a3, a4 = mags
+  eps = jnp.finfo(a1.dtype).eps
+  safe = jnp.where(a1 > 0, a1, 1.0)
+  b2, b3, b4 = a2 / safe, a3 / safe, a4 / safe
+  reach = b3 + b4
+  mu = lam * safe * reach
+  inner = b2 > mu  # then μ < b2 <= 1
+  s_, d_ = 1.0 + b2, 1.0 - b2
+  phi = jnp.where(inner, 0.25 * mu * (s_ * s_ / (1.0 + mu) - d_ * d_ / jnp.where(inner, 1.0 - mu, 1.0)),
+                  0.5 * b2 * b2)
+  need = b3 * reach
+  margin = _CERT_MARGIN * eps * (need + jnp.where(inner, mu, 0.0))
+  finite = jnp.isfinite(a1 + a2 + a3 + a4)
+  return finite & (((lam > 0) & (phi >= need + margin)) | ((a3 == 0) & ~jnp.isnan(lam)))
+
+
+def _keep_top2(y: tuple[jax.Array, ...], idx: list[jax.Array]) -> tuple[jax.Array, ...]:
+  """Each group with all but its two largest magnitudes (ties: lower index) set to zero."""
+  return tuple(jnp.where((idx[0] == k) | (idx[1] == k), y[k], jnp.zeros_like(y[k])) for k in range(4))
+
+
+def certify_24(x: jax.Array, lam: ArrayLike, *, axis: int = 0) -> jax.Array:
+  r"""Which groups of ``x`` have ``prox_{λR}`` equal to keeping their two largest magnitudes, by a sufficient test.
+
+  ``True`` for a group with sorted magnitudes ``a1 >= a2 >= a3 >= a4`` where ``φ(λ(a3 + a4)) >= a3 (a3 + a4)``,
+  ``φ(μ) = min_{w1, w2 >= 0} ½(w1 − a1)² + ½(w2 − a2)² + μ w1 w2`` (a proof in the code), or ``a3 = 0``. Sound,
+  not complete: a ``False`` group may still be 2-sparse. A few elementwise operations per group, no Newton steps.
+
+  Args:
+    x: a floating array; the group axis must be divisible by 4.
+    lam: the strength ``λ`` (a scalar).
+    axis: the group axis.
+
+  Returns:
+    A bool array, ``x``'s shape with ``axis`` divided by 4.
+
+  Example:
+    >>> import jax.numpy as jnp, proxjax.core.prox as prox
+    >>> x = jnp.array([[0.954, 1.0], [0.926, 0.9], [0.919, 0.1], [0.912, 0.05]])
+    >>> prox.certify_24(x, 1.134).tolist()  # the first group's prox is 3-sparse (see prox_24)
+    [[False, True]]
+  """
+  x = jnp.asarray(x)
+  nm.check_floating(x, "certify_24 input")
+  ax = nm.group_axis(x.shape, 4, axis)
+  ct = compute_dtype(x.dtype)
+  mags, _ = _sort4([jnp.abs(c).astype(ct) for c in _components(x, ax)])
+  return _certified_sorted(mags, jnp.asarray(lam, ct))
+
+
+class GroupList(NamedTuple):
+  """The groups of a ``(d_in, d_out)`` kernel that :func:`prox_24_listed` solves in full (the rest are certified).
+
+  Attributes:
+    index: ``(capacity,)`` int32, flat indices into the ``(d_in // 4, d_out)`` groups (row-major), the listed groups
+      first; the unused slots repeat index 0.
+    member: ``(d_in // 4, d_out)`` bool, the listed groups.
+    size: int32 scalar, how many groups are listed.
+  """
+  index: jax.Array
+  member: jax.Array
+  size: jax.Array
+
+
+def empty_group_list(shape: tuple[int, int], capacity: int) -> GroupList:
+  """An empty :class:`GroupList` for a ``shape = (d_in, d_out)`` kernel: the first :func:`prox_24_listed` call fills
+  it (an empty list is stale as soon as one group is not certified)."""
+  return GroupList(jnp.zeros((capacity,), jnp.int32), jnp.zeros((shape[0] // 4, shape[1]), bool),
+                   jnp.zeros((), jnp.int32))
+
+
+def prox_24_listed(x: jax.Array, lam: jax.Array, listed: GroupList, *, chunk: int, shrink: float = 0.5,
+                   reuse: bool = True) -> tuple[jax.Array, GroupList, jax.Array, jax.Array]:
+  r"""``prox_24(x, lam)`` along axis 0 of a 2-D kernel, with the Newton work only where the certificate fails.
+
+  Every group gets :func:`certify_24`'s test; a certified group's prox is its top two (closed form). The others
+  (``need``) are solved exactly, ``chunk`` groups at a time, gathered by the list's index and scattered back:
+
+  * more groups need it than the list holds (its capacity): the full solve of every group (the list is kept);
+  * else the list is rebuilt (``jnp.nonzero(need, size=capacity)``) if it misses one of them, if they are fewer than
+    ``shrink`` times the listed groups, or without ``reuse``; then ``⌈size / chunk⌉`` chunks of the list are solved,
+    and the listed groups that are certified take the closed form.
+
+  So the result is the exact prox in every case (equal to :func:`prox_24` up to float rounding; a certified group's
+  top two are ``x``'s own values, bit for bit, as in ``prox_24``). Meant for ``jit`` (the prox-gradient loop of
+  :func:`proxjax.prune_kernel` carries the list): two compiled solves (every group; one chunk); ``λ`` is a traced
+  scalar.
+
+  Args:
+    x: ``(d_in, d_out)``, float32.
+    lam: the strength ``λ`` (``prox_24``'s ``hyperparams · scaling``), a float32 scalar.
+    listed: the :class:`GroupList`; its capacity must be a multiple of ``chunk``.
+    chunk: groups per gathered solve.
+    shrink: rebuild a list that still holds every uncertified group once they are fewer than this fraction of it.
+    reuse: keep a list while it holds every uncertified group (``False``: a new list every call).
+
+  Returns:
+    ``(prox, new list, chunks, rebuilt)``: ``chunks`` is the number of gathered solves, ``-1`` for the full solve.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, proxjax, proxjax.core.prox as prox
+    >>> x = jax.random.normal(jax.random.key(0), (8, 16))
+    >>> out, listed, chunks, rebuilt = prox.prox_24_listed(x, jnp.float32(2.0), prox.empty_group_list(x.shape, 32),
+    ...                                                    chunk=8)  # room for all 32 groups, solved 8 at a time
+    >>> bool(jnp.allclose(out, proxjax.prox_24(x, 2.0), atol=1e-6)), int(listed.size) <= 8 * int(chunks), bool(rebuilt)
+    (True, True, True)
+  """
+  capacity = listed.index.shape[0]
+  if chunk < 1 or capacity % chunk:
+    raise ValueError(f"the list's capacity {capacity} must be a positive multiple of chunk {chunk}")
+  lam = jnp.asarray(lam, x.dtype)
+  y = _components(x, 0)
+  mags, idx = _sort4([jnp.abs(c) for c in y])
+  cert = _certified_sorted(mags, lam)
+  need = ~cert
+  count = jnp.sum(need, dtype=jnp.int32)
+  fits = count <= capacity
+  if reuse:
+    rebuild = fits & ((count < shrink * listed.size) | jnp.any(need & ~listed.member))
+  else:
+    rebuild = fits
+
+  def new_list(old):
+    (index,) = jnp.nonzero(need.reshape(-1), size=capacity, fill_value=0)
+    return GroupList(index.astype(jnp.int32), need, count)
+
+  listed = lax.cond(rebuild, new_list, lambda old: old, listed)
+  chunks = jnp.where(fits, (listed.size + chunk - 1) // chunk, -1)
+
+  # The branches take only x and the list (they recompute the sort): passing the sorted magnitudes kept four more
+  # kernel-sized arrays alive across the conditional.
+  def full(x, index, chunks):
+    return _prox_components(_components(x, 0), lam)
+
+  def gathered(x, index, chunks):
+    y = _components(x, 0)
+    mags, idx = _sort4([jnp.abs(c) for c in y])
+    flat = [c.reshape(-1) for c in y]
+    keep_all = _certified_sorted(mags, lam).reshape(-1)
+
+    def body(i, out):
+      at = lax.dynamic_slice(index, (i * chunk,), (chunk,))
+      solved = _prox_components(tuple(f[at] for f in flat), lam)
+      keep = keep_all[at]
+      return tuple(o.at[at].set(jnp.where(keep, o[at], w)) for o, w in zip(out, solved))
+
+    top2 = tuple(c.reshape(-1) for c in _keep_top2(y, idx))
+    out = lax.fori_loop(0, chunks, body, top2)
+    return tuple(o.reshape(c.shape) for o, c in zip(out, y))
+
+  out = lax.cond(fits, gathered, full, x, listed.index, chunks)
+  return nm.merge_groups(jnp.stack(out, axis=1), 0), listed, chunks, rebuild
 
 
 def prox_24(x: Any, hyperparams: Any, scaling: ArrayLike = 1.0, *, axis: int = 0) -> Any:

@@ -33,8 +33,9 @@ parameter; ``P = model_devices · data_devices`` devices):
     linear's result (its kernel and mask; within a stage only: the first linear of a stage finds none), and the
     pruner's pieces (all float32): ``setup`` (in: the kernel and ``H``; out: ``H̃`` (``𝓗``) and ``K̃₀`` (``K``);
     temporaries ``2𝓗 + 1.5K``: the symmetrised ``H``, ``eigvalsh``'s work space, the sort for ``κ``; ``𝓗 + 1.5K``
-    where no ``eigvalsh`` is needed), ``prox_loop`` (in ``K̃₀, H̃``; out ``Ṽ`` and the mask; temporaries ``6.5K``: the
-    loop carry, ``Ṽ − K̃₀``, ``H̃(Ṽ − K̃₀)``, ``y`` and the prox's per-component intermediates), ``finish`` (in
+    where no ``eigvalsh`` is needed), ``prox_loop`` (in ``K̃₀, H̃``; out ``Ṽ`` and the mask; temporaries ``7K``: the
+    loop carry, ``Ṽ − K̃₀``, ``H̃(Ṽ − K̃₀)``, ``y`` and the prox's per-component intermediates; ``8.5K`` for the
+    loop without the certificate, on a mesh or under ``CERTIFY.min_groups`` groups), ``finish`` (in
     ``Ṽ``, mask, ``K̃₀``, ``H̃``; out the kernel; temporaries: CG's ``r, p, H̃p`` ``3K``, GD's ``2K``, ``K`` without
     refinement, one ``K`` more when refined and the kernel is not float32), or for the baselines ``baseline``
     (SparseGPT: ``2𝓗 + 2.5K``; Wanda/magnitude ``K``) and ``start``; every array a piece returns stays alive until
@@ -125,10 +126,15 @@ PROX_PASSES = 8
 """Float32 kernel-sized memory passes per prox iteration (``Ṽ − K̃₀``, the matmul's output, ``y``, the prox's read
 and write, the count of groups left, and slack): the elementwise prox is modelled as memory traffic."""
 
-PROX_LOOP_TEMPS = 6.5
-"""Float32 kernel-sized temporaries of the prox loop (the FISTA carry ``Ṽ, V_prev``, ``Ṽ − K̃₀``, ``H̃(Ṽ − K̃₀)``,
-``y`` and the prox's intermediates): XLA:CPU allocates 6.06 ``K`` for a 256 × 512 kernel since the loop counts the
-groups left in its condition (7.8 ``K`` before), ``tests/pipeline/test_memory.py``."""
+PROX_LOOP_TEMPS = 7.0
+"""Float32 kernel-sized temporaries of the default prox loop on one device (FISTA with the 2-sparse certificate,
+kernels of at least :data:`proxjax.pruning.pruner.CERTIFY`'s ``min_groups`` groups: the FISTA carry ``Ṽ, V_prev``,
+``Ṽ − K̃₀``, ``H̃(Ṽ − K̃₀)``, ``y``, the prox's intermediates and the group list): XLA:CPU allocates 7.00 ``K`` at
+256 × 512 and 576 × 1536, ``tests/pipeline/test_memory.py``."""
+
+PROX_LOOP_TEMPS_PLAIN = 8.5
+"""The same for the loop without the certificate (on a mesh, and for kernels under ``min_groups`` groups; the
+prox's Newton loops carry three group-sized arrays more): XLA:CPU allocates 8.31 ``K`` at 256 × 512 and 576 × 1536."""
 
 CG_PASSES = 10
 """Float32 kernel-sized memory passes per CG step (``x, r, p`` read and written, ``H̃p``, the mask, the sums)."""
@@ -400,9 +406,10 @@ def _param_counts(c: LlamaConfig) -> dict[str, int]:
 
 
 def _pruner_steps(d_in: int, d_out: int, method: str, refine: str | None, pb: int,
-                  model_devices: int) -> list[tuple[str, dict[str, int], dict[str, int], int]]:
+                  model_devices: int, on_mesh: bool) -> list[tuple[str, dict[str, int], dict[str, int], int]]:
   """The pieces :func:`proxjax.prune_kernel` runs for one linear, in order: ``(piece, arguments, outputs, temps)``
   with arguments and outputs as named per-device buffers (names shared across pieces: the same buffer)."""
+  certified = not on_mesh and d_in // 4 * d_out >= _pruner.CERTIFY.min_groups  # the loop prune_kernel compiles
   local = _split(d_out, model_devices)
   k32, kp, kb, hh = _F32 * d_in * local, pb * d_in * local, d_in * local, _F32 * d_in * d_in
   small = 16 * _F32 * (d_in + local)  # per-row / per-column vectors and scalars
@@ -412,7 +419,7 @@ def _pruner_steps(d_in: int, d_out: int, method: str, refine: str | None, pb: in
   steps = [("setup", {"kernel": kp, "H": hh}, {"pre": pre, "k0t": k32, "scalars": 2 * _F32}, setup_temps)]
   if method == "prox":
     steps.append(("prox_loop", {"k0t": k32, "pre.hessian": hh}, {"vt": k32, "mask": kb},
-                  int(PROX_LOOP_TEMPS * k32) + small))
+                  int((PROX_LOOP_TEMPS if certified else PROX_LOOP_TEMPS_PLAIN) * k32) + small))
   else:
     base_temps = 2 * hh + (5 * k32) // 2 if method == "sparsegpt" else k32
     steps.append(("baseline", {"kernel": kp, "H": hh}, {"base_kernel": kp, "mask": kb}, base_temps + small))
@@ -426,13 +433,15 @@ def _pruner_steps(d_in: int, d_out: int, method: str, refine: str | None, pb: in
 
 
 def pruner_pieces(d_in: int, d_out: int, *, method: str | MethodConfig | PruneConfig = "prox", refine: Any = "auto",
-                  param_bytes: int = 4, model_devices: int = 1) -> dict[str, PieceMemory]:
+                  param_bytes: int = 4, model_devices: int = 1, on_mesh: bool | None = None
+                  ) -> dict[str, PieceMemory]:
   r"""Predicted per-device memory of each compiled piece of :func:`proxjax.prune_kernel` for one kernel.
 
   With ``K = 4·d_in·d_out/model_devices`` (``d_out`` replicated when not divisible) and ``𝓗 = 4·d_in²``: ``setup``
   takes the kernel and ``H``, returns ``H̃`` and ``K̃₀`` and needs ``2𝓗 + 1.5K`` of temporaries (``𝓗 + 1.5K``
   without ``eigvalsh``: the baselines unless refined by GD); ``prox_loop``
-  takes ``K̃₀, H̃``, returns ``Ṽ`` and the mask, temporaries ``6.5K``; ``finish`` takes ``Ṽ``, the mask, ``K̃₀``, ``H̃``,
+  takes ``K̃₀, H̃``, returns ``Ṽ`` and the mask, temporaries ``7K`` (``8.5K`` on a mesh, ``on_mesh`` (default:
+  ``model_devices > 1``), or under ``CERTIFY.min_groups`` groups: the loop without the certificate); ``finish`` takes ``Ṽ``, the mask, ``K̃₀``, ``H̃``,
   returns the kernel, temporaries ``3K`` (CG), ``2K`` (GD) or ``K``, one ``K`` more when refined and the kernel is
   not float32 (the float32 result beside its cast); the baselines run ``baseline`` (SparseGPT
   ``2𝓗 + 2.5K``, else ``K``) and ``start`` instead of ``prox_loop``. Compare with :func:`measure_pruner`.
@@ -448,7 +457,8 @@ def pruner_pieces(d_in: int, d_out: int, *, method: str | MethodConfig | PruneCo
   _positive_int("d_in", d_in), _positive_int("d_out", d_out)
   out = {}
   pb, md = _positive_int("param_bytes", param_bytes), _positive_int("model_devices", model_devices)
-  for name, args, outs, temps in _pruner_steps(d_in, d_out, method, refine, pb, md):
+  mesh = md > 1 if on_mesh is None else bool(on_mesh)
+  for name, args, outs, temps in _pruner_steps(d_in, d_out, method, refine, pb, md, mesh):
     out[name] = PieceMemory(sum(args.values()), sum(outs.values()), temps)
   return out
 
@@ -752,7 +762,7 @@ def estimate(config: LlamaConfig, *, nsamples: int, seqlen: int, method: str | M
     >>> est.host["calibration activations"]  # 2 copies x 4 x 16 x 32 float32
     16384
     >>> est.peak.name, est.peak_bytes
-    ('prune down_proj: prox_loop', 169808)
+    ('prune down_proj: prox_loop', 186192)
     >>> est.total.flops == est.num_blocks * est.block.flops
     True
   """
@@ -810,7 +820,7 @@ def estimate(config: LlamaConfig, *, nsamples: int, seqlen: int, method: str | M
       d_in, d_out, _ = lin[name]
       held: dict[str, int] = {}
       best: Phase | None = None
-      for piece, args, outs, temps in _pruner_steps(d_in, d_out, method, refine, pb, md):
+      for piece, args, outs, temps in _pruner_steps(d_in, d_out, method, refine, pb, md, md * dd > 1):
         arrays = {k: v for k, v in {**held, **args}.items() if k not in ("kernel", "H", "pre.hessian", "pre.scale")}
         phase = Phase(f"prune {_SHORT[name]}: {piece}", {
             "weights": weights, "rope": p["rope"], "hessian states": p["states in"],
@@ -985,9 +995,7 @@ def measure_pruner(d_in: int, d_out: int, *, method: str | MethodConfig | PruneC
   pieces: list[tuple[str, dict[str, Any], tuple[Any, ...]]] = [
       ("setup", {"lipschitz": method == "prox" or refine == "gd"}, (kernel, hess, s32))]
   if method == "prox":
-    loop = cfg.method.loop
-    pieces.append(("prox_loop", {"loop": loop, "scan_length": cfg.method.cap if loop == "scan" else None,
-                                 "precision": highest},
+    pieces.append(("prox_loop", _pruner.prox_loop_statics(cfg.method, shape, mesh, precision=highest),
                    (k32, hess, s32, s32, s32, s32, si, si, si)))
   else:
     blocksize = cfg.method.blocksize if isinstance(cfg.method, SparseGPTConfig) else SparseGPTConfig().blocksize

@@ -47,6 +47,12 @@ for bit. Measured on a 2-core CPU (``benchmarks/bench_pruner.py`` [4], cap 3000)
 1.3–1.95× slower on small layers (64→32, 128→512, 37–159 active iterations) and on par (1.01×) on 576→1536, where
 each active iteration is expensive. Under ``vmap`` the ``cond`` becomes a ``select`` and the no-op is not free at all,
 which is another reason the while loop is the default.
+
+**Certificate.** The loop's prox is :func:`proxjax.core.prox.prox_24_listed` (settings :data:`CERTIFY`): groups that
+a sufficient test proves 2-sparse take the closed form (their top two), only the others run the Newton program,
+gathered by an index list carried in the loop; the iterates are ``prox_24``'s to float rounding (docs/method.md,
+"The 2:4 regularizer and its prox"). Off on a mesh, where the list would be a global computation, and for kernels
+under ``CERTIFY.min_groups`` groups (:func:`prox_loop_statics`).
 """
 
 from __future__ import annotations
@@ -66,7 +72,7 @@ from proxjax.pruning import baselines
 from proxjax.core import nm
 from proxjax.core import sharding as _sharding
 from proxjax.pruning import refine as _refine
-from proxjax.core.prox import prox_24
+from proxjax.core.prox import empty_group_list, prox_24, prox_24_listed
 from proxjax.pruning.methods import MethodConfig, ProxConfig, PruneConfig, SparseGPTConfig
 
 __all__ = [
@@ -88,6 +94,54 @@ _FALLBACK_LAM0 = 0.01
 # strength every group whose second magnitude is not ~1e-12 times its first is 2-sparse).
 _STRENGTH_LIMIT = 1e12
 
+
+
+class Certify(NamedTuple):
+  """How the prox loop skips the Newton work of certified groups (:func:`proxjax.core.prox.prox_24_listed`;
+  benchmarks/README.md, "Cost per iteration").
+
+  Attributes:
+    capacity: the list's capacity as a fraction of the groups (more uncertified groups: the full solve); 0 turns the
+      certificate off (every iteration solves every group, :func:`proxjax.prox_24`).
+    chunk: groups per gathered Newton solve (smaller for kernels with fewer groups).
+    shrink: the list is rebuilt once the uncertified groups are fewer than this fraction of it.
+    min_groups: kernels with fewer groups take the plain loop: their Newton solve is cheap, and the certified loop
+      (two compiled solves and the list) takes about twice as long to compile.
+  """
+  capacity: float = 0.5
+  chunk: int = 2048
+  shrink: float = 0.5
+  min_groups: int = 16384
+
+
+CERTIFY = Certify()
+"""The prox loop's certificate settings (a constant; ``Certify(capacity=0)`` is the plain loop, used on a mesh)."""
+
+
+def prox_loop_statics(config: ProxConfig, shape: tuple[int, ...], mesh: Any = None, *,
+                      precision: Any = lax.Precision.HIGHEST, certify: Certify | None = None) -> dict[str, Any]:
+  """The static options of the ``prox_loop`` piece that :func:`prune_kernel` compiles for a kernel of this ``shape``
+  (also what :func:`proxjax.pipeline.memory.measure_pruner` compiles): the loop kind, FISTA, and the certificate's
+  ``capacity``/``chunk`` in groups (none on a mesh, where the list would be a global computation over the sharded
+  outputs, nor below ``certify.min_groups``); ``certify`` defaults to :data:`CERTIFY`.
+
+  Example:
+    >>> from proxjax.pruning.methods import ProxConfig
+    >>> from proxjax.pruning.pruner import prox_loop_statics
+    >>> sorted(prox_loop_statics(ProxConfig(), (576, 1536)))
+    ['accelerate', 'capacity', 'chunk', 'loop', 'precision', 'scan_length', 'shrink']
+    >>> 'capacity' in prox_loop_statics(ProxConfig(), (64, 32))  # 512 groups: the plain loop
+    False
+  """
+  certify = CERTIFY if certify is None else certify
+  statics = dict(loop=config.loop, scan_length=config.cap if config.loop == "scan" else None, precision=precision,
+                 accelerate=config.accelerate)
+  groups = shape[0] // 4 * shape[1]
+  wanted = math.ceil(certify.capacity * groups)
+  if mesh is None and wanted >= 1 and groups >= certify.min_groups:
+    chunk = min(certify.chunk, wanted)
+    statics.update(capacity=-(-wanted // chunk) * chunk, chunk=chunk, shrink=certify.shrink)
+  return statics
 
 
 class Schedule(NamedTuple):
@@ -186,10 +240,15 @@ def _groups_left(v: jax.Array) -> jax.Array:
 
 def _prox_loop(k0t: jax.Array, ht: jax.Array, eta: jax.Array, ridge: jax.Array, lam0: jax.Array, beta: jax.Array,
                allowed: jax.Array, cap: jax.Array, progress_every: jax.Array, *, loop: str, scan_length: int | None,
-               precision: lax.Precision, accelerate: bool = False) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+               precision: lax.Precision, accelerate: bool = False, capacity: int = 0, chunk: int = 0,
+               shrink: float = 0.5, reuse: bool = True
+               ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   """The prox-gradient loop, projection and mask. Returns ``(Ṽ ⊙ M, M, iterations, groups left)``.
 
-  ``cap`` is traced for ``loop="while"``; ``loop="scan"`` needs the static ``scan_length`` (= cap).
+  ``cap`` is traced for ``loop="while"``; ``loop="scan"`` needs the static ``scan_length`` (= cap). With
+  ``capacity`` the prox is :func:`proxjax.core.prox.prox_24_listed` (the 2-sparse certificate, the Newton solve on
+  the uncertified groups only, ``chunk`` at a time, their list carried in the loop; the same iterates up to float
+  rounding), else :func:`proxjax.prox_24` on every group.
   """
   log_lam0, log_beta = jnp.log(lam0), jnp.log(beta)
   lam_max = _STRENGTH_LIMIT / (eta * jnp.maximum(jnp.max(jnp.abs(k0t)), jnp.finfo(_F32).tiny))
@@ -197,22 +256,29 @@ def _prox_loop(k0t: jax.Array, ht: jax.Array, eta: jax.Array, ridge: jax.Array, 
   def step(carry, k):
     lam = jnp.minimum(jnp.exp(log_lam0 + k.astype(_F32) * log_beta), lam_max)
     if accelerate:  # FISTA's extrapolation (docs/method.md, "Acceleration"); the prox stays exact
-      v, prev, t = carry
+      v, prev, t = carry[:3]
       t_next = 0.5 * (1.0 + jnp.sqrt(1.0 + 4.0 * t * t))
       z = v + ((t - 1.0) / t_next) * (v - prev)
     else:
-      (z,) = carry
+      z = carry[0]
     y = z - eta * _refine.local_grad(z, k0t, ht, ridge, precision)
-    new = prox_24(y, lam, eta, axis=0)
+    if capacity:
+      new, listed, _, _ = prox_24_listed(y, lam * eta, carry[-1], chunk=chunk, shrink=shrink,
+                                         reuse=reuse)
+    else:
+      new = prox_24(y, lam, eta, axis=0)
     lax.cond(progress_every > 0, lambda x: progress_meter.PROX.tick(k + 1, progress_every, _groups_left(x)),
              lambda x: None, new)
-    return (new, v, t_next) if accelerate else (new,)
+    out = (new, v, t_next) if accelerate else (new,)
+    return (*out, listed) if capacity else out
 
   # Cost per iteration (benchmarks/README.md, "Cost per iteration"): the count of groups not yet 2:4 is taken from the
   # carried iterate at the top of the next trip (the while loop's condition, the scan's predicate) and, for the bar,
   # inside a conditional that runs only while the bar is on. Counting the prox's output inside the body, where the
   # loop and the bar's callback consumed it, changed XLA:CPU's fusion of the prox and cost 17-25 % of each iteration.
   first = (k0t, k0t, jnp.ones((), _F32)) if accelerate else (k0t,)
+  if capacity:
+    first = (*first, empty_group_list(k0t.shape, capacity))
   init = (first, jnp.zeros((), jnp.int32))
   if loop == "while":
 
@@ -523,9 +589,8 @@ def prune_kernel(kernel: ArrayLike, hessian: ArrayLike, method: str | MethodConf
       vt, mask, k, left = _run("prox_loop", mesh, kernel.shape, k0t, pre.hessian,
                                jnp.asarray(1.0 / lipschitz, _F32), jnp.asarray(own.ridge, _F32),
                                jnp.asarray(lam0, _F32), jnp.asarray(beta, _F32), jnp.asarray(allowed, jnp.int32),
-                               jnp.asarray(cap, jnp.int32), jnp.asarray(every, jnp.int32), loop=own.loop,
-                               scan_length=cap if own.loop == "scan" else None, precision=precision,
-                               accelerate=own.accelerate)
+                               jnp.asarray(cap, jnp.int32), jnp.asarray(every, jnp.int32),
+                               **prox_loop_statics(own, kernel.shape, mesh, precision=precision))
       iterations, projected = int(k), int(left)
     cap_hit = projected > allowed
     schedule = Schedule(float(lam0), float(beta), cap, lipschitz, kappa, estimate)

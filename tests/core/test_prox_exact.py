@@ -450,3 +450,89 @@ def test_errors():
     proxjax.prox_24(np.arange(8), 1.0)
   with pytest.raises(ValueError):
     proxjax.prox_24(jnp.ones((8, 4)), 1.0, axis=2)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The 2-sparse certificate and the compacted prox of the prox-gradient loop (proxjax.core.prox.certify_24,
+# prox_24_listed)
+
+
+@functools.cache
+def _batched(fn_name: str, fast: bool):
+  from proxjax.core import prox as prox_module  # pylint: disable=import-outside-toplevel
+  options = proxjax.CPU_FAST_MATH if fast else None
+  if fn_name == "certify":
+    fn = lambda g, lam: prox_module.certify_24(g[:, None], lam)[0, 0]
+  else:  # each group a (4, 1) kernel, a list of one: the gathered solve (the full one is checked below)
+    fn = lambda g, lam: prox_module.prox_24_listed(g[:, None], lam, prox_module.empty_group_list((4, 1), 1),
+                                                   chunk=1)[0][:, 0]
+  return jax.jit(jax.vmap(fn), compiler_options=options)
+
+
+def _run_batched(fn_name: str, y: np.ndarray, lam: np.ndarray, fast: bool) -> np.ndarray:
+  f = _batched(fn_name, fast)
+  return np.asarray(f(jnp.asarray(y, jnp.float32), jnp.asarray(lam, jnp.float32)))
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["strict", "cpu_fast_math"])
+def test_certificate_is_sound_on_the_fixture(fixture_data, fast):
+  """Every group the certificate passes has its top two as a global minimizer (the brute force's bound, no miss);
+  it passes groups on both sides of the 2-sparse boundary's necessary condition ``λ a1 a2 >= a3`` only on the
+  right one, and a good share of the fixture's 2-sparse optima (the fixture sits at the boundary on purpose)."""
+  y, lam, labels = fixture_data["y"], fixture_data["lam"], fixture_data["labels"]
+  cert = _run_batched("certify", y, lam, fast).astype(bool)
+  top2 = np.where(_top2_mask(y), y, 0.0).astype(np.float32)
+  check_one_sided(y[cert], lam[cert], top2[cert], fixture_data["obj"][cert], labels[cert],
+                  what=f"certified groups ({'fast math' if fast else 'strict'})")
+  a = -np.sort(-np.abs(y), axis=1)
+  necessary = lam * a[:, 0] * a[:, 1] >= a[:, 2]
+  two_sparse = np.sum(fixture_data["w"] != 0, axis=1) <= 2
+  assert not np.any(cert & ~necessary)
+  assert cert.sum() > 1500 and np.sum(two_sparse & ~cert) > 1000 and np.sum(necessary & ~cert) > 500
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["strict", "cpu_fast_math"])
+def test_listed_prox_exact_on_the_fixture(fixture_data, fast):
+  """``prox_24_listed`` (the certificate's closed form, else the gathered Newton solve) against the brute force."""
+  y, lam, labels = fixture_data["y"], fixture_data["lam"], fixture_data["labels"]
+  w = _run_batched("listed", y, lam, fast)
+  check_one_sided(y, lam, w, fixture_data["obj"], labels, fixture_data["w"],
+                  what=f"prox_24_listed ({'fast math' if fast else 'strict'})")
+
+
+def test_listed_prox_equals_prox_24_in_every_mode():
+  """On a kernel along a λ sweep, with the list carried from call to call: the full solve (too many uncertified
+  groups), a rebuilt list, a reused one, several chunks; every result has ``prox_24``'s objective to rounding, and a
+  certified group's values are the input's, bit for bit. (On N(0, 1) groups a third stay uncertified at any λ: the
+  test is loose where ``a2 ≈ a3``; along the loop's trajectories it certifies nearly every group at the end.)"""
+  from proxjax.core import prox as prox_module  # pylint: disable=import-outside-toplevel
+  x = jnp.asarray(_normal((64, 32), 21))
+  step = jax.jit(functools.partial(prox_module.prox_24_listed, chunk=128), compiler_options=proxjax.CPU_FAST_MATH)
+  listed = prox_module.empty_group_list(x.shape, 384)  # capacity: three quarters of the 512 groups
+  seen = set()
+  certify = jax.jit(prox_module.certify_24)
+  for lam in np.geomspace(0.05, 5.0, 10).astype(np.float32):
+    xs = x * (1.0 + 1e-3 * float(lam))  # a slightly moving input, as in the loop
+    out, listed, chunks, rebuilt = step(xs, jnp.float32(lam), listed)
+    ref = np.asarray(proxjax.prox_24(xs, lam))
+    cert = np.asarray(certify(xs, lam))
+    g_out, g_in = _groups(np.asarray(out)), _groups(np.asarray(xs))
+    # Equal objectives (both directions; where a near-degenerate group has two minimizers to rounding, the two
+    # compiled programs may return either), and equal values elsewhere.
+    ours, theirs = (prox_reference.objective(g.astype(np.float64), g_in.astype(np.float64), float(lam))
+                    for g in (g_out, _groups(ref)))
+    tol = REL_TOL * np.abs(theirs) + ABS_TOL_FACTOR * np.max(np.abs(g_in), axis=1) ** 2
+    np.testing.assert_array_less(np.abs(ours - theirs), tol + 1e-300)
+    close = np.all(np.abs(g_out - _groups(ref)) <= 1e-6 * float(jnp.max(jnp.abs(xs))), axis=1)
+    assert close.mean() > 0.99
+    top2 = np.where(_top2_mask(g_in), g_in, 0.0)
+    np.testing.assert_array_equal(g_out[cert.reshape(-1)], top2[cert.reshape(-1)])
+    seen.add("full" if int(chunks) < 0 else ("rebuilt" if bool(rebuilt) else "reused"))
+    seen.add(f"{max(int(chunks), 0) > 1}-chunks")
+  assert seen >= {"full", "rebuilt", "reused", "True-chunks"}, seen
+
+
+def test_listed_prox_errors():
+  from proxjax.core import prox as prox_module  # pylint: disable=import-outside-toplevel
+  with pytest.raises(ValueError, match="multiple of chunk"):
+    prox_module.prox_24_listed(jnp.ones((8, 4)), 1.0, prox_module.empty_group_list((8, 4), 6), chunk=4)

@@ -324,3 +324,24 @@ def test_the_prox_schedule_is_set_once_and_resolved_in_the_report():
   assert s.lam0 == pytest.approx(1e-3 * s.lipschitz * s.kappa, rel=1e-5)
   assert s.beta == pytest.approx((s.lipschitz * s.kappa / s.lam0) ** (1 / 150), rel=1e-5)
   assert 100 <= res.info.iterations <= 200 and res.info.schedule.estimated_iterations == 150 and not res.info.cap_hit
+
+
+def test_the_certificate_changes_no_iterate(monkeypatch):
+  """The loop's 2-sparse certificate (proxjax.core.prox.prox_24_listed: closed form for certified groups, the
+  Newton solve gathered in chunks for the rest, the list carried) against the loop without it, on the toy layer:
+  the same mask, iterations and losses (1e-6). Two compiles of the loop: without the certificate (the toy's default:
+  it is on only from CERTIFY.min_groups groups; shared with the toy tests), and with it in chunks of 32 groups
+  (several chunks per iteration, the list rebuilt and reused)."""
+  k, h = _toy(1)
+  assert "capacity" in pruner.prox_loop_statics(ProxConfig(), (576, 192))  # on by default for real layers
+  assert "capacity" not in pruner.prox_loop_statics(ProxConfig(), k.shape)  # off below min_groups
+  runs = {}
+  for name, certify in (("off", pruner.Certify(capacity=0.0)),
+                        ("on", pruner.Certify(capacity=0.5, chunk=32, min_groups=0))):
+    monkeypatch.setattr(pruner, "CERTIFY", certify)
+    runs[name] = prune_kernel(k, h)
+  on, off = runs["on"], runs["off"]
+  np.testing.assert_array_equal(np.asarray(on.mask), np.asarray(off.mask))
+  assert on.info.iterations == off.info.iterations
+  assert on.info.loss_before_refine == pytest.approx(off.info.loss_before_refine, rel=1e-6, abs=1e-9)
+  assert on.info.loss_after_refine == pytest.approx(off.info.loss_after_refine, rel=1e-6, abs=1e-9)
