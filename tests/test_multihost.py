@@ -31,8 +31,8 @@ from proxjax.core.distributed import DETECT_EXTRA_S, JOIN_EXTRA_S
 from tests.support.agreement import assert_iterative_agreement
 from proxjax.models.hf import check_sparsity
 from tests.support.cli import prune_cli
-from tests.support.multihost_run import (FINETUNE, HISTORY, PROSPARSE, by_path, distributed_flags, proxsparse_args,
-                                         proxsparse_run)
+from tests.support.multihost_run import (FINETUNE, HISTORY, PROSPARSE, STOPPED, by_path, distributed_flags,
+                                         proxsparse_args, proxsparse_run)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 HEARTBEAT = 5
@@ -237,12 +237,22 @@ def test_a_failed_write_on_process_0_fails_every_process(runs):
                          "written")
 
 
-def test_resume_state_is_refused_across_processes(runs):
+def test_prune_model_resumes_across_processes(runs):
+  """``prune_model`` with a ``state_dir`` every process sees: process 0 wrote every block, and a second call resumed
+  every process from that state (every block) to the same kernels, bitwise; the state then moved to ``state-0``
+  (each process given ``state-PROCESS_ID``, as without a shared file system) is refused on every process, and
+  process 1 wrote nothing."""
   for i in (0, 1):
     _ok(runs[f"session{i}"])
-    refused = json.loads((runs["work"] / f"session-{i}.json").read_text())["state_dir"]
-    assert refused.startswith("state_dir (resume) and offload are not supported yet on a mesh that spans several")
-    assert not (runs["work"] / f"state-{i}").exists()
+    session = json.loads((runs["work"] / f"session-{i}.json").read_text())
+    assert session["resume"] == {"resumed_blocks": [0, 1], "equal": True}
+    assert session["state_dir"] == (
+        f"process 0 has 2 finished block(s) to resume in {runs['work'] / f'state-{i}'}, which process(es) [1] do not "
+        "see the same: put the state directory on a file system every process shares (--state-dir), or rerun with "
+        "--restart to start over")
+  assert sorted(p.name for p in (runs["work"] / "state-0").iterdir()) == [
+      "block_0000.json", "block_0000.safetensors", "block_0001.json", "block_0001.safetensors", "run.json"]
+  assert not (runs["work"] / "state-1").exists() and not (runs["work"] / "state").exists()
 
 
 def test_coordinator_auto_detects_slurm(runs):
@@ -495,3 +505,80 @@ def test_prosparse_across_two_processes_equals_one_process(training):
   assert many.keys() == one.keys()
   for name, value in one.items():
     _assert_trained_close(many[name], value, name, bound=1e-4)
+
+
+@pytest.fixture(scope="module")
+def resumed(checkpoint, corpus, tmp_path_factory) -> dict[str, object]:
+  """``proxjax prune`` (Wanda) and ``proxjax proxsparse`` (two steps, saved after each) across a pair of processes
+  each, stopped right after their first resume-state save (tests/support/multihost_run.py's ``stop``: both processes
+  exit at once, as a killed job), then the same commands run again; on one process (this one, meanwhile) the same
+  commands uninterrupted."""
+  work, reference = tmp_path_factory.mktemp("multihost-resume"), tmp_path_factory.mktemp("reference-resume")
+  ckpt, text = str(checkpoint), str(corpus)
+  commands = {"wanda": ["prune", ckpt, str(work / "wanda"), "--method", "wanda", "--calibration", f"{text}/calib.txt",
+                        "--nsamples", "6", "--seqlen", "32", "--batch-size", "4", "--quiet"],
+              "proxsparse": ["proxsparse", ckpt, str(work / "proxsparse"), *proxsparse_args(text), "--save-every", "1"]}
+  ports = dict(zip(commands, _free_ports(len(commands))))
+  stopped = [Process(f"stop-{n}{i}", ["stop", "1", *c, *distributed_flags(i, ports[n])], work / f"stop-{n}{i}.log")
+             for n, c in commands.items() for i in (0, 1)]
+  assert prune_cli(checkpoint, corpus, reference / "wanda", "--method", "wanda") == 0
+  assert cli.main(["proxsparse", ckpt, str(reference / "proxsparse"), *proxsparse_args(text)]) == 0
+  _wait(stopped)
+  states = {n: sorted(p.name for p in (work / f"{n}.proxjax-state").iterdir()) for n in commands}
+  saved = json.loads((work / "proxsparse.proxjax-state" / "train-state.json").read_text())
+  ports = dict(zip(commands, _free_ports(len(commands))))
+  again = [Process(f"again-{n}{i}", ["cli", *c, *distributed_flags(i, ports[n])], work / f"again-{n}{i}.log")
+           for n, c in commands.items() for i in (0, 1)]
+  _wait(again)
+  return {"work": work, "reference": reference, "stopped": stopped, "again": again, "states": states,
+          "saved_step": saved["step"], "saved_losses": saved["history"]["losses"]}
+
+
+@pytest.mark.slow
+def test_a_stopped_prune_resumes_across_processes(resumed):
+  """Stopped after block 0: process 0 had written its kernels (gathered from both processes) and report; run again,
+  every process resumes from block 1, and the checkpoint equals one process's uninterrupted run bitwise (Wanda, as
+  :func:`test_prune_across_two_processes_equals_one_process`); the state is then removed."""
+  for p in resumed["stopped"][:2]:
+    _check_ended(p)
+    assert p.returncode == STOPPED and "stopped after save 1" in p.output, p.output[-3000:]
+  assert resumed["states"]["wanda"] == ["block_0000.json", "block_0000.safetensors", "run.json"]
+  for p in resumed["again"][:2]:
+    _ok(p)
+    assert "resuming from" in p.output
+  out, ref = resumed["work"] / "wanda", resumed["reference"] / "wanda"
+  report = json.loads((out / "proxjax-report.json").read_text())
+  assert report["resumed_blocks"] == [0] and report["processes"] == 2 and len(report["layers"]) == 14
+  many, one = load_file(str(out / "model.safetensors")), load_file(str(ref / "model.safetensors"))
+  assert many.keys() == one.keys()
+  for name, value in one.items():
+    np.testing.assert_array_equal(many[name], value, err_msg=name)
+  assert not (resumed["work"] / "wanda.proxjax-state").exists()
+  assert not (resumed["work"] / "wanda.proxjax-lock").exists()  # the stopped run's lock was taken over and removed
+
+
+@pytest.mark.slow
+def test_a_stopped_training_resumes_across_processes(resumed):
+  """ProxSparse stopped after step 1's save (the orbax checkpoint written by both processes, the state file by
+  process 0); run again, every process continues from step 1 with the saved state and history, and the result is
+  one process's uninterrupted run by :func:`test_proxsparse_across_two_processes_equals_one_process`'s criteria
+  (losses within 1e-5, >= 99.9 % of every mask, the kept weights the originals)."""
+  for p in resumed["stopped"][2:]:
+    _check_ended(p)
+    assert p.returncode == STOPPED and "stopped after save 1" in p.output, p.output[-3000:]
+  assert resumed["states"]["proxsparse"] == ["step_0000001", "train-state.json"] and resumed["saved_step"] == 1
+  for p in resumed["again"][2:]:
+    _ok(p)
+    assert "resuming from" in p.output
+  out, ref = resumed["work"] / "proxsparse", resumed["reference"] / "proxsparse"
+  _written_once(out, "proxjax-report.json")
+  report, want = (json.loads((d / "proxjax-report.json").read_text()) for d in (out, ref))
+  assert report["resumed_from"] == 1 and report["processes"] == 2 and report["sparsity"]["all_2_4"]
+  assert report["losses"][:1] == resumed["saved_losses"]  # step 0 from the saved history
+  np.testing.assert_allclose(report["losses"], want["losses"], rtol=1e-5)
+  many, single = load_file(str(out / "model.safetensors")), load_file(str(ref / "model.safetensors"))
+  for name, value in single.items():
+    assert np.mean((many[name] != 0) == (value != 0)) >= 0.999, name
+    both = (many[name] != 0) & (value != 0)
+    np.testing.assert_array_equal(many[name][both], value[both], err_msg=name)
+  assert not (resumed["work"] / "proxsparse.proxjax-state").exists()

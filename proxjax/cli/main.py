@@ -405,7 +405,8 @@ def _distributed_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _resume_flags(p: argparse.ArgumentParser, report: str) -> None:
-  p.add_argument("--state-dir", help="resume state (default OUT_DIR.proxjax-state)")
+  p.add_argument("--state-dir", help="resume state (default OUT_DIR.proxjax-state; across processes, on a file "
+                                     "system they all share)")
   p.add_argument("--restart", action="store_true", help="discard existing resume state")
   p.add_argument("--keep-state", action="store_true", help="keep the resume state after success")
   p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")

@@ -20,8 +20,15 @@ them. Arrays on that mesh are *global*: a process holds, and can read, only the 
 
 The abort's message is JAX's (``Terminating process because the JAX distributed service detected fatal errors. This
 most likely indicates that another task died``); :func:`initialize` prints the bound on stderr before joining, so the
-log of every process says what to expect. A process that is alive but stuck (a deadlock in Python) still sends
-heartbeats: it is not detected.
+log of every process says what to expect. The abort cannot be replaced by a message of ours: JAX 0.10.2's
+``jax.distributed.initialize`` takes no callback for it, and its runtime client (``get_distributed_runtime_client``)
+accepts a ``missed_heartbeat_callback`` that, given a Python function, fails to pass it the error status
+(``std::bad_cast``) and terminates the process all the same (measured). A process that is alive but stuck (a deadlock
+in Python) still sends heartbeats: it is not detected.
+
+**Resume state.** :func:`resume_directory` tells whether every process reads the same state directory (a shared
+file system), so that process 0 alone writes a run's resume state and every process resumes from it
+(:func:`proxjax.pipeline.prune_model`, :func:`proxjax.training.loop.run`).
 
 **Same job everywhere.** :func:`check_same` exchanges a SHA-256 of a job description (the parsed arguments) through the
 runtime (an all-gather of 16 bytes per process) and raises the same ``ValueError`` on every process when they differ.
@@ -39,16 +46,18 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import re
+import secrets
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import jax
 import numpy as np
 
-__all__ = ["AUTO", "DistributedConfig", "check_same", "fingerprint", "gather", "initialize", "is_coordinator",
-           "on_coordinator", "process_count"]
+__all__ = ["AUTO", "DistributedConfig", "broadcast_int", "check_same", "fingerprint", "gather", "initialize",
+           "is_coordinator", "on_coordinator", "process_count", "resume_directory"]
 
 T = TypeVar("T")
 
@@ -210,6 +219,16 @@ def fingerprint(value: Any) -> str:
   return hashlib.sha256(text.encode()).hexdigest()
 
 
+def _differing(digest: str) -> list[int]:
+  """The processes whose ``digest`` (hex) differs from process 0's: the first 16 bytes of each, all-gathered (a
+  collective), so every process sees the same table."""
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+
+  mine = np.frombuffer(bytes.fromhex(digest)[:16], np.uint32)
+  table = np.asarray(multihost_utils.process_allgather(mine)).reshape(jax.process_count(), -1)
+  return [p for p in range(len(table)) if not np.array_equal(table[p], table[0])]
+
+
 def check_same(value: Any, what: str = "arguments") -> str:
   """Checks that every process passed an equal ``value`` (by :func:`fingerprint`): each contributes the first 16
   bytes of its hash to one all-gather, so every process sees the same table and all raise together.
@@ -232,16 +251,85 @@ def check_same(value: Any, what: str = "arguments") -> str:
     raise ValueError(f"the processes have different numbers of devices ({jax.local_device_count()} here, "
                      f"{len(jax.devices())} in all over {jax.process_count()} processes): give every process the "
                      "same number")
-  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-
-  mine = np.frombuffer(bytes.fromhex(digest)[:16], np.uint32)
-  table = np.asarray(multihost_utils.process_allgather(mine)).reshape(jax.process_count(), -1)
-  differ = [p for p in range(len(table)) if not np.array_equal(table[p], table[0])]
+  differ = _differing(digest)
   if differ:
     raise ValueError(f"the {what} differ between processes: process(es) {differ} do not match process 0 (run the "
                      "same command, with the same proxjax and JAX versions, on every process; only --process-id "
                      "may differ)")
   return digest
+
+
+def broadcast_int(value: int) -> int:
+  """Process 0's ``value`` on every process (a collective: every process calls it; the others' values are
+  ignored). In a single process, ``value``.
+
+  Example:
+    >>> broadcast_int(7)
+    7
+  """
+  if jax.process_count() == 1:
+    return int(value)
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+
+  return int(np.asarray(multihost_utils.broadcast_one_to_all(np.int64(value if is_coordinator() else 0))))
+
+
+SHARED_MARKER = "proxjax-shared-check"
+"""The file :func:`resume_directory` writes (then removes) to learn whether every process sees the directory."""
+
+
+def resume_directory(directory: str, names: Sequence[str], resumes: bool, what: str) -> str | None:
+  """Whether the processes can keep and resume a run's state in ``directory``: every process must read there what
+  process 0 wrote (one file system shared by all of them).
+
+  A collective (every process calls it with the same ``names`` and ``resumes``, e.g. derived from a value of
+  process 0's, :func:`broadcast_int`). Process 0 creates ``directory`` and writes :data:`SHARED_MARKER` there with a
+  fresh random token; every process then hashes the marker and the files ``names`` of ``directory`` (each file's
+  bytes, or its absence) and the hashes are all-gathered; process 0 removes the marker.
+
+  Returns:
+    ``directory`` when every process's hash equals process 0's; ``None`` when one differs while ``resumes`` is false
+    (nothing to resume: the run goes on without keeping state, said on stderr by every process). In a single
+    process, ``directory`` (nothing is written).
+
+  Raises:
+    ValueError: a process's hash differs while ``resumes`` (process 0 holds ``what`` to resume, which that process
+      does not see the same): on every process, one line naming them.
+  """
+  if jax.process_count() == 1:
+    return directory
+  marker = os.path.join(directory, SHARED_MARKER)
+  token = secrets.token_hex(16)
+
+  def write_marker() -> None:
+    os.makedirs(directory, exist_ok=True)
+    tmp = f"{marker}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+      f.write(token)
+    os.replace(tmp, marker)
+
+  on_coordinator(write_marker, f"writing {marker}")
+  h = hashlib.sha256()
+  for name in (SHARED_MARKER, *names):
+    path = os.path.join(directory, name)
+    try:
+      with open(path, "rb") as f:
+        content = f.read()
+      h.update(b"file %d " % len(content) + content)
+    except OSError:
+      h.update(b"missing")
+  differ = _differing(h.hexdigest())
+  on_coordinator(lambda: os.remove(marker) if os.path.exists(marker) else None, f"removing {marker}")
+  if not differ:
+    return directory
+  if resumes:
+    raise ValueError(f"process 0 has {what} to resume in {directory}, which process(es) {differ} do not see the "
+                     "same: put the state directory on a file system every process shares (--state-dir), or rerun "
+                     "with --restart to start over")
+  print(f"proxjax: process(es) {differ} do not see what process 0 writes in {directory} (no shared file system): "
+        "no resume state is kept (a killed run starts again from the beginning); give --state-dir on a file system "
+        "every process shares to keep one", file=sys.stderr, flush=True)
+  return None
 
 
 def process_count() -> int:

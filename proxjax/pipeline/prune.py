@@ -412,17 +412,25 @@ def _block_paths(state_dir: str, block: int) -> tuple[str, str]:
 
 def _save_block(state_dir: str, block_idx: int, block: Any, names: tuple[str, ...],
                 reports: list[LayerReport]) -> None:
+  """Writes block ``block_idx``'s pruned kernels, then its report (last: it marks the block done), each atomically.
+  Across processes every process gathers the kernels (a collective) and process 0 alone writes, the others waiting
+  for it (:func:`proxjax.core.distributed.on_coordinator`)."""
   from safetensors.numpy import save_file  # local import: safetensors is only needed with a state dir
   arrays_path, report_path = _block_paths(state_dir, block_idx)
   # bfloat16 has no NumPy dtype of its own in safetensors.numpy: store float32 (exact) and cast back on load.
-  tensors = {n: np.asarray(_submodule(block, n).kernel[...].astype(jnp.float32)) for n in names}
-  try:
-    _atomic_write(arrays_path, lambda tmp: save_file(tensors, tmp))
-    _write_json(report_path, {"block": block_idx, "names": list(names), "layers": [r._asdict() for r in reports]})
-  except Exception as err:  # OSError, or safetensors' SafetensorError for a full disk
-    kept = f"blocks 0..{block_idx - 1} are kept there" if block_idx else "no block was finished"
-    raise OSError(f"could not write the resume state of block {block_idx} to {state_dir} ({' '.join(str(err).split())}"
-                  f"); {kept}: free space or fix the permission and rerun the same command to resume") from err
+  tensors = _distributed.gather({n: _submodule(block, n).kernel[...].astype(jnp.float32) for n in names})
+
+  def write() -> None:
+    try:
+      _atomic_write(arrays_path, lambda tmp: save_file(tensors, tmp))
+      _write_json(report_path, {"block": block_idx, "names": list(names), "layers": [r._asdict() for r in reports]})
+    except Exception as err:  # OSError, or safetensors' SafetensorError for a full disk
+      kept = f"blocks 0..{block_idx - 1} are kept there" if block_idx else "no block was finished"
+      raise OSError(f"could not write the resume state of block {block_idx} to {state_dir} "
+                    f"({' '.join(str(err).split())}); {kept}: free space or fix the permission and rerun the same "
+                    "command to resume") from err
+
+  _distributed.on_coordinator(write, f"writing the resume state of block {block_idx} to {state_dir}")
 
 
 def _load_block(state_dir: str, block_idx: int, block: Any) -> list[LayerReport] | None:
@@ -437,8 +445,45 @@ def _load_block(state_dir: str, block_idx: int, block: Any) -> list[LayerReport]
     kernel = _submodule(block, name).kernel
     if tensors[name].shape != kernel.shape:
       raise ValueError(f"{arrays_path}: {name} has shape {tensors[name].shape}, the model's is {kernel.shape}")
-    kernel[...] = jnp.asarray(tensors[name]).astype(kernel.dtype)
+    value = jnp.asarray(tensors[name]).astype(kernel.dtype)
+    target = kernel[...].sharding
+    if not target.is_fully_addressable:  # a mesh over several processes: each builds only its own devices' shards
+      value = _sharding.put(np.asarray(value), target)
+    kernel[...] = value
   return [LayerReport(**{**r, "shape": tuple(r["shape"])}) for r in saved["layers"]]
+
+
+def _finished_blocks(state_dir: str, num_blocks: int) -> int:
+  """How many blocks, from block 0 on, have their report in ``state_dir`` (each is written after its kernels)."""
+  done = 0
+  while done < num_blocks and os.path.exists(_block_paths(state_dir, done)[1]):
+    done += 1
+  return done
+
+
+def _shared_state(state_dir: str, run: dict[str, Any], num_blocks: int) -> tuple[str | None, int]:
+  """The resume state across processes (a collective): process 0 alone opens ``state_dir`` (creating it, or checking
+  that its ``run.json`` is this run's) and counts the blocks finished from block 0 on; that count is broadcast, and
+  every process must see the same ``run.json`` and reports of those blocks (one shared file system,
+  :func:`proxjax.core.distributed.resume_directory`) before any of them is loaded.
+
+  Returns:
+    ``(state_dir, finished)``: every process resumes from block ``finished``; ``(None, 0)`` when process 0 has nothing
+    to resume and the others do not see its directory (no state is kept).
+
+  Raises:
+    ValueError: ``state_dir`` belongs to another run (on process 0; the others fail with it), or process 0 has
+      finished blocks that another process does not see the same.
+  """
+  def open_and_count() -> int:
+    _open_run_dir(state_dir, run)
+    return _finished_blocks(state_dir, num_blocks)
+
+  finished = _distributed.broadcast_int(_distributed.on_coordinator(open_and_count,
+                                                                    f"opening the resume state {state_dir}") or 0)
+  names = ["run.json", *(os.path.basename(_block_paths(state_dir, b)[1]) for b in range(finished))]
+  shared = _distributed.resume_directory(state_dir, names, finished > 0, f"{finished} finished block(s)")
+  return shared, finished if shared is not None else 0
 
 
 # ------------------------------------------------------------------------------------------------------- pipeline --
@@ -507,8 +552,11 @@ def prune_model(model: Any, calibration_ids: Any, method: str | MethodConfig | P
       are masked out of ``H``), ``H`` is replicated and every kernel is pruned sharded (see
       :func:`proxjax.prune_kernel`). ``None``: the default device. The mesh may span several processes
       (:mod:`proxjax.core.distributed`; every process calls this with the same arguments, each supplying its devices'
-      rows of every batch and keeping on host only the activation rows of its own devices), without ``state_dir``
-      or ``offload`` yet.
+      rows of every batch and keeping on host only the activation rows of its own devices), without ``offload``
+      yet. ``state_dir`` then needs a file system every process shares: process 0 writes each finished block (its
+      kernels gathered from every process first), and a later call resumes every process from the same block, the
+      first one process 0 has not finished, each loading the finished kernels itself; where another process does not
+      see process 0's state the call is refused (finished blocks to resume) or keeps no state (none).
     min_expert_tokens: an expert of a mixture of experts whose calibration tokens (those routed to it) are fewer
       is pruned by magnitude instead of by the method (default :data:`MIN_EXPERT_TOKENS`); its reports are listed
       in :attr:`PipelineResult.underfed_experts` and a warning names them.
@@ -554,11 +602,16 @@ def prune_model(model: Any, calibration_ids: Any, method: str | MethodConfig | P
     mesh = _sharding.make_mesh(devices=jax.devices()[:1])
   if mesh is not None:
     batch_size = -(-batch_size // mesh.size) * mesh.size
-  if mesh is not None and mesh.is_multi_process and (state_dir is not None or offload):
-    raise ValueError("state_dir (resume) and offload are not supported yet on a mesh that spans several processes "
-                     "(proxjax.core.distributed)")
+  several = mesh is not None and mesh.is_multi_process
+  if several and offload:
+    raise ValueError("offload is not supported yet on a mesh that spans several processes (proxjax.core.distributed)")
+  finished = len(blocks)  # blocks that may be taken from state_dir (a single process: any with a saved report)
   if state_dir is not None:
-    _open_run_dir(state_dir, _fingerprint(ids, config, true_sequential, selected, run_info))
+    run = _fingerprint(ids, config, true_sequential, selected, run_info)
+    if several:
+      state_dir, finished = _shared_state(state_dir, run, len(blocks))
+    else:
+      _open_run_dir(state_dir, run)
 
   from tqdm.auto import tqdm
   t_start = time.perf_counter()
@@ -569,7 +622,7 @@ def prune_model(model: Any, calibration_ids: Any, method: str | MethodConfig | P
   resumed: list[int] = []
   bar = tqdm(total=sum(len(s) for s in selected), desc="pruning", unit="linear", disable=not progress)
   for b, block in enumerate(blocks):
-    done = _load_block(state_dir, b, block) if state_dir is not None else None
+    done = _load_block(state_dir, b, block) if state_dir is not None and b < finished else None
     if mesh is not None:
       _sharding.place(block, mesh)
     if done is not None:

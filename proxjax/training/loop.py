@@ -28,6 +28,11 @@ and the run's fingerprint; older checkpoints are then removed. A later call with
 fingerprint continues from there; one with another fingerprint is refused, naming the keys that differ. The data of
 step ``t`` is a function of ``t`` (or the ``t``-th item of the batches), so a resumed run takes the same steps and
 gives the same result, bit for bit, as an uninterrupted one.
+
+Across processes (:mod:`proxjax.core.distributed`) ``state_dir`` needs a file system every process shares: each
+writes its own shards of the checkpoint, process 0 the rest, with barriers around it, and every process resumes from
+the step of the state file process 0 reads, which each must see the same
+(:func:`proxjax.core.distributed.resume_directory`: refused otherwise, or no state kept when there is none yet).
 """
 
 from __future__ import annotations
@@ -50,7 +55,7 @@ import numpy as np
 from flax import nnx
 from jax.typing import ArrayLike
 
-from proxjax.core import sharding, xla
+from proxjax.core import distributed, sharding, xla
 from proxjax.core.files import json_roundtrip, write_json
 
 __all__ = ["STATE_FILE", "STATE_VERSION", "LoopResult", "Recipe", "batch_on", "digest", "lm_loss", "run",
@@ -208,7 +213,8 @@ class LoopResult(NamedTuple):
 
 
 def digest(arrays: Iterable[ArrayLike]) -> str:
-  """SHA-256 over the dtype, shape and bytes of each array, in order: the data part of a fingerprint.
+  """SHA-256 over the dtype, shape and bytes of each array, in order: the data part of a fingerprint. An array
+  sharded over several processes' devices is gathered first (:func:`proxjax.core.distributed.gather`, a collective).
 
   Example:
     >>> import numpy as np
@@ -217,7 +223,7 @@ def digest(arrays: Iterable[ArrayLike]) -> str:
   """
   h = hashlib.sha256()
   for a in arrays:
-    a = np.ascontiguousarray(a)
+    a = np.ascontiguousarray(distributed.gather(a))
     h.update(repr((a.dtype.str, a.shape)).encode())
     h.update(a.tobytes())
   return h.hexdigest()
@@ -254,19 +260,28 @@ def _load_progress(state_dir: str, fingerprint: dict[str, Any], name: str) -> di
 
 def _save_progress(state_dir: str, step: int, state: Any, history: dict[str, list[Any]],
                    fingerprint: dict[str, Any]) -> None:
+  """Saves ``state`` as ``state_dir/step_NNNNNNN`` (orbax), then :data:`STATE_FILE` naming it, then removes older
+  checkpoints. Across processes the orbax save is collective (each process writes its own shards of the state into
+  the shared directory; process 0 finalizes it, orbax's barriers around it) and process 0 alone removes and writes
+  the rest, the others waiting for it (:func:`proxjax.core.distributed.on_coordinator`): when this returns on any
+  process, the state file names a complete checkpoint."""
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel  (slow to import)
 
   name = f"step_{step:07d}"
   path = os.path.join(os.path.abspath(state_dir), name)
-  if os.path.exists(path):
-    shutil.rmtree(path)
+  distributed.on_coordinator(lambda: shutil.rmtree(path) if os.path.exists(path) else None,
+                             f"removing an unfinished save {path}")
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(path, state)  # atomic: orbax finalizes by renaming a temporary directory
-  write_json(os.path.join(state_dir, STATE_FILE), {"version": STATE_VERSION, "fingerprint": fingerprint,
-                                                   "step": step, "checkpoint": name, "history": history})
-  for old in os.listdir(state_dir):  # earlier checkpoints (and unfinished orbax temporaries) are no longer needed
-    if old.startswith("step_") and old != name:
-      shutil.rmtree(os.path.join(state_dir, old), ignore_errors=True)
+
+  def finish() -> None:
+    write_json(os.path.join(state_dir, STATE_FILE), {"version": STATE_VERSION, "fingerprint": fingerprint,
+                                                     "step": step, "checkpoint": name, "history": history})
+    for old in os.listdir(state_dir):  # earlier checkpoints (and unfinished orbax temporaries) are no longer needed
+      if old.startswith("step_") and old != name:
+        shutil.rmtree(os.path.join(state_dir, old), ignore_errors=True)
+
+  distributed.on_coordinator(finish, f"writing {os.path.join(state_dir, STATE_FILE)}")
 
 
 def _restore(state_dir: str, saved: dict[str, Any], like: Any) -> Any:
@@ -352,11 +367,18 @@ def run(recipe: Recipe, model: nnx.Module, optimizer: nnx.Optimizer,
   out_shardings = tuple(x.sharding for x in jax.tree.leaves(state)) if pin_shardings else None
   history: dict[str, list[Any]] = {k: [] for k in recipe.history}
   start = 0
+  saved = None
   if state_dir is not None:
     state_dir = os.fspath(state_dir)
-    os.makedirs(state_dir, exist_ok=True)
     fingerprint = {**(fingerprint or {}), "version": STATE_VERSION, "method": recipe.name,
                    "state": _structure(state)}
+    if distributed.process_count() > 1:  # every process must read what process 0 wrote there (or none keeps state)
+      has = distributed.broadcast_int(os.path.exists(os.path.join(state_dir, STATE_FILE)))
+      state_dir = distributed.resume_directory(state_dir, [STATE_FILE] if has else [], bool(has),
+                                               f"a {recipe.name} training state")
+    else:
+      os.makedirs(state_dir, exist_ok=True)
+  if state_dir is not None:
     saved = _load_progress(state_dir, fingerprint, recipe.name)
     if saved is not None:
       state = _restore(state_dir, saved, state)

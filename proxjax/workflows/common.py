@@ -131,14 +131,16 @@ def processes() -> dict[str, int]:
   return {"processes": count} if count > 1 else {}
 
 
-def training_state(state_dir: str) -> str | None:
-  """The state directory a training workflow saves its resume state in, after saying whether it resumes: ``state_dir``
-  in a single process; across processes none yet (said on stderr: a killed run starts again from step 0)."""
-  if distributed.process_count() > 1:
-    print("proxjax: no resume state across processes yet (a killed run starts again from step 0)", file=sys.stderr)
-    return None
+def training_state(state_dir: str) -> str:
+  """The state directory a training workflow saves its resume state in, after saying (stderr) whether it resumes.
+  Across processes it must be on a file system every process shares (:mod:`proxjax.training.loop`)."""
   say_if_resuming(state_dir, loop.STATE_FILE)
   return state_dir
+
+
+def finish_training_state(output: OutputConfig, state_dir: str) -> None:
+  """:func:`finish_state` by process 0 alone, the others waiting for it (:func:`write_once`)."""
+  write_once(lambda: finish_state(output, state_dir), f"removing the resume state {state_dir}")
 
 
 def finish_state(output: OutputConfig, state_dir: str) -> None:

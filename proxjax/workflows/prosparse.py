@@ -130,7 +130,6 @@ def _prosparse(job: ProSparseJob, model_dir: str, out_dir: str, state_dir: str) 
               overwrite=job.out_dir.overwrite, allow_fatrelu=theta > 0)
   report_path = job.out_dir.report or os.path.join(out_dir, "proxjax-prosparse.json")
   common.write_once(lambda: files.write_json(report_path, result), f"writing the report {report_path}")
-  if resume_dir is not None:
-    common.finish_state(job.out_dir, state_dir)
+  common.finish_training_state(job.out_dir, resume_dir)
   result["report_path"] = report_path
   return result

@@ -97,7 +97,6 @@ def _proxsparse(job: ProxSparseJob, model_dir: str, out_dir: str, state_dir: str
     files.write_json(report_path, full)
 
   common.write_once(check_and_report, f"checking the checkpoint and writing the report {report_path}")
-  if resume_dir is not None:
-    common.finish_state(job.out_dir, state_dir)
+  common.finish_training_state(job.out_dir, resume_dir)
   full["report_path"] = report_path
   return full

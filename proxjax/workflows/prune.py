@@ -38,7 +38,10 @@ def prune(job: PruneJob) -> dict[str, Any]:
   Across processes (:mod:`proxjax.core.distributed`) every process runs this with the same job: each reads the
   checkpoint and the calibration text and keeps its devices' shards; calibration batches are split over every device
   and Hessians summed by the compiled programs; process 0 writes the checkpoint, then the report and the plot, the
-  others waiting for it. No resume state is kept yet across processes (a killed run starts again from block 0)."""
+  others waiting for it. The resume state (default ``OUT_DIR.proxjax-state``) then needs a file system every process
+  shares: process 0 writes each finished block and every process resumes from the same one
+  (:func:`proxjax.pipeline.prune_model`); without one, no state is kept (said on stderr), or the rerun of a run whose
+  state only process 0 sees is refused."""
   return common.resumable(job, _prune)
 
 
@@ -57,11 +60,10 @@ def _prune(job: PruneJob, model_dir: str, out_dir: str, state_dir: str) -> dict[
                  "seed": cal.seed}
   print(f"proxjax {common.VERSION}: pruning {model_dir} with {cfg.method_name} (refine {cfg.refine_kind}, "
         f"{cfg.method}); calibration {calibration}", file=sys.stderr)
-  if processes == 1:
-    common.say_if_resuming(state_dir)
+  common.say_if_resuming(state_dir)
   result = pipeline.prune_model(
       model, ids, cfg, true_sequential=job.true_sequential, include=job.include, ignore=job.ignore,
-      batch_size=job.batch_size, state_dir=state_dir if processes == 1 else None, progress=job.progress,
+      batch_size=job.batch_size, state_dir=state_dir, progress=job.progress,
       run_info={"model_dir": os.path.abspath(model_dir), "checkpoint": checkpoint_fingerprint(model_dir)},
       mesh=mesh, offload=job.offload)
   provenance = {
@@ -94,8 +96,7 @@ def _prune(job: PruneJob, model_dir: str, out_dir: str, state_dir: str) -> dict[
       label = f"{cfg.method_name}+{cfg.refine_kind}" if cfg.refine_kind else cfg.method_name
       plots.plot_layer_losses({label: full["layers"]}, job.plot or os.path.join(out_dir, "proxjax-layer-losses.png"),
                               title=f"{os.path.basename(model_dir.rstrip(os.sep))}: relative local loss")
-    if processes == 1:
-      common.finish_state(job.out_dir, state_dir)
+    common.finish_state(job.out_dir, state_dir)  # process 0 alone, the others waiting (write_once)
 
   common.write_once(write_report, f"writing the report {report_path}")
   full["report_path"] = report_path

@@ -3,6 +3,11 @@
 
 ``python -m tests.support.multihost_run cli ARGS...``: the ``proxjax`` command line, exit code as its own.
 
+``python -m tests.support.multihost_run stop SAVES ARGS...``: the ``proxjax`` command line, stopped right after its
+``SAVES``-th resume-state save has returned (a finished block of ``prune``, a training save of ``finetune``,
+``proxsparse`` or ``prosparse``): it prints ``stopped after save SAVES`` and exits with :data:`STOPPED` at once
+(``os._exit``: no cleanup, as a killed job).
+
 ``python -m tests.support.multihost_run join ARGS...``: joins the other processes as ``proxjax ARGS...`` would (the
 same arguments compared), prints ``joined`` and waits to be killed.
 
@@ -16,9 +21,10 @@ pair of processes runs together (one JAX start-up for all of them), writing its 
 1. ``proxjax prune CHECKPOINT WORK/wanda --method wanda ...`` across the two processes (process 0 writes);
 2. ``proxjax eval WORK/wanda --json WORK/eval.json`` across them;
 3. :func:`proxjax.pipeline.prune_model` with magnitude on the checkpoint loaded onto the 4-device global mesh: each
-   process gathers the pruned kernels and writes ``WORK/magnitude-{PROCESS_ID}.npz``;
+   process gathers the pruned kernels and writes ``WORK/magnitude-{PROCESS_ID}.npz``; with ``state_dir=WORK/state`` (process 0 writes each block), then again from that state (every block resumed);
 4. :func:`proxjax.core.distributed.on_coordinator` with a writer that fails (on process 0), and ``prune_model``
-   with a ``state_dir`` (refused across processes);
+   with a state only process 0 sees (``WORK/state`` moved to ``WORK/state-0``, each process given
+   ``WORK/state-{PROCESS_ID}``: refused);
 5. ``WORK/session-{PROCESS_ID}.json``: what it ran, the failure each process saw, its CPU seconds, wall time and
    compiles per step.
 
@@ -39,6 +45,7 @@ from __future__ import annotations
 import functools
 import importlib
 import json
+import os
 import resource
 import sys
 import time
@@ -59,6 +66,9 @@ PROSPARSE = ("--train", "{corpus}/calib.txt", "--steps", "2", "--batch-size", "4
              "--l1-stages", "2:1e-3", "--eval", "{corpus}/eval.txt", "--eval-seqlen", "32", "--max-windows", "8",
              "--quiet")
 """``proxjax prosparse`` arguments: two steps of 4 windows, λ rising to 1e-3, perplexity and sparsity on 8 windows."""
+
+STOPPED = 75
+"""The exit status of a process stopped by ``stop``."""
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
            "mlp.up_proj", "mlp.down_proj")
@@ -164,16 +174,25 @@ def session(process_id: int, port: int, work: str, checkpoint: str, corpus: str)
 
   from proxjax.core import distributed  # noqa: PLC0415
 
-  pruned, _ = _pruned_on_mesh(checkpoint, corpus, "magnitude")
+  pruned, _ = _pruned_on_mesh(checkpoint, corpus, "magnitude", state_dir=f"{work}/state")
   sharded = sorted(k for k, v in pruned.items() if not v.is_fully_addressable)
-  np.savez(f"{work}/magnitude-{process_id}.npz", **distributed.gather(pruned))
+  first = distributed.gather(pruned)
+  np.savez(f"{work}/magnitude-{process_id}.npz", **first)
   mark("magnitude")
+  resumed, result = _pruned_on_mesh(checkpoint, corpus, "magnitude", state_dir=f"{work}/state")  # from the state
+  resumed = distributed.gather(resumed)  # (also: every process has read the state before process 0 moves it below)
+  resume = {"resumed_blocks": result.resumed_blocks,
+            "equal": sorted(k for k in first if np.array_equal(first[k], resumed[k])) == sorted(first)}
+  mark("resume")
   try:  # a writer that fails on process 0: every process raises the same kind of error
     distributed.on_coordinator(lambda: open(f"{work}/no-such-folder/file", "w"), "writing a file")
     failure = None
   except OSError as err:
     failure = f"{type(err).__name__}: {err}"
-  try:  # resume state across processes: refused before any work
+  # a state only process 0 sees (no shared file system): its finished blocks are moved to state-0, and each process
+  # is given state-PROCESS_ID; refused on every process before any work
+  distributed.on_coordinator(lambda: os.rename(f"{work}/state", f"{work}/state-0"), "moving the state")
+  try:
     _pruned_on_mesh(checkpoint, corpus, "magnitude", state_dir=f"{work}/state-{process_id}")
     refused = None
   except ValueError as err:
@@ -184,7 +203,7 @@ def session(process_id: int, port: int, work: str, checkpoint: str, corpus: str)
   with open(f"{work}/session-{process_id}.json", "w") as f:
     json.dump({"exit": done, "devices": len(jax.devices()), "local_devices": len(jax.local_devices()),
                "processes": jax.process_count(), "sharded_across_processes": sharded, "steps": per_step,
-               "failure": failure, "state_dir": refused,
+               "failure": failure, "resume": resume, "state_dir": refused,
                "cpu_s": usage.ru_utime + usage.ru_stime, "wall_s": time.perf_counter() - t0}, f)
   return max(done.values())
 
@@ -226,6 +245,25 @@ def main(argv: list[str]) -> int:
   if argv[0] == "cli":
     from proxjax import cli  # noqa: PLC0415
     return cli.main(argv[1:])
+  if argv[0] == "stop":
+    from proxjax import cli  # noqa: PLC0415
+    from proxjax.pipeline import prune  # noqa: PLC0415
+    from proxjax.training import loop  # noqa: PLC0415
+
+    saves, stop_after = [0], int(argv[1])
+
+    def counted(save: Any) -> Any:
+      def wrapper(*args: Any, **kwargs: Any) -> Any:
+        save(*args, **kwargs)
+        saves[0] += 1
+        if saves[0] == stop_after:
+          print(f"stopped after save {stop_after}", flush=True)
+          os._exit(STOPPED)
+      return wrapper
+
+    prune._save_block = counted(prune._save_block)
+    loop._save_progress = counted(loop._save_progress)
+    return cli.main(argv[2:])
   if argv[0] == "join":
     command_line = importlib.import_module("proxjax.cli.main")  # the module (proxjax.cli.main is also the function)
     command_line._join(command_line.build_parser().parse_args(argv[1:]))
