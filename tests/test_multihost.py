@@ -31,8 +31,8 @@ from proxjax.core.distributed import DETECT_EXTRA_S, JOIN_EXTRA_S
 from tests.support.agreement import assert_iterative_agreement
 from proxjax.models.hf import check_sparsity
 from tests.support.cli import prune_cli
-from tests.support.multihost_run import (FINETUNE, HISTORY, PROSPARSE, STOPPED, by_path, distributed_flags,
-                                         proxsparse_args, proxsparse_run)
+from tests.support.multihost_run import (FINETUNE, HISTORY, PROSPARSE, STOPPED, TASKS, by_path, distributed_flags,
+                                         harness_requests, proxsparse_args, proxsparse_run)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 HEARTBEAT = 5
@@ -333,12 +333,6 @@ def test_training_commands_take_the_distributed_flags(command, checkpoint, tmp_p
   assert not (tmp_path / "out").exists()
 
 
-def test_eval_tasks_refuse_several_processes(checkpoint, capsys):
-  assert cli.main(["eval", str(checkpoint), "--tasks", "lambada", "--coordinator", "h:1", "--num-processes", "2",
-                   "--process-id", "0"]) == 2
-  assert "--tasks does not run across processes yet" in capsys.readouterr().err
-
-
 def test_fingerprint_is_by_value():
   from proxjax.core.distributed import fingerprint
   from proxjax.workflows.config import EvalConfig
@@ -582,3 +576,54 @@ def test_a_stopped_training_resumes_across_processes(resumed):
     both = (many[name] != 0) & (value != 0)
     np.testing.assert_array_equal(many[name][both], value[both], err_msg=name)
   assert not (resumed["work"] / "proxsparse.proxjax-state").exists()
+
+
+@pytest.mark.slow
+def test_eval_tasks_across_two_processes_equals_one_process(checkpoint, tmp_path, capsys):
+  """``proxjax eval --tasks`` (lm-eval through the proxjax backend) across the pair: every process runs lm-eval with
+  the same requests, every batch split over the 4 devices of both: a multiple-choice task's accuracy and its standard
+  error, ``lee_last_word``'s accuracy and perplexity (1e-5; its bootstrapped standard error 1e-4) and a generation
+  task's exact match equal one process's; process 0 alone prints the table and writes ``--json``. The backend in the
+  same processes (batches of 4 rounded to the 4 devices): every process decodes the single-process generations and
+  computes its log-likelihoods within 1e-4 (is-greedy equal), both processes the same numbers exactly."""
+  pytest.importorskip("lm_eval")
+  from tests.support.lm_eval_tasks import write_generate_task, write_mc_task
+
+  words = ["rain", "sun", "court", "police", "cricket", "minister", "river", "fire", "market", "school"]
+  write_mc_task(tmp_path, "proxjax_mc", [{"question": f"The {w} was", "choices": [" here", f" a {w}"], "label": i % 2}
+                                         for i, w in enumerate(words)])
+  write_generate_task(tmp_path, "proxjax_gen", [{"question": f"The {w} was", "answer": " a"} for w in words])
+  work = tmp_path / "work"
+  work.mkdir()
+  (port,) = _free_ports(1)
+  procs = [Process(f"tasks{i}", ["tasks", str(i), str(port), str(work), str(checkpoint), str(tmp_path)],
+                   tmp_path / f"tasks{i}.log") for i in (0, 1)]
+  one = tmp_path / "one.json"  # the single-process references, meanwhile
+  assert cli.main(["eval", str(checkpoint), *TASKS, "--include-path", str(tmp_path), "--json", str(one)]) == 0
+  table = capsys.readouterr().out
+  reference = harness_requests(str(checkpoint))
+  _wait(procs)
+  for p in procs:
+    _ok(p)
+  many, want = json.loads((work / "tasks.json").read_text()), json.loads(one.read_text())
+  assert many["processes"] == 2 and "processes" not in want
+  assert many["n-samples"] == want["n-samples"] and set(many["results"]) == {"proxjax_mc", "lee_last_word",
+                                                                             "proxjax_gen"}
+  for task, results in want["results"].items():
+    for metric, value in results.items():
+      if isinstance(value, str):
+        assert many["results"][task][metric] == value, (task, metric)
+      else:
+        rtol = 1e-4 if metric == "perplexity_stderr,none" else 1e-5
+        np.testing.assert_allclose(many["results"][task][metric], value, rtol=rtol, err_msg=f"{task} {metric}")
+  header = re.compile(r"^\|\s*Tasks\s*\|", re.M)
+  assert len(header.findall(table)) == 1
+  assert len(header.findall(procs[0].output)) == 1 and not header.findall(procs[1].output)  # printed once
+  assert sorted(p.name for p in work.iterdir()) == ["harness-0.json", "harness-1.json", "tasks.json"]  # written once
+  computed = [json.loads((work / f"harness-{i}.json").read_text()) for i in (0, 1)]
+  assert computed[0] == computed[1]  # bitwise: every process read the same replicated scores
+  assert computed[0]["generate"] == reference["generate"] and computed[0]["batch_size"] == 4
+  np.testing.assert_allclose(computed[0]["rolling"], reference["rolling"], rtol=0, atol=1e-4)
+  assert [g for _, g in computed[0]["tokens"]] == [g for _, g in reference["tokens"]]
+  np.testing.assert_allclose([ll for ll, _ in computed[0]["tokens"]], [ll for ll, _ in reference["tokens"]], rtol=0,
+                             atol=1e-4)

@@ -209,8 +209,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
   if args.json:
     _checked(paths.check_file, args.json, sources=[paths.model_path(model)], what="--json")
   if args.tasks is not None:
-    if args.coordinator is not None:
-      raise ArgumentError("--tasks does not run across processes yet: drop --coordinator (one process evaluates)")
     return _eval_tasks(args, model)
   for flag in ("num_fewshot", "limit", "include_path"):
     if getattr(args, flag) is not None:
@@ -229,7 +227,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _eval_tasks(args: argparse.Namespace, model: str) -> int:
-  """``proxjax eval MODEL --tasks ...``: lm-eval through the proxjax backend; its table on stdout."""
+  """``proxjax eval MODEL --tasks ...``: lm-eval through the proxjax backend; its table on stdout (across processes,
+  every process evaluates the same requests together and process 0 alone prints the table and writes ``--json``)."""
   tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
   if not tasks:
     raise ArgumentError("--tasks needs at least one lm-eval task name (e.g. --tasks arc_easy,hellaswag)")
@@ -243,10 +242,13 @@ def _eval_tasks(args: argparse.Namespace, model: str) -> int:
     raise ArgumentError(f"--include-path {args.include_path}: no such directory (it should hold lm-eval task YAMLs)")
   if args.dataset is not None:
     raise ArgumentError("--dataset (perplexity) and --tasks (lm-eval) are separate runs: give one of them")
+  _join(args)
+  from proxjax.core import distributed  # pylint: disable=import-outside-toplevel
   from proxjax.workflows.evaluate import evaluate_tasks  # pylint: disable=import-outside-toplevel
   _, text = evaluate_tasks(model, tasks, num_fewshot=args.num_fewshot, limit=args.limit, batch_size=args.batch_size,
-                           include_path=args.include_path, json=args.json)
-  print(text)
+                           include_path=args.include_path, json=args.json, mesh=args.mesh)
+  if distributed.is_coordinator():
+    print(text)
   return 0
 
 

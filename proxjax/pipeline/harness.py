@@ -35,6 +35,18 @@ It reproduces lm-eval's own ``hf`` backend (``HFLM``, causal models) request by 
   said once in the log), stopped at EOS or once a stop string (``until``; the EOS text is always one) appears; the
   text is decoded without special tokens and cut at the first stop string, as HFLM does.
 
+**On a device mesh** (``mesh=``: one process, or several joined by :func:`proxjax.core.distributed.initialize`) the
+model's parameters are placed in their declared shardings (:func:`proxjax.core.sharding.checkpoint_sharding`), each
+batch of ``loglikelihood`` rows is one global array split over the mesh's devices (``batch_size`` rounded up to a
+multiple of the device count; each process supplies its devices' rows, :func:`proxjax.core.sharding.put`) and the
+scores come back replicated. Across processes every process runs lm-eval with the same requests and reports
+``rank`` 0 of ``world_size`` 1: lm-eval's own data-parallel path (``world_size > 1``) splits requests by rank and
+gathers them through torch, which this backend does not use; here every process computes every batch together (the
+forward sharded over all devices) and reads the same replicated log-likelihoods, so every process's results are
+identical and lm-eval stays unaware of the processes. ``generate_until`` passes its prompts as host arrays, which
+every process holds equal: JAX takes them as replicated inputs of the sharded model, and every process decodes the
+same tokens.
+
 Importing this module imports lm-eval's model API but never torch (lm-eval's ``hf`` backend is only needed for the
 parity tests, ``tests/pipeline/test_harness.py``).
 """
@@ -64,6 +76,7 @@ except ImportError as err:  # pragma: no cover  (the extra is installed in the t
   raise ModuleNotFoundError(f"the lm-eval backend needs lm-eval ({err}); install it with: pip install "
                             "'proxjax[eval]'") from err
 
+from proxjax.core import sharding
 from proxjax.data import tasks as shipped_tasks
 from proxjax.data import text
 from proxjax.models import hf, llama
@@ -148,6 +161,9 @@ class ProxjaxLM(TemplateLM):
     prefix_token_id: the token an empty context (and the first rolling window) is conditioned on; default BOS, else
       EOS.
     max_gen_toks: default number of generated tokens.
+    mesh: score on this device mesh (module docstring): ``pretrained`` is loaded into its shardings, a given ``model``
+      must already be placed there (e.g. loaded with :func:`proxjax.core.sharding.checkpoint_sharding`). Needed when
+      the processes of :mod:`proxjax.core.distributed` run together.
     **kwargs: lm-eval's generic arguments (``device``, ``max_batch_size``, …) are accepted and ignored (JAX places
       the model).
 
@@ -175,7 +191,8 @@ class ProxjaxLM(TemplateLM):
   def __init__(self, pretrained: str | os.PathLike | None = None, *, model: llama.LlamaForCausalLM | None = None,
                tokenizer: text.TextTokenizer | str | os.PathLike | None = None, dtype: Any = "float32",
                batch_size: int | str = 8, max_length: int | None = None, add_bos_token: bool | None = None,
-               prefix_token_id: int | None = None, max_gen_toks: int = DEFAULT_MAX_GEN_TOKS, **kwargs: Any):
+               prefix_token_id: int | None = None, max_gen_toks: int = DEFAULT_MAX_GEN_TOKS,
+               mesh: jax.sharding.Mesh | None = None, **kwargs: Any):
     super().__init__()
     ignored = sorted(k for k, v in kwargs.items() if v is not None and k not in ("device", "max_batch_size"))
     if ignored:
@@ -187,7 +204,8 @@ class ProxjaxLM(TemplateLM):
       if not os.path.isfile(os.path.join(model_dir, "config.json")):
         raise ValueError(f"pretrained={model_dir}: not a Hugging Face checkpoint directory (no config.json)")
       d = _dtype(dtype, model_dir)
-      model = hf.load_pretrained(model_dir, param_dtype=d, dtype=d)
+      model = hf.load_pretrained(model_dir, param_dtype=d, dtype=d,
+                                 sharding=None if mesh is None else sharding.checkpoint_sharding(mesh))
       tokenizer = text.load_tokenizer(model_dir) if tokenizer is None else tokenizer
       self.pretrained = model_dir
     else:
@@ -208,7 +226,8 @@ class ProxjaxLM(TemplateLM):
       raise ValueError(f"proxjax backend: max_gen_toks must be a positive int, got {max_gen_toks!r}")
     self.model = model
     self.tokenizer = tokenizer
-    self.batch_size = int(batch_size)
+    self.mesh = mesh
+    self.batch_size = int(batch_size) if mesh is None else -(-int(batch_size) // mesh.size) * mesh.size
     self.max_length = int(max_length)
     self.add_bos_token = add_bos_token
     self.custom_prefix_token_id = prefix_token_id
@@ -222,7 +241,10 @@ class ProxjaxLM(TemplateLM):
       self.compiles += 1  # runs once per traced shape
       return _score(nnx.merge(graphdef, state), ids, conts, ends)
 
-    self._score = jax.jit(score)
+    if mesh is None:
+      self._score = jax.jit(score)
+    else:  # every process reads the scores of every row
+      self._score = jax.jit(score, out_shardings=(sharding.replicated(mesh), sharding.replicated(mesh)))
 
   @classmethod
   def from_model(cls, model: llama.LlamaForCausalLM, tokenizer: text.TextTokenizer | str | os.PathLike,
@@ -318,7 +340,7 @@ class ProxjaxLM(TemplateLM):
           ids[r, :len(inp)] = inp
           conts[r, c - len(cont):] = cont
           ends[r] = len(inp)
-        ll, greedy = self._score(self._state, jnp.asarray(ids), jnp.asarray(conts), jnp.asarray(ends))
+        ll, greedy = self._score(self._state, *map(self._batch, (ids, conts, ends)))
         ll, greedy = np.asarray(ll), np.asarray(greedy)
         for r, i in enumerate(chunk):
           out[i] = (float(ll[r]), bool(greedy[r]))
@@ -328,6 +350,13 @@ class ProxjaxLM(TemplateLM):
       if key is not None:
         self.cache_hook.add_partial("loglikelihood", key, answer)
     return out  # type: ignore[return-value]
+
+  def _batch(self, rows: np.ndarray) -> jax.Array:
+    """``rows`` (a batch, the same on every process) on the device, or split over the mesh by its first axis (each
+    process building its devices' rows)."""
+    if self.mesh is None:
+      return jnp.asarray(rows)
+    return sharding.put(rows, sharding.activation_sharding(self.mesh, rows.shape))
 
   def loglikelihood_rolling(self, requests: Sequence[Any], disable_tqdm: bool = False) -> list[float]:
     """The log-likelihood of each request's whole string (``args = (string,)``): the sum over lm-eval's disjoint
@@ -505,6 +534,10 @@ def run_tasks(lm: ProxjaxLM, tasks: Sequence[str], task_manager: Any, *, num_few
   """``lm_eval.simple_evaluate`` of ``tasks`` with the backend ``lm``: lm-eval's results dictionary (``results``,
   ``configs``, ``versions``, ``n-shot``, …, no per-sample logs).
 
+  Across processes lm-eval's bootstrap standard errors run in this process (``DISABLE_MULTIPROC``, set while it runs):
+  its pool of forked workers hangs in a forked child of a process joined to JAX's runtime (measured: one of two
+  processes hung). Both paths seed resample chunk ``i`` with ``i``, so the numbers are those of one process.
+
   Raises:
     ValueError: ``limit < 1`` or ``num_fewshot < 0``; a task's dataset could not be downloaded (naming it and how to
       use local copies instead).
@@ -514,6 +547,9 @@ def run_tasks(lm: ProxjaxLM, tasks: Sequence[str], task_manager: Any, *, num_few
     raise ValueError(f"--limit must be at least 1, got {limit}")
   if num_fewshot is not None and num_fewshot < 0:
     raise ValueError(f"--num-fewshot must be at least 0, got {num_fewshot}")
+  serial = jax.process_count() > 1 and "DISABLE_MULTIPROC" not in os.environ
+  if serial:  # lm-eval's bootstrap forks a pool: a forked child of a joined JAX process can hang (seen: 1 run in 1)
+    os.environ["DISABLE_MULTIPROC"] = "1"
   try:
     out = simple_evaluate(model=lm, tasks=list(tasks), task_manager=task_manager, num_fewshot=num_fewshot,
                           limit=limit, log_samples=False, torch_random_seed=None)
@@ -525,6 +561,9 @@ def run_tasks(lm: ProxjaxLM, tasks: Sequence[str], task_manager: Any, *, num_few
     first = " ".join(str(err).split())[:300]
     raise ValueError(f"could not fetch {what} for lm-eval ({type(err).__name__}: {first}); without internet, "
                      f"{_OFFLINE_HELP}") from err
+  finally:
+    if serial:
+      del os.environ["DISABLE_MULTIPROC"]
   if out is None:
     raise ValueError("lm-eval returned no results")
   out.pop("samples", None)

@@ -51,10 +51,15 @@ def evaluate(job: EvalJob) -> tuple[dict[str, Any], str]:
 
 
 def evaluate_tasks(model: str, tasks: Sequence[str], *, num_fewshot: int | None = None, limit: int | None = None,
-                   batch_size: int = 8, include_path: str | None = None,
-                   json: str | None = None) -> tuple[dict[str, Any], str]:
+                   batch_size: int = 8, include_path: str | None = None, json: str | None = None,
+                   mesh: str | None = None) -> tuple[dict[str, Any], str]:
   """``proxjax eval --tasks``: lm-eval's results for ``tasks`` on the checkpoint ``model`` through the ``proxjax``
   backend (:mod:`proxjax.pipeline.harness`, no torch), also written to ``json`` (atomically), and lm-eval's table.
+
+  With ``mesh`` (a ``--mesh`` value; ``auto`` when several processes run together) the model is placed on that mesh
+  and every batch is split over its devices. Across processes (:mod:`proxjax.core.distributed`) every process runs
+  lm-eval with the same requests and scores every batch together with the others (the backend's module docstring
+  says why), so every process returns the same results; process 0 alone writes ``json``.
 
   Raises:
     ValueError: lm-eval is not installed; ``model`` is not a checkpoint; a task lm-eval does not know (with close
@@ -72,11 +77,12 @@ def evaluate_tasks(model: str, tasks: Sequence[str], *, num_fewshot: int | None 
     raise ValueError(str(err)) from None
   from lm_eval.utils import make_table  # pylint: disable=import-outside-toplevel
   manager = harness.check_tasks(tasks, include_path)
-  lm = harness.ProxjaxLM(pretrained=model_dir, batch_size=batch_size)
+  lm = harness.ProxjaxLM(pretrained=model_dir, batch_size=batch_size, mesh=common.mesh_of(mesh))
   out = harness.run_tasks(lm, tasks, manager, num_fewshot=num_fewshot, limit=limit)
   out["model"] = os.path.abspath(model_dir)
   out["compiles"] = lm.compiles
+  out.update(common.processes())
   if json:
-    files.write_json(json, out)
+    common.write_once(lambda: files.write_json(json, out), f"writing {json}")
   text = make_table(out) + (make_table(out, "groups") if out.get("groups") else "")
   return out, text

@@ -1,5 +1,5 @@
-"""An lm-eval multiple-choice task written by a test: a jsonl file and its YAML (``dataset_path: json`` with the
-absolute path of the jsonl, so it loads offline from any working directory)."""
+"""lm-eval tasks written by a test (multiple choice, generation): a jsonl file and its YAML (``dataset_path: json``
+with the absolute path of the jsonl, so it loads offline from any working directory)."""
 
 from __future__ import annotations
 
@@ -26,6 +26,33 @@ def write_mc_task(root: pathlib.Path, name: str, docs: list[dict]) -> str:
       doc_to_target: label
       metric_list:
         - metric: acc
+          aggregation: mean
+          higher_is_better: true
+      """))
+  return name
+
+
+def write_generate_task(root: pathlib.Path, name: str, docs: list[dict]) -> str:
+  """Writes ``root/NAME.jsonl`` (``docs``: ``{"question", "answer"}``) and ``root/NAME.yaml`` (task ``name``: greedy
+  generation of at most 6 tokens after the question, stopped at a newline or a full stop, metric exact match against
+  the answer) and returns ``name``."""
+  data = root / f"{name}.jsonl"
+  data.write_text("".join(json.dumps(d) + "\n" for d in docs))
+  (root / f"{name}.yaml").write_text(textwrap.dedent(f"""\
+      task: {name}
+      dataset_path: json
+      dataset_kwargs:
+        data_files:
+          test: {data}
+      test_split: test
+      output_type: generate_until
+      doc_to_text: "{{{{question}}}}"
+      doc_to_target: "{{{{answer}}}}"
+      generation_kwargs:
+        until: ["\\n", "."]
+        max_gen_toks: 6
+      metric_list:
+        - metric: exact_match
           aggregation: mean
           higher_is_better: true
       """))

@@ -35,6 +35,11 @@ prosparse CHECKPOINT WORK/prosparse`` (:data:`PROSPARSE`), then :func:`proxspars
 steps) on the 4-device global mesh, writing the gathered learned parameters to ``WORK/api-proxsparse-{PROCESS_ID}.npz``
 and the per-step histories to ``WORK/api-proxsparse-{PROCESS_ID}.json``.
 
+``python -m tests.support.multihost_run tasks PROCESS_ID PORT WORK CHECKPOINT TASK_DIR``: ``proxjax eval CHECKPOINT
+--tasks`` (:data:`TASKS`, with ``--include-path TASK_DIR``) across the pair, writing ``WORK/tasks.json``; then, in the
+same processes, :func:`harness_requests` with the backend on the 4-device global mesh, each process writing what it
+computed to ``WORK/harness-{PROCESS_ID}.json``.
+
 ``python -m tests.support.multihost_run methods PROCESS_ID PORT WORK CHECKPOINT CORPUS M1,M2``: joins (Python API),
 then :func:`proxjax.pipeline.prune_model` with each method on the global mesh; writes ``WORK/{M}-{PROCESS_ID}.npz``
 (the kernels) and ``WORK/{M}-{PROCESS_ID}.json`` (each layer's relative local loss).
@@ -66,6 +71,38 @@ PROSPARSE = ("--train", "{corpus}/calib.txt", "--steps", "2", "--batch-size", "4
              "--l1-stages", "2:1e-3", "--eval", "{corpus}/eval.txt", "--eval-seqlen", "32", "--max-windows", "8",
              "--quiet")
 """``proxjax prosparse`` arguments: two steps of 4 windows, λ rising to 1e-3, perplexity and sparsity on 8 windows."""
+
+TASKS = ("--tasks", "proxjax_mc,lee_last_word,proxjax_gen", "--limit", "8", "--batch-size", "4", "--quiet")
+"""``proxjax eval --tasks`` arguments: a multiple-choice task (loglikelihood), the shipped ``lee_last_word`` (its
+perplexity, a bootstrapped standard error) and a generation task (``generate_until``), 8 documents each."""
+
+
+def harness_requests(checkpoint: str, mesh: Any = None) -> dict[str, Any]:
+  """The lm-eval backend (:class:`proxjax.pipeline.harness.ProxjaxLM`, ``max_length`` 48, batches of 4) on
+  ``mesh`` or one device: greedy generations of 15 requests (three stop settings, a prompt truncated from the left),
+  rolling log-likelihoods of two documents (one of several windows) and the ``(log-likelihood, is greedy)`` of
+  continuations of 8 token contexts."""
+  import numpy as np  # noqa: PLC0415
+  from lm_eval.api.instance import Instance  # noqa: PLC0415
+
+  from proxjax import data  # noqa: PLC0415
+  from proxjax.pipeline import harness  # noqa: PLC0415
+
+  lee = data.load_documents("lee", split="all")
+  lm = harness.ProxjaxLM(pretrained=checkpoint, batch_size=4, max_length=48, mesh=mesh)
+  prompts = ["The government said", "Police", lee[12][:400], "Rain and", "<eos>The"]
+  settings = [{"until": ["\n"], "max_gen_toks": 12}, {"until": [" the", "."], "max_gen_toks": 12},
+              {"max_gen_toks": 10}]
+  generate = [Instance("generate_until", {}, (p, k), i) for i, (p, k) in enumerate((p, k) for k in settings
+                                                                                     for p in prompts)]
+  rolling = [Instance("loglikelihood_rolling", {}, (s,), i) for i, s in enumerate([lee[2][:900], "x"])]
+  rng = np.random.default_rng(0)
+  tokens = [(None, rng.integers(1, 320, n).tolist(), rng.integers(1, 320, k).tolist())
+            for n, k in [(5, 3), (30, 4), (60, 2), (1, 1), (47, 1), (48, 1), (100, 6), (12, 12)]]
+  return {"generate": lm.generate_until(generate, disable_tqdm=True),
+          "rolling": lm.loglikelihood_rolling(rolling, disable_tqdm=True),
+          "tokens": lm._loglikelihood_tokens(tokens, disable_tqdm=True), "batch_size": lm.batch_size}
+
 
 STOPPED = 75
 """The exit status of a process stopped by ``stop``."""
@@ -226,6 +263,17 @@ def train(process_id: int, port: int, work: str, checkpoint: str, corpus: str, p
   return max(done)
 
 
+def tasks(process_id: int, port: int, work: str, checkpoint: str, task_dir: str) -> int:
+  from proxjax import cli  # noqa: PLC0415
+  from proxjax.core import sharding  # noqa: PLC0415
+
+  done = cli.main(["eval", checkpoint, *TASKS, "--include-path", task_dir, "--json", f"{work}/tasks.json",
+                   *distributed_flags(process_id, port)])
+  with open(f"{work}/harness-{process_id}.json", "w") as f:
+    json.dump(harness_requests(checkpoint, sharding.make_mesh()), f)
+  return done
+
+
 def methods(process_id: int, port: int, work: str, checkpoint: str, corpus: str, names: str) -> int:
   import numpy as np  # noqa: PLC0415
 
@@ -284,6 +332,9 @@ def main(argv: list[str]) -> int:
   if argv[0] == "train":
     process_id, port, work, checkpoint, corpus, pruned = argv[1:]
     return train(int(process_id), int(port), work, checkpoint, corpus, pruned)
+  if argv[0] == "tasks":
+    process_id, port, work, checkpoint, task_dir = argv[1:]
+    return tasks(int(process_id), int(port), work, checkpoint, task_dir)
   if argv[0] == "methods":
     process_id, port, work, checkpoint, corpus, names = argv[1:]
     return methods(int(process_id), int(port), work, checkpoint, corpus, names)
