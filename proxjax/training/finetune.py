@@ -22,7 +22,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from proxjax.core import sharding, transforms
+from proxjax.core import transforms
 from proxjax.core.spec import flat_spec
 from proxjax.models.llama import projection_spec
 from proxjax.training import loop
@@ -137,11 +137,7 @@ def finetune_masked(model: nnx.Module, batches: Iterable[Any], *, learning_rate:
     fingerprint = {"learning_rate": float(learning_rate), "weight_decay": float(weight_decay),
                    "batches": loop.digest([batches]), "masks": loop.digest(jax.tree.leaves(masks)),
                    "run_info": run_info or {}}
-  if mesh is not None:
-    sharding.place(model, mesh)
-  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-  if mesh is not None:
-    sharding.place(optimizer, mesh, nnx.optimizer.OptState)
+  optimizer = loop.optimizer_on(model, tx, mesh)
   steps = len(batches) if hasattr(batches, "__len__") else None
   data = (loop.batch_on(np.asarray(ids).astype(np.int32), mesh) for ids in batches)
   result = loop.run(_RECIPE, model, optimizer, data, steps=steps, state_dir=state_dir, save_every=save_every,

@@ -20,6 +20,10 @@ compiled once per recipe (``jax.jit`` over ``nnx.split`` state, the state donate
 .. math::  \mathcal L(\theta) = \frac{\sum_{b, t<T} v_{b,t+1}\, \ell_{b,t}}{\sum_{b,t<T} v_{b,t+1}},\qquad
            \ell_{b,t} = -\log p_\theta(x_{b,t+1} \mid x_{b,\le t}).
 
+**Placement on a mesh** (the same for every recipe): :func:`optimizer_on` places the params and then the optimizer
+state on their declared shardings, :func:`batch_on` splits each batch's rows over every device and :func:`scalars_on`
+replicates a step's scalar inputs; the mesh may span several processes (each builds only its own devices' shards).
+
 **Resumption** (``state_dir``): every ``save_every`` steps and after the last one, the training state
 ``nnx.state((model, optimizer))`` (params, optimizer moments, step counts, multipliers, hyperparameters) is saved
 with orbax into ``state_dir/step_NNNNNNN`` (atomic: orbax finalizes by renaming a temporary directory), then
@@ -58,8 +62,8 @@ from jax.typing import ArrayLike
 from proxjax.core import distributed, sharding, xla
 from proxjax.core.files import json_roundtrip, write_json
 
-__all__ = ["STATE_FILE", "STATE_VERSION", "LoopResult", "Recipe", "batch_on", "digest", "lm_loss", "run",
-           "train_step"]
+__all__ = ["STATE_FILE", "STATE_VERSION", "LoopResult", "Recipe", "batch_on", "digest", "lm_loss", "optimizer_on",
+           "run", "scalars_on", "train_step"]
 
 STATE_FILE = "train-state.json"
 """The resume file in a state directory: ``{"version", "fingerprint", "step", "checkpoint", "history"}``."""
@@ -169,6 +173,48 @@ def batch_on(x: ArrayLike, mesh: Any = None) -> jax.Array:
     return jnp.asarray(x)
   x = np.asarray(x)
   return sharding.put(x, sharding.activation_sharding(mesh, x.shape))
+
+
+def optimizer_on(model: nnx.Module, tx: Any, mesh: Any = None,
+                 init: Callable[[nnx.Optimizer], Any] | None = None) -> nnx.Optimizer:
+  """The training state of every recipe, placed once: on ``mesh``, ``model``'s params move (in place) to their
+  declared shardings (:func:`proxjax.core.sharding.place`); then ``nnx.Optimizer(model, tx, wrt=nnx.Param)``,
+  ``init(optimizer)`` (e.g. setting an injected hyperparameter) and, on ``mesh``, the optimizer's state (moments,
+  counts, hyperparameters) placed like the params its paths name (``nnx.optimizer.OptState``). The mesh may span
+  several processes (each then builds only its devices' shards). Without a mesh: the optimizer, nothing moved.
+
+  Example:
+    >>> import optax
+    >>> from proxjax.core.sharding import make_mesh
+    >>> layer = nnx.Linear(8, 12, rngs=nnx.Rngs(0))
+    >>> opt = optimizer_on(layer, optax.adam(1e-3), make_mesh())
+    >>> opt.opt_state[0].mu["kernel"][...].sharding == layer.kernel[...].sharding
+    True
+  """
+  if mesh is not None:
+    sharding.place(model, mesh)
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  if init is not None:
+    init(optimizer)
+  if mesh is not None:
+    sharding.place(optimizer, mesh, nnx.optimizer.OptState)
+  return optimizer
+
+
+def scalars_on(values: Iterable[float], mesh: Any = None) -> tuple[Any, ...]:
+  """``values`` as float32 scalar inputs of a step: host ``np.float32`` without a mesh; on ``mesh``, replicated over
+  every device, each process building its own copy (:func:`proxjax.core.sharding.put`: every process passes the same
+  values).
+
+  Example:
+    >>> from proxjax.core.sharding import make_mesh
+    >>> lam, eps = scalars_on((0.5, 1e-8), make_mesh())
+    >>> lam.dtype, lam.sharding.is_fully_replicated
+    (dtype('float32'), True)
+  """
+  if mesh is None:
+    return tuple(np.float32(v) for v in values)
+  return tuple(sharding.put(np.float32(v), sharding.replicated(mesh)) for v in values)
 
 
 # ------------------------------------------------------------------------------------------------------- recipe --

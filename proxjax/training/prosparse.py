@@ -54,7 +54,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from proxjax.core import distributed, sharding
+from proxjax.core import distributed
 from proxjax.pipeline import evaluate
 from proxjax.pipeline.evaluate import padded_batch
 from proxjax.models.llama import LlamaForCausalLM
@@ -448,18 +448,15 @@ def train_prosparse(model: LlamaForCausalLM, batches: Any, *, l1: Callable[[Any]
   if not np.all(np.isfinite(lambdas)) or np.any(lambdas < 0):
     raise ValueError("the λ schedule gives negative or non-finite values")
   lrs = schedule_values(settings.schedule(steps), steps)
-  if mesh is not None:
-    sharding.place(model, mesh)
-  optimizer = nnx.Optimizer(model, _optimizer_tx(float(clip_norm)), wrt=nnx.Param)
-  _hyperparams(optimizer)["weight_decay"][...] = weight_decay
-  if mesh is not None:
-    sharding.place(optimizer, mesh, nnx.optimizer.OptState)
-  lam32, lr32 = lambdas.astype(np.float32), lrs.astype(np.float32)
+
+  def set_weight_decay(optimizer: nnx.Optimizer) -> None:
+    _hyperparams(optimizer)["weight_decay"][...] = weight_decay
+
+  optimizer = loop.optimizer_on(model, _optimizer_tx(float(clip_norm)), mesh, init=set_weight_decay)
 
   def batch(t: int) -> tuple[Any, ...]:
-    if mesh is None:
-      return batches[t], lam32[t], lr32[t]
-    return (loop.batch_on(batches[t], mesh), *(sharding.put(v, sharding.replicated(mesh)) for v in (lam32[t], lr32[t])))
+    ids = batches[t] if mesh is None else loop.batch_on(batches[t], mesh)
+    return ids, *loop.scalars_on((lambdas[t], lrs[t]), mesh)
 
   def record(t: int, m: dict[str, Any]) -> dict[str, Any]:
     return {"losses": m["loss"], "lm_losses": m["lm"], "l1": m["l1"], "lambdas": m["lam"],

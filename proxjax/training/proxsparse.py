@@ -572,8 +572,6 @@ def proxsparse(model: nnx.Module, documents: Sequence[ArrayLike], *, steps: int,
     >>> bool(proxjax.is_nm(model.model.layers[0].mlp.up_proj.kernel[...]))
     True
   """
-  from proxjax.core import sharding  # pylint: disable=import-outside-toplevel
-
   settings = ProxSparseSettings(steps, lam1, learning_rate, lam_relative, lam2, eps, prox_scaling, batch_size)
   docs = _documents(model, documents)
   params = nnx.as_pure(nnx.state(model, nnx.Param))
@@ -584,20 +582,15 @@ def proxsparse(model: nnx.Module, documents: Sequence[ArrayLike], *, steps: int,
         "'…layers.N.self_attn.{q,k,v,o}_proj.kernel' / '…layers.N.mlp.{gate,up,down}_proj.kernel'")
   flat_spec(params, projection_spec, m=4)  # d_in % 4 checks, named
 
-  if mesh is not None:
-    sharding.place(model, mesh)
-  original = jax.tree.map(_copy, nnx.as_pure(nnx.state(model, nnx.Param)))
-  w0 = [x for _, x in _selected(original)] if lam2 > 0 else None
   tx = proxsparse_tx(steps, learning_rate, lam1, prox_scaling=prox_scaling, lam_relative=lam_relative,
                      fuse=False if mesh is not None else None)
-  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-  if mesh is not None:
-    sharding.place(optimizer, mesh, nnx.optimizer.OptState)
+  optimizer = loop.optimizer_on(model, tx, mesh)
+  original = jax.tree.map(_copy, nnx.as_pure(nnx.state(model, nnx.Param)))  # on the mesh, as placed
+  w0 = [x for _, x in _selected(original)] if lam2 > 0 else None
 
   max_length = max(d.size for d in docs)
 
-  scalars = (jnp.float32(lam2), jnp.float32(eps)) if mesh is None else tuple(
-      sharding.put(np.float32(v), sharding.replicated(mesh)) for v in (lam2, eps))
+  scalars = loop.scalars_on((lam2, eps), mesh)
 
   def batch(t: int) -> tuple[Any, ...]:
     ids, valid = document_batch(docs, t, batch_size, max_length)
