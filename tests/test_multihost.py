@@ -211,6 +211,42 @@ def test_eval_across_two_processes_equals_one_process(runs):
   assert printed[0] == printed[1] and len(printed[0]) == 1  # every process computed the same number
 
 
+def test_each_process_reads_only_its_blocks_of_the_checkpoint(runs, checkpoint):
+  """Loading onto the 4-device global mesh, each process reads (``get_slice``) only the blocks its 2 devices hold:
+  half the rows of every projection, of the embeddings and of the head (disjoint between the processes, together the
+  whole tensor), and the replicated norm scales whole."""
+  for i in (0, 1):
+    _ok(runs[f"session{i}"])
+  sizes = {k: v.nbytes for k, v in load_file(str(checkpoint / "model.safetensors")).items()}
+  reads = [json.loads((runs["work"] / f"reads-{i}.json").read_text()) for i in (0, 1)]
+  rows: list[dict[str, set[int]]] = [{}, {}]
+  for i in (0, 1):
+    assert all(ranges is not None for _, ranges, _ in reads[i]), "a whole-tensor read (get_tensor)"
+    got: dict[str, int] = {}
+    for name, ranges, nbytes in reads[i]:
+      got[name] = got.get(name, 0) + nbytes
+      assert all([a, b] == [0, n] for (a, b), n in zip(ranges[1:], _shape(checkpoint, name)[1:])), name  # whole rows
+      rows[i].setdefault(name, set()).update(range(*ranges[0]))
+    assert got.keys() == sizes.keys()
+    for name, nbytes in got.items():
+      whole = "layernorm" in name or name == "model.norm.weight"
+      assert nbytes == (sizes[name] if whole else sizes[name] // 2), (i, name, nbytes, sizes[name])
+    assert sum(got.values()) < 0.6 * sum(sizes.values())  # the norms are a small part of the weights
+  for name in sizes:
+    n = _shape(checkpoint, name)[0]
+    if "layernorm" in name or name == "model.norm.weight":
+      assert rows[0][name] == rows[1][name] == set(range(n)), name
+    else:
+      assert not rows[0][name] & rows[1][name] and rows[0][name] | rows[1][name] == set(range(n)), name
+
+
+def _shape(checkpoint, name: str) -> list[int]:
+  from safetensors import safe_open  # noqa: PLC0415
+
+  with safe_open(str(checkpoint / "model.safetensors"), framework="numpy") as f:
+    return list(f.get_slice(name).get_shape())
+
+
 def test_prune_model_magnitude_across_two_processes(runs, checkpoint):
   for i in (0, 1):
     _ok(runs[f"session{i}"])

@@ -56,8 +56,8 @@ from typing import Any, TypeVar
 import jax
 import numpy as np
 
-__all__ = ["AUTO", "DistributedConfig", "broadcast_int", "check_same", "fingerprint", "gather", "initialize",
-           "is_coordinator", "on_coordinator", "process_count", "resume_directory"]
+__all__ = ["AUTO", "DistributedConfig", "allgather_int", "broadcast_int", "check_same", "fingerprint", "gather",
+           "initialize", "is_coordinator", "on_coordinator", "process_count", "resume_directory"]
 
 T = TypeVar("T")
 
@@ -257,6 +257,21 @@ def check_same(value: Any, what: str = "arguments") -> str:
                      "same command, with the same proxjax and JAX versions, on every process; only --process-id "
                      "may differ)")
   return digest
+
+
+def allgather_int(value: int) -> list[int]:
+  """Every process's ``value``, in process order, on every process (a collective: every process calls it). In a
+  single process, ``[value]``.
+
+  Example:
+    >>> allgather_int(3)
+    [3]
+  """
+  if jax.process_count() == 1:
+    return [int(value)]
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+
+  return [int(v) for v in np.asarray(multihost_utils.process_allgather(np.int32(value))).reshape(-1)]
 
 
 def broadcast_int(value: int) -> int:

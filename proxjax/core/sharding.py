@@ -35,7 +35,8 @@ device and on a mesh.
 
 Multi-host: call ``jax.distributed.initialize()`` first on every host (same program, same arguments); ``jax.devices()``
 then lists every host's devices and :func:`make_mesh` builds a mesh over all of them. Every host must read the same
-checkpoint and calibration data (each device only materializes its own shards).
+checkpoint and calibration data (each device only materializes its own shards; :func:`proxjax.models.load_pretrained`
+with a sharding reads only the blocks of each tensor that the process's devices hold).
 """
 
 from __future__ import annotations

@@ -24,9 +24,11 @@ A mixture of experts' stacked kernel ``(E, d_in, d_out)`` is ``E`` tensors, one 
 
 **Loading** (:func:`load_pretrained`) builds the model abstractly with ``nnx.eval_shape`` (no random init), checks
 every file header and every tensor name and shape first (all problems are reported in one :class:`CheckpointError`),
-then reads the weights tensor by tensor with ``safetensors.safe_open`` and places each one with ``jax.device_put``
-(optionally on a per-parameter sharding; on a mesh spanning several processes each process builds only its own
-devices' shards from the tensor it read: :func:`proxjax.core.sharding.put`). bfloat16 tensors are read as
+then reads the weights tensor by tensor with ``safetensors.safe_open`` and places each one with ``jax.device_put``.
+With a per-parameter sharding it reads only the blocks this process's devices hold (``get_slice``, each distinct block
+once) and builds the global array from them (``jax.make_array_from_single_device_arrays``): on a mesh spanning several
+processes each process reads its own rows of the sharded weights and the replicated ones whole (``_read_blocks``);
+the values are bitwise those of a whole read (the same casts, element by element). bfloat16 tensors are read as
 ``ml_dtypes.bfloat16`` NumPy arrays: the NumPy framework of safetensors only understands ``bfloat16`` once
 ``ml_dtypes`` is imported (it is, here).
 
@@ -45,6 +47,7 @@ change of behaviour either way).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import hashlib
@@ -65,6 +68,7 @@ from flax import nnx
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from proxjax.core.distributed import allgather_int
 from proxjax.core.pattern import check_nm
 from proxjax.core.sharding import put
 
@@ -322,7 +326,9 @@ def load_pretrained(model_dir: str | os.PathLike[str], *, param_dtype: Any = Non
   Reads ``config.json``, builds the model with ``nnx.eval_shape`` (nothing is initialised), validates all weight
   files, names and shapes, then reads ``model.safetensors`` or the shards listed in
   ``model.safetensors.index.json`` tensor by tensor: each is transposed to Flax layout if it is a linear weight,
-  cast to ``param_dtype`` and placed with ``jax.device_put``.
+  cast to ``param_dtype`` and placed with ``jax.device_put``; with ``sharding``, only the blocks of each tensor that
+  this process's devices hold under the parameter's sharding are read (``get_slice``) and assembled into a global
+  array, so on a mesh over several processes each process reads its own rows of the sharded weights.
 
   Args:
     model_dir: the checkpoint directory.
@@ -332,7 +338,8 @@ def load_pretrained(model_dir: str | os.PathLike[str], *, param_dtype: Any = Non
     sharding: optional ``sharding(path, shape) -> jax.sharding.Sharding`` for each parameter, called with the NNX
       path (e.g. ``("model", "layers", 0, "self_attn", "q_proj", "kernel")``) and the Flax shape; ``None`` puts
       every parameter on the default device.
-    check_finite: raise if a tensor holds NaN or ±inf.
+    check_finite: raise if a tensor holds NaN or ±inf (with ``sharding``: in the blocks this process read; across
+      processes every process raises when one found a problem).
 
   Returns:
     The loaded model.
@@ -419,6 +426,11 @@ def load_pretrained(model_dir: str | os.PathLike[str], *, param_dtype: Any = Non
     raise _problem_error(model_dir, problems, f"problem(s) against its {config.architecture} config")
 
   # Pass 3: the data, one tensor at a time.
+  if sharding is not None:  # each parameter's blocks that this process's devices hold, and nothing else
+    _read_blocks(model_dir, where, targets, sharding, np_dtype, tied_head, check_finite, problems)
+    if problems:
+      raise _problem_error(model_dir, problems, "bad tensor(s)")
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
   by_file: dict[str, list[str]] = {}
   for name in sorted(where):
     if name in expected or (tied_head and name == "lm_head.weight"):
@@ -455,6 +467,94 @@ def load_pretrained(model_dir: str | os.PathLike[str], *, param_dtype: Any = Non
   if problems:
     raise _problem_error(model_dir, problems, "bad tensor(s)")
   return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+Block = tuple[tuple[int, int], ...]
+"""A block of a parameter: ``(start, stop)`` along each of its axes."""
+
+
+def _block_of(index: tuple[slice, ...], shape: tuple[int, ...]) -> Block:
+  return tuple(s.indices(n)[:2] for s, n in zip(index, shape))
+
+
+def _read_blocks(model_dir: str, where: Mapping[str, str], targets: Mapping[Path, Any], sharding: ShardingFn,
+                 np_dtype: np.dtype, tied_head: bool, check_finite: bool, problems: list[str]) -> None:
+  """Pass 3 of :func:`load_pretrained` with a ``sharding``: sets every parameter of ``targets`` to a global array
+  built from only the blocks this process's devices hold (appending non-finite or untied-head problems).
+
+  For each parameter, ``sharding(path, shape).addressable_devices_indices_map(shape)`` gives each local device's
+  block; each distinct block is read once with ``safe_open(...).get_slice(name)[rows, cols]`` (a kernel's block
+  ``(d_in range, d_out range)`` is the Hugging Face weight's ``[d_out range, d_in range]``, transposed; a stacked
+  expert kernel's block reads its experts' tensors one by one), cast to ``np_dtype`` as the whole-tensor path casts
+  (element by element, so bitwise the same values), copied to the devices that hold it, and the parameter is
+  ``jax.make_array_from_single_device_arrays``. Across processes the blocks of a sharded parameter are disjoint: a
+  process reads its devices' rows of the weight files (plus every file's header, read by pass 1), and a replicated
+  parameter whole. The checks (``check_finite``, a tied ``lm_head.weight`` equal to the embeddings) cover what this
+  process read; on several processes :func:`load_pretrained` then makes every process fail if one found a problem.
+  """
+  bad: dict[str, int] = {}
+  untied = False
+
+  with contextlib.ExitStack() as stack:
+    opened: dict[str, Any] = {}
+
+    def read(name: str, index: tuple[slice, ...]) -> np.ndarray:
+      fname = where[name]
+      if fname not in opened:
+        opened[fname] = stack.enter_context(safe_open(os.path.join(model_dir, fname), framework="numpy"))
+      raw = opened[fname].get_slice(name)[index]
+      if check_finite:
+        count = raw.size - np.count_nonzero(np.isfinite(raw))
+        if count:
+          bad[name] = bad.get(name, 0) + int(count)
+      return raw
+
+    def cast(raw: np.ndarray, kernel: bool) -> np.ndarray:
+      return np.ascontiguousarray((raw.T if kernel else raw).astype(np_dtype, copy=False))
+
+    for path, var in targets.items():
+      shape = tuple(var.get_value().shape)
+      names = hf_names(path, shape)
+      target = sharding(path, shape)
+      if isinstance(target, jax.sharding.Sharding):
+        indices = {d: _block_of(i, shape) for d, i in target.addressable_devices_indices_map(shape).items()}
+      else:  # a device (or anything else jax.device_put takes): the whole tensor
+        indices = {None: tuple((0, n) for n in shape)}
+      blocks: dict[Block, np.ndarray] = {}
+      for block in dict.fromkeys(indices.values()):
+        if _is_experts(path):
+          (e0, e1), rest = block[0], block[1:]
+          rows = tuple(slice(a, b) for a, b in rest[::-1])
+          data = np.empty((e1 - e0,) + tuple(b - a for a, b in rest), np_dtype)
+          for e in range(e0, e1):
+            data[e - e0] = cast(read(names[e], rows), True)
+        else:
+          rows = tuple(slice(a, b) for a, b in (block[::-1] if _is_kernel(path) else block))
+          raw = read(names[0], rows)
+          if tied_head and names[0] == "model.embed_tokens.weight":
+            head = read("lm_head.weight", rows)
+            untied |= not (check_finite and ("lm_head.weight" in bad or names[0] in bad)) and not np.array_equal(
+                head, raw)
+          data = cast(raw, _is_kernel(path))
+        blocks[block] = data
+      if any(n in bad for n in names):
+        continue
+      if None in indices:
+        var.set_value(put(blocks[indices[None]], target))
+        continue
+      arrays = [jax.device_put(blocks[block], device) for device, block in indices.items()]
+      var.set_value(jax.make_array_from_single_device_arrays(shape, target, arrays))
+  part = "" if jax.process_count() == 1 else " in the part this process read"
+  for name in sorted(bad, key=lambda n: (where[n], n)):
+    problems.append(f"{name} (in {where[name]}) has {bad[name]} non-finite value(s){part}")
+  if untied:
+    problems.append(f"lm_head.weight (in {where['lm_head.weight']}) differs from model.embed_tokens.weight{part} but "
+                    "config.json has tie_word_embeddings=true")
+  if jax.process_count() > 1:  # every process calls this (same arguments): all fail if one found a problem
+    others = [p for p, n in enumerate(allgather_int(len(problems))) if n and p != jax.process_index()]
+    if others and not problems:
+      problems.append(f"process(es) {others} found bad tensors in the parts of the weights they read (their output "
+                      "lists them)")
 
 
 def check_sparsity(model_dir: str | os.PathLike[str], *, n: int = 2, m: int = 4,

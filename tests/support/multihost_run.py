@@ -20,8 +20,9 @@ pair of processes runs together (one JAX start-up for all of them), writing its 
 
 1. ``proxjax prune CHECKPOINT WORK/wanda --method wanda ...`` across the two processes (process 0 writes);
 2. ``proxjax eval WORK/wanda --json WORK/eval.json`` across them;
-3. :func:`proxjax.pipeline.prune_model` with magnitude on the checkpoint loaded onto the 4-device global mesh: each
-   process gathers the pruned kernels and writes ``WORK/magnitude-{PROCESS_ID}.npz``; with ``state_dir=WORK/state`` (process 0 writes each block), then again from that state (every block resumed);
+3. :func:`proxjax.pipeline.prune_model` with magnitude on the checkpoint loaded onto the 4-device global mesh (the
+   tensor blocks the load read, :func:`tests.support.reads.recording`, written to ``WORK/reads-{PROCESS_ID}.json``):
+   each process gathers the pruned kernels and writes ``WORK/magnitude-{PROCESS_ID}.npz``; with ``state_dir=WORK/state`` (process 0 writes each block), then again from that state (every block resumed);
 4. :func:`proxjax.core.distributed.on_coordinator` with a writer that fails (on process 0), and ``prune_model``
    with a state only process 0 sees (``WORK/state`` moved to ``WORK/state-0``, each process given
    ``WORK/state-{PROCESS_ID}``: refused);
@@ -211,7 +212,12 @@ def session(process_id: int, port: int, work: str, checkpoint: str, corpus: str)
 
   from proxjax.core import distributed  # noqa: PLC0415
 
-  pruned, _ = _pruned_on_mesh(checkpoint, corpus, "magnitude", state_dir=f"{work}/state")
+  from tests.support.reads import recording  # noqa: PLC0415
+
+  with recording() as reads:  # what this process reads of the weight files while loading onto the global mesh
+    pruned, _ = _pruned_on_mesh(checkpoint, corpus, "magnitude", state_dir=f"{work}/state")
+  with open(f"{work}/reads-{process_id}.json", "w") as f:
+    json.dump(reads, f)
   sharded = sorted(k for k, v in pruned.items() if not v.is_fully_addressable)
   first = distributed.gather(pruned)
   np.savez(f"{work}/magnitude-{process_id}.npz", **first)
