@@ -3,8 +3,8 @@ machine (one 4-device global mesh, gloo collectives), against the single-process
 
 Every group of processes is started once, all at the same time, by the module fixture (tests/support/multihost_run.py
 is what each process runs): one pair runs ``proxjax prune`` (Wanda), ``proxjax eval`` and ``prune_model`` (magnitude)
-together; a pair with different arguments; a pair of which one is killed; and one process whose partner never
-starts. This process computes the single-device references meanwhile (``prune`` and ``eval`` through the same command
+together; a pair with different arguments; a pair of which one is killed; a pair evaluating a checkpoint with a NaN
+only process 1 reads; and one process whose partner never starts. This process computes the single-device references meanwhile (``prune`` and ``eval`` through the same command
 line). Compiles: in each process of the pair, one program per distinct kernel shape (2) and method for pruning, the
 block forward and Hessian programs of the stages, the embedding and the logits (each once per process).
 """
@@ -24,7 +24,7 @@ import time
 
 import numpy as np
 import pytest
-from safetensors.numpy import load_file
+from safetensors.numpy import load_file, save_file
 
 from proxjax import cli
 from proxjax.core.distributed import DETECT_EXTRA_S, JOIN_EXTRA_S
@@ -111,7 +111,7 @@ def _watch(procs: dict[str, Process]) -> None:
 def runs(checkpoint, corpus, tmp_path_factory) -> dict[str, object]:
   work = tmp_path_factory.mktemp("multihost")
   ckpt, text = str(checkpoint), str(corpus)
-  session, mismatch, killed, alone, slurm = _free_ports(5)
+  session, mismatch, killed, alone, slurm, nan = _free_ports(6)
   prune = ["cli", "prune", ckpt, "--method", "wanda", "--calibration", f"{text}/calib.txt", "--seqlen", "32",
            "--batch-size", "4", "--quiet"]
   procs = {
@@ -127,6 +127,10 @@ def runs(checkpoint, corpus, tmp_path_factory) -> dict[str, object]:
       **{f"slurm{i}": Process(f"slurm{i}", ["detect", str(work / f"slurm-{i}.json"), *prune[1:], str(work / "slurm"),
                                             "--coordinator", "auto", "--join-timeout", "60"], work / f"slurm{i}.log",
                               env=slurm_env(i, slurm)) for i in (0, 1)},
+      **{f"nan{i}": Process(f"nan{i}", ["cli", "eval", str(_nan_checkpoint(checkpoint, work / "nan-ckpt")),
+                                        "--dataset", f"{text}/eval.txt", "--seqlen", "32", "--quiet",
+                                        "--max-windows", "16", "--json", str(work / "nan.json"),
+                                        *distributed_flags(i, nan)], work / f"nan{i}.log") for i in (0, 1)},
       "nocluster": Process("nocluster", [*prune, str(work / "nocluster"), "--coordinator", "auto"],
                            work / "nocluster.log"),
       "alone": Process("alone", [*prune, str(work / "alone"), "--nsamples", "6",
@@ -155,6 +159,24 @@ def runs(checkpoint, corpus, tmp_path_factory) -> dict[str, object]:
           f"{killed.returncode}); alone {alone.ended - alone.seen['joining']:.1f} s after it began to join (exit "
           f"{alone.returncode})")
   return {"work": work, "reference": reference, **procs}
+
+
+NAN_TENSOR = "model.layers.1.mlp.up_proj.weight"
+"""The tensor of :func:`_nan_checkpoint` holding one NaN, in its last row (Hugging Face layout ``(d_out, d_in)``)."""
+
+
+def _nan_checkpoint(checkpoint: pathlib.Path, path: pathlib.Path) -> pathlib.Path:
+  """A copy of ``checkpoint`` (the other files linked) whose :data:`NAN_TENSOR` holds one NaN in its last row: on the
+  4-device mesh over both processes only the last device, process 1's, holds (and reads) that row."""
+  if not path.exists():
+    path.mkdir()
+    for f in checkpoint.iterdir():
+      if f.name != "model.safetensors":
+        (path / f.name).symlink_to(f)
+    weights = load_file(str(checkpoint / "model.safetensors"))
+    weights[NAN_TENSOR][-1, 3] = np.nan
+    save_file(weights, str(path / "model.safetensors"), metadata={"format": "pt"})
+  return path
 
 
 def slurm_env(process_id: int, port: int) -> dict[str, str]:
@@ -308,6 +330,23 @@ def test_coordinator_auto_without_a_cluster_exits_2(runs):
   assert p.returncode == 2, p.output[-3000:]
   assert "error: --coordinator auto: JAX detected no cluster here (SLURM: SLURM_JOB_ID" in p.output
   assert not (runs["work"] / "nocluster").exists()
+
+
+def test_a_nan_only_one_process_reads_fails_every_process(runs):
+  """A NaN in a row that only process 1 reads (:func:`_nan_checkpoint`): ``proxjax eval`` exits 2 on both processes
+  (neither waits for the other: a hang would end in JAX's abort, exit 134, or the fixture's kill), process 1 naming
+  the tensor in the part it read, process 0 naming process 1; nothing is evaluated or written."""
+  outputs = {}
+  for i in (0, 1):
+    p = runs[f"nan{i}"]
+    _check_ended(p)
+    assert p.returncode == 2, p.output[-3000:]
+    outputs[i] = p.output
+  assert f"{NAN_TENSOR} (in model.safetensors) has 1 non-finite value(s) in the part this process read" in outputs[1]
+  assert "process(es) [1] found bad tensors in the parts of the weights they read (their output lists them)" in (
+      outputs[0])
+  assert "non-finite value(s)" not in outputs[0] and "process(es) [" not in outputs[1]
+  assert "perplexity" not in outputs[0] + outputs[1] and not (runs["work"] / "nan.json").exists()
 
 
 def test_mismatched_arguments_are_refused(runs):
