@@ -31,8 +31,8 @@ from proxjax.core.distributed import DETECT_EXTRA_S, JOIN_EXTRA_S
 from tests.support.agreement import assert_iterative_agreement
 from proxjax.models.hf import check_sparsity
 from tests.support.cli import prune_cli
-from tests.support.multihost_run import (FINETUNE, HISTORY, PROSPARSE, STOPPED, TASKS, by_path, distributed_flags,
-                                         harness_requests, proxsparse_args, proxsparse_run)
+from tests.support.multihost_run import (CACHED_PPL, FINETUNE, HISTORY, PROSPARSE, STOPPED, TASKS, by_path,
+                                         distributed_flags, harness_requests, proxsparse_args, proxsparse_run)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 HEARTBEAT = 5
@@ -502,7 +502,7 @@ def training(checkpoint, corpus, tmp_path_factory) -> dict[str, object]:
   for p in procs:
     _ok(p)
   print("CPU seconds:", {p.name: p.cpu_s and round(p.cpu_s, 1) for p in procs})
-  return {"work": work, "reference": reference, "proxsparse": proxsparse}
+  return {"work": work, "reference": reference, "proxsparse": proxsparse, "procs": procs}
 
 
 @pytest.mark.slow
@@ -560,7 +560,9 @@ def test_proxsparse_across_two_processes_equals_one_process(training):
 def test_prosparse_across_two_processes_equals_one_process(training):
   """``proxjax prosparse`` (two steps, perplexity and activation sparsity before and after on 8 windows) across the
   processes: the single-process losses (1e-5), perplexities (1e-5), activation sparsity and trained parameters
-  (:func:`_assert_trained_close`), written once."""
+  (:func:`_assert_trained_close`), written once; process 0 wrote the before-training evaluation's cache
+  (``eval-before.json``) in the state directory, and a second run given a cache with a marked perplexity reports that
+  value on every process (and the same perplexity after training)."""
   out, ref = training["work"] / "prosparse", training["reference"] / "prosparse"
   _written_once(out, "proxjax-prosparse.json")
   report, want = (json.loads((d / "proxjax-prosparse.json").read_text()) for d in (out, ref))
@@ -574,6 +576,19 @@ def test_prosparse_across_two_processes_equals_one_process(training):
   assert many.keys() == one.keys()
   for name, value in one.items():
     _assert_trained_close(many[name], value, name, bound=1e-4)
+  # the before-training evaluation cached in the state directory (kept: --keep-state), written by process 0 alone
+  kept = training["work"] / "kept-prosparse-state"
+  assert "eval-before.json" in (names := sorted(p.name for p in kept.iterdir())), names
+  assert not [n for n in names if ".tmp-" in n], names  # no temporary file left (files.atomic_write)
+  saved = json.loads((kept / "eval-before.json").read_text())
+  assert saved["before"] == report["before"] and saved["model"] == report["source_model"]
+  assert saved["protocol"] == report["eval"]["protocol"]
+  # run again with that cache (its perplexity marked): every process takes the cached value, none recomputes it
+  cached = json.loads((training["work"] / "cached-prosparse" / "proxjax-prosparse.json").read_text())
+  assert cached["before"] == {**report["before"], "ppl": CACHED_PPL}
+  np.testing.assert_allclose(cached["after"]["ppl"], report["after"]["ppl"], rtol=1e-5)  # the same training
+  for p in training["procs"]:
+    assert f"perplexity {CACHED_PPL:.3f} -> " in p.output, p.output[-3000:]
 
 
 @pytest.fixture(scope="module")

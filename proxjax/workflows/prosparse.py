@@ -35,6 +35,28 @@ def prosparse(job: ProSparseJob) -> dict[str, Any]:
   return common.resumable(job, _prosparse)
 
 
+def _cached_before(path: str, protocol: Any, model: str) -> dict[str, Any] | None:
+  """The before-training evaluation cached at ``path`` (the state directory's ``eval-before.json``, written atomically
+  by process 0 alone) when it was made with ``protocol`` on ``model``; else None, and the caller computes it.
+
+  Across processes every process reads the file itself and the cache is used only when every process read a valid
+  one with the same value (the first 28 bits of each value's :func:`proxjax.core.distributed.fingerprint`,
+  all-gathered): where one does not see it (no shared file system) or it differs, every process computes the
+  evaluation, so all report the same numbers.
+  """
+  before = None
+  if os.path.isfile(path):
+    with open(path) as f:
+      saved = json.load(f)
+    if saved.get("protocol") == files.json_roundtrip(protocol) and saved.get("model") == model:
+      before = saved["before"]
+  if distributed.process_count() > 1:  # a collective: every process takes this branch
+    seen = distributed.allgather_int(-1 if before is None else int(distributed.fingerprint(before)[:7], 16))
+    if min(seen) < 0 or len(set(seen)) > 1:
+      return None
+  return before
+
+
 def _prosparse(job: ProSparseJob, model_dir: str, out_dir: str, state_dir: str) -> dict[str, Any]:
   l1 = ps.l1_schedule(job.l1_warmup, job.l1_warmup_steps, job.l1_stages)  # validates before any long work
   t0 = time.perf_counter()
@@ -74,19 +96,11 @@ def _prosparse(job: ProSparseJob, model_dir: str, out_dir: str, state_dir: str) 
     eval_data = common.evaluation_data(model_dir, job.eval)
     result["eval"] = {"dataset": job.eval.dataset, "protocol": dict(eval_data.protocol)}
     cached = os.path.join(state_dir, "eval-before.json")
-    before = None
-    several = distributed.process_count() > 1  # no state across processes yet
-    if not several and os.path.isfile(cached):
-      with open(cached) as f:
-        saved = json.load(f)
-      if (saved.get("protocol") == files.json_roundtrip(eval_data.protocol)
-          and saved.get("model") == result["source_model"]):
-        before = saved["before"]
+    before = _cached_before(cached, eval_data.protocol, result["source_model"])
     if before is None:
       before = ps.perplexity_and_sparsity(model, eval_data, job.eval.batch_size, job.progress, mesh=mesh)
-      if not several:
-        os.makedirs(state_dir, exist_ok=True)
-        files.write_json(cached, {"protocol": eval_data.protocol, "model": result["source_model"], "before": before})
+      entry = {"protocol": eval_data.protocol, "model": result["source_model"], "before": before}
+      common.write_once(lambda: files.write_json(cached, entry), f"writing {cached}")
     result["before"] = before
 
   relu = ps.with_activation(model, "relu", 0.0)  # SiLU → ReLU (a ReLU/FATReLU source trains as plain ReLU)

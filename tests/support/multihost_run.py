@@ -32,7 +32,9 @@ pair of processes runs together (one JAX start-up for all of them), writing its 
 ``python -m tests.support.multihost_run train PROCESS_ID PORT WORK CHECKPOINT CORPUS PRUNED``: the training commands
 across the pair: ``proxjax finetune PRUNED WORK/finetune`` (:data:`FINETUNE`: one step), ``proxjax proxsparse
 CHECKPOINT WORK/proxsparse`` (:func:`proxsparse_args`: two steps, the first at learning rate 0) and ``proxjax
-prosparse CHECKPOINT WORK/prosparse`` (:data:`PROSPARSE`), then :func:`proxsparse_run` (the Python API, the same two
+prosparse CHECKPOINT WORK/prosparse`` (:data:`PROSPARSE`, its state kept in ``WORK/kept-prosparse-state``), the
+same again into ``WORK/cached-prosparse`` with a state directory holding that run's ``eval-before.json`` with the
+perplexity set to :data:`CACHED_PPL` (written by process 0), then :func:`proxsparse_run` (the Python API, the same two
 steps) on the 4-device global mesh, writing the gathered learned parameters to ``WORK/api-proxsparse-{PROCESS_ID}.npz``
 and the per-step histories to ``WORK/api-proxsparse-{PROCESS_ID}.json``.
 
@@ -152,6 +154,9 @@ def proxsparse_run(checkpoint: str, corpus: str, mesh: Any = None) -> Any:
   return ps.proxsparse(model, docs, mesh=mesh, progress=False, return_learned=True, **PROXSPARSE)
 
 
+CACHED_PPL = 12345.0
+"""The before-training perplexity ``train`` puts in the cached ``eval-before.json`` of its second ProSparse run."""
+
 HISTORY = ("losses", "regularizer", "lam2_terms", "grad_norms", "fraction_24")
 """The per-step histories of a ProxSparse result the tests compare."""
 
@@ -261,7 +266,20 @@ def train(process_id: int, port: int, work: str, checkpoint: str, corpus: str, p
   done = [cli.main(["finetune", pruned, f"{work}/finetune", *(a.format(corpus=corpus) for a in FINETUNE), *flags]),
           cli.main(["proxsparse", checkpoint, f"{work}/proxsparse", *proxsparse_args(corpus), *flags]),
           cli.main(["prosparse", checkpoint, f"{work}/prosparse", *(a.format(corpus=corpus) for a in PROSPARSE),
-                    *flags])]
+                    "--state-dir", f"{work}/kept-prosparse-state", "--keep-state", *flags])]
+  if done[-1] == 0:  # ProSparse again with a cached before-training evaluation (process 0 writes it): a marked one
+    def cache() -> None:
+      with open(f"{work}/kept-prosparse-state/eval-before.json") as f:
+        saved = json.load(f)
+      saved["before"]["ppl"] = CACHED_PPL
+      os.makedirs(f"{work}/cached-prosparse-state")
+      with open(f"{work}/cached-prosparse-state/eval-before.json", "w") as f:
+        json.dump(saved, f)
+
+    distributed.on_coordinator(cache, "writing the cached evaluation")
+    done.append(cli.main(["prosparse", checkpoint, f"{work}/cached-prosparse",
+                          *(a.format(corpus=corpus) for a in PROSPARSE), "--state-dir",
+                          f"{work}/cached-prosparse-state", *flags]))
   result = proxsparse_run(checkpoint, corpus, sharding.make_mesh())
   np.savez(f"{work}/api-proxsparse-{process_id}.npz", **by_path(distributed.gather(result.learned)))
   with open(f"{work}/api-proxsparse-{process_id}.json", "w") as f:
