@@ -37,7 +37,8 @@ def prosparse(job: ProSparseJob) -> dict[str, Any]:
 
 def _cached_before(path: str, protocol: Any, model: str) -> dict[str, Any] | None:
   """The before-training evaluation cached at ``path`` (the state directory's ``eval-before.json``, written atomically
-  by process 0 alone) when it was made with ``protocol`` on ``model``; else None, and the caller computes it.
+  by process 0 alone) when it was made with ``protocol`` on ``model``; else None (also for a missing, unreadable or
+  corrupt file), and the caller computes it.
 
   Across processes every process reads the file itself and the cache is used only when every process read a valid
   one with the same value (the first 28 bits of each value's :func:`proxjax.core.distributed.fingerprint`,
@@ -45,11 +46,14 @@ def _cached_before(path: str, protocol: Any, model: str) -> dict[str, Any] | Non
   evaluation, so all report the same numbers.
   """
   before = None
-  if os.path.isfile(path):
+  try:
     with open(path) as f:
       saved = json.load(f)
-    if saved.get("protocol") == files.json_roundtrip(protocol) and saved.get("model") == model:
-      before = saved["before"]
+  except (OSError, ValueError):  # missing, unreadable or not JSON: a cache, so recompute
+    saved = None
+  if isinstance(saved, dict) and saved.get("protocol") == files.json_roundtrip(protocol) \
+      and saved.get("model") == model and isinstance(saved.get("before"), dict):
+    before = saved["before"]
   if distributed.process_count() > 1:  # a collective: every process takes this branch
     seen = distributed.allgather_int(-1 if before is None else int(distributed.fingerprint(before)[:7], 16))
     if min(seen) < 0 or len(set(seen)) > 1:

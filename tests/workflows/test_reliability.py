@@ -5,6 +5,7 @@ Each case asserts the message (and for the data-loss cases the bytes on disk bef
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 
 import jax
@@ -368,3 +369,21 @@ def test_cli_fuzz_never_a_traceback(checkpoint, tmp_path, monkeypatch, capsys):
     outcomes[code] += 1
   assert outcomes[0] > 5 and outcomes[2] > 20, outcomes  # both kinds were exercised
   assert len(reached) == outcomes[0]
+
+
+def test_prosparse_before_cache_is_used_when_valid_and_recomputed_when_not(tmp_path):
+  """The state directory's eval-before.json is a cache: a valid one for this protocol and model is used; a missing,
+  corrupt, truncated or other-protocol one gives None (the caller evaluates again), never a traceback."""
+  from proxjax.workflows import prosparse as workflow  # pylint: disable=import-outside-toplevel
+  cached = tmp_path / "eval-before.json"
+  protocol, before = {"seqlen": 16, "windows": 2}, {"ppl": 12.5, "sparsity": 0.25}
+  lookup = lambda: workflow._cached_before(str(cached), protocol, "m")  # pylint: disable=protected-access
+  assert lookup() is None  # missing
+  cached.write_text(json.dumps({"protocol": protocol, "model": "m", "before": before}))
+  assert lookup() == before
+  for text in ("{not json", json.dumps({"protocol": protocol, "model": "m", "before": before})[:-9], "[1, 2]",
+               json.dumps({"protocol": {"seqlen": 32}, "model": "m", "before": before}),
+               json.dumps({"protocol": protocol, "model": "other", "before": before}),
+               json.dumps({"protocol": protocol, "model": "m"})):
+    cached.write_text(text)
+    assert lookup() is None, text
