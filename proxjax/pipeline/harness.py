@@ -340,7 +340,7 @@ class ProxjaxLM(TemplateLM):
           ids[r, :len(inp)] = inp
           conts[r, c - len(cont):] = cont
           ends[r] = len(inp)
-        ll, greedy = self._score(self._state, *map(self._batch, (ids, conts, ends)))
+        ll, greedy = self._score(self._state, *(sharding.batch_on(a, self.mesh) for a in (ids, conts, ends)))
         ll, greedy = np.asarray(ll), np.asarray(greedy)
         for r, i in enumerate(chunk):
           out[i] = (float(ll[r]), bool(greedy[r]))
@@ -350,13 +350,6 @@ class ProxjaxLM(TemplateLM):
       if key is not None:
         self.cache_hook.add_partial("loglikelihood", key, answer)
     return out  # type: ignore[return-value]
-
-  def _batch(self, rows: np.ndarray) -> jax.Array:
-    """``rows`` (a batch, the same on every process) on the device, or split over the mesh by its first axis (each
-    process building its devices' rows)."""
-    if self.mesh is None:
-      return jnp.asarray(rows)
-    return sharding.put(rows, sharding.activation_sharding(self.mesh, rows.shape))
 
   def loglikelihood_rolling(self, requests: Sequence[Any], disable_tqdm: bool = False) -> list[float]:
     """The log-likelihood of each request's whole string (``args = (string,)``): the sum over lm-eval's disjoint

@@ -60,6 +60,7 @@ from flax import nnx
 from jax.typing import ArrayLike
 
 from proxjax.core import distributed, sharding, xla
+from proxjax.core.sharding import batch_on  # re-exported: a step's batch on the mesh
 from proxjax.core.files import json_roundtrip, write_json
 
 __all__ = ["STATE_FILE", "STATE_VERSION", "LoopResult", "Recipe", "batch_on", "digest", "lm_loss", "optimizer_on",
@@ -156,23 +157,6 @@ def train_step(loss: Callable[[Any, Any], tuple[jax.Array, Mapping[str, jax.Arra
 
   jit = xla.jit_fast_on_cpu if fast_math_on_cpu else jax.jit
   return jit(step, static_argnames=("graphdef", "out_shardings"), donate_argnames=("state",))
-
-
-def batch_on(x: ArrayLike, mesh: Any = None) -> jax.Array:
-  """A host batch ``x`` (rows first) as a step's input: ``jnp.asarray(x)`` without a mesh; on ``mesh``, one array
-  split along its rows over every device (replicated when they do not divide it), each process building only its own
-  devices' rows from its copy (:func:`proxjax.core.sharding.put`: every process passes the same ``x``).
-
-  Example:
-    >>> import numpy as np
-    >>> from proxjax.core.sharding import make_mesh
-    >>> batch_on(np.ones((2, 3), np.int32), make_mesh()).shape
-    (2, 3)
-  """
-  if mesh is None:
-    return jnp.asarray(x)
-  x = np.asarray(x)
-  return sharding.put(x, sharding.activation_sharding(mesh, x.shape))
 
 
 def optimizer_on(model: nnx.Module, tx: Any, mesh: Any = None,
