@@ -5,17 +5,22 @@ the **dense** model (:func:`proxjax.pipeline.layer_statistics`; calibration: off
 packed, seed 0), so every method solves the same problems with no sequential drift. Each method prunes every
 projection; reported per projection type (mean over the blocks): the relative local loss ``tr((V−W)H(V−W)ᵀ)/tr(WHWᵀ)``
 after refinement, and per method the total wall time relative to Wanda's and to SparseGPT + CG's, measured side by
-side in this run. Every method is compiled first (one warm-up call per method and layer shape: the prox with
-``cap=1, refine_steps=1``, which runs the same executables), so times exclude compiles.
+side in this run. Every method is compiled first (one warm-up call per method and layer shape, with
+``refine_steps=1``: the same executables; the prox runs its whole loop, which also compiles the narrower loops
+it goes on with as columns stop), so times exclude compiles.
 
 Methods (``--methods``, default all but ``prox-shared`` and ``prox-paper``, which alone takes ~20 minutes on 2 CPU
 cores):
 
 * ``wanda``, ``sparsegpt+cg``: the references.
-* ``prox`` the library default (FISTA, ``lam0_relative=1e-3``, ``budget=150``; docs/method.md, "Acceleration").
+* ``prox`` the library default (FISTA, ``lam0_relative=1e-3``, ``budget=200``, the column stop; docs/method.md,
+  "Acceleration" and "The prox method").
 * ``prox-fista-K``: the same with ``budget=K`` (K in ``--budgets``), the frontier of loss vs time.
 * ``prox-plain-300``: plain proximal gradient, ``budget=300`` (the earlier fast setting).
-* ``prox-paper``: the paper's schedule (``λ₀ = 0.01``, ``β = 1.01``, plain; 1000–1800 iterations per layer).
+* ``prox-paper``: the paper's schedule (``λ₀ = 0.01``, ``β = 1.01``, plain, every column until the whole kernel is
+  2:4; 1000–1800 iterations per layer).
+* ``prox-allcols``: the default with ``column_stop=False``: every column runs until the whole kernel is 2:4 (the
+  default until 2026-12-04).
 * ``prox-nocert``: the default without the 2-sparse certificate in the loop (every iteration runs the Newton solve
   on every group; ``proxjax.pruning.pruner.CERTIFY`` set to ``Certify(capacity=0)``): the same iterates up to
   float rounding, to time the certificate.
@@ -63,7 +68,8 @@ def methods(budgets: list[int]) -> dict[str, tuple[str, str | None, dict[str, An
   for k in budgets:
     out[f"prox-fista-{k}"] = ("prox", "cg", {"budget": k})
   out["prox-plain-300"] = ("prox", "cg", {"budget": 300, "accelerate": False})
-  out["prox-paper"] = ("prox", "cg", {"lam0": 0.01, "beta": 1.01, "accelerate": False})
+  out["prox-paper"] = ("prox", "cg", {"lam0": 0.01, "beta": 1.01, "accelerate": False, "column_stop": False})
+  out["prox-allcols"] = ("prox", "cg", {"column_stop": False})
   out["prox-shared"] = ("prox", "cg", {SHARED: True})
   out["prox-nocert"] = ("prox", "cg", {NOCERT: True})
   return out
@@ -230,7 +236,7 @@ def run_method(label: str, method: str, refine: str | None, options: dict[str, A
     for _, kernel, hess in units:  # compile once per shape
       if warm_up and kernel.shape not in seen:
         seen.add(kernel.shape)
-        jax.block_until_ready(proxjax.prune_kernel(kernel, hess, "prox", refine="cg", cap=1, refine_steps=1,
+        jax.block_until_ready(proxjax.prune_kernel(kernel, hess, "prox", refine="cg", refine_steps=1,
                                                    **options).kernel)
     t0 = clock()
     done = [(keys, hess, proxjax.prune_kernel(kernel, hess, "prox", refine="cg", **options))
@@ -240,7 +246,7 @@ def run_method(label: str, method: str, refine: str | None, options: dict[str, A
     for key, row in _split_losses(layers, done).items():
       results[(label, key)] = row
     return took
-  warm = {**options, **({"cap": 1} if method == "prox" else {}), **({"refine_steps": 1} if refine else {})}
+  warm = {**options, **({"refine_steps": 1} if refine else {})}
   seen = set()
   for kernel, hess in layers.values():
     if warm_up and kernel.shape not in seen:  # compile once per shape (traced options: the same executables)

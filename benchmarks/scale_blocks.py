@@ -293,8 +293,8 @@ def piece_memory(method: str, refine_: str | None, shape: tuple[int, int], preci
   pieces = []
   if method == "prox":
     pieces.append(("setup", (k, h, s), dict(lipschitz=True)))
-    pieces.append(("prox_loop", (kf, h, s, s, s, s, i32, i32, i32), dict(loop="while", scan_length=None,
-                                                                         precision=prec)))
+    pieces.append(("prox_loop", (kf, h, s, s, s, s, i32, i32, i32, i32), dict(loop="while", scan_length=None,
+                                                                              precision=prec)))
   else:
     pieces.append(("setup", (k, h, s), dict(lipschitz=refine_ == "gd")))
     pieces.append(("baseline", (k, h, s), dict(method=method, n=2, m=4, blocksize=128)))
@@ -452,14 +452,15 @@ def measure_setup_and_step(kernel: jax.Array, hess: jax.Array, args: argparse.Na
   def loop(cap: int) -> Any:
     # pylint: disable-next=protected-access
     return pruner._run("prox_loop", mesh, kernel.shape, k0t, pre.hessian, f32(1.0 / lip), f32(0.0), lam, f32(1.0),
-                       jnp.int32(0), jnp.int32(cap), jnp.int32(0), loop="while", scan_length=None, precision=precision)
+                       jnp.int32(0), jnp.int32(cap), jnp.int32(0), jnp.int32(0), loop="while", scan_length=None,
+                       precision=precision)
 
   c0, t = _COMPILE_SECONDS[0], time.perf_counter()
   jax.block_until_ready(loop(1))
   loop_compile_s = _COMPILE_SECONDS[0] - c0
   t_one = best_time(lambda: loop(1), args.repeats)
   n = int(min(1000, max(10, math.ceil(0.2 / max(t_one, 1e-6)))))  # ≥ 0.2 s of iterations (t_one ≥ one iteration)
-  ran = int(loop(1 + n)[2])  # also the warm-up of the timing below
+  ran = int(loop(1 + n)[3])  # also the warm-up of the timing below
   t_many = best_time(lambda: loop(1 + n), args.repeats, warm=False)
   t_step = max(t_many - t_one, 1e-9) / max(ran - 1, 1)
   matmul = jax.jit(lambda ht, v: jnp.matmul(ht, v, precision=precision))

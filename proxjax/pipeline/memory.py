@@ -33,9 +33,11 @@ parameter; ``P = model_devices · data_devices`` devices):
     linear's result (its kernel and mask; within a stage only: the first linear of a stage finds none), and the
     pruner's pieces (all float32): ``setup`` (in: the kernel and ``H``; out: ``H̃`` (``𝓗``) and ``K̃₀`` (``K``);
     temporaries ``2𝓗 + 1.5K``: the symmetrised ``H``, ``eigvalsh``'s work space, the sort for ``κ``; ``𝓗 + 1.5K``
-    where no ``eigvalsh`` is needed), ``prox_loop`` (in ``K̃₀, H̃``; out ``Ṽ`` and the mask; temporaries ``7K``: the
-    loop carry, ``Ṽ − K̃₀``, ``H̃(Ṽ − K̃₀)``, ``y`` and the prox's per-component intermediates; ``8.5K`` for the
-    loop without the certificate, on a mesh or under ``CERTIFY.min_groups`` groups), ``finish`` (in
+    where no ``eigvalsh`` is needed), ``prox_loop`` (in ``K̃₀, H̃``; out ``Ṽ`` and ``V_prev``; temporaries
+    ``7.3K``: the loop carry, ``Ṽ − K̃₀``, ``H̃(Ṽ − K̃₀)``, ``y`` and the prox's per-component intermediates;
+    ``8.6K`` for the loop without the certificate, on a mesh or under ``CERTIFY.min_groups`` groups; the loops that
+    go on with the open columns only are narrower and need less), ``prox_mask`` (in ``Ṽ``, ``K̃₀``; out ``Ṽ ⊙ M``
+    and the mask, ``2K`` of temporaries; ``V_prev`` is dropped after it), ``finish`` (in
     ``Ṽ``, mask, ``K̃₀``, ``H̃``; out the kernel; temporaries: CG's ``r, p, H̃p`` ``3K``, GD's ``2K``, ``K`` without
     refinement, one ``K`` more when refined and the kernel is not float32), or for the baselines ``baseline``
     (SparseGPT: ``2𝓗 + 2.5K``; Wanda/magnitude ``K``) and ``start``; every array a piece returns stays alive until
@@ -117,7 +119,7 @@ __all__ = [
 DEFAULT_PROX_ITERATIONS = 1500
 """Prox-gradient iterations per linear assumed for a schedule given by ``beta`` (not by a budget) when
 ``iterations`` is not given: the paper's schedule (``β = 1.01``, ``λ₀ = 0.01``) took 1072–1799 iterations per linear
-on SmolLM2's layers (``benchmarks/README.md``). With a budget ``K`` (the default, 150) the loop takes about ``K``
+on SmolLM2's layers (``benchmarks/README.md``). With a budget ``K`` (the default, 200) the loop takes about ``K``
 plus a short tail (292–341 for ``K = 300``), and ``K`` is what the planner assumes. The actual count depends on the
 layer (:func:`proxjax.estimate_iterations` estimates it from the kernel and ``H``)."""
 
@@ -126,15 +128,20 @@ PROX_PASSES = 8
 """Float32 kernel-sized memory passes per prox iteration (``Ṽ − K̃₀``, the matmul's output, ``y``, the prox's read
 and write, the count of groups left, and slack): the elementwise prox is modelled as memory traffic."""
 
-PROX_LOOP_TEMPS = 7.0
-"""Float32 kernel-sized temporaries of the default prox loop on one device (FISTA with the 2-sparse certificate,
-kernels of at least :data:`proxjax.pruning.pruner.CERTIFY`'s ``min_groups`` groups: the FISTA carry ``Ṽ, V_prev``,
-``Ṽ − K̃₀``, ``H̃(Ṽ − K̃₀)``, ``y``, the prox's intermediates and the group list): XLA:CPU allocates 7.00 ``K`` at
-256 × 512 and 576 × 1536, ``tests/pipeline/test_memory.py``."""
+PROX_LOOP_TEMPS = 7.3
+"""Float32 kernel-sized temporaries of the default prox loop on one device (FISTA with the 2-sparse certificate and
+the column stop, kernels of at least :data:`proxjax.pruning.pruner.CERTIFY`'s ``min_groups`` groups: the FISTA
+carry, ``Ṽ − K̃₀``, ``H̃(Ṽ − K̃₀)``, ``y``, the prox's intermediates and the group list; the loop returns ``Ṽ`` and
+``V_prev``, two ``K`` of outputs): XLA:CPU allocates 7.25 ``K`` at 256 × 512 and 576 × 1536,
+``tests/pipeline/test_memory.py``."""
 
-PROX_LOOP_TEMPS_PLAIN = 8.5
+PROX_LOOP_TEMPS_PLAIN = 8.6
 """The same for the loop without the certificate (on a mesh, and for kernels under ``min_groups`` groups; the
-prox's Newton loops carry three group-sized arrays more): XLA:CPU allocates 8.31 ``K`` at 256 × 512 and 576 × 1536."""
+prox's Newton loops carry three group-sized arrays more): XLA:CPU allocates 8.56 ``K`` at 256 × 512 and 576 × 1536."""
+
+PROX_MASK_TEMPS = 2
+"""Float32 kernel-sized temporaries of the prox loop's end, ``prox_mask`` (the projection of the groups left and the
+mask's scores): XLA:CPU allocates 2.0 ``K`` at 256 × 512 and 576 × 1536."""
 
 CG_PASSES = 10
 """Float32 kernel-sized memory passes per CG step (``x, r, p`` read and written, ``H̃p``, the mask, the sums)."""
@@ -418,8 +425,12 @@ def _pruner_steps(d_in: int, d_out: int, method: str, refine: str | None, pb: in
   setup_temps = (2 if eig else 1) * hh + (3 * k32) // 2 + small
   steps = [("setup", {"kernel": kp, "H": hh}, {"pre": pre, "k0t": k32, "scalars": 2 * _F32}, setup_temps)]
   if method == "prox":
-    steps.append(("prox_loop", {"k0t": k32, "pre.hessian": hh}, {"vt": k32, "mask": kb},
+    steps.append(("prox_loop", {"k0t": k32, "pre.hessian": hh}, {"vt": k32, "vt prev": k32},
                   int((PROX_LOOP_TEMPS if certified else PROX_LOOP_TEMPS_PLAIN) * k32) + small))
+    # The mask's piece; the loop's V_prev is dropped when it returns (and the loops that go on with the open columns
+    # only, narrower, need less than the first).
+    steps.append(("prox_mask", {"vt": k32, "k0t": k32}, {"vt": k32, "mask": kb, "vt prev": 0},
+                  PROX_MASK_TEMPS * k32 + small))
   else:
     base_temps = 2 * hh + (5 * k32) // 2 if method == "sparsegpt" else k32
     steps.append(("baseline", {"kernel": kp, "H": hh}, {"base_kernel": kp, "mask": kb}, base_temps + small))
@@ -439,18 +450,18 @@ def pruner_pieces(d_in: int, d_out: int, *, method: str | MethodConfig | PruneCo
 
   With ``K = 4·d_in·d_out/model_devices`` (``d_out`` replicated when not divisible) and ``𝓗 = 4·d_in²``: ``setup``
   takes the kernel and ``H``, returns ``H̃`` and ``K̃₀`` and needs ``2𝓗 + 1.5K`` of temporaries (``𝓗 + 1.5K``
-  without ``eigvalsh``: the baselines unless refined by GD); ``prox_loop``
-  takes ``K̃₀, H̃``, returns ``Ṽ`` and the mask, temporaries ``7K`` (``8.5K`` on a mesh, ``on_mesh`` (default:
-  ``model_devices > 1``), or under ``CERTIFY.min_groups`` groups: the loop without the certificate); ``finish`` takes ``Ṽ``, the mask, ``K̃₀``, ``H̃``,
-  returns the kernel, temporaries ``3K`` (CG), ``2K`` (GD) or ``K``, one ``K`` more when refined and the kernel is
+  without ``eigvalsh``: the baselines unless refined by GD); ``prox_loop`` takes ``K̃₀, H̃``, returns ``Ṽ`` and
+  ``V_prev``, temporaries ``7.3K`` (``8.6K`` on a mesh, ``on_mesh`` (default: ``model_devices > 1``), or under
+  ``CERTIFY.min_groups`` groups: the loop without the certificate); ``prox_mask`` takes ``Ṽ, K̃₀``, returns
+  ``Ṽ ⊙ M`` and the mask, temporaries ``2K``; ``finish`` takes ``Ṽ``, the mask, ``K̃₀``, ``H̃``, returns the kernel, temporaries ``3K`` (CG), ``2K`` (GD) or ``K``, one ``K`` more when refined and the kernel is
   not float32 (the float32 result beside its cast); the baselines run ``baseline`` (SparseGPT
   ``2𝓗 + 2.5K``, else ``K``) and ``start`` instead of ``prox_loop``. Compare with :func:`measure_pruner`.
 
   Example:
     >>> from proxjax.pipeline.memory import pruner_pieces
     >>> p = pruner_pieces(256, 512)  # K = 512 KiB, 𝓗 = 256 KiB
-    >>> sorted(p), p["prox_loop"].outputs  # Ṽ (float32) and the bool mask
-    (['finish', 'prox_loop', 'setup'], 655360)
+    >>> sorted(p), p["prox_mask"].outputs  # Ṽ ⊙ M (float32) and the bool mask
+    (['finish', 'prox_loop', 'prox_mask', 'setup'], 655360)
   """
   cfg = _check_method(method, refine)
   method, refine = cfg.method_name, cfg.refine_kind
@@ -762,7 +773,7 @@ def estimate(config: LlamaConfig, *, nsamples: int, seqlen: int, method: str | M
     >>> est.host["calibration activations"]  # 2 copies x 4 x 16 x 32 float32
     16384
     >>> est.peak.name, est.peak_bytes
-    ('prune down_proj: prox_loop', 186192)
+    ('prune down_proj: prox_loop', 193155)
     >>> est.total.flops == est.num_blocks * est.block.flops
     True
   """
@@ -996,7 +1007,8 @@ def measure_pruner(d_in: int, d_out: int, *, method: str | MethodConfig | PruneC
       ("setup", {"lipschitz": method == "prox" or refine == "gd"}, (kernel, hess, s32))]
   if method == "prox":
     pieces.append(("prox_loop", _pruner.prox_loop_statics(cfg.method, shape, mesh, precision=highest),
-                   (k32, hess, s32, s32, s32, s32, si, si, si)))
+                   (k32, hess, s32, s32, s32, s32, si, si, si, si)))
+    pieces.append(("prox_mask", {}, (k32, k32)))
   else:
     blocksize = cfg.method.blocksize if isinstance(cfg.method, SparseGPTConfig) else SparseGPTConfig().blocksize
     pieces.append(("baseline", {"method": method, "n": cfg.n, "m": cfg.m, "blocksize": blocksize},

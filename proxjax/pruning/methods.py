@@ -72,7 +72,7 @@ class ProxConfig:
 
   The schedule ``λ_k = λ₀ β^k`` is set by one of ``lam0`` (absolute) or ``lam0_relative`` (``λ₀ = r · L κ``) and one
   of ``beta`` or ``budget`` (``β = (L κ / λ₀)^{1/budget}``); with neither of a pair the default is used:
-  ``lam0_relative = 1e-3`` and ``budget = 150``, with FISTA's acceleration. The paper's schedule is
+  ``lam0_relative = 1e-3`` and ``budget = 200``, with FISTA's acceleration and the column stop. The paper's schedule is
   :meth:`paper` (``λ₀ = 0.01``, ``β = 1.01``, no acceleration: about 10× the iterations for the same loss,
   benchmarks/README.md, "Prox quality per cost").
 
@@ -87,12 +87,14 @@ class ProxConfig:
     tail_fraction: stop when at most this fraction of groups is not 2:4, and project those.
     loop: ``"while"`` (stops when done) or ``"scan"`` (fixed length ``cap``, same iterates).
     accelerate: FISTA's extrapolation between prox-gradient steps; the prox stays exact.
+    column_stop: each output column (its own problem: the local loss and ``R`` are sums over columns) stops when it
+      is 2:4 and keeps that iterate; ``False``: every column runs until the whole kernel is 2:4 (the paper's rule).
   """
   name: ClassVar[str] = "prox"
   default_refine: ClassVar[str | None] = "cg"
   DEFAULT_LAM0_RELATIVE: ClassVar[float] = 1e-3
-  DEFAULT_BUDGET: ClassVar[int] = 150
-  PAPER: ClassVar[Mapping[str, Any]] = {"lam0": 0.01, "beta": 1.01, "accelerate": False}
+  DEFAULT_BUDGET: ClassVar[int] = 200
+  PAPER: ClassVar[Mapping[str, Any]] = {"lam0": 0.01, "beta": 1.01, "accelerate": False, "column_stop": False}
   lam0: float | None = None
   beta: float | None = None
   cap: int = 3000
@@ -103,6 +105,7 @@ class ProxConfig:
   tail_fraction: float = 0.0
   loop: str = "while"
   accelerate: bool = True
+  column_stop: bool = True
 
   @classmethod
   def paper(cls, **overrides: Any) -> ProxConfig:
@@ -147,8 +150,9 @@ class ProxConfig:
     _number("tail_fraction", self.tail_fraction, low=0.0, high=1.0, open_high=True)
     if self.loop not in ("while", "scan"):
       raise ValueError(f"loop must be 'while' or 'scan', got {self.loop!r}")
-    if not isinstance(self.accelerate, bool):
-      raise ValueError(f"accelerate must be True or False, got {self.accelerate!r}")
+    for flag in ("accelerate", "column_stop"):
+      if not isinstance(getattr(self, flag), bool):
+        raise ValueError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
 
   def check_pattern(self, n: int, m: int) -> None:
     if (n, m) != (2, 4):
@@ -214,7 +218,7 @@ def method_config(name: str, **options: Any) -> MethodConfig:
 
   Example:
     >>> method_config("prox", budget=300)
-    ProxConfig(lam0=None, beta=None, cap=3000, ridge=0.0, quantile=0.99, lam0_relative=None, budget=300, tail_fraction=0.0, loop='while', accelerate=True)
+    ProxConfig(lam0=None, beta=None, cap=3000, ridge=0.0, quantile=0.99, lam0_relative=None, budget=300, tail_fraction=0.0, loop='while', accelerate=True, column_stop=True)
   """
   if name not in METHODS:
     raise ValueError(f"unknown method {name!r}; expected one of {tuple(METHODS)}")

@@ -16,7 +16,9 @@ The prox method, in the preconditioned coordinates of :func:`proxjax.pruning.ref
 
    i.e. ``prox_24(·, hyperparams=λ_k, scaling=η)`` solves ``argmin_w ½‖w − y‖² + η λ_k R(w)`` (the prox strength is
    ``η·λ_k``). It stops as soon as every group is 2:4 (``R(Ṽ) = 0``), or when at most ``tail_fraction`` of the groups
-   are left, or at the cap; the leftover groups are finished with :func:`proxjax.project_nm` (reported).
+   are left, or at the cap; the leftover groups are finished with :func:`proxjax.project_nm` (reported). With
+   ``column_stop`` (default) each output column, an independent problem, stops on its own: once it is 2:4 it keeps
+   its iterate, and the loop goes on with the open columns only (:data:`COMPACT`; docs/method.md, "The prox method").
 3. Mask ``M = (Ṽ ≠ 0)``; a group left with fewer than 2 non-zeros is refilled to exactly 2 by the largest ``|K̃₀|``
    (ties: lower index). Every mask has exactly 2 ``True`` per group.
 4. Refinement on the support ``M`` (:mod:`proxjax.pruning.refine`): masked conjugate gradients (default) or the paper's
@@ -63,6 +65,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.typing import ArrayLike
 
@@ -129,19 +132,67 @@ def prox_loop_statics(config: ProxConfig, shape: tuple[int, ...], mesh: Any = No
     >>> from proxjax.pruning.methods import ProxConfig
     >>> from proxjax.pruning.pruner import prox_loop_statics
     >>> sorted(prox_loop_statics(ProxConfig(), (576, 1536)))
-    ['accelerate', 'capacity', 'chunk', 'loop', 'precision', 'scan_length', 'shrink']
+    ['accelerate', 'capacity', 'chunk', 'column_stop', 'loop', 'precision', 'scan_length', 'shrink']
     >>> 'capacity' in prox_loop_statics(ProxConfig(), (64, 32))  # 512 groups: the plain loop
     False
   """
   certify = CERTIFY if certify is None else certify
   statics = dict(loop=config.loop, scan_length=config.cap if config.loop == "scan" else None, precision=precision,
-                 accelerate=config.accelerate)
+                 accelerate=config.accelerate, column_stop=config.column_stop)
   groups = shape[0] // 4 * shape[1]
   wanted = math.ceil(certify.capacity * groups)
   if mesh is None and wanted >= 1 and groups >= certify.min_groups:
     chunk = min(certify.chunk, wanted)
     statics.update(capacity=-(-wanted // chunk) * chunk, chunk=chunk, shrink=certify.shrink)
   return statics
+
+
+class Compact(NamedTuple):
+  """How the prox loop drops the output columns that are done (``ProxConfig.column_stop``; benchmarks/README.md,
+  "Prox quality per cost").
+
+  Each output column is its own problem (the local loss and ``R`` are sums over columns), and a column stops once
+  it is 2:4. The loop runs on all ``d_out`` columns until at most the next width's worth are still open, then goes
+  on with only those (gathered, padded with stopped columns to that width): widths ``d_out``, then ``factor``
+  times the last (rounded up to a multiple of 8) down to ``min_width``. Each width is one more compile of the loop
+  per kernel shape, so this is done only for kernels of at least ``min_groups`` groups, on one device.
+
+  Attributes:
+    factor: each width is about this fraction of the last (0 turns it off: the loop keeps every column).
+    min_width: the narrowest width.
+    min_groups: smaller kernels keep every column in the loop.
+  """
+  factor: float = 0.5
+  min_width: int = 32
+  min_groups: int = 16384
+
+
+COMPACT = Compact()
+"""The prox loop's column compaction settings (a constant; ``Compact(factor=0)`` keeps every column)."""
+
+
+def compaction_widths(config: ProxConfig, shape: tuple[int, ...], mesh: Any = None, *,
+                      compact: Compact | None = None) -> list[int]:
+  """The narrower widths (columns) the prox loop of a kernel of this ``shape`` may go on with, widest first; none
+  on a mesh, with ``loop="scan"``, without ``column_stop`` or under ``compact.min_groups`` groups (:data:`COMPACT`).
+
+  Example:
+    >>> from proxjax.pruning.methods import ProxConfig
+    >>> from proxjax.pruning.pruner import compaction_widths
+    >>> compaction_widths(ProxConfig(), (576, 1536)), compaction_widths(ProxConfig(), (64, 32))
+    ([768, 384, 192, 96, 48], [])
+  """
+  compact = COMPACT if compact is None else compact
+  d_in, d_out = shape
+  if (mesh is not None or config.loop != "while" or not config.column_stop or not 0 < compact.factor < 1
+      or d_in // 4 * d_out < compact.min_groups):
+    return []
+  widths, width = [], d_out
+  while True:
+    width = -(-math.ceil(width * compact.factor) // 8) * 8
+    if width < compact.min_width or width >= (widths[-1] if widths else d_out):
+      return widths
+    widths.append(width)
 
 
 class Schedule(NamedTuple):
@@ -234,57 +285,82 @@ def _setup(kernel: jax.Array, hessian: jax.Array, quantile: jax.Array, *,
 
 def _groups_left(v: jax.Array) -> jax.Array:
   """Number of groups (along axis 0) with more than 2 non-zeros."""
-  nnz = jnp.sum(nm.split_groups(v, 4, 0) != 0, axis=1)
-  return jnp.sum(nnz > 2, dtype=jnp.int32)
+  return jnp.sum(_over_two(v), dtype=jnp.int32)
 
 
-def _prox_loop(k0t: jax.Array, ht: jax.Array, eta: jax.Array, ridge: jax.Array, lam0: jax.Array, beta: jax.Array,
-               allowed: jax.Array, cap: jax.Array, progress_every: jax.Array, *, loop: str, scan_length: int | None,
+def _over_two(v: jax.Array) -> jax.Array:
+  """``(d_in // 4, d_out)`` bool: the groups (along axis 0) with more than 2 non-zeros."""
+  return jnp.sum(nm.split_groups(v, 4, 0) != 0, axis=1) > 2
+
+
+def _columns_open(v: jax.Array) -> jax.Array:
+  """``(d_out,)`` bool: the output columns that are not 2:4 yet."""
+  return jnp.any(_over_two(v), axis=0)
+
+
+def _loop_core(k0t: jax.Array, ht: jax.Array, eta: jax.Array, ridge: jax.Array, lam0: jax.Array, beta: jax.Array,
+               allowed: jax.Array, cap: jax.Array, progress_every: jax.Array, stop_below: jax.Array,
+               start: tuple[jax.Array, jax.Array, jax.Array, jax.Array], *, loop: str, scan_length: int | None,
                precision: lax.Precision, accelerate: bool = False, capacity: int = 0, chunk: int = 0,
-               shrink: float = 0.5, reuse: bool = True
-               ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-  """The prox-gradient loop, projection and mask. Returns ``(Ṽ ⊙ M, M, iterations, groups left)``.
+               shrink: float = 0.5, reuse: bool = True, column_stop: bool = False
+               ) -> tuple[jax.Array, ...]:
+  """The prox-gradient loop from ``start = (Ṽ, Ṽ_prev, t, k)``; returns ``(Ṽ, Ṽ_prev, t, k, groups left, open
+  columns)``.
 
   ``cap`` is traced for ``loop="while"``; ``loop="scan"`` needs the static ``scan_length`` (= cap). With
   ``capacity`` the prox is :func:`proxjax.core.prox.prox_24_listed` (the 2-sparse certificate, the Newton solve on
   the uncertified groups only, ``chunk`` at a time, their list carried in the loop; the same iterates up to float
-  rounding), else :func:`proxjax.prox_24` on every group.
+  rounding), else :func:`proxjax.prox_24` on every group. With ``column_stop`` an output column that is 2:4 at the
+  start of an iteration keeps its iterate from then on (its own problem has stopped), and the loop also exits once
+  at most ``stop_below`` columns are open (the caller then goes on with those columns only).
   """
   log_lam0, log_beta = jnp.log(lam0), jnp.log(beta)
   lam_max = _STRENGTH_LIMIT / (eta * jnp.maximum(jnp.max(jnp.abs(k0t)), jnp.finfo(_F32).tiny))
 
   def step(carry, k):
     lam = jnp.minimum(jnp.exp(log_lam0 + k.astype(_F32) * log_beta), lam_max)
+    v = carry[0]
     if accelerate:  # FISTA's extrapolation (docs/method.md, "Acceleration"); the prox stays exact
-      v, prev, t = carry[:3]
+      prev, t = carry[1:3]
       t_next = 0.5 * (1.0 + jnp.sqrt(1.0 + 4.0 * t * t))
       z = v + ((t - 1.0) / t_next) * (v - prev)
     else:
-      z = carry[0]
+      z = v
     y = z - eta * _refine.local_grad(z, k0t, ht, ridge, precision)
+    if column_stop:  # a 2:4 column's prox input is itself (so the certificate takes it, no Newton work) and it stays
+      stopped = ~_columns_open(v)[None, :]
+      y = jnp.where(stopped, v, y)
     if capacity:
       new, listed, _, _ = prox_24_listed(y, lam * eta, carry[-1], chunk=chunk, shrink=shrink,
                                          reuse=reuse)
     else:
       new = prox_24(y, lam, eta, axis=0)
+    if column_stop:
+      new = jnp.where(stopped, v, new)
     lax.cond(progress_every > 0, lambda x: progress_meter.PROX.tick(k + 1, progress_every, _groups_left(x)),
              lambda x: None, new)
     out = (new, v, t_next) if accelerate else (new,)
     return (*out, listed) if capacity else out
 
+  def going(v, k):
+    over = _over_two(v)
+    go = (k < cap) & (jnp.sum(over, dtype=jnp.int32) > allowed)
+    return go & (jnp.sum(jnp.any(over, axis=0), dtype=jnp.int32) > stop_below) if column_stop else go
+
   # Cost per iteration (benchmarks/README.md, "Cost per iteration"): the count of groups not yet 2:4 is taken from the
   # carried iterate at the top of the next trip (the while loop's condition, the scan's predicate) and, for the bar,
   # inside a conditional that runs only while the bar is on. Counting the prox's output inside the body, where the
   # loop and the bar's callback consumed it, changed XLA:CPU's fusion of the prox and cost 17-25 % of each iteration.
-  first = (k0t, k0t, jnp.ones((), _F32)) if accelerate else (k0t,)
+  v0, prev0, t0, k0 = start
+  first = (v0, prev0, t0) if accelerate else (v0,)
   if capacity:
     first = (*first, empty_group_list(k0t.shape, capacity))
-  init = (first, jnp.zeros((), jnp.int32))
+  init = (first, k0)
   if loop == "while":
 
     def cond(state):
       carry, k = state
-      return (k < cap) & (_groups_left(carry[0]) > allowed)
+      return going(carry[0], k)
 
     def body(state):
       carry, k = state
@@ -293,19 +369,51 @@ def _prox_loop(k0t: jax.Array, ht: jax.Array, eta: jax.Array, ridge: jax.Array, 
     carry, k = lax.while_loop(cond, body, init)
   elif loop == "scan":
 
-    def scan_body(state, k):
-      go = lambda state: (step(state[0], k), k + 1)
-      return lax.cond(_groups_left(state[0][0]) > allowed, go, lambda s: s, state), None
+    def scan_body(state, i):
+      go = lambda state: (step(*state), state[1] + 1)
+      del i
+      return lax.cond(going(state[0][0], state[1]), go, lambda s: s, state), None
 
     (carry, k), _ = lax.scan(scan_body, init, jnp.arange(scan_length, dtype=jnp.int32))
   else:
     raise ValueError(f"loop must be 'while' or 'scan', got {loop!r}")
 
   v = carry[0]
-  left = _groups_left(v)
+  prev, t = carry[1:3] if accelerate else (v, t0)
+  over = _over_two(v)
+  return (v, prev, t, k, jnp.sum(over, dtype=jnp.int32), jnp.sum(jnp.any(over, axis=0), dtype=jnp.int32))
+
+
+def _prox_loop(k0t: jax.Array, ht: jax.Array, eta: jax.Array, ridge: jax.Array, lam0: jax.Array, beta: jax.Array,
+               allowed: jax.Array, cap: jax.Array, progress_every: jax.Array, stop_below: jax.Array,
+               **statics: Any) -> tuple[jax.Array, ...]:
+  """:func:`_loop_core` from ``Ṽ = K̃₀`` at iteration 0."""
+  start = (k0t, k0t, jnp.ones((), _F32), jnp.zeros((), jnp.int32))
+  return _loop_core(k0t, ht, eta, ridge, lam0, beta, allowed, cap, progress_every, stop_below, start, **statics)
+
+
+def _prox_resume(k0t: jax.Array, ht: jax.Array, eta: jax.Array, ridge: jax.Array, lam0: jax.Array, beta: jax.Array,
+                 allowed: jax.Array, cap: jax.Array, progress_every: jax.Array, stop_below: jax.Array, v: jax.Array,
+                 prev: jax.Array, t: jax.Array, k: jax.Array, **statics: Any) -> tuple[jax.Array, ...]:
+  """:func:`_loop_core` from a state ``(Ṽ, Ṽ_prev, t, k)`` (the open columns of an earlier loop, gathered)."""
+  return _loop_core(k0t, ht, eta, ridge, lam0, beta, allowed, cap, progress_every, stop_below, (v, prev, t, k),
+                    **statics)
+
+
+def _prox_mask(v: jax.Array, k0t: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The loop's end: the groups left are projected (:func:`proxjax.project_nm`); mask ``M = (Ṽ ≠ 0)``, refilled to
+  2 per group by the largest ``|K̃₀|``; returns ``(Ṽ ⊙ M, M)``."""
   v = nm.project_nm(v, 2, 4, axis=0)
   mask = nm.nm_mask(jnp.where(v != 0, jnp.inf, jnp.abs(k0t)), 2, 4, axis=0)
-  return jnp.where(mask, v, 0.0), mask, k, left
+  return jnp.where(mask, v, 0.0), mask
+
+
+@jax.jit
+def _gather_columns(full_v: jax.Array, full_prev: jax.Array, v: jax.Array, prev: jax.Array, slots: jax.Array,
+                    new_slots: jax.Array, k0t: jax.Array) -> tuple[jax.Array, ...]:
+  """Writes a loop's columns back (``full[:, slots] = v``) and gathers the next loop's (``new_slots``)."""
+  full_v, full_prev = full_v.at[:, slots].set(v), full_prev.at[:, slots].set(prev)
+  return full_v, full_prev, full_v[:, new_slots], full_prev[:, new_slots], k0t[:, new_slots]
 
 
 @jax.jit
@@ -351,7 +459,10 @@ def _baseline_core(kernel: jax.Array, hessian: jax.Array, damp: jax.Array, *, me
 # argument / output: "K" a kernel-shaped array (outputs over the mesh's model axis), "R" replicated (H, scalars).
 PIECES = {
     "setup": (_setup, "KRR", "RKRR", False),
-    "prox_loop": (_prox_loop, "KRRRRRRRR", "KKRR", True),
+    "prox_loop": (_prox_loop, "KRRRRRRRRR", "KKRRRR", True),
+    "prox_resume": (_prox_resume, "KRRRRRRRRRKKRR", "KKRRRR", True),
+    "prox_mask": (_prox_mask, "KK", "KK", False),
+    "columns_open": (_columns_open, "K", "R", False),
     "finish": (_finish, "KKKRRRRR", "KRRR", False),
     "baseline": (_baseline_core, "KRR", "KKR", False),
 }
@@ -482,6 +593,43 @@ def _baseline(config: PruneConfig, kernel: jax.Array, hessian: jax.Array, mesh: 
   return jnp.where(mask, new_kernel, jnp.zeros((), kernel.dtype)), mask
 
 
+def _prox_solve(config: ProxConfig, k0t: jax.Array, ht: jax.Array, scalars: tuple[jax.Array, ...], mesh: Any,
+                precision: Any) -> tuple[jax.Array, jax.Array, int, int]:
+  """The prox loop, narrowed to the open columns at the :func:`compaction_widths`, then the mask: returns
+  ``(Ṽ ⊙ M, M, iterations, groups projected)``."""
+  shape = k0t.shape
+  widths = compaction_widths(config, shape, mesh)
+  allowed, cap = int(scalars[4]), int(scalars[5])
+  statics = prox_loop_statics(config, shape, mesh, precision=precision)
+  v, prev, t, k, left, open_ = _run("prox_loop", mesh, shape, k0t, ht, *scalars,
+                                    jnp.asarray(widths[0] if widths else 0, jnp.int32), **statics)
+  full = slots = None
+  while widths and int(open_) > 0 and int(left) > allowed and int(k) < cap:
+    columns = np.flatnonzero(np.asarray(_run("columns_open", None, v.shape, v)))
+    keep = [w for w in widths if w >= columns.size]
+    if not keep:  # cannot happen: the loop ran until at most widths[0] columns were open
+      break
+    width = keep[-1]
+    widths = [w for w in widths if w < width]
+    if full is None:
+      full, slots = (v, prev), np.arange(shape[1])
+    old = slots
+    chosen = old[columns]
+    stopped = np.setdiff1d(np.arange(shape[1]), chosen, assume_unique=True)[:width - chosen.size]
+    slots = np.concatenate([chosen, stopped]).astype(np.int32)
+    full_v, full_prev, v, prev, k0_slice = _gather_columns(*full, v, prev, jnp.asarray(old, jnp.int32),
+                                                          jnp.asarray(slots), k0t)
+    full = (full_v, full_prev)
+    narrow = (shape[0], width)
+    v, prev, t, k, left, open_ = _run("prox_resume", None, narrow, k0_slice, ht, *scalars,
+                                      jnp.asarray(widths[0] if widths else 0, jnp.int32), v, prev, t, k,
+                                      **prox_loop_statics(config, narrow, None, precision=precision))
+  if full is not None:
+    v = full[0].at[:, jnp.asarray(slots)].set(v)
+  vt, mask = _run("prox_mask", mesh, shape, v, k0t)
+  return vt, mask, int(k), int(left)
+
+
 def as_config(method: str | MethodConfig | PruneConfig = "prox", *, refine: Any = "auto", n: int = 2, m: int = 4,
               **options: Any) -> PruneConfig:
   """The :class:`~proxjax.pruning.methods.PruneConfig` of :func:`prune_kernel`'s arguments: ``method`` itself when
@@ -585,13 +733,11 @@ def prune_kernel(kernel: ArrayLike, hessian: ArrayLike, method: str | MethodConf
       raise ValueError(f"lam0 must be > 0, got {lam0}")
     estimate = _estimate(lipschitz, kappa, lam0, beta) if beta > 1.0 else cap
     allowed = int(own.tail_fraction * (kernel.shape[0] // 4 * kernel.shape[1]))
+    scalars = (jnp.asarray(1.0 / lipschitz, _F32), jnp.asarray(own.ridge, _F32), jnp.asarray(lam0, _F32),
+               jnp.asarray(beta, _F32), jnp.asarray(allowed, jnp.int32), jnp.asarray(cap, jnp.int32),
+               jnp.asarray(every, jnp.int32))
     with progress_meter.PROX.show(cap, "prox 2:4", every > 0):
-      vt, mask, k, left = _run("prox_loop", mesh, kernel.shape, k0t, pre.hessian,
-                               jnp.asarray(1.0 / lipschitz, _F32), jnp.asarray(own.ridge, _F32),
-                               jnp.asarray(lam0, _F32), jnp.asarray(beta, _F32), jnp.asarray(allowed, jnp.int32),
-                               jnp.asarray(cap, jnp.int32), jnp.asarray(every, jnp.int32),
-                               **prox_loop_statics(own, kernel.shape, mesh, precision=precision))
-      iterations, projected = int(k), int(left)
+      vt, mask, iterations, projected = _prox_solve(own, k0t, pre.hessian, scalars, mesh, precision)
     cap_hit = projected > allowed
     schedule = Schedule(float(lam0), float(beta), cap, lipschitz, kappa, estimate)
     base_kernel = None

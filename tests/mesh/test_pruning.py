@@ -19,7 +19,7 @@ from flax import nnx
 import proxjax
 from proxjax.pruning import calibration
 from proxjax.pipeline import prune as pipeline
-from proxjax.pruning.methods import PruneConfig
+from proxjax.pruning.methods import PruneConfig, ProxConfig
 from proxjax.pruning import pruner
 from proxjax.core import sharding
 from proxjax.models import LlamaConfig, LlamaForCausalLM
@@ -81,10 +81,11 @@ def test_prox_loop_communicates_only_scalars():
   h = jax.device_put(jnp.asarray(hessian), sharding.replicated(mesh))
   pre, k0t, lip, _ = pruner._constants(k, h, 0.99, 0.0, mesh=mesh)
   assert k0t.sharding.spec == jax.sharding.PartitionSpec(None, "model")
-  fn = pruner.compiled_piece("prox_loop", mesh, kernel.shape,
-                        tuple(sorted(dict(loop="while", scan_length=None, precision=jax.lax.Precision.HIGHEST).items())))
+  statics = pruner.prox_loop_statics(ProxConfig(), kernel.shape, mesh, precision=jax.lax.Precision.HIGHEST)
+  assert statics["column_stop"] and statics["accelerate"]  # the default loop: FISTA, each column stops on its own
+  fn = pruner.compiled_piece("prox_loop", mesh, kernel.shape, tuple(sorted(statics.items())))
   f32, i32 = jnp.float32, jnp.int32
-  args = (k0t, pre.hessian, f32(1 / lip), f32(0), f32(0.01), f32(1.05), i32(0), i32(100), i32(0))
+  args = (k0t, pre.hessian, f32(1 / lip), f32(0), f32(0.01), f32(1.05), i32(0), i32(100), i32(0), i32(0))
   ops = _collectives(fn.strict.lower(*args).compile().as_text())
   assert not ops["all-gather"] and not ops["all-to-all"] and not ops["reduce-scatter"], ops
   assert ops["all-reduce"] and all(shape.endswith("[]") for shape in ops["all-reduce"]), ops["all-reduce"]
