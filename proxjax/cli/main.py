@@ -430,12 +430,13 @@ def _add_prune(sub: Any) -> None:
                                             "--budget)")
   p.add_argument("--cap", type=int, help="prox: iteration cap (default 3000)")
   p.add_argument("--budget", type=int, help="prox: choose β so the schedule needs about this many iterations "
-                                            "(default 150)")
+                                            "(default 200)")
   p.add_argument("--lam0-relative", type=float, help="prox: λ₀ relative to the layer's 2-sparse threshold "
                                                      "(default 1e-3)")
   p.add_argument("--paper", action="store_true",
-                 help="prox: the paper's schedule (λ₀ 0.01, β 1.01, no acceleration; about 10x the iterations of "
-                      "the default for the same loss, docs/method.md \"Acceleration\")")
+                 help="prox: the paper's schedule (λ₀ 0.01, β 1.01, no acceleration, every column until the whole "
+                      "kernel is 2:4; several times the iterations of the default for the same loss, docs/method.md "
+                      "\"Acceleration\")")
   p.add_argument("--ridge", type=float, help="prox: δ added as δ·I to the preconditioned H inside the loop (0)")
   p.add_argument("--damp", type=float, help="sparsegpt: damping relative to mean(diag H) (0.01)")
   p.add_argument("--refine-steps", type=int, help="refinement steps (GD 1000; CG cap 200)")
