@@ -369,9 +369,8 @@ def _loop_core(k0t: jax.Array, ht: jax.Array, eta: jax.Array, ridge: jax.Array, 
     carry, k = lax.while_loop(cond, body, init)
   elif loop == "scan":
 
-    def scan_body(state, i):
+    def scan_body(state, _):
       go = lambda state: (step(*state), state[1] + 1)
-      del i
       return lax.cond(going(state[0][0], state[1]), go, lambda s: s, state), None
 
     (carry, k), _ = lax.scan(scan_body, init, jnp.arange(scan_length, dtype=jnp.int32))
