@@ -453,7 +453,8 @@ def pruner_pieces(d_in: int, d_out: int, *, method: str | MethodConfig | PruneCo
   without ``eigvalsh``: the baselines unless refined by GD); ``prox_loop`` takes ``K̃₀, H̃``, returns ``Ṽ`` and
   ``V_prev``, temporaries ``7.3K`` (``8.6K`` on a mesh, ``on_mesh`` (default: ``model_devices > 1``), or under
   ``CERTIFY.min_groups`` groups: the loop without the certificate); ``prox_mask`` takes ``Ṽ, K̃₀``, returns
-  ``Ṽ ⊙ M`` and the mask, temporaries ``2K``; ``finish`` takes ``Ṽ``, the mask, ``K̃₀``, ``H̃``, returns the kernel, temporaries ``3K`` (CG), ``2K`` (GD) or ``K``, one ``K`` more when refined and the kernel is
+  ``Ṽ ⊙ M`` and the mask, temporaries ``2K``; ``finish`` takes ``Ṽ``, the mask, ``K̃₀``, ``H̃``, returns the kernel,
+  temporaries ``3K`` (CG), ``2K`` (GD) or ``K``, one ``K`` more when refined and the kernel is
   not float32 (the float32 result beside its cast); the baselines run ``baseline`` (SparseGPT
   ``2𝓗 + 2.5K``, else ``K``) and ``start`` instead of ``prox_loop``. Compare with :func:`measure_pruner`.
 
