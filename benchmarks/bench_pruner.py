@@ -152,7 +152,7 @@ def bench_loops(repeats: int, quick: bool) -> None:
   for name, (k, h), beta in cases:
     pre, k0t, lip, _ = pruner._constants(jnp.asarray(k), jnp.asarray(h), 0.99, 0.0)  # pylint: disable=protected-access
     args = (k0t, pre.hessian, jnp.float32(1.0 / lip), jnp.float32(0.0), jnp.float32(0.01), jnp.float32(beta),
-            jnp.int32(0), jnp.int32(3000), jnp.int32(0), jnp.int32(0))
+            jnp.int32(0), jnp.int32(3000), jnp.int32(0), jnp.int32(0), jnp.float32(0.0))
     run = lambda loop: pruner._run(  # pylint: disable=protected-access
         "prox_loop", None, k.shape, *args, loop=loop, scan_length=3000 if loop == "scan" else None, precision=_HI)
     iters = int(run("while")[3])

@@ -9,13 +9,16 @@ side in this run. Every method is compiled first (one warm-up call per method an
 ``refine_steps=1``: the same executables; the prox runs its whole loop, which also compiles the narrower loops
 it goes on with as columns stop), so times exclude compiles.
 
-Methods (``--methods``, default all but ``prox-shared`` and ``prox-paper``, which alone takes ~20 minutes on 2 CPU
-cores):
+Methods (``--methods``, default all but ``prox-paced-K``, ``prox-shared`` and ``prox-paper``, which alone takes ~20
+minutes on 2 CPU cores):
 
 * ``wanda``, ``sparsegpt+cg``: the references.
 * ``prox`` the library default (FISTA, ``lam0_relative=1e-3``, ``budget=200``, the column stop; docs/method.md,
   "Acceleration" and "The prox method").
-* ``prox-fista-K``: the same with ``budget=K`` (K in ``--budgets``), the frontier of loss vs time.
+* ``prox-fista-K``: the same with ``budget=K`` (K in ``--budgets``; ``λ₀`` from ``--lam0-relative``), the frontier
+  of loss vs time.
+* ``prox-paced-K``: ``prox-fista-K`` with the schedule paced by the state (``pace``, ``--pace``, default 0.01;
+  docs/method.md, "Schedule and iteration estimate"); not in the default list.
 * ``prox-plain-300``: plain proximal gradient, ``budget=300`` (the earlier fast setting).
 * ``prox-paper``: the paper's schedule (``λ₀ = 0.01``, ``β = 1.01``, plain, every column until the whole kernel is
   2:4; 1000–1800 iterations per layer).
@@ -62,11 +65,14 @@ NAMES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.
          "mlp.up_proj", "mlp.down_proj")
 
 
-def methods(budgets: list[int]) -> dict[str, tuple[str, str | None, dict[str, Any]]]:
+def methods(budgets: list[int], pace: float = 0.01, lam0_relative: float | None = None
+            ) -> dict[str, tuple[str, str | None, dict[str, Any]]]:
   """label -> (prune_kernel method, refine, options)."""
   out = {"wanda": ("wanda", None, {}), "sparsegpt+cg": ("sparsegpt", "cg", {}), "prox": ("prox", "cg", {})}
+  start = {} if lam0_relative is None else {"lam0_relative": lam0_relative}
   for k in budgets:
-    out[f"prox-fista-{k}"] = ("prox", "cg", {"budget": k})
+    out[f"prox-fista-{k}"] = ("prox", "cg", {"budget": k, **start})
+    out[f"prox-paced-{k}"] = ("prox", "cg", {"budget": k, "pace": pace, **start})
   out["prox-plain-300"] = ("prox", "cg", {"budget": 300, "accelerate": False})
   out["prox-paper"] = ("prox", "cg", {"lam0": 0.01, "beta": 1.01, "accelerate": False, "column_stop": False})
   out["prox-allcols"] = ("prox", "cg", {"column_stop": False})
@@ -164,6 +170,9 @@ def main() -> None:
   p.add_argument("--seqlen", type=int, default=512)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--budgets", type=int, nargs="*", default=[50, 100, 300], help="prox-fista-K variants")
+  p.add_argument("--pace", type=float, default=0.01, help="prox-paced-K variants: the schedule's pace")
+  p.add_argument("--lam0-relative", type=float, help="prox-fista-K and prox-paced-K variants: λ₀ relative to the "
+                 "layer (default: the library's, 1e-3)")
   p.add_argument("--methods", nargs="+", help="labels to run (default: all but prox-paper)")
   p.add_argument("--gpu", action="store_true", help="one synthetic LLaMA-2-7B-shaped block instead of SmolLM2")
   p.add_argument("--tokens", type=int, default=131072, help="--gpu: calibration tokens per input")
@@ -177,8 +186,9 @@ def main() -> None:
                  "there")
   args = p.parse_args()
 
-  table = methods(args.budgets)
-  labels = args.methods or [label for label in table if label not in ("prox-paper", "prox-shared")]
+  table = methods(args.budgets, args.pace, args.lam0_relative)
+  labels = args.methods or [label for label in table
+                             if label not in ("prox-paper", "prox-shared") and not label.startswith("prox-paced")]
   unknown = [label for label in labels if label not in table]
   if unknown:
     p.error(f"unknown methods {unknown}; choose from {list(table)}")

@@ -293,8 +293,8 @@ def piece_memory(method: str, refine_: str | None, shape: tuple[int, int], preci
   pieces = []
   if method == "prox":
     pieces.append(("setup", (k, h, s), dict(lipschitz=True)))
-    pieces.append(("prox_loop", (kf, h, s, s, s, s, i32, i32, i32, i32), dict(loop="while", scan_length=None,
-                                                                              precision=prec)))
+    pieces.append(("prox_loop", (kf, h, s, s, s, s, i32, i32, i32, i32, s), dict(loop="while", scan_length=None,
+                                                                                 precision=prec)))
   else:
     pieces.append(("setup", (k, h, s), dict(lipschitz=refine_ == "gd")))
     pieces.append(("baseline", (k, h, s), dict(method=method, n=2, m=4, blocksize=128)))
@@ -452,7 +452,7 @@ def measure_setup_and_step(kernel: jax.Array, hess: jax.Array, args: argparse.Na
   def loop(cap: int) -> Any:
     # pylint: disable-next=protected-access
     return pruner._run("prox_loop", mesh, kernel.shape, k0t, pre.hessian, f32(1.0 / lip), f32(0.0), lam, f32(1.0),
-                       jnp.int32(0), jnp.int32(cap), jnp.int32(0), jnp.int32(0), loop="while", scan_length=None,
+                       jnp.int32(0), jnp.int32(cap), jnp.int32(0), jnp.int32(0), f32(0.0), loop="while", scan_length=None,
                        precision=precision)
 
   c0, t = _COMPILE_SECONDS[0], time.perf_counter()

@@ -222,6 +222,24 @@ def test_prune_across_two_processes_equals_one_process(runs):
     assert (session["processes"], session["devices"], session["local_devices"]) == (2, 4, 2)
 
 
+def test_offloaded_prune_across_two_processes_equals_one_process(runs):
+  """``--offload`` across processes: every process holds the model in its host memory, each block goes onto the
+  4-device global mesh while it is pruned and comes back whole to every process; the checkpoint process 0 writes is
+  the single-process one, bit for bit."""
+  for i in (0, 1):
+    _ok(runs[f"session{i}"])
+    session = json.loads((runs["work"] / f"session-{i}.json").read_text())
+    assert session["exit"]["offload"] == 0, session
+  out, ref = runs["work"] / "offloaded-wanda", runs["reference"] / "wanda"
+  many, one = load_file(str(out / "model.safetensors")), load_file(str(ref / "model.safetensors"))
+  assert many.keys() == one.keys()
+  for name, value in one.items():
+    np.testing.assert_array_equal(many[name], value, err_msg=name)
+  assert all(r["ok"] for r in check_sparsity(str(out)))
+  report = json.loads((out / "proxjax-report.json").read_text())
+  assert report["processes"] == 2 and report["offload"] and report["mesh"] == {"data": 1, "model": 4}
+
+
 def test_eval_across_two_processes_equals_one_process(runs):
   for i in (0, 1):
     _ok(runs[f"session{i}"])

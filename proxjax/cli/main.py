@@ -41,7 +41,7 @@ from proxjax.pruning.methods import METHODS, ProxConfig, PruneConfig, RefineConf
 from proxjax.workflows import config as jobs
 from proxjax.workflows import paths
 
-_PROX_FLAGS = ("lam0", "beta", "cap", "budget", "lam0_relative", "ridge")
+_PROX_FLAGS = ("lam0", "beta", "cap", "budget", "lam0_relative", "ridge", "pace")
 _METHOD_DOC = "docs/method.md"
 
 
@@ -433,6 +433,8 @@ def _add_prune(sub: Any) -> None:
                                             "(default 200)")
   p.add_argument("--lam0-relative", type=float, help="prox: λ₀ relative to the layer's 2-sparse threshold "
                                                      "(default 1e-3)")
+  p.add_argument("--pace", type=float, help="prox: pace λ by the state, aiming at this fraction of the groups "
+                                           "becoming 2:4 per iteration (each step β^½ to β²; default 0: λ₀βᵏ)")
   p.add_argument("--paper", action="store_true",
                  help="prox: the paper's schedule (λ₀ 0.01, β 1.01, no acceleration, every column until the whole "
                       "kernel is 2:4; several times the iterations of the default for the same loss, docs/method.md "

@@ -288,9 +288,28 @@ def batch_on(x: Any, mesh: Mesh | None = None) -> jax.Array:
   return put(x, activation_sharding(mesh, x.shape))
 
 
+def host_device() -> jax.Device:
+  """This process's host device: its first CPU device (across processes each has its own; ``jax.devices("cpu")[0]``
+  would be process 0's)."""
+  return jax.local_devices(backend="cpu")[0]
+
+
+def _whole(x: Any) -> Any:
+  """``x`` whole on this process: a global array sharded over other processes' devices is all-gathered (a collective:
+  every process calls it for the same arrays, in the same order)."""
+  if isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated):
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+
+    return multihost_utils.process_allgather(x, tiled=True)
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:  # replicated: this process's copy
+    return x.addressable_data(0)
+  return x
+
+
 def place(module: Any, mesh: Mesh | None, variables: Any = None) -> None:
   """Moves an NNX module's variables (default: its ``nnx.Param`` s), in place, to their declared shardings on
-  ``mesh`` (``None``: to the host, i.e. the first CPU device).
+  ``mesh`` (``None``: to the host, i.e. this process's first CPU device, :func:`host_device`; a variable sharded
+  over several processes' devices is gathered whole into every process, a collective all of them take part in).
 
   ``variables`` is an NNX filter, e.g. ``nnx.optimizer.OptState`` to place an ``nnx.Optimizer`` 's moments like the
   params they belong to (their paths end in the same names).
@@ -307,7 +326,9 @@ def place(module: Any, mesh: Mesh | None, variables: Any = None) -> None:
 
   state = nnx.state(module, nnx.Param if variables is None else variables)
   if mesh is None:
-    target = jax.tree.map(lambda _: jax.devices("cpu")[0], state)
+    host = host_device()
+    nnx.update(module, jax.tree.map(lambda x: jax.device_put(_whole(x), host), state))
+    return
   else:
     target = tree_shardings(state, mesh)
     if mesh.is_multi_process:  # each process builds its own shards (see put)

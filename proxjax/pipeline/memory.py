@@ -1008,7 +1008,7 @@ def measure_pruner(d_in: int, d_out: int, *, method: str | MethodConfig | PruneC
       ("setup", {"lipschitz": method == "prox" or refine == "gd"}, (kernel, hess, s32))]
   if method == "prox":
     pieces.append(("prox_loop", _pruner.prox_loop_statics(cfg.method, shape, mesh, precision=highest),
-                   (k32, hess, s32, s32, s32, s32, si, si, si, si)))
+                   (k32, hess, s32, s32, s32, s32, si, si, si, si, s32)))
     pieces.append(("prox_mask", {}, (k32, k32)))
   else:
     blocksize = cfg.method.blocksize if isinstance(cfg.method, SparseGPTConfig) else SparseGPTConfig().blocksize

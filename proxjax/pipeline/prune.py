@@ -552,18 +552,19 @@ def prune_model(model: Any, calibration_ids: Any, method: str | MethodConfig | P
       are masked out of ``H``), ``H`` is replicated and every kernel is pruned sharded (see
       :func:`proxjax.prune_kernel`). ``None``: the default device. The mesh may span several processes
       (:mod:`proxjax.core.distributed`; every process calls this with the same arguments, each supplying its devices'
-      rows of every batch and keeping on host only the activation rows of its own devices), without ``offload``
-      yet. ``state_dir`` then needs a file system every process shares: process 0 writes each finished block (its
+      rows of every batch and keeping on host only the activation rows of its own devices). ``state_dir`` then needs a file system every process shares: process 0 writes each finished block (its
       kernels gathered from every process first), and a later call resumes every process from the same block, the
       first one process 0 has not finished, each loading the finished kernels itself; where another process does not
       see process 0's state the call is refused (finished blocks to resume) or keeps no state (none).
     min_expert_tokens: an expert of a mixture of experts whose calibration tokens (those routed to it) are fewer
       is pruned by magnitude instead of by the method (default :data:`MIN_EXPERT_TOKENS`); its reports are listed
       in :attr:`PipelineResult.underfed_experts` and a warning names them.
-    offload: move each block to the devices only while it is worked on and back to host memory (the first CPU
-      device) after, so the accelerators hold one block's weights, its Hessians and one calibration batch; the
-      calibration activations always stay on host. Load the model on host for this
-      (``load_pretrained(..., sharding=lambda path, shape: jax.devices("cpu")[0])``).
+    offload: move each block to the devices only while it is worked on and back to host memory (this process's
+      first CPU device, :func:`proxjax.core.sharding.host_device`) after, so the accelerators hold one block's
+      weights, its Hessians and one calibration batch; the calibration activations always stay on host. Load the
+      model on host for this (``load_pretrained(..., sharding=lambda path, shape: host_device())``). Across
+      processes every process holds the whole model in its host memory, and each block comes back whole to every
+      process (an all-gather).
 
   Returns:
     A :class:`PipelineResult`.
@@ -603,8 +604,6 @@ def prune_model(model: Any, calibration_ids: Any, method: str | MethodConfig | P
   if mesh is not None:
     batch_size = -(-batch_size // mesh.size) * mesh.size
   several = mesh is not None and mesh.is_multi_process
-  if several and offload:
-    raise ValueError("offload is not supported yet on a mesh that spans several processes (proxjax.core.distributed)")
   finished = len(blocks)  # blocks that may be taken from state_dir (a single process: any with a saved report)
   if state_dir is not None:
     run = _fingerprint(ids, config, true_sequential, selected, run_info)

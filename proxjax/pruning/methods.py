@@ -89,12 +89,16 @@ class ProxConfig:
     accelerate: FISTA's extrapolation between prox-gradient steps; the prox stays exact.
     column_stop: each output column (its own problem: the local loss and ``R`` are sums over columns) stops when it
       is 2:4 and keeps that iterate; ``False``: every column runs until the whole kernel is 2:4 (the paper's rule).
+    pace: ``0`` (the default): ``λ_k = λ₀ β^k``. Else ``λ`` is paced by the state: each iteration multiplies it by
+      ``β^f``, ``f = clip(pace · #groups / settled, ½, 2)`` with ``settled`` the groups that became 2:4 in the last
+      iteration, so that about ``pace · #groups`` groups settle per iteration.
   """
   name: ClassVar[str] = "prox"
   default_refine: ClassVar[str | None] = "cg"
   DEFAULT_LAM0_RELATIVE: ClassVar[float] = 1e-3
   DEFAULT_BUDGET: ClassVar[int] = 200
-  PAPER: ClassVar[Mapping[str, Any]] = {"lam0": 0.01, "beta": 1.01, "accelerate": False, "column_stop": False}
+  PAPER: ClassVar[Mapping[str, Any]] = {"lam0": 0.01, "beta": 1.01, "accelerate": False, "column_stop": False,
+                                         "pace": 0.0}
   lam0: float | None = None
   beta: float | None = None
   cap: int = 3000
@@ -106,6 +110,7 @@ class ProxConfig:
   loop: str = "while"
   accelerate: bool = True
   column_stop: bool = True
+  pace: float = 0.0
 
   @classmethod
   def paper(cls, **overrides: Any) -> ProxConfig:
@@ -150,6 +155,7 @@ class ProxConfig:
     _number("tail_fraction", self.tail_fraction, low=0.0, high=1.0, open_high=True)
     if self.loop not in ("while", "scan"):
       raise ValueError(f"loop must be 'while' or 'scan', got {self.loop!r}")
+    _number("pace", self.pace, low=0.0, high=1.0, open_high=True)
     for flag in ("accelerate", "column_stop"):
       if not isinstance(getattr(self, flag), bool):
         raise ValueError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
@@ -218,7 +224,7 @@ def method_config(name: str, **options: Any) -> MethodConfig:
 
   Example:
     >>> method_config("prox", budget=300)
-    ProxConfig(lam0=None, beta=None, cap=3000, ridge=0.0, quantile=0.99, lam0_relative=None, budget=300, tail_fraction=0.0, loop='while', accelerate=True, column_stop=True)
+    ProxConfig(lam0=None, beta=None, cap=3000, ridge=0.0, quantile=0.99, lam0_relative=None, budget=300, tail_fraction=0.0, loop='while', accelerate=True, column_stop=True, pace=0.0)
   """
   if name not in METHODS:
     raise ValueError(f"unknown method {name!r}; expected one of {tuple(METHODS)}")

@@ -132,13 +132,13 @@ def prox_loop_statics(config: ProxConfig, shape: tuple[int, ...], mesh: Any = No
     >>> from proxjax.pruning.methods import ProxConfig
     >>> from proxjax.pruning.pruner import prox_loop_statics
     >>> sorted(prox_loop_statics(ProxConfig(), (576, 1536)))
-    ['accelerate', 'capacity', 'chunk', 'column_stop', 'loop', 'precision', 'scan_length', 'shrink']
+    ['accelerate', 'capacity', 'chunk', 'column_stop', 'loop', 'paced', 'precision', 'scan_length', 'shrink']
     >>> 'capacity' in prox_loop_statics(ProxConfig(), (64, 32))  # 512 groups: the plain loop
     False
   """
   certify = CERTIFY if certify is None else certify
   statics = dict(loop=config.loop, scan_length=config.cap if config.loop == "scan" else None, precision=precision,
-                 accelerate=config.accelerate, column_stop=config.column_stop)
+                 accelerate=config.accelerate, column_stop=config.column_stop, paced=config.pace > 0)
   groups = shape[0] // 4 * shape[1]
   wanted = math.ceil(certify.capacity * groups)
   if mesh is None and wanted >= 1 and groups >= certify.min_groups:
@@ -300,12 +300,17 @@ def _columns_open(v: jax.Array) -> jax.Array:
 
 def _loop_core(k0t: jax.Array, ht: jax.Array, eta: jax.Array, ridge: jax.Array, lam0: jax.Array, beta: jax.Array,
                allowed: jax.Array, cap: jax.Array, progress_every: jax.Array, stop_below: jax.Array,
-               start: tuple[jax.Array, jax.Array, jax.Array, jax.Array], *, loop: str, scan_length: int | None,
+               target: jax.Array, start: tuple[jax.Array, ...], *, loop: str, scan_length: int | None,
                precision: lax.Precision, accelerate: bool = False, capacity: int = 0, chunk: int = 0,
-               shrink: float = 0.5, reuse: bool = True, column_stop: bool = False
+               shrink: float = 0.5, reuse: bool = True, column_stop: bool = False, paced: bool = False
                ) -> tuple[jax.Array, ...]:
-  """The prox-gradient loop from ``start = (Ṽ, Ṽ_prev, t, k)``; returns ``(Ṽ, Ṽ_prev, t, k, groups left, open
-  columns)``.
+  """The prox-gradient loop from ``start = (Ṽ, Ṽ_prev, t, k, e, n)``; returns ``(Ṽ, Ṽ_prev, t, k, e, n, groups
+  left, open columns)``.
+
+  ``λ_k = λ₀ β^e``: the exponent ``e`` grows by 1 per iteration (``e = k``), or with ``paced`` by
+  ``clip(target / max(n − n_k, 1), ½, 2)``, ``n_k`` the groups of ``Ṽ_k`` not yet 2:4 and ``n`` those of
+  ``Ṽ_{k−1}`` (the first iteration of a fresh loop, ``k = 0``, takes ``λ₀``): about ``target`` groups settle per
+  iteration (docs/method.md, "Schedule and iteration estimate").
 
   ``cap`` is traced for ``loop="while"``; ``loop="scan"`` needs the static ``scan_length`` (= cap). With
   ``capacity`` the prox is :func:`proxjax.core.prox.prox_24_listed` (the 2-sparse certificate, the Newton solve on
@@ -317,9 +322,18 @@ def _loop_core(k0t: jax.Array, ht: jax.Array, eta: jax.Array, ridge: jax.Array, 
   log_lam0, log_beta = jnp.log(lam0), jnp.log(beta)
   lam_max = _STRENGTH_LIMIT / (eta * jnp.maximum(jnp.max(jnp.abs(k0t)), jnp.finfo(_F32).tiny))
 
-  def step(carry, k):
-    lam = jnp.minimum(jnp.exp(log_lam0 + k.astype(_F32) * log_beta), lam_max)
+  def step(carry, k, e, n):
     v = carry[0]
+    if paced or column_stop:
+      over = _over_two(v)
+    if paced:  # the groups that settled in the last iteration set this one's growth of λ
+      n_now = jnp.sum(over, dtype=jnp.int32)
+      settled = jnp.maximum(n - n_now, 1).astype(_F32)
+      e = jnp.where(k == 0, e, e + jnp.clip(target / settled, 0.5, 2.0))
+      n = n_now
+    else:
+      e = k.astype(_F32)
+    lam = jnp.minimum(jnp.exp(log_lam0 + e * log_beta), lam_max)
     if accelerate:  # FISTA's extrapolation (docs/method.md, "Acceleration"); the prox stays exact
       prev, t = carry[1:3]
       t_next = 0.5 * (1.0 + jnp.sqrt(1.0 + 4.0 * t * t))
@@ -328,7 +342,7 @@ def _loop_core(k0t: jax.Array, ht: jax.Array, eta: jax.Array, ridge: jax.Array, 
       z = v
     y = z - eta * _refine.local_grad(z, k0t, ht, ridge, precision)
     if column_stop:  # a 2:4 column's prox input is itself (so the certificate takes it, no Newton work) and it stays
-      stopped = ~_columns_open(v)[None, :]
+      stopped = ~jnp.any(over, axis=0)[None, :]
       y = jnp.where(stopped, v, y)
     if capacity:
       new, listed, _, _ = prox_24_listed(y, lam * eta, carry[-1], chunk=chunk, shrink=shrink,
@@ -340,7 +354,7 @@ def _loop_core(k0t: jax.Array, ht: jax.Array, eta: jax.Array, ridge: jax.Array, 
     lax.cond(progress_every > 0, lambda x: progress_meter.PROX.tick(k + 1, progress_every, _groups_left(x)),
              lambda x: None, new)
     out = (new, v, t_next) if accelerate else (new,)
-    return (*out, listed) if capacity else out
+    return ((*out, listed) if capacity else out), e, n
 
   def going(v, k):
     over = _over_two(v)
@@ -351,51 +365,49 @@ def _loop_core(k0t: jax.Array, ht: jax.Array, eta: jax.Array, ridge: jax.Array, 
   # carried iterate at the top of the next trip (the while loop's condition, the scan's predicate) and, for the bar,
   # inside a conditional that runs only while the bar is on. Counting the prox's output inside the body, where the
   # loop and the bar's callback consumed it, changed XLA:CPU's fusion of the prox and cost 17-25 % of each iteration.
-  v0, prev0, t0, k0 = start
+  v0, prev0, t0, k0, e0, n0 = start
   first = (v0, prev0, t0) if accelerate else (v0,)
   if capacity:
     first = (*first, empty_group_list(k0t.shape, capacity))
-  init = (first, k0)
+  init = (first, k0, e0, n0)
+
+  def advance(state):
+    carry, k, e, n = state
+    carry, e, n = step(carry, k, e, n)
+    return carry, k + 1, e, n
+
   if loop == "while":
-
-    def cond(state):
-      carry, k = state
-      return going(carry[0], k)
-
-    def body(state):
-      carry, k = state
-      return step(carry, k), k + 1
-
-    carry, k = lax.while_loop(cond, body, init)
+    (carry, k, e, n) = lax.while_loop(lambda state: going(state[0][0], state[1]), advance, init)
   elif loop == "scan":
 
     def scan_body(state, _):
-      go = lambda state: (step(*state), state[1] + 1)
-      return lax.cond(going(state[0][0], state[1]), go, lambda s: s, state), None
+      return lax.cond(going(state[0][0], state[1]), advance, lambda s: s, state), None
 
-    (carry, k), _ = lax.scan(scan_body, init, jnp.arange(scan_length, dtype=jnp.int32))
+    (carry, k, e, n), _ = lax.scan(scan_body, init, jnp.arange(scan_length, dtype=jnp.int32))
   else:
     raise ValueError(f"loop must be 'while' or 'scan', got {loop!r}")
 
   v = carry[0]
   prev, t = carry[1:3] if accelerate else (v, t0)
   over = _over_two(v)
-  return (v, prev, t, k, jnp.sum(over, dtype=jnp.int32), jnp.sum(jnp.any(over, axis=0), dtype=jnp.int32))
+  return (v, prev, t, k, e, n, jnp.sum(over, dtype=jnp.int32), jnp.sum(jnp.any(over, axis=0), dtype=jnp.int32))
 
 
 def _prox_loop(k0t: jax.Array, ht: jax.Array, eta: jax.Array, ridge: jax.Array, lam0: jax.Array, beta: jax.Array,
                allowed: jax.Array, cap: jax.Array, progress_every: jax.Array, stop_below: jax.Array,
-               **statics: Any) -> tuple[jax.Array, ...]:
+               target: jax.Array, **statics: Any) -> tuple[jax.Array, ...]:
   """:func:`_loop_core` from ``Ṽ = K̃₀`` at iteration 0."""
-  start = (k0t, k0t, jnp.ones((), _F32), jnp.zeros((), jnp.int32))
-  return _loop_core(k0t, ht, eta, ridge, lam0, beta, allowed, cap, progress_every, stop_below, start, **statics)
+  zero = jnp.zeros((), jnp.int32)
+  start = (k0t, k0t, jnp.ones((), _F32), zero, jnp.zeros((), _F32), zero)
+  return _loop_core(k0t, ht, eta, ridge, lam0, beta, allowed, cap, progress_every, stop_below, target, start,
+                    **statics)
 
 
 def _prox_resume(k0t: jax.Array, ht: jax.Array, eta: jax.Array, ridge: jax.Array, lam0: jax.Array, beta: jax.Array,
-                 allowed: jax.Array, cap: jax.Array, progress_every: jax.Array, stop_below: jax.Array, v: jax.Array,
-                 prev: jax.Array, t: jax.Array, k: jax.Array, **statics: Any) -> tuple[jax.Array, ...]:
-  """:func:`_loop_core` from a state ``(Ṽ, Ṽ_prev, t, k)`` (the open columns of an earlier loop, gathered)."""
-  return _loop_core(k0t, ht, eta, ridge, lam0, beta, allowed, cap, progress_every, stop_below, (v, prev, t, k),
+                 allowed: jax.Array, cap: jax.Array, progress_every: jax.Array, stop_below: jax.Array,
+                 target: jax.Array, *state: jax.Array, **statics: Any) -> tuple[jax.Array, ...]:
+  """:func:`_loop_core` from a state ``(Ṽ, Ṽ_prev, t, k, e, n)`` (the open columns of an earlier loop, gathered)."""
+  return _loop_core(k0t, ht, eta, ridge, lam0, beta, allowed, cap, progress_every, stop_below, target, state,
                     **statics)
 
 
@@ -458,8 +470,8 @@ def _baseline_core(kernel: jax.Array, hessian: jax.Array, damp: jax.Array, *, me
 # argument / output: "K" a kernel-shaped array (outputs over the mesh's model axis), "R" replicated (H, scalars).
 PIECES = {
     "setup": (_setup, "KRR", "RKRR", False),
-    "prox_loop": (_prox_loop, "KRRRRRRRRR", "KKRRRR", True),
-    "prox_resume": (_prox_resume, "KRRRRRRRRRKKRR", "KKRRRR", True),
+    "prox_loop": (_prox_loop, "KRRRRRRRRRR", "KKRRRRRR", True),
+    "prox_resume": (_prox_resume, "KRRRRRRRRRRKKRRRR", "KKRRRRRR", True),
     "prox_mask": (_prox_mask, "KK", "KK", False),
     "columns_open": (_columns_open, "K", "R", False),
     "finish": (_finish, "KKKRRRRR", "KRRR", False),
@@ -600,8 +612,10 @@ def _prox_solve(config: ProxConfig, k0t: jax.Array, ht: jax.Array, scalars: tupl
   widths = compaction_widths(config, shape, mesh)
   allowed, cap = int(scalars[4]), int(scalars[5])
   statics = prox_loop_statics(config, shape, mesh, precision=precision)
-  v, prev, t, k, left, open_ = _run("prox_loop", mesh, shape, k0t, ht, *scalars,
-                                    jnp.asarray(widths[0] if widths else 0, jnp.int32), **statics)
+  target = jnp.asarray(config.pace * (shape[0] // 4) * shape[1], _F32)  # groups to settle per iteration
+  stop_below = lambda: jnp.asarray(widths[0] if widths else 0, jnp.int32)
+  *state, left, open_ = _run("prox_loop", mesh, shape, k0t, ht, *scalars, stop_below(), target, **statics)
+  v, prev, k = state[0], state[1], state[3]
   full = slots = None
   while widths and int(open_) > 0 and int(left) > allowed and int(k) < cap:
     columns = np.flatnonzero(np.asarray(_run("columns_open", None, v.shape, v)))
@@ -620,9 +634,9 @@ def _prox_solve(config: ProxConfig, k0t: jax.Array, ht: jax.Array, scalars: tupl
                                                           jnp.asarray(slots), k0t)
     full = (full_v, full_prev)
     narrow = (shape[0], width)
-    v, prev, t, k, left, open_ = _run("prox_resume", None, narrow, k0_slice, ht, *scalars,
-                                      jnp.asarray(widths[0] if widths else 0, jnp.int32), v, prev, t, k,
-                                      **prox_loop_statics(config, narrow, None, precision=precision))
+    *state, left, open_ = _run("prox_resume", None, narrow, k0_slice, ht, *scalars, stop_below(), target, v, prev,
+                               *state[2:], **prox_loop_statics(config, narrow, None, precision=precision))
+    v, prev, k = state[0], state[1], state[3]
   if full is not None:
     v = full[0].at[:, jnp.asarray(slots)].set(v)
   vt, mask = _run("prox_mask", mesh, shape, v, k0t)

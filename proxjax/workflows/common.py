@@ -167,18 +167,13 @@ def mesh_of(spec: str | None) -> Any:
 
 
 def load_model(directory: str, mesh: Any, offload: bool = False, param_dtype: Any = None) -> Any:
-  """The model, placed on the host (``offload``), straight into its shardings on ``mesh``, or on the default
-  device.
-
-  Raises:
-    ValueError: ``offload`` across processes (not supported yet).
+  """The model, placed on the host (``offload``: every process reads the whole checkpoint into its own host memory),
+  straight into its shardings on ``mesh`` (each process reads only its devices' shards), or on the default device.
   """
-  if offload and distributed.process_count() > 1:
-    raise ValueError("--offload is not supported across processes yet: drop it (the mesh spans every process's "
-                     "devices, so each holds only its shards of the model)")
   kwargs = {} if param_dtype is None else {"param_dtype": param_dtype}
   if offload:
-    return load_pretrained(directory, sharding=lambda path, shape: jax.devices("cpu")[0], **kwargs)
+    host = sharding.host_device()
+    return load_pretrained(directory, sharding=lambda path, shape: host, **kwargs)
   return load_pretrained(directory, sharding=None if mesh is None else sharding.checkpoint_sharding(mesh), **kwargs)
 
 

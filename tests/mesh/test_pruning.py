@@ -73,19 +73,35 @@ def test_prune_kernel_sharded_equals_single_device(method, refine, mesh_name):
   assert bool(proxjax.is_nm(many.kernel))
 
 
-def test_prox_loop_communicates_only_scalars():
-  """The prox-gradient loop on split outputs: no gather of the kernel, only scalar all-reduces (the global stop)."""
+def test_paced_prox_sharded_equals_single_device():
+  """The paced schedule (its count of settled groups is a global sum) on split outputs, by the criteria above."""
+  mesh = sharding.make_mesh()
+  kernel, hessian = _layer(64, 96)
+  opts = {"lam0": 0.01, "beta": 1.05, "accelerate": False, "pace": 0.02}
+  one = proxjax.prune_kernel(kernel, hessian, "prox", **opts)
+  many = proxjax.prune_kernel(kernel, hessian, "prox", mesh=mesh, **opts)
+  assert_iterative_agreement({"k": np.asarray(many.kernel)}, {"k": np.asarray(one.kernel)},
+                             {"k": many.info.loss_after_refine}, {"k": one.info.loss_after_refine}, "prox")
+  assert abs(one.info.iterations - many.info.iterations) <= 1 and bool(proxjax.is_nm(many.kernel))
+
+
+@pytest.mark.parametrize("pace", [0.0, 0.01])
+def test_prox_loop_communicates_only_scalars(pace):
+  """The prox-gradient loop on split outputs: no gather of the kernel, only scalar all-reduces (the global stop; with
+  ``pace``, the count of groups that settled)."""
   mesh = sharding.make_mesh()
   kernel, hessian = _layer(64, 96)
   k = jax.device_put(jnp.asarray(kernel), sharding.kernel_sharding(mesh, kernel.shape))
   h = jax.device_put(jnp.asarray(hessian), sharding.replicated(mesh))
   pre, k0t, lip, _ = pruner._constants(k, h, 0.99, 0.0, mesh=mesh)
   assert k0t.sharding.spec == jax.sharding.PartitionSpec(None, "model")
-  statics = pruner.prox_loop_statics(ProxConfig(), kernel.shape, mesh, precision=jax.lax.Precision.HIGHEST)
+  statics = pruner.prox_loop_statics(ProxConfig(pace=pace), kernel.shape, mesh, precision=jax.lax.Precision.HIGHEST)
   assert statics["column_stop"] and statics["accelerate"]  # the default loop: FISTA, each column stops on its own
+  assert statics["paced"] == (pace > 0)
   fn = pruner.compiled_piece("prox_loop", mesh, kernel.shape, tuple(sorted(statics.items())))
   f32, i32 = jnp.float32, jnp.int32
-  args = (k0t, pre.hessian, f32(1 / lip), f32(0), f32(0.01), f32(1.05), i32(0), i32(100), i32(0), i32(0))
+  args = (k0t, pre.hessian, f32(1 / lip), f32(0), f32(0.01), f32(1.05), i32(0), i32(100), i32(0), i32(0),
+          f32(pace * 16 * 96))
   ops = _collectives(fn.strict.lower(*args).compile().as_text())
   assert not ops["all-gather"] and not ops["all-to-all"] and not ops["reduce-scatter"], ops
   assert ops["all-reduce"] and all(shape.endswith("[]") for shape in ops["all-reduce"]), ops["all-reduce"]

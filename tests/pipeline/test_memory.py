@@ -202,8 +202,8 @@ def test_pruner_pieces_bound_xla_prox_cg():
   meas = memory.measure_pruner(256, 512)
   ratios = _ratio_ok(pred, meas)
   assert ratios["prox_loop"] < 1.1 and ratios["finish"] < 1.1
-  # Outputs are shapes: exact up to XLA's scalars and tuple index tables.
-  assert all(0 <= meas[k].outputs - pred[k].outputs <= 64 for k in meas)
+  # Outputs are shapes: exact up to XLA's scalars and tuple index tables (the prox loop's: 6 scalars, 8 entries).
+  assert all(0 <= meas[k].outputs - pred[k].outputs <= 96 for k in meas)
 
 
 @pytest.mark.parametrize("method, refine", [("prox", "cg"), ("prox", "gd"), ("prox", None), ("wanda", None)])

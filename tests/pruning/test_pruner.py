@@ -180,18 +180,27 @@ def test_dead_inputs_and_singular_hessian(damp):
   assert res.info.loss_after_refine < 0.5  # rank 10 < 32 kept per column: the loss can be small
 
 
-def _reference_w_layout(w, h, lam0, beta, cap=500, accelerate=False, column_stop=False):
+def _reference_w_layout(w, h, lam0, beta, cap=500, accelerate=False, column_stop=False, pace=0.0):
   """The prox-gradient loop transcribed in the PyTorch layout: W (d_out, d_in), groups along rows (axis=-1); with
   ``accelerate``, FISTA's extrapolation (docs/method.md, "Acceleration"); with ``column_stop``, each output (a row
-  here) keeps its iterate once it is 2:4."""
+  here) keeps its iterate once it is 2:4; with ``pace``, λ's exponent grows by clip(pace·groups / settled, ½, 2)
+  per iteration ("Schedule and iteration estimate")."""
   d = np.sqrt(np.diag(h)).astype(np.float32)
   wt = (w * d[None, :]).astype(np.float32)  # W̃ = W diag(d)
   ht = (h / np.outer(d, d)).astype(np.float32)  # H̃ = diag(d)⁻¹ H diag(d)⁻¹
   eta = np.float32(1.0 / np.linalg.eigvalsh(ht.astype(np.float64))[-1])
   v, prev, t = wt.copy(), wt.copy(), 1.0
-  k = 0
+  k, e, left = 0, np.float32(0.0), None
+  target = np.float32(pace * v.size / 4)
   while k < cap and np.any((v.reshape(v.shape[0], -1, 4) != 0).sum(-1) > 2):
-    lam = np.exp(np.log(np.float32(lam0)) + np.float32(k) * np.log(np.float32(beta)))  # as the pruner forms it
+    if pace:
+      now = int(((v.reshape(v.shape[0], -1, 4) != 0).sum(-1) > 2).sum())
+      if k > 0:
+        e = np.float32(e + np.clip(target / np.float32(max(left - now, 1)), np.float32(0.5), np.float32(2.0)))
+      left = now
+    else:
+      e = np.float32(k)
+    lam = np.exp(np.log(np.float32(lam0)) + e * np.log(np.float32(beta)))  # as the pruner forms it
     z = v
     if accelerate:
       t_next = 0.5 * (1.0 + np.sqrt(1.0 + 4.0 * t * t))
@@ -205,11 +214,16 @@ def _reference_w_layout(w, h, lam0, beta, cap=500, accelerate=False, column_stop
   return v / d[None, :], k
 
 
-@pytest.mark.parametrize("accelerate,column_stop", [(False, False), (True, False), (True, True)])
-def test_accelerated_loop_against_w_layout_reference(accelerate, column_stop):
+@pytest.mark.parametrize("accelerate,column_stop,pace", [(False, False, 0.0), (True, False, 0.0), (True, True, 0.0),
+                                                          (True, True, 0.05)])
+def test_accelerated_loop_against_w_layout_reference(accelerate, column_stop, pace):
   k, h = _small(d_in=16, d_out=16, seed=3)
-  ref, iters = _reference_w_layout(k.T, h, 0.01, 1.3, accelerate=accelerate, column_stop=column_stop)
-  res = prune_kernel(k, h, lam0=0.01, beta=1.3, refine=None, accelerate=accelerate, column_stop=column_stop)
+  ref, iters = _reference_w_layout(k.T, h, 0.01, 1.3, accelerate=accelerate, column_stop=column_stop, pace=pace)
+  res = prune_kernel(k, h, lam0=0.01, beta=1.3, refine=None, accelerate=accelerate, column_stop=column_stop,
+                     pace=pace)
+  if pace:  # the paced schedule differs from the geometric one here
+    geometric = _reference_w_layout(k.T, h, 0.01, 1.3, accelerate=accelerate, column_stop=column_stop)[1]
+    assert iters != geometric
   assert res.info.iterations == iters
   np.testing.assert_array_equal(np.asarray(res.mask), ref.T != 0)
   np.testing.assert_allclose(np.asarray(res.kernel), ref.T, rtol=2e-4, atol=1e-5)
@@ -320,7 +334,8 @@ def test_the_prox_schedule_is_set_once_and_resolved_in_the_report():
   assert ProxConfig(lam0=0.05).start == ("lam0", 0.05) and ProxConfig(beta=1.1).growth == ("beta", 1.1)
   assert ProxConfig.paper() == ProxConfig(lam0=0.01, beta=1.01, accelerate=False, column_stop=False)
   for bad, needle in (({"lam0": 0.1, "lam0_relative": 0.1}, "not both"), ({"beta": 1.1, "budget": 10}, "not both"),
-                      ({"accelerate": 1}, "True or False")):
+                      ({"accelerate": 1}, "True or False"), ({"pace": -0.1}, "pace must be >= 0"),
+                      ({"pace": 1.0}, "pace must be < 1")):
     with pytest.raises(ValueError, match=needle):
       ProxConfig(**bad)
   k, h = _small()
@@ -352,10 +367,12 @@ def test_the_certificate_changes_no_iterate(monkeypatch):
   assert on.info.loss_after_refine == pytest.approx(off.info.loss_after_refine, rel=1e-6, abs=1e-9)
 
 
-def test_column_compaction_changes_no_iterate(monkeypatch):
+@pytest.mark.parametrize("pace", [0.0, 0.02])
+def test_column_compaction_changes_no_iterate(monkeypatch, pace):
   """The loop narrowed to its open columns (pruner.COMPACT: on by default only from 16384 groups; here forced on the
   toy layer, widths 32 → 16 → 8) against the loop that keeps every column: a stopped column keeps its iterate either
-  way, so the same mask, iterations and losses (1e-6; the narrower matmuls may round differently)."""
+  way, so the same mask, iterations and losses (1e-6; the narrower matmuls may round differently). With ``pace`` the
+  schedule's state (its exponent and the count of open groups) goes on across the narrowing too."""
   k, h = _toy(1)
   assert pruner.compaction_widths(ProxConfig(), (576, 576)) == [288, 144, 72, 40]
   assert pruner.compaction_widths(ProxConfig(), k.shape) == []  # off below min_groups
@@ -367,7 +384,7 @@ def test_column_compaction_changes_no_iterate(monkeypatch):
   runs = {}
   for name, compact in (("off", pruner.Compact(factor=0.0)), ("on", pruner.Compact(min_width=8, min_groups=0))):
     monkeypatch.setattr(pruner, "COMPACT", compact)
-    runs[name] = prune_kernel(k, h)
+    runs[name] = prune_kernel(k, h, pace=pace)
   assert ("prox_resume", (64, 16)) in ran and ("prox_resume", (64, 8)) in ran
   on, off = runs["on"], runs["off"]
   np.testing.assert_array_equal(np.asarray(on.mask), np.asarray(off.mask))

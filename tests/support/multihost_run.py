@@ -19,7 +19,8 @@ global device count to ``OUT.json``.
 pair of processes runs together (one JAX start-up for all of them), writing its results under ``WORK``:
 
 1. ``proxjax prune CHECKPOINT WORK/wanda --method wanda ...`` across the two processes (process 0 writes);
-2. ``proxjax eval WORK/wanda --json WORK/eval.json`` across them;
+2. ``proxjax eval WORK/wanda --json WORK/eval.json`` across them, then ``proxjax prune ... --offload`` (Wanda) into
+   ``WORK/offloaded-wanda`` (the model in each process's host memory, one block on the global mesh at a time);
 3. :func:`proxjax.pipeline.prune_model` with magnitude on the checkpoint loaded onto the 4-device global mesh (the
    tensor blocks the load read, :func:`tests.support.reads.recording`, written to ``WORK/reads-{PROCESS_ID}.json``):
    each process gathers the pruned kernels and writes ``WORK/magnitude-{PROCESS_ID}.npz``; with ``state_dir=WORK/state`` (process 0 writes each block), then again from that state (every block resumed);
@@ -212,6 +213,10 @@ def session(process_id: int, port: int, work: str, checkpoint: str, corpus: str)
     done["eval"] = cli.main(["eval", f"{work}/wanda", "--dataset", f"{corpus}/eval.txt", "--seqlen", "32", "--quiet",
                              "--max-windows", "16", "--json", f"{work}/eval.json", *flags])
     mark("eval")
+  # offloaded: the whole model in each process's host memory, one block on the global mesh at a time
+  done["offload"] = cli.main(["prune", checkpoint, f"{work}/offloaded-wanda", "--method", "wanda", "--offload",
+                              *(a.format(corpus=corpus) for a in ARGS), *flags])
+  mark("offload")
 
   import numpy as np  # noqa: PLC0415
 

@@ -203,6 +203,8 @@ def test_prune_dry_run_prints_the_memory_model_and_writes_nothing(checkpoint, tm
     (["--method", "prox", "--n", "1"], ["2:4"]),
     (["--method", "prox", "--budget", "0"], ["budget"]),
     (["--method", "prox", "--paper", "--beta", "1.1"], ["--paper", "--beta"]),
+    (["--method", "prox", "--paper", "--pace", "0.01"], ["--paper", "--pace"]),
+    (["--method", "prox", "--pace", "1.5"], ["--pace", "pace must be < 1"]),
     (["--method", "prox", "--lam0", "0.1", "--lam0-relative", "0.1"], ["--lam0,", "--lam0-relative", "not both"]),
     (["--method", "wanda", "--paper"], ["--paper", "'wanda'"]),
     (["--method", "wanda", "--refine-steps", "10"], ["refine"]),
