@@ -550,12 +550,14 @@ def prune_model(model: Any, calibration_ids: Any, method: str | MethodConfig | P
       parameters are placed by :mod:`proxjax.core.sharding` (kernels' outputs over ``model``), calibration batches are
       split over every device (``batch_size`` is rounded up to a multiple of the device count; the padding rows
       are masked out of ``H``), ``H`` is replicated and every kernel is pruned sharded (see
-      :func:`proxjax.prune_kernel`). ``None``: the default device. The mesh may span several processes
-      (:mod:`proxjax.core.distributed`; every process calls this with the same arguments, each supplying its devices'
-      rows of every batch and keeping on host only the activation rows of its own devices). ``state_dir`` then needs a file system every process shares: process 0 writes each finished block (its
-      kernels gathered from every process first), and a later call resumes every process from the same block, the
-      first one process 0 has not finished, each loading the finished kernels itself; where another process does not
-      see process 0's state the call is refused (finished blocks to resume) or keeps no state (none).
+      :func:`proxjax.prune_kernel`; on a one-device mesh each kernel is pruned as on one device). ``None``: the
+      default device. The mesh may span several processes (:mod:`proxjax.core.distributed`; every process calls this
+      with the same arguments, each supplying its devices' rows of every batch and keeping on host only the
+      activation rows of its own devices). ``state_dir`` then needs a file system every process shares: process 0
+      writes each finished block (its kernels gathered from every process first), and a later call resumes every
+      process from the same block, the first one process 0 has not finished, each loading the finished kernels
+      itself; where another process does not see process 0's state the call is refused (finished blocks to resume)
+      or keeps no state (none).
     min_expert_tokens: an expert of a mixture of experts whose calibration tokens (those routed to it) are fewer
       is pruned by magnitude instead of by the method (default :data:`MIN_EXPERT_TOKENS`); its reports are listed
       in :attr:`PipelineResult.underfed_experts` and a warning names them.
@@ -604,6 +606,9 @@ def prune_model(model: Any, calibration_ids: Any, method: str | MethodConfig | P
   if mesh is not None:
     batch_size = -(-batch_size // mesh.size) * mesh.size
   several = mesh is not None and mesh.is_multi_process
+  # a one-device mesh (offload's, or --mesh 1) prunes as one device does: the prox loop's certificate and its
+  # narrowing to the open columns are off on a mesh (proxjax.pruning.pruner.prox_loop_statics, compaction_widths)
+  kernel_mesh = mesh if mesh is not None and mesh.size > 1 else None
   finished = len(blocks)  # blocks that may be taken from state_dir (a single process: any with a saved report)
   if state_dir is not None:
     run = _fingerprint(ids, config, true_sequential, selected, run_info)
@@ -637,13 +642,13 @@ def prune_model(model: Any, calibration_ids: Any, method: str | MethodConfig | P
           bar.set_postfix_str(f"block {b} {name}")
           kernel = _submodule(block, name).kernel
           if len(kernel.shape) == 3:
-            reports.extend(_prune_experts(b, name, kernel, states[name], config, min_expert_tokens, mesh))
+            reports.extend(_prune_experts(b, name, kernel, states[name], config, min_expert_tokens, kernel_mesh))
             bar.update(1)
             continue
           t0 = time.perf_counter()
           hessian = _cal.hessian_from_state(states[name])
           try:
-            res = _pruner.prune_kernel(kernel[...], hessian, config, mesh=mesh)
+            res = _pruner.prune_kernel(kernel[...], hessian, config, mesh=kernel_mesh)
           except ValueError as err:
             raise ValueError(f"block {b} {name} (model.layers.{b}.{name}): {err}") from err
           kernel[...] = res.kernel.astype(kernel.dtype)

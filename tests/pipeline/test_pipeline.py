@@ -169,6 +169,27 @@ def test_resume_after_a_killed_run_gives_the_same_model(tmp_path, monkeypatch):
                          progress=False)
 
 
+def test_offload_on_one_device_prunes_as_one_device(tmp_path, monkeypatch):
+  """``offload`` on one device moves blocks through a one-device mesh, but each kernel is pruned as on one device
+  (``mesh=None``: the prox loop's certificate and column narrowing are off on a mesh): the same model, bit for bit."""
+  _, path = _checkpoint(tmp_path)
+  config = PruneConfig.from_options("prox", budget=15)
+  plain = load_pretrained(path)
+  pipeline.prune_model(plain, _ids(), method=config, progress=False)
+  real, meshes = pipeline._pruner.prune_kernel, []
+  monkeypatch.setattr(pipeline._pruner, "prune_kernel",
+                      lambda *a, **kw: (meshes.append(kw.get("mesh")), real(*a, **kw))[1])
+  host = jax.local_devices(backend="cpu")[0]
+  offloaded = load_pretrained(path, sharding=lambda path, shape: host)
+  pipeline.prune_model(offloaded, _ids(), method=config, progress=False, offload=True)
+  assert len(meshes) == 14 and set(meshes) == {None}
+  flat = lambda m: {k: np.asarray(v[...]) for k, v in nnx.to_flat_state(nnx.state(m, nnx.Param))}  # noqa: E731
+  a, b = flat(plain), flat(offloaded)
+  assert a.keys() == b.keys()
+  for key in a:
+    np.testing.assert_array_equal(a[key], b[key], err_msg=str(key))
+
+
 def test_bf16_checkpoint_stays_bf16_and_saves(tmp_path):
   # Without GQA every kernel is (64, 64): the bfloat16 programs are compiled for one shape (the dtype is what counts).
   _, path = _checkpoint(tmp_path, dtype=torch.bfloat16, num_key_value_heads=4)
