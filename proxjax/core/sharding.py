@@ -51,6 +51,8 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from proxjax.core import distributed
+
 __all__ = [
     "RULES",
     "activation_sharding",
@@ -294,18 +296,6 @@ def host_device() -> jax.Device:
   return jax.local_devices(backend="cpu")[0]
 
 
-def _whole(x: Any) -> Any:
-  """``x`` whole on this process: a global array sharded over other processes' devices is all-gathered (a collective:
-  every process calls it for the same arrays, in the same order)."""
-  if isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated):
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-
-    return multihost_utils.process_allgather(x, tiled=True)
-  if isinstance(x, jax.Array) and not x.is_fully_addressable:  # replicated: this process's copy
-    return x.addressable_data(0)
-  return x
-
-
 def place(module: Any, mesh: Mesh | None, variables: Any = None) -> None:
   """Moves an NNX module's variables (default: its ``nnx.Param`` s), in place, to their declared shardings on
   ``mesh`` (``None``: to the host, i.e. this process's first CPU device, :func:`host_device`; a variable sharded
@@ -325,13 +315,13 @@ def place(module: Any, mesh: Mesh | None, variables: Any = None) -> None:
   from flax import nnx  # local: keeps this module importable without building models
 
   state = nnx.state(module, nnx.Param if variables is None else variables)
-  if mesh is None:
+  if mesh is None:  # an array sharded over other processes' devices is gathered first (a collective)
     host = host_device()
-    nnx.update(module, jax.tree.map(lambda x: jax.device_put(_whole(x), host), state))
+    whole = lambda x: x if not isinstance(x, jax.Array) or x.is_fully_addressable else distributed.gather(x)
+    nnx.update(module, jax.tree.map(lambda x: jax.device_put(whole(x), host), state))
     return
-  else:
-    target = tree_shardings(state, mesh)
-    if mesh.is_multi_process:  # each process builds its own shards (see put)
-      nnx.update(module, jax.tree.map(put, state, target))
-      return
+  target = tree_shardings(state, mesh)
+  if mesh.is_multi_process:  # each process builds its own shards (see put)
+    nnx.update(module, jax.tree.map(put, state, target))
+    return
   nnx.update(module, jax.device_put(state, target))
