@@ -248,6 +248,10 @@ def test_scan_loop_equals_while_loop_and_cap():
   b = prune_kernel(k, h, lam0=0.01, beta=1.3, refine=None, loop="scan", cap=200)
   np.testing.assert_array_equal(np.asarray(a.kernel), np.asarray(b.kernel))
   assert a.info.iterations == b.info.iterations
+  paced = [prune_kernel(k, h, lam0=0.01, beta=1.3, refine=None, loop=loop, cap=200, pace=0.05) for loop in
+           ("while", "scan")]  # the paced schedule's state goes through the scan's no-op steps unchanged
+  np.testing.assert_array_equal(np.asarray(paced[0].kernel), np.asarray(paced[1].kernel))
+  assert paced[0].info.iterations == paced[1].info.iterations != a.info.iterations
   capped = prune_kernel(k, h, lam0=0.01, beta=1.3, refine=None, cap=3)
   assert capped.info.cap_hit and capped.info.iterations == 3 and capped.info.groups_projected > 0
   _check_24(capped, k)
