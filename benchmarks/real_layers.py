@@ -173,7 +173,8 @@ def main() -> None:
   p.add_argument("--pace", type=float, default=0.01, help="prox-paced-K variants: the schedule's pace")
   p.add_argument("--lam0-relative", type=float, help="prox-fista-K and prox-paced-K variants: λ₀ relative to the "
                  "layer (default: the library's, 1e-3)")
-  p.add_argument("--methods", nargs="+", help="labels to run (default: all but prox-paper)")
+  p.add_argument("--methods", nargs="+", help="labels to run (default: all but prox-paper, prox-shared and "
+                 "prox-paced-K)")
   p.add_argument("--gpu", action="store_true", help="one synthetic LLaMA-2-7B-shaped block instead of SmolLM2")
   p.add_argument("--tokens", type=int, default=131072, help="--gpu: calibration tokens per input")
   p.add_argument("--rounds", type=int, default=1, help="run every method this many times, interleaved; the table "

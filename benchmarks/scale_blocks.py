@@ -452,8 +452,8 @@ def measure_setup_and_step(kernel: jax.Array, hess: jax.Array, args: argparse.Na
   def loop(cap: int) -> Any:
     # pylint: disable-next=protected-access
     return pruner._run("prox_loop", mesh, kernel.shape, k0t, pre.hessian, f32(1.0 / lip), f32(0.0), lam, f32(1.0),
-                       jnp.int32(0), jnp.int32(cap), jnp.int32(0), jnp.int32(0), f32(0.0), loop="while", scan_length=None,
-                       precision=precision)
+                       jnp.int32(0), jnp.int32(cap), jnp.int32(0), jnp.int32(0), f32(0.0), loop="while",
+                       scan_length=None, precision=precision)
 
   c0, t = _COMPILE_SECONDS[0], time.perf_counter()
   jax.block_until_ready(loop(1))
