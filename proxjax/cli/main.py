@@ -41,7 +41,7 @@ from proxjax.pruning.methods import METHODS, ProxConfig, PruneConfig, RefineConf
 from proxjax.workflows import config as jobs
 from proxjax.workflows import paths
 
-_PROX_FLAGS = ("lam0", "beta", "cap", "budget", "lam0_relative", "ridge", "pace")
+_PROX_FLAGS = ("lam0", "beta", "cap", "budget", "lam0_relative", "ridge", "pace", "grad_dtype")
 _METHOD_DOC = "docs/method.md"
 
 
@@ -132,11 +132,12 @@ def prune_config(args: argparse.Namespace) -> PruneConfig:
     options[key] = _parse_value(value)
     flags[key] = f"--option {key}"
   if args.paper:
-    clash = [flags[k] for k in (*ProxConfig.PAPER, "budget", "lam0_relative") if k in flags]
+    clash = [flags[k] for k in (*ProxConfig.PAPER, "budget", "lam0_relative") if k in flags and k != "grad_dtype"]
     if clash:
       raise ArgumentError(f"--paper sets the schedule itself; drop {', '.join(clash)}")
-    options.update(ProxConfig.PAPER)
-    flags.update(dict.fromkeys(ProxConfig.PAPER, "--paper"))
+    paper = {k: v for k, v in ProxConfig.PAPER.items() if k not in flags}  # --grad-dtype may change its float32
+    options.update(paper)
+    flags.update(dict.fromkeys(paper, "--paper"))
   refine = "auto" if args.refine is None else args.refine
   try:
     return PruneConfig.from_options(args.method, refine=refine, n=args.n, m=args.m, **options)
@@ -435,9 +436,12 @@ def _add_prune(sub: Any) -> None:
                                                      "(default 1e-3)")
   p.add_argument("--pace", type=float, help="prox: pace λ by the state, aiming at this fraction of the groups "
                                            "becoming 2:4 per iteration (each step β^½ to β²; default 0: λ₀βᵏ)")
+  p.add_argument("--grad-dtype", choices=ProxConfig.GRAD_DTYPES,
+                 help="prox: operand dtype of the loop's gradient matmul, accumulated in float32 (bfloat16; the prox "
+                      "and the refinement are float32 either way)")
   p.add_argument("--paper", action="store_true",
                  help="prox: the paper's schedule (λ₀ 0.01, β 1.01, no acceleration, every column until the whole "
-                      "kernel is 2:4; several times the iterations of the default for the same loss, docs/method.md "
+                      "kernel is 2:4, a float32 gradient; several times the iterations of the default for the same loss, docs/method.md "
                       "\"Acceleration\")")
   p.add_argument("--ridge", type=float, help="prox: δ added as δ·I to the preconditioned H inside the loop (0)")
   p.add_argument("--damp", type=float, help="sparsegpt: damping relative to mean(diag H) (0.01)")

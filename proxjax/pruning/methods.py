@@ -92,13 +92,18 @@ class ProxConfig:
     pace: ``0`` (the default): ``λ_k = λ₀ β^k``. Else ``λ`` is paced by the state: each iteration multiplies it by
       ``β^f``, ``f = clip(pace · #groups / settled, ½, 2)`` with ``settled`` the groups that became 2:4 in the last
       iteration, so that about ``pace · #groups`` groups settle per iteration.
+    grad_dtype: the operand dtype of the loop's gradient matmul ``H̃ (Z − K̃₀)``: ``"bfloat16"`` (the default: both
+      operands rounded to bfloat16, the products accumulated in float32) or ``"float32"``. The iterate, the prox
+      and the refinement are float32 either way; the prox stays exact for the point it is given (docs/method.md,
+      "The prox method").
   """
   name: ClassVar[str] = "prox"
   default_refine: ClassVar[str | None] = "cg"
   DEFAULT_LAM0_RELATIVE: ClassVar[float] = 1e-3
   DEFAULT_BUDGET: ClassVar[int] = 200
   PAPER: ClassVar[Mapping[str, Any]] = {"lam0": 0.01, "beta": 1.01, "accelerate": False, "column_stop": False,
-                                         "pace": 0.0}
+                                         "pace": 0.0, "grad_dtype": "float32"}
+  GRAD_DTYPES: ClassVar[tuple[str, ...]] = ("bfloat16", "float32")
   lam0: float | None = None
   beta: float | None = None
   cap: int = 3000
@@ -111,6 +116,7 @@ class ProxConfig:
   accelerate: bool = True
   column_stop: bool = True
   pace: float = 0.0
+  grad_dtype: str = "bfloat16"
 
   @classmethod
   def paper(cls, **overrides: Any) -> ProxConfig:
@@ -156,6 +162,8 @@ class ProxConfig:
     if self.loop not in ("while", "scan"):
       raise ValueError(f"loop must be 'while' or 'scan', got {self.loop!r}")
     _number("pace", self.pace, low=0.0, high=1.0, open_high=True)
+    if self.grad_dtype not in self.GRAD_DTYPES:
+      raise ValueError(f"grad_dtype must be one of {self.GRAD_DTYPES}, got {self.grad_dtype!r}")
     for flag in ("accelerate", "column_stop"):
       if not isinstance(getattr(self, flag), bool):
         raise ValueError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
@@ -224,7 +232,7 @@ def method_config(name: str, **options: Any) -> MethodConfig:
 
   Example:
     >>> method_config("prox", budget=300)
-    ProxConfig(lam0=None, beta=None, cap=3000, ridge=0.0, quantile=0.99, lam0_relative=None, budget=300, tail_fraction=0.0, loop='while', accelerate=True, column_stop=True, pace=0.0)
+    ProxConfig(lam0=None, beta=None, cap=3000, ridge=0.0, quantile=0.99, lam0_relative=None, budget=300, tail_fraction=0.0, loop='while', accelerate=True, column_stop=True, pace=0.0, grad_dtype='bfloat16')
   """
   if name not in METHODS:
     raise ValueError(f"unknown method {name!r}; expected one of {tuple(METHODS)}")

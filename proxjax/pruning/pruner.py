@@ -132,13 +132,14 @@ def prox_loop_statics(config: ProxConfig, shape: tuple[int, ...], mesh: Any = No
     >>> from proxjax.pruning.methods import ProxConfig
     >>> from proxjax.pruning.pruner import prox_loop_statics
     >>> sorted(prox_loop_statics(ProxConfig(), (576, 1536)))
-    ['accelerate', 'capacity', 'chunk', 'column_stop', 'loop', 'paced', 'precision', 'scan_length', 'shrink']
+    ['accelerate', 'capacity', 'chunk', 'column_stop', 'grad_dtype', 'loop', 'paced', 'precision', 'scan_length', 'shrink']
     >>> 'capacity' in prox_loop_statics(ProxConfig(), (64, 32))  # 512 groups: the plain loop
     False
   """
   certify = CERTIFY if certify is None else certify
   statics = dict(loop=config.loop, scan_length=config.cap if config.loop == "scan" else None, precision=precision,
-                 accelerate=config.accelerate, column_stop=config.column_stop, paced=config.pace > 0)
+                 accelerate=config.accelerate, column_stop=config.column_stop, paced=config.pace > 0,
+                 grad_dtype=config.grad_dtype)
   groups = shape[0] // 4 * shape[1]
   wanted = math.ceil(certify.capacity * groups)
   if mesh is None and wanted >= 1 and groups >= certify.min_groups:
@@ -302,8 +303,8 @@ def _loop_core(k0t: jax.Array, ht: jax.Array, eta: jax.Array, ridge: jax.Array, 
                allowed: jax.Array, cap: jax.Array, progress_every: jax.Array, stop_below: jax.Array,
                target: jax.Array, start: tuple[jax.Array, ...], *, loop: str, scan_length: int | None,
                precision: lax.Precision, accelerate: bool = False, capacity: int = 0, chunk: int = 0,
-               shrink: float = 0.5, reuse: bool = True, column_stop: bool = False, paced: bool = False
-               ) -> tuple[jax.Array, ...]:
+               shrink: float = 0.5, reuse: bool = True, column_stop: bool = False, paced: bool = False,
+               grad_dtype: str = "float32") -> tuple[jax.Array, ...]:
   """The prox-gradient loop from ``start = (Ṽ, Ṽ_prev, t, k, e, n)``; returns ``(Ṽ, Ṽ_prev, t, k, e, n, groups
   left, open columns)``.
 
@@ -317,9 +318,11 @@ def _loop_core(k0t: jax.Array, ht: jax.Array, eta: jax.Array, ridge: jax.Array, 
   the uncertified groups only, ``chunk`` at a time, their list carried in the loop; the same iterates up to float
   rounding), else :func:`proxjax.prox_24` on every group. With ``column_stop`` an output column that is 2:4 at the
   start of an iteration keeps its iterate from then on (its own problem has stopped), and the loop also exits once
-  at most ``stop_below`` columns are open (the caller then goes on with those columns only).
+  at most ``stop_below`` columns are open (the caller then goes on with those columns only). The gradient's matmul
+  takes its operands in ``grad_dtype`` (``H̃`` is cast once, before the loop) and accumulates in float32.
   """
   log_lam0, log_beta = jnp.log(lam0), jnp.log(beta)
+  ht = ht.astype(grad_dtype)
   lam_max = _STRENGTH_LIMIT / (eta * jnp.maximum(jnp.max(jnp.abs(k0t)), jnp.finfo(_F32).tiny))
 
   def step(carry, k, e, n):

@@ -222,9 +222,15 @@ def relative_local_loss(kernel: ArrayLike, kernel0: ArrayLike, hessian: ArrayLik
 
 
 def local_grad(v: jax.Array, k0t: jax.Array, ht: jax.Array, ridge: jax.Array, precision: lax.Precision) -> jax.Array:
-  """``(H̃ + δ I)(Ṽ − K̃₀)``; rows of dead inputs are zero in ``Ṽ − K̃₀`` (both are zero there)."""
+  """``(H̃ + δ I)(Ṽ − K̃₀)``; rows of dead inputs are zero in ``Ṽ − K̃₀`` (both are zero there). An ``H̃`` in a
+  narrower dtype than float32 (the prox loop's ``grad_dtype``) rounds ``Ṽ − K̃₀`` to it too, and the products are
+  accumulated in float32."""
   delta = v - k0t
-  return jnp.matmul(ht, delta, precision=precision) + ridge * delta
+  if ht.dtype == delta.dtype:
+    product = jnp.matmul(ht, delta, precision=precision)
+  else:
+    product = jnp.matmul(ht, delta.astype(ht.dtype), preferred_element_type=delta.dtype)
+  return product + ridge * delta
 
 
 def gd_core(vt: jax.Array, mask: jax.Array, k0t: jax.Array, ht: jax.Array, eta: jax.Array, ridge: jax.Array,
