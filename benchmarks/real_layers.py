@@ -22,6 +22,8 @@ minutes on 2 CPU cores):
 * ``prox-plain-300``: plain proximal gradient, ``budget=300`` (the earlier fast setting).
 * ``prox-paper``: the paper's schedule (``λ₀ = 0.01``, ``β = 1.01``, plain, every column until the whole kernel is
   2:4; 1000–1800 iterations per layer).
+* ``prox-f32``: the default with the loop's gradient matmul in float32 (``grad_dtype="float32"``, the default until
+  2026-12-05; the default rounds its operands to bfloat16 and accumulates in float32).
 * ``prox-allcols``: the default with ``column_stop=False``: every column runs until the whole kernel is 2:4 (the
   default until 2026-12-04).
 * ``prox-nocert``: the default without the 2-sparse certificate in the loop (every iteration runs the Newton solve
@@ -76,6 +78,7 @@ def methods(budgets: list[int], pace: float = 0.01, lam0_relative: float | None 
   out["prox-plain-300"] = ("prox", "cg", {"budget": 300, "accelerate": False})
   out["prox-paper"] = ("prox", "cg", {"lam0": 0.01, "beta": 1.01, "accelerate": False, "column_stop": False})
   out["prox-allcols"] = ("prox", "cg", {"column_stop": False})
+  out["prox-f32"] = ("prox", "cg", {"grad_dtype": "float32"})
   out["prox-shared"] = ("prox", "cg", {SHARED: True})
   out["prox-nocert"] = ("prox", "cg", {NOCERT: True})
   return out

@@ -283,7 +283,8 @@ class PruneConfig:
       method's default (CG for the prox, none for the baselines).
     n: kept weights per group.
     m: group size (groups run along the kernel's input axis).
-    precision: matmul precision of the loops (``"highest"``: full float32 on every backend).
+    precision: matmul precision of the loops' float32 matmuls (``"highest"``: full float32 on every backend; the
+      prox loop's gradient is bfloat16 by default, ``ProxConfig.grad_dtype``).
   """
   method: Any = dataclasses.field(default_factory=ProxConfig)
   refine: Any = "auto"

@@ -38,7 +38,7 @@ constants give ``β = (Lκ/λ₀)^{1/K}`` for an iteration budget ``K`` (option 
 scale, since ``R`` is cubic and ``λ₀ = 0.01`` means something different in every layer).
 
 **Compiles.** Every jitted piece is compiled once per layer shape, dtype and static option (``loop``,
-``precision``, ``refine``, and ``cap`` for ``loop="scan"`` only); ``λ₀``, ``β``, ``δ``, ``tail_fraction``, ``cap``
+``precision``, ``grad_dtype``, ``refine``, and ``cap`` for ``loop="scan"`` only); ``λ₀``, ``β``, ``δ``, ``tail_fraction``, ``cap``
 (while loop), the number of refinement steps, the tolerance and the progress interval (0 = off) are traced, so
 sweeping them or switching the progress bar on does not recompile.
 
@@ -699,8 +699,9 @@ def prune_kernel(kernel: ArrayLike, hessian: ArrayLike, method: str | MethodConf
       :class:`~proxjax.pruning.methods.RefineConfig`.
     mesh: an optional :class:`jax.sharding.Mesh` with axes ``("data", "model")``; the result stays sharded on it.
     progress: False; True or N shows tqdm bars updated every 10 or N iterations from inside the compiled loops.
-    **options: the method configuration's fields (for ``"prox"``: ``lam0`` 0.01, ``beta`` 1.01, ``cap`` 3000,
-      ``ridge`` 0, ``quantile`` 0.99, ``lam0_relative``, ``budget``, ``tail_fraction`` 0, ``loop`` ``"while"``; for
+    **options: the method configuration's fields (for ``"prox"``: ``lam0`` or ``lam0_relative`` (1e-3), ``beta``
+      or ``budget`` (200), ``cap`` 3000, ``ridge`` 0, ``quantile`` 0.99, ``tail_fraction`` 0, ``loop`` ``"while"``,
+      ``accelerate``, ``column_stop``, ``pace`` 0, ``grad_dtype`` ``"bfloat16"`` (:class:`ProxConfig`); for
       ``"sparsegpt"``: ``blocksize`` 128, ``damp`` 0.01), ``refine_steps`` (1000 for GD, a cap of 200 for CG),
       ``refine_tol`` (1e-6), ``refine_ridge`` (0) and ``precision`` (``"highest"``); they are validated here, before
       any work.

@@ -207,6 +207,7 @@ def test_prune_dry_run_prints_the_memory_model_and_writes_nothing(checkpoint, tm
     (["--method", "prox", "--pace", "1.5"], ["--pace", "pace must be < 1"]),
     (["--method", "prox", "--lam0", "0.1", "--lam0-relative", "0.1"], ["--lam0,", "--lam0-relative", "not both"]),
     (["--method", "wanda", "--paper"], ["--paper", "'wanda'"]),
+    (["--method", "wanda", "--grad-dtype", "float32"], ["--grad-dtype", "'wanda'"]),
     (["--method", "wanda", "--refine-steps", "10"], ["refine"]),
     (["--nsamples", "0"], ["nsamples"]),
 ])
@@ -226,6 +227,18 @@ def test_option_errors_exit_2_before_jax_is_imported(checkpoint, tmp_path, extra
   assert len(err.splitlines()) == 1 and "error" in err, err
   assert all(n in err for n in needles), err
   assert not out.exists()
+
+
+def test_grad_dtype_flag_and_the_paper_preset():
+  """``--grad-dtype`` reaches the prox configuration; ``--paper`` takes the float32 gradient unless the flag says
+  otherwise (the gradient's dtype is not part of the schedule it fixes)."""
+  from proxjax.cli.main import build_parser, prune_config  # pylint: disable=import-outside-toplevel
+  config = lambda *flags: prune_config(build_parser().parse_args(["prune", "m", "o", *flags])).method
+  assert config().grad_dtype == "bfloat16" and config("--grad-dtype", "float32").grad_dtype == "float32"
+  paper = config("--paper")
+  assert (paper.lam0, paper.beta, paper.grad_dtype) == (0.01, 1.01, "float32")
+  paper = config("--paper", "--grad-dtype", "bfloat16")
+  assert (paper.lam0, paper.beta, paper.accelerate, paper.grad_dtype) == (0.01, 1.01, False, "bfloat16")
 
 
 def test_help_imports_no_jax():
