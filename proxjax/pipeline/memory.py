@@ -60,7 +60,9 @@ parameter; ``P = model_devices · data_devices`` devices):
   2·d_in²·d_out`` (CG's start adds two matmuls), the reported losses two or three more, SparseGPT
   ``(11/3)·d_in³`` (Cholesky, inverse, Cholesky) plus its sweep ``2·d_in²·d_out``. With rates,
   ``seconds = Σ_phase max(flops/flops_per_s, bytes/bytes_per_s)`` (a roofline: a lower bound, reached only by
-  large, well-shaped matmuls), plus host↔device transfers at ``host_bytes_per_s`` when given.
+  large, well-shaped matmuls, for everything but the prox loop's matmul, which is counted at the float32 rate although
+  its default operands are bfloat16, ``ProxConfig.grad_dtype``: faster on devices that multiply bfloat16 faster, 2×
+  on an AVX512-BF16 CPU, more on GPUs), plus host↔device transfers at ``host_bytes_per_s`` when given.
 
 **Families.** Phi-3's fused ``qkv_proj`` / ``gate_up_proj`` are one linear each (one input, one Hessian). A mixture
 of experts (``num_experts = E``) counts ``E`` kernels per stacked expert linear (each pruned on its own, one at a
@@ -653,7 +655,8 @@ def linear_cost(d_in: int, d_out: int, *, method: str | MethodConfig | PruneConf
      \text{refine}_{CG} = (\text{steps} + 2)\, M, \quad \text{losses} = (2 \text{ or } 3)\, M,
 
   SparseGPT's ``baseline`` ``(11/3)·d_in³ + M`` plus its sweep, and each part's time
-  ``max(flops/flops_per_s, bytes/bytes_per_s)`` (a roofline: a lower bound).
+  ``max(flops/flops_per_s, bytes/bytes_per_s)`` (a roofline: a lower bound, but for the prox loop's matmul, counted
+  at the float32 rate though its default operands are bfloat16).
 
   Args:
     d_in: the kernel's input size.
