@@ -441,8 +441,8 @@ def _add_prune(sub: Any) -> None:
                       "and the refinement are float32 either way)")
   p.add_argument("--paper", action="store_true",
                  help="prox: the paper's schedule (λ₀ 0.01, β 1.01, no acceleration, every column until the whole "
-                      "kernel is 2:4, a float32 gradient; several times the iterations of the default for the same loss, docs/method.md "
-                      "\"Acceleration\")")
+                      "kernel is 2:4, a float32 gradient; several times the iterations of the default for the same "
+                      "loss, docs/method.md \"Acceleration\")")
   p.add_argument("--ridge", type=float, help="prox: δ added as δ·I to the preconditioned H inside the loop (0)")
   p.add_argument("--damp", type=float, help="sparsegpt: damping relative to mean(diag H) (0.01)")
   p.add_argument("--refine-steps", type=int, help="refinement steps (GD 1000; CG cap 200)")

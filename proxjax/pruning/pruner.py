@@ -38,9 +38,9 @@ constants give ``β = (Lκ/λ₀)^{1/K}`` for an iteration budget ``K`` (option 
 scale, since ``R`` is cubic and ``λ₀ = 0.01`` means something different in every layer).
 
 **Compiles.** Every jitted piece is compiled once per layer shape, dtype and static option (``loop``,
-``precision``, ``grad_dtype``, ``refine``, and ``cap`` for ``loop="scan"`` only); ``λ₀``, ``β``, ``δ``, ``tail_fraction``, ``cap``
-(while loop), the number of refinement steps, the tolerance and the progress interval (0 = off) are traced, so
-sweeping them or switching the progress bar on does not recompile.
+``precision``, ``grad_dtype``, ``refine``, and ``cap`` for ``loop="scan"`` only); ``λ₀``, ``β``, ``δ``,
+``tail_fraction``, ``cap`` (while loop), the number of refinement steps, the tolerance and the progress interval
+(0 = off) are traced, so sweeping them or switching the progress bar on does not recompile.
 
 **Loop.** ``loop="while"`` (default) is a ``lax.while_loop`` that exits when done; ``loop="scan"`` is a fixed-length
 ``lax.scan`` of ``cap`` iterations whose body is a ``lax.cond`` no-op once done. Both compute the same iterates, bit
