@@ -323,8 +323,13 @@ def prox_24_listed(x: jax.Array, lam: jax.Array, listed: GroupList, *, chunk: in
     rebuild = fits
 
   def new_list(old):
-    (index,) = jnp.nonzero(need.reshape(-1), size=capacity, fill_value=0)
-    return GroupList(index.astype(jnp.int32), need, count)
+    # jnp.nonzero(flat, size=capacity, fill_value=0), built from one prefix sum and one scatter: the listed groups
+    # first, in order, the rest of the slots 0 (nonzero's two prefix sums and scatter-add took twice as long)
+    flat = need.reshape(-1)
+    rank = lax.associative_scan(jnp.add, flat.astype(jnp.int32)) - 1
+    slots = jnp.where(flat, rank, capacity)  # out of range: dropped
+    index = jnp.zeros((capacity,), jnp.int32).at[slots].set(jnp.arange(flat.shape[0], dtype=jnp.int32), mode="drop")
+    return GroupList(index, need, count)
 
   listed = lax.cond(rebuild, new_list, lambda old: old, listed)
   chunks = jnp.where(fits, (listed.size + chunk - 1) // chunk, -1)
