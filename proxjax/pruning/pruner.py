@@ -131,8 +131,9 @@ def prox_loop_statics(config: ProxConfig, shape: tuple[int, ...], mesh: Any = No
   Example:
     >>> from proxjax.pruning.methods import ProxConfig
     >>> from proxjax.pruning.pruner import prox_loop_statics
-    >>> sorted(prox_loop_statics(ProxConfig(), (576, 1536)))
-    ['accelerate', 'capacity', 'chunk', 'column_stop', 'grad_dtype', 'loop', 'paced', 'precision', 'scan_length', 'shrink']
+    >>> sorted(prox_loop_statics(ProxConfig(), (576, 1536)))  # doctest: +NORMALIZE_WHITESPACE
+    ['accelerate', 'capacity', 'chunk', 'column_stop', 'grad_dtype', 'loop', 'paced', 'precision', 'scan_length',
+     'shrink']
     >>> 'capacity' in prox_loop_statics(ProxConfig(), (64, 32))  # 512 groups: the plain loop
     False
   """
