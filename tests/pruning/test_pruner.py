@@ -188,7 +188,8 @@ def _reference_w_layout(w, h, lam0, beta, cap=500, accelerate=False, column_stop
   here) keeps its iterate once it is 2:4; with ``pace``, λ's exponent grows by clip(pace·groups / settled, ½, 2)
   per iteration ("Schedule and iteration estimate"); the gradient's operands rounded to ``grad_dtype`` (ml_dtypes'
   bfloat16), its products summed in float64 and rounded to float32."""
-  low = lambda a: np.asarray(a, np.float32).astype(getattr(ml_dtypes, grad_dtype, np.float32)).astype(np.float64)
+  rounded = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}[grad_dtype]
+  low = lambda a: np.asarray(a, np.float32).astype(rounded).astype(np.float64)
   d = np.sqrt(np.diag(h)).astype(np.float32)
   wt = (w * d[None, :]).astype(np.float32)  # W̃ = W diag(d)
   ht = (h / np.outer(d, d)).astype(np.float32)  # H̃ = diag(d)⁻¹ H diag(d)⁻¹
