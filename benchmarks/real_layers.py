@@ -13,13 +13,15 @@ Methods (``--methods``, default all but ``prox-paced-K``, ``prox-shared`` and ``
 minutes on 2 CPU cores):
 
 * ``wanda``, ``sparsegpt+cg``: the references.
-* ``prox`` the library default (FISTA, ``lam0_relative=1e-3``, ``budget=200``, the column stop; docs/method.md,
-  "Acceleration" and "The prox method").
-* ``prox-fista-K``: the same with ``budget=K`` (K in ``--budgets``; ``λ₀`` from ``--lam0-relative``), the frontier
-  of loss vs time.
+* ``prox`` the library default (FISTA, ``lam0_relative=1e-4``, ``budget=175`` paced by the state, ``pace=0.01``,
+  the column stop; docs/method.md, "Acceleration", "Schedule and iteration estimate" and "The prox method").
+* ``prox-geometric``: the default until 2026-12-05, ``lam0_relative=1e-3``, ``budget=200``, ``λ₀ β^k`` (no pacing).
+* ``prox-fista-K``: FISTA with ``budget=K`` (K in ``--budgets``; ``λ₀`` from ``--lam0-relative``, else the
+  default's), the geometric schedule ``λ₀ β^k``: the frontier of loss vs time.
 * ``prox-paced-K``: ``prox-fista-K`` with the schedule paced by the state (``pace``, ``--pace``, default 0.01;
   docs/method.md, "Schedule and iteration estimate"); not in the default list.
-* ``prox-plain-300``: plain proximal gradient, ``budget=300`` (the earlier fast setting).
+* ``prox-plain-300``: plain proximal gradient, ``lam0_relative=1e-3``, ``budget=300``, geometric (the earlier fast
+  setting).
 * ``prox-paper``: the paper's schedule (``λ₀ = 0.01``, ``β = 1.01``, plain, every column until the whole kernel is
   2:4; 1000–1800 iterations per layer).
 * ``prox-f32``: the default with the loop's gradient matmul in float32 (``grad_dtype="float32"``, the default until
@@ -73,9 +75,10 @@ def methods(budgets: list[int], pace: float = 0.01, lam0_relative: float | None 
   out = {"wanda": ("wanda", None, {}), "sparsegpt+cg": ("sparsegpt", "cg", {}), "prox": ("prox", "cg", {})}
   start = {} if lam0_relative is None else {"lam0_relative": lam0_relative}
   for k in budgets:
-    out[f"prox-fista-{k}"] = ("prox", "cg", {"budget": k, **start})
+    out[f"prox-fista-{k}"] = ("prox", "cg", {"budget": k, "pace": 0.0, **start})
     out[f"prox-paced-{k}"] = ("prox", "cg", {"budget": k, "pace": pace, **start})
-  out["prox-plain-300"] = ("prox", "cg", {"budget": 300, "accelerate": False})
+  out["prox-plain-300"] = ("prox", "cg", {"budget": 300, "accelerate": False, "lam0_relative": 1e-3, "pace": 0.0})
+  out["prox-geometric"] = ("prox", "cg", {"budget": 200, "lam0_relative": 1e-3, "pace": 0.0})
   out["prox-paper"] = ("prox", "cg", {"lam0": 0.01, "beta": 1.01, "accelerate": False, "column_stop": False})
   out["prox-allcols"] = ("prox", "cg", {"column_stop": False})
   out["prox-f32"] = ("prox", "cg", {"grad_dtype": "float32"})

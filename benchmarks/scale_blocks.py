@@ -137,7 +137,7 @@ METHODS = {
     "sparsegpt+cg": ("sparsegpt", "cg", None),
     "prox-budget": ("prox", "cg", "budget"),
     "prox": ("prox", "cg", "paper"),
-    "prox-default": ("prox", "cg", "default"),  # the library's default: FISTA, budget 150, relative λ₀
+    "prox-default": ("prox", "cg", "default"),  # the library's default: FISTA, budget 175 paced, relative λ₀
 }
 
 # Dense peak TFLOP/s by device kind (NVIDIA data sheets, SXM parts): bf16 tensor core, TF32 tensor core, FP32 without
@@ -498,7 +498,7 @@ def run_method(label: str, kernel: jax.Array, hess: jax.Array, args: argparse.Na
     else:
       opts["lam0"] = args.lam0
     if schedule == "budget":
-      opts["budget"] = args.budget
+      opts.update(budget=args.budget, pace=0.0)  # the geometric schedule λ₀βᵏ
       estimate = args.budget
     else:
       opts["beta"] = args.beta

@@ -431,11 +431,12 @@ def _add_prune(sub: Any) -> None:
                                             "--budget)")
   p.add_argument("--cap", type=int, help="prox: iteration cap (default 3000)")
   p.add_argument("--budget", type=int, help="prox: choose β so the schedule needs about this many iterations "
-                                            "(default 200)")
+                                            "(default 175)")
   p.add_argument("--lam0-relative", type=float, help="prox: λ₀ relative to the layer's 2-sparse threshold "
-                                                     "(default 1e-3)")
+                                                     "(default 1e-4)")
   p.add_argument("--pace", type=float, help="prox: pace λ by the state, aiming at this fraction of the groups "
-                                           "becoming 2:4 per iteration (each step β^½ to β²; default 0: λ₀βᵏ)")
+                                           "becoming 2:4 per iteration (each step β^½ to β²; default 0.01 with a "
+                                           "budget, 0 with --beta; 0: λ₀βᵏ)")
   p.add_argument("--grad-dtype", choices=ProxConfig.GRAD_DTYPES,
                  help="prox: operand dtype of the loop's gradient matmul, accumulated in float32 (bfloat16; the prox "
                       "and the refinement are float32 either way)")

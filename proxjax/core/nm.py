@@ -16,7 +16,8 @@ from jax.typing import ArrayLike
 
 from proxjax.core.pattern import check_nm
 
-__all__ = ["check_nm", "nm_mask", "project_nm", "is_nm", "nm_rank", "group_axis", "split_groups", "merge_groups"]
+__all__ = ["check_nm", "nm_mask", "project_nm", "is_nm", "nm_rank", "group_axis", "split_groups", "merge_groups",
+           "to_planar", "from_planar"]
 
 
 def group_axis(shape: tuple[int, ...], m: int, axis: int) -> int:
@@ -42,6 +43,32 @@ def split_groups(x: jax.Array, m: int, axis: int) -> jax.Array:
 def merge_groups(g: jax.Array, axis: int) -> jax.Array:
   """Inverse of :func:`split_groups` (``axis`` is the normalized group axis of the original array)."""
   return g.reshape(g.shape[:axis] + (g.shape[axis] * g.shape[axis + 1],) + g.shape[axis + 2:])
+
+
+def to_planar(x: jax.Array, m: int = 4) -> jax.Array:
+  """The rows of ``x`` (groups of ``m`` along axis 0) reordered entry-major: row ``i·(L/m) + g`` of the result is row
+  ``m·g + i`` of ``x`` (entry ``i`` of group ``g``), so each entry of the groups is one contiguous block of rows.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> to_planar(jnp.arange(8), 4).tolist()
+    [0, 4, 1, 5, 2, 6, 3, 7]
+  """
+  g = split_groups(x, m, 0)
+  return jnp.swapaxes(g, 0, 1).reshape(x.shape)
+
+
+def from_planar(x: jax.Array, m: int = 4) -> jax.Array:
+  """Inverse of :func:`to_planar`.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from_planar(to_planar(jnp.arange(8), 4), 4).tolist()
+    [0, 1, 2, 3, 4, 5, 6, 7]
+  """
+  group_axis(x.shape, m, 0)
+  g = x.reshape((m, x.shape[0] // m) + x.shape[1:])
+  return jnp.swapaxes(g, 0, 1).reshape(x.shape)
 
 
 def check_floating(x: jax.Array, what: str) -> None:

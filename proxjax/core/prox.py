@@ -61,6 +61,37 @@ def _components(x: jax.Array, axis: int) -> tuple[jax.Array, ...]:
   return tuple(jnp.take(g, i, axis=axis + 1) for i in range(4))
 
 
+def _planar_components(x: jax.Array) -> tuple[jax.Array, ...]:
+  """The four entries of every group of a kernel stored planar (:func:`proxjax.core.nm.to_planar`): contiguous row
+  blocks."""
+  g = x.shape[0] // 4
+  return tuple(x[i * g:(i + 1) * g] for i in range(4))
+
+
+def _kernel_components(x: jax.Array, planar: bool) -> tuple[jax.Array, ...]:
+  return _planar_components(x) if planar else _components(x, 0)
+
+
+def _merge_kernel(out: tuple[jax.Array, ...], planar: bool) -> jax.Array:
+  return jnp.concatenate(out, axis=0) if planar else nm.merge_groups(jnp.stack(out, axis=1), 0)
+
+
+def prox_24_planar(x: jax.Array, lam: jax.Array) -> jax.Array:
+  r"""``prox_24(x, lam)`` for a 2-D kernel stored planar (:func:`proxjax.core.nm.to_planar`: row ``i·G + g`` is
+  entry ``i`` of group ``g``), in the same layout: ``to_planar(prox_24(from_planar(x), lam))`` up to float rounding,
+  without splitting interleaved rows. For ``jit`` (``λ`` a traced float32 scalar, the strength ``λ·η``).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, proxjax, proxjax.core.prox as prox
+    >>> from proxjax.core.nm import from_planar, to_planar
+    >>> x = jax.random.normal(jax.random.key(0), (8, 16))
+    >>> bool(jnp.allclose(from_planar(prox.prox_24_planar(to_planar(x), jnp.float32(2.0))), proxjax.prox_24(x, 2.0),
+    ...                   atol=1e-6))
+    True
+  """
+  return _merge_kernel(_prox_components(_planar_components(x), jnp.asarray(lam, x.dtype)), True)
+
+
 def _sort4(v: list[jax.Array]) -> tuple[list[jax.Array], list[jax.Array]]:
   """Sorts four magnitude arrays descending with a 5-comparator network; ties: lower original index first."""
   v = list(v)
@@ -272,7 +303,7 @@ def empty_group_list(shape: tuple[int, int], capacity: int) -> GroupList:
 
 
 def prox_24_listed(x: jax.Array, lam: jax.Array, listed: GroupList, *, chunk: int, shrink: float = 0.5,
-                   reuse: bool = True) -> tuple[jax.Array, GroupList, jax.Array, jax.Array]:
+                   reuse: bool = True, planar: bool = False) -> tuple[jax.Array, GroupList, jax.Array, jax.Array]:
   r"""``prox_24(x, lam)`` along axis 0 of a 2-D kernel, with the Newton work only where the certificate fails.
 
   Every group gets :func:`certify_24`'s test; a certified group's prox is its top two (closed form). The others
@@ -295,6 +326,9 @@ def prox_24_listed(x: jax.Array, lam: jax.Array, listed: GroupList, *, chunk: in
     chunk: groups per gathered solve.
     shrink: rebuild a list that still holds every uncertified group once they are fewer than this fraction of it.
     reuse: keep a list while it holds every uncertified group (``False``: a new list every call).
+    planar: ``x`` (and the result) are stored planar (:func:`proxjax.core.nm.to_planar`), which makes each group
+      entry a contiguous block of rows (cheaper to split and merge than the interleaved rows); the groups and the
+      list's indices are the same in both layouts.
 
   Returns:
     ``(prox, new list, chunks, rebuilt)``: ``chunks`` is the number of gathered solves, ``-1`` for the full solve.
@@ -311,7 +345,8 @@ def prox_24_listed(x: jax.Array, lam: jax.Array, listed: GroupList, *, chunk: in
   if chunk < 1 or capacity % chunk:
     raise ValueError(f"the list's capacity {capacity} must be a positive multiple of chunk {chunk}")
   lam = jnp.asarray(lam, x.dtype)
-  y = _components(x, 0)
+  split = functools.partial(_kernel_components, planar=planar)
+  y = split(x)
   mags, idx = _sort4([jnp.abs(c) for c in y])
   cert = _certified_sorted(mags, lam)
   need = ~cert
@@ -337,10 +372,10 @@ def prox_24_listed(x: jax.Array, lam: jax.Array, listed: GroupList, *, chunk: in
   # The branches take only x and the list (they recompute the sort): passing the sorted magnitudes kept four more
   # kernel-sized arrays alive across the conditional.
   def full(x, index, chunks):
-    return _prox_components(_components(x, 0), lam)
+    return _prox_components(split(x), lam)
 
   def gathered(x, index, chunks):
-    y = _components(x, 0)
+    y = split(x)
     mags, idx = _sort4([jnp.abs(c) for c in y])
     flat = [c.reshape(-1) for c in y]
     keep_all = _certified_sorted(mags, lam).reshape(-1)
@@ -356,7 +391,7 @@ def prox_24_listed(x: jax.Array, lam: jax.Array, listed: GroupList, *, chunk: in
     return tuple(o.reshape(c.shape) for o, c in zip(out, y))
 
   out = lax.cond(fits, gathered, full, x, listed.index, chunks)
-  return nm.merge_groups(jnp.stack(out, axis=1), 0), listed, chunks, rebuild
+  return _merge_kernel(out, planar), listed, chunks, rebuild
 
 
 def prox_24(x: Any, hyperparams: Any, scaling: ArrayLike = 1.0, *, axis: int = 0) -> Any:

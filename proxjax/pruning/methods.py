@@ -72,7 +72,8 @@ class ProxConfig:
 
   The schedule ``λ_k = λ₀ β^k`` is set by one of ``lam0`` (absolute) or ``lam0_relative`` (``λ₀ = r · L κ``) and one
   of ``beta`` or ``budget`` (``β = (L κ / λ₀)^{1/budget}``); with neither of a pair the default is used:
-  ``lam0_relative = 1e-3`` and ``budget = 200``, with FISTA's acceleration and the column stop. The paper's schedule is
+  ``lam0_relative = 1e-4`` and ``budget = 175``, paced by the state (``pace = 0.01``), with FISTA's acceleration and
+  the column stop (benchmarks/README.md, "Prox quality per cost"). The paper's schedule is
   :meth:`paper` (``λ₀ = 0.01``, ``β = 1.01``, no acceleration: about 10× the iterations for the same loss,
   benchmarks/README.md, "Prox quality per cost").
 
@@ -89,9 +90,11 @@ class ProxConfig:
     accelerate: FISTA's extrapolation between prox-gradient steps; the prox stays exact.
     column_stop: each output column (its own problem: the local loss and ``R`` are sums over columns) stops when it
       is 2:4 and keeps that iterate; ``False``: every column runs until the whole kernel is 2:4 (the paper's rule).
-    pace: ``0`` (the default): ``λ_k = λ₀ β^k``. Else ``λ`` is paced by the state: each iteration multiplies it by
-      ``β^f``, ``f = clip(pace · #groups / settled, ½, 2)`` with ``settled`` the groups that became 2:4 in the last
-      iteration, so that about ``pace · #groups`` groups settle per iteration.
+    pace: ``0``: ``λ_k = λ₀ β^k``. Else ``λ`` is paced by the state: each iteration multiplies it by ``β^f``,
+      ``f = clip(pace · #groups / settled, ½, 2)`` with ``settled`` the groups that became 2:4 in the last
+      iteration, so that about ``pace · #groups`` groups settle per iteration. ``None`` (the default): ``0.01``
+      when ``β`` comes from a budget, ``0`` when ``beta`` is given (an explicit ``β`` means ``λ₀ β^k``); resolved by
+      :attr:`pacing`.
     grad_dtype: the operand dtype of the loop's gradient matmul ``H̃ (Z − K̃₀)``: ``"bfloat16"`` (the default: both
       operands rounded to bfloat16, the products accumulated in float32) or ``"float32"``. The iterate, the prox
       and the refinement are float32 either way; the prox stays exact for the point it is given (docs/method.md,
@@ -99,8 +102,9 @@ class ProxConfig:
   """
   name: ClassVar[str] = "prox"
   default_refine: ClassVar[str | None] = "cg"
-  DEFAULT_LAM0_RELATIVE: ClassVar[float] = 1e-3
-  DEFAULT_BUDGET: ClassVar[int] = 200
+  DEFAULT_LAM0_RELATIVE: ClassVar[float] = 1e-4
+  DEFAULT_BUDGET: ClassVar[int] = 175
+  DEFAULT_PACE: ClassVar[float] = 0.01
   PAPER: ClassVar[Mapping[str, Any]] = {"lam0": 0.01, "beta": 1.01, "accelerate": False, "column_stop": False,
                                          "pace": 0.0, "grad_dtype": "float32"}
   GRAD_DTYPES: ClassVar[tuple[str, ...]] = ("bfloat16", "float32")
@@ -115,7 +119,7 @@ class ProxConfig:
   loop: str = "while"
   accelerate: bool = True
   column_stop: bool = True
-  pace: float = 0.0
+  pace: float | None = None
   grad_dtype: str = "bfloat16"
 
   @classmethod
@@ -134,6 +138,18 @@ class ProxConfig:
     if self.lam0 is not None:
       return "lam0", self.lam0
     return "lam0_relative", self.DEFAULT_LAM0_RELATIVE if self.lam0_relative is None else self.lam0_relative
+
+  @property
+  def pacing(self) -> float:
+    """The resolved ``pace``: ``pace`` if given, else :attr:`DEFAULT_PACE` with a budget and ``0`` with ``beta``.
+
+    Example:
+      >>> ProxConfig().pacing, ProxConfig(beta=1.05).pacing, ProxConfig(budget=300, pace=0.0).pacing
+      (0.01, 0.0, 0.0)
+    """
+    if self.pace is not None:
+      return self.pace
+    return self.DEFAULT_PACE if self.beta is None else 0.0
 
   @property
   def growth(self) -> tuple[str, float]:
@@ -161,7 +177,8 @@ class ProxConfig:
     _number("tail_fraction", self.tail_fraction, low=0.0, high=1.0, open_high=True)
     if self.loop not in ("while", "scan"):
       raise ValueError(f"loop must be 'while' or 'scan', got {self.loop!r}")
-    _number("pace", self.pace, low=0.0, high=1.0, open_high=True)
+    if self.pace is not None:
+      _number("pace", self.pace, low=0.0, high=1.0, open_high=True)
     if self.grad_dtype not in self.GRAD_DTYPES:
       raise ValueError(f"grad_dtype must be one of {self.GRAD_DTYPES}, got {self.grad_dtype!r}")
     for flag in ("accelerate", "column_stop"):
@@ -232,7 +249,7 @@ def method_config(name: str, **options: Any) -> MethodConfig:
 
   Example:
     >>> method_config("prox", budget=300)
-    ProxConfig(lam0=None, beta=None, cap=3000, ridge=0.0, quantile=0.99, lam0_relative=None, budget=300, tail_fraction=0.0, loop='while', accelerate=True, column_stop=True, pace=0.0, grad_dtype='bfloat16')
+    ProxConfig(lam0=None, beta=None, cap=3000, ridge=0.0, quantile=0.99, lam0_relative=None, budget=300, tail_fraction=0.0, loop='while', accelerate=True, column_stop=True, pace=None, grad_dtype='bfloat16')
   """
   if name not in METHODS:
     raise ValueError(f"unknown method {name!r}; expected one of {tuple(METHODS)}")

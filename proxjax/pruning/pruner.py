@@ -75,7 +75,7 @@ from proxjax.pruning import baselines
 from proxjax.core import nm
 from proxjax.core import sharding as _sharding
 from proxjax.pruning import refine as _refine
-from proxjax.core.prox import empty_group_list, prox_24, prox_24_listed
+from proxjax.core.prox import empty_group_list, prox_24, prox_24_listed, prox_24_planar
 from proxjax.pruning.methods import MethodConfig, ProxConfig, PruneConfig, SparseGPTConfig
 
 __all__ = [
@@ -139,7 +139,7 @@ def prox_loop_statics(config: ProxConfig, shape: tuple[int, ...], mesh: Any = No
   """
   certify = CERTIFY if certify is None else certify
   statics = dict(loop=config.loop, scan_length=config.cap if config.loop == "scan" else None, precision=precision,
-                 accelerate=config.accelerate, column_stop=config.column_stop, paced=config.pace > 0,
+                 accelerate=config.accelerate, column_stop=config.column_stop, paced=config.pacing > 0,
                  grad_dtype=config.grad_dtype)
   groups = shape[0] // 4 * shape[1]
   wanted = math.ceil(certify.capacity * groups)
@@ -155,12 +155,15 @@ class Compact(NamedTuple):
 
   Each output column is its own problem (the local loss and ``R`` are sums over columns), and a column stops once
   it is 2:4. The loop runs on all ``d_out`` columns until at most the next width's worth are still open, then goes
-  on with only those (gathered, padded with stopped columns to that width): widths ``d_out``, then ``factor``
-  times the last (rounded up to a multiple of 8) down to ``min_width``. Each width is one more compile of the loop
-  per kernel shape, so this is done only for kernels of at least ``min_groups`` groups, on one device.
+  on with only those (gathered, padded with stopped columns to that width). The narrower widths are one ladder for
+  every kernel, ``min_width / factor^j`` (``j = 0, 1, …``, rounded up to a multiple of 8; 32, 64, 128, …), those
+  up to ``factor · d_out``: each width is one more compile of the loop per ``(d_in, width)``, and with one ladder
+  the kernels that share ``d_in`` share those compiles (SmolLM2's 576-input kernels: 5 narrower loops instead of
+  9). Only for kernels of at least ``min_groups`` groups, on one device.
 
   Attributes:
-    factor: each width is about this fraction of the last (0 turns it off: the loop keeps every column).
+    factor: each width is this fraction of the next wider one, and the widest at most this fraction of ``d_out``
+      (0 turns it off: the loop keeps every column).
     min_width: the narrowest width.
     min_groups: smaller kernels keep every column in the loop.
   """
@@ -181,20 +184,24 @@ def compaction_widths(config: ProxConfig, shape: tuple[int, ...], mesh: Any = No
   Example:
     >>> from proxjax.pruning.methods import ProxConfig
     >>> from proxjax.pruning.pruner import compaction_widths
-    >>> compaction_widths(ProxConfig(), (576, 1536)), compaction_widths(ProxConfig(), (64, 32))
-    ([768, 384, 192, 96, 48], [])
+    >>> compaction_widths(ProxConfig(), (576, 1536)), compaction_widths(ProxConfig(), (576, 576))
+    ([512, 256, 128, 64, 32], [256, 128, 64, 32])
+    >>> compaction_widths(ProxConfig(), (64, 32))  # 512 groups
+    []
   """
   compact = COMPACT if compact is None else compact
   d_in, d_out = shape
   if (mesh is not None or config.loop != "while" or not config.column_stop or not 0 < compact.factor < 1
       or d_in // 4 * d_out < compact.min_groups):
     return []
-  widths, width = [], d_out
+  widths, j = [], 0
   while True:
-    width = -(-math.ceil(width * compact.factor) // 8) * 8
-    if width < compact.min_width or width >= (widths[-1] if widths else d_out):
-      return widths
-    widths.append(width)
+    width = -(-math.ceil(compact.min_width / compact.factor ** j) // 8) * 8
+    if width > compact.factor * d_out:
+      return widths[::-1]
+    if not widths or width > widths[-1]:
+      widths.append(width)
+    j += 1
 
 
 class Schedule(NamedTuple):
@@ -285,13 +292,11 @@ def _setup(kernel: jax.Array, hessian: jax.Array, quantile: jax.Array, *,
   return pre, k0t, _kappa(k0t, quantile), curvature_ok
 
 
-def _groups_left(v: jax.Array) -> jax.Array:
-  """Number of groups (along axis 0) with more than 2 non-zeros."""
-  return jnp.sum(_over_two(v), dtype=jnp.int32)
-
-
-def _over_two(v: jax.Array) -> jax.Array:
-  """``(d_in // 4, d_out)`` bool: the groups (along axis 0) with more than 2 non-zeros."""
+def _over_two(v: jax.Array, planar: bool = False) -> jax.Array:
+  """``(d_in // 4, d_out)`` bool: the groups (along axis 0) with more than 2 non-zeros; ``planar``: ``v`` is stored
+  planar (:func:`proxjax.core.nm.to_planar`)."""
+  if planar:
+    return jnp.sum(v.reshape(4, v.shape[0] // 4, v.shape[1]) != 0, axis=0) > 2
   return jnp.sum(nm.split_groups(v, 4, 0) != 0, axis=1) > 2
 
 
@@ -305,7 +310,7 @@ def _loop_core(k0t: jax.Array, ht: jax.Array, eta: jax.Array, ridge: jax.Array, 
                target: jax.Array, start: tuple[jax.Array, ...], *, loop: str, scan_length: int | None,
                precision: lax.Precision, accelerate: bool = False, capacity: int = 0, chunk: int = 0,
                shrink: float = 0.5, reuse: bool = True, column_stop: bool = False, paced: bool = False,
-               grad_dtype: str = "float32") -> tuple[jax.Array, ...]:
+               grad_dtype: str = "float32", planar: bool = True) -> tuple[jax.Array, ...]:
   """The prox-gradient loop from ``start = (Ṽ, Ṽ_prev, t, k, e, n)``; returns ``(Ṽ, Ṽ_prev, t, k, e, n, groups
   left, open columns)``.
 
@@ -321,15 +326,24 @@ def _loop_core(k0t: jax.Array, ht: jax.Array, eta: jax.Array, ridge: jax.Array, 
   start of an iteration keeps its iterate from then on (its own problem has stopped), and the loop also exits once
   at most ``stop_below`` columns are open (the caller then goes on with those columns only). The gradient's matmul
   takes its operands in ``grad_dtype`` (``H̃`` is cast once, before the loop) and accumulates in float32.
+
+  With ``planar`` (the default) the loop runs on the rows in planar order (:func:`proxjax.core.nm.to_planar`:
+  ``P K̃₀``, ``P Ṽ`` and ``P H̃ Pᵀ``, so ``P H̃ Pᵀ P Δ = P H̃ Δ``): each group entry is a contiguous block of rows, which
+  the prox splits and merges every iteration more cheaply than interleaved rows. The state comes in and goes out in
+  the kernel's own order; the iterates are the same up to the matmul's summation order.
   """
   log_lam0, log_beta = jnp.log(lam0), jnp.log(beta)
+  if planar:
+    k0t, ht = nm.to_planar(k0t), nm.to_planar(nm.to_planar(ht).T).T
+    start = (nm.to_planar(start[0]), nm.to_planar(start[1]), *start[2:])
+  over_two = functools.partial(_over_two, planar=planar)
   ht = ht.astype(grad_dtype)
   lam_max = _STRENGTH_LIMIT / (eta * jnp.maximum(jnp.max(jnp.abs(k0t)), jnp.finfo(_F32).tiny))
 
   def step(carry, k, e, n):
     v = carry[0]
     if paced or column_stop:
-      over = _over_two(v)
+      over = over_two(v)
     if paced:  # the groups that settled in the last iteration set this one's growth of λ
       n_now = jnp.sum(over, dtype=jnp.int32)
       settled = jnp.maximum(n - n_now, 1).astype(_F32)
@@ -350,18 +364,21 @@ def _loop_core(k0t: jax.Array, ht: jax.Array, eta: jax.Array, ridge: jax.Array, 
       y = jnp.where(stopped, v, y)
     if capacity:
       new, listed, _, _ = prox_24_listed(y, lam * eta, carry[-1], chunk=chunk, shrink=shrink,
-                                         reuse=reuse)
+                                         reuse=reuse, planar=planar)
+    elif planar:
+      new = prox_24_planar(y, lam * eta)
     else:
       new = prox_24(y, lam, eta, axis=0)
     if column_stop:
       new = jnp.where(stopped, v, new)
-    lax.cond(progress_every > 0, lambda x: progress_meter.PROX.tick(k + 1, progress_every, _groups_left(x)),
+    lax.cond(progress_every > 0,
+             lambda x: progress_meter.PROX.tick(k + 1, progress_every, jnp.sum(over_two(x), dtype=jnp.int32)),
              lambda x: None, new)
     out = (new, v, t_next) if accelerate else (new,)
     return ((*out, listed) if capacity else out), e, n
 
   def going(v, k):
-    over = _over_two(v)
+    over = over_two(v)
     go = (k < cap) & (jnp.sum(over, dtype=jnp.int32) > allowed)
     return go & (jnp.sum(jnp.any(over, axis=0), dtype=jnp.int32) > stop_below) if column_stop else go
 
@@ -393,7 +410,9 @@ def _loop_core(k0t: jax.Array, ht: jax.Array, eta: jax.Array, ridge: jax.Array, 
 
   v = carry[0]
   prev, t = carry[1:3] if accelerate else (v, t0)
-  over = _over_two(v)
+  over = over_two(v)
+  if planar:
+    v, prev = nm.from_planar(v), nm.from_planar(prev)
   return (v, prev, t, k, e, n, jnp.sum(over, dtype=jnp.int32), jnp.sum(jnp.any(over, axis=0), dtype=jnp.int32))
 
 
@@ -616,7 +635,7 @@ def _prox_solve(config: ProxConfig, k0t: jax.Array, ht: jax.Array, scalars: tupl
   widths = compaction_widths(config, shape, mesh)
   allowed, cap = int(scalars[4]), int(scalars[5])
   statics = prox_loop_statics(config, shape, mesh, precision=precision)
-  target = jnp.asarray(config.pace * (shape[0] // 4) * shape[1], _F32)  # groups to settle per iteration
+  target = jnp.asarray(config.pacing * (shape[0] // 4) * shape[1], _F32)  # groups to settle per iteration
   stop_below = lambda: jnp.asarray(widths[0] if widths else 0, jnp.int32)
   *state, left, open_ = _run("prox_loop", mesh, shape, k0t, ht, *scalars, stop_below(), target, **statics)
   v, prev, k = state[0], state[1], state[3]
@@ -700,9 +719,10 @@ def prune_kernel(kernel: ArrayLike, hessian: ArrayLike, method: str | MethodConf
       :class:`~proxjax.pruning.methods.RefineConfig`.
     mesh: an optional :class:`jax.sharding.Mesh` with axes ``("data", "model")``; the result stays sharded on it.
     progress: False; True or N shows tqdm bars updated every 10 or N iterations from inside the compiled loops.
-    **options: the method configuration's fields (for ``"prox"``: ``lam0`` or ``lam0_relative`` (1e-3), ``beta``
-      or ``budget`` (200), ``cap`` 3000, ``ridge`` 0, ``quantile`` 0.99, ``tail_fraction`` 0, ``loop`` ``"while"``,
-      ``accelerate``, ``column_stop``, ``pace`` 0, ``grad_dtype`` ``"bfloat16"`` (:class:`ProxConfig`); for
+    **options: the method configuration's fields (for ``"prox"``: ``lam0`` or ``lam0_relative`` (1e-4), ``beta``
+      or ``budget`` (175), ``cap`` 3000, ``ridge`` 0, ``quantile`` 0.99, ``tail_fraction`` 0, ``loop`` ``"while"``,
+      ``accelerate``, ``column_stop``, ``pace`` (0.01 with a budget, 0 with ``beta``), ``grad_dtype``
+      ``"bfloat16"`` (:class:`ProxConfig`); for
       ``"sparsegpt"``: ``blocksize`` 128, ``damp`` 0.01), ``refine_steps`` (1000 for GD, a cap of 200 for CG),
       ``refine_tol`` (1e-6), ``refine_ridge`` (0) and ``precision`` (``"highest"``); they are validated here, before
       any work.

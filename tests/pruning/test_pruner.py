@@ -345,9 +345,11 @@ def test_errors_nan_and_options():
 
 
 def test_the_prox_schedule_is_set_once_and_resolved_in_the_report():
-  assert ProxConfig().start == ("lam0_relative", 1e-3) and ProxConfig().growth == ("budget", 200)
+  assert ProxConfig().start == ("lam0_relative", 1e-4) and ProxConfig().growth == ("budget", 175)
+  assert ProxConfig().pacing == 0.01 and ProxConfig(beta=1.1).pacing == 0.0 and ProxConfig(pace=0.0).pacing == 0.0
+  assert ProxConfig.paper().pacing == 0.0 and ProxConfig(lam0=0.05, budget=40).pacing == 0.01
   assert ProxConfig(lam0=0.05).start == ("lam0", 0.05) and ProxConfig(beta=1.1).growth == ("beta", 1.1)
-  assert ProxConfig.paper() == ProxConfig(lam0=0.01, beta=1.01, accelerate=False, column_stop=False,
+  assert ProxConfig.paper() == ProxConfig(lam0=0.01, beta=1.01, accelerate=False, column_stop=False, pace=0.0,
                                           grad_dtype="float32")
   assert ProxConfig().grad_dtype == "bfloat16" and ProxConfig.paper(grad_dtype="bfloat16").grad_dtype == "bfloat16"
   for bad, needle in (({"lam0": 0.1, "lam0_relative": 0.1}, "not both"), ({"beta": 1.1, "budget": 10}, "not both"),
@@ -356,19 +358,20 @@ def test_the_prox_schedule_is_set_once_and_resolved_in_the_report():
     with pytest.raises(ValueError, match=needle):
       ProxConfig(**bad)
   k, h = _small()
-  res = prune_kernel(k, h, "prox", refine=None)  # the default: λ₀ = 1e-3·Lκ, β for 200 iterations
+  res = prune_kernel(k, h, "prox", refine=None)  # the default: λ₀ = 1e-4·Lκ, β for 175 iterations, paced
   s = res.info.schedule
-  assert s.lam0 == pytest.approx(1e-3 * s.lipschitz * s.kappa, rel=1e-5)
-  assert s.beta == pytest.approx((s.lipschitz * s.kappa / s.lam0) ** (1 / 200), rel=1e-5)
-  assert 130 <= res.info.iterations <= 270 and res.info.schedule.estimated_iterations == 200 and not res.info.cap_hit
+  assert s.lam0 == pytest.approx(1e-4 * s.lipschitz * s.kappa, rel=1e-5)
+  assert s.beta == pytest.approx((s.lipschitz * s.kappa / s.lam0) ** (1 / 175), rel=1e-5)
+  assert 100 <= res.info.iterations <= 270 and s.estimated_iterations in (175, 176) and not res.info.cap_hit
 
 
 def test_the_certificate_changes_no_iterate(monkeypatch):
   """The loop's 2-sparse certificate (proxjax.core.prox.prox_24_listed: closed form for certified groups, the
   Newton solve gathered in chunks for the rest, the list carried) against the loop without it, on the toy layer:
-  the same mask, iterations and losses (1e-6). Two compiles of the loop: without the certificate (the toy's default:
-  it is on only from CERTIFY.min_groups groups; shared with the toy tests), and with it in chunks of 32 groups
-  (several chunks per iteration, the list rebuilt and reused)."""
+  the same mask, iterations and losses (1e-5: the two compiled Newton programs round differently under fast math,
+  and the paced default's trajectory carries that into the loss at ~1e-6). Two compiles of the loop: without the
+  certificate (the toy's default: it is on only from CERTIFY.min_groups groups; shared with the toy tests), and with
+  it in chunks of 32 groups (several chunks per iteration, the list rebuilt and reused)."""
   k, h = _toy(1)
   assert "capacity" in pruner.prox_loop_statics(ProxConfig(), (576, 192))  # on by default for real layers
   assert "capacity" not in pruner.prox_loop_statics(ProxConfig(), k.shape)  # off below min_groups
@@ -381,8 +384,8 @@ def test_the_certificate_changes_no_iterate(monkeypatch):
   on, off = runs["on"], runs["off"]
   np.testing.assert_array_equal(np.asarray(on.mask), np.asarray(off.mask))
   assert on.info.iterations == off.info.iterations
-  assert on.info.loss_before_refine == pytest.approx(off.info.loss_before_refine, rel=1e-6, abs=1e-9)
-  assert on.info.loss_after_refine == pytest.approx(off.info.loss_after_refine, rel=1e-6, abs=1e-9)
+  assert on.info.loss_before_refine == pytest.approx(off.info.loss_before_refine, rel=1e-5, abs=1e-9)
+  assert on.info.loss_after_refine == pytest.approx(off.info.loss_after_refine, rel=1e-5, abs=1e-9)
 
 
 @pytest.mark.parametrize("pace", [0.0, 0.02])
@@ -392,7 +395,7 @@ def test_column_compaction_changes_no_iterate(monkeypatch, pace):
   way, so the same mask, iterations and losses (1e-6; the narrower matmuls may round differently). With ``pace`` the
   schedule's state (its exponent and the count of open groups) goes on across the narrowing too."""
   k, h = _toy(1)
-  assert pruner.compaction_widths(ProxConfig(), (576, 576)) == [288, 144, 72, 40]
+  assert pruner.compaction_widths(ProxConfig(), (576, 576)) == [256, 128, 64, 32]
   assert pruner.compaction_widths(ProxConfig(), k.shape) == []  # off below min_groups
   assert pruner.compaction_widths(ProxConfig(column_stop=False), (576, 576)) == []
   ran = []
