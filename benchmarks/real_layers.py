@@ -13,7 +13,7 @@ Methods (``--methods``, default all but ``prox-paced-K``, ``prox-shared`` and ``
 minutes on 2 CPU cores):
 
 * ``wanda``, ``sparsegpt+cg``: the references.
-* ``prox`` the library default (FISTA, ``lam0_relative=1e-4``, ``budget=175`` paced by the state, ``pace=0.01``,
+* ``prox`` the library default (FISTA, ``lam0_relative=1e-4``, ``budget=150`` paced by the state, ``pace=0.01``,
   the column stop; docs/method.md, "Acceleration", "Schedule and iteration estimate" and "The prox method").
 * ``prox-geometric``: the default until 2026-12-05, ``lam0_relative=1e-3``, ``budget=200``, ``λ₀ β^k`` (no pacing).
 * ``prox-fista-K``: FISTA with ``budget=K`` (K in ``--budgets``; ``λ₀`` from ``--lam0-relative``, else the

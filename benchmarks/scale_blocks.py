@@ -137,7 +137,7 @@ METHODS = {
     "sparsegpt+cg": ("sparsegpt", "cg", None),
     "prox-budget": ("prox", "cg", "budget"),
     "prox": ("prox", "cg", "paper"),
-    "prox-default": ("prox", "cg", "default"),  # the library's default: FISTA, budget 175 paced, relative λ₀
+    "prox-default": ("prox", "cg", "default"),  # the library's default: FISTA, budget 150 paced, relative λ₀
 }
 
 # Dense peak TFLOP/s by device kind (NVIDIA data sheets, SXM parts): bf16 tensor core, TF32 tensor core, FP32 without

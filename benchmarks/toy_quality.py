@@ -26,8 +26,8 @@ METHODS = [
     ("prox (λ₀=1e-3, β=1.1) + GD", "prox", "gd", dict(lam0=1e-3, beta=1.1, accelerate=False)),
     ("prox (λ₀=0.01, β=1.01) + GD (paper)", "prox", "gd", dict(lam0=0.01, beta=1.01, accelerate=False,
                                                                  column_stop=False)),
-    ("prox (default: FISTA, budget 175, paced) + GD", "prox", "gd", {}),
-    ("prox (default: FISTA, budget 175, paced) + CG", "prox", "cg", {}),
+    ("prox (default: FISTA, budget 150, paced) + GD", "prox", "gd", {}),
+    ("prox (default: FISTA, budget 150, paced) + CG", "prox", "cg", {}),
 ]
 
 

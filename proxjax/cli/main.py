@@ -431,7 +431,7 @@ def _add_prune(sub: Any) -> None:
                                             "--budget)")
   p.add_argument("--cap", type=int, help="prox: iteration cap (default 3000)")
   p.add_argument("--budget", type=int, help="prox: choose β so the schedule needs about this many iterations "
-                                            "(default 175)")
+                                            "(default 150)")
   p.add_argument("--lam0-relative", type=float, help="prox: λ₀ relative to the layer's 2-sparse threshold "
                                                      "(default 1e-4)")
   p.add_argument("--pace", type=float, help="prox: pace λ by the state, aiming at this fraction of the groups "

@@ -72,7 +72,7 @@ class ProxConfig:
 
   The schedule ``λ_k = λ₀ β^k`` is set by one of ``lam0`` (absolute) or ``lam0_relative`` (``λ₀ = r · L κ``) and one
   of ``beta`` or ``budget`` (``β = (L κ / λ₀)^{1/budget}``); with neither of a pair the default is used:
-  ``lam0_relative = 1e-4`` and ``budget = 175``, paced by the state (``pace = 0.01``), with FISTA's acceleration and
+  ``lam0_relative = 1e-4`` and ``budget = 150``, paced by the state (``pace = 0.01``), with FISTA's acceleration and
   the column stop (benchmarks/README.md, "Prox quality per cost"). The paper's schedule is
   :meth:`paper` (``λ₀ = 0.01``, ``β = 1.01``, no acceleration: about 10× the iterations for the same loss,
   benchmarks/README.md, "Prox quality per cost").
@@ -103,7 +103,7 @@ class ProxConfig:
   name: ClassVar[str] = "prox"
   default_refine: ClassVar[str | None] = "cg"
   DEFAULT_LAM0_RELATIVE: ClassVar[float] = 1e-4
-  DEFAULT_BUDGET: ClassVar[int] = 175
+  DEFAULT_BUDGET: ClassVar[int] = 150
   DEFAULT_PACE: ClassVar[float] = 0.01
   PAPER: ClassVar[Mapping[str, Any]] = {"lam0": 0.01, "beta": 1.01, "accelerate": False, "column_stop": False,
                                          "pace": 0.0, "grad_dtype": "float32"}

@@ -14,6 +14,7 @@ The prox method, in the preconditioned coordinates of :func:`proxjax.pruning.ref
               (\tilde V_k - \tilde K_0)\big), \qquad \tilde V_0 = \tilde K_0, \quad \eta = 1/(L + \delta),\
               L = \lambda_{\max}(\tilde H),
 
+   (``λ_k`` grows by ``β^f`` per iteration instead with ``pace``, the default with a budget: :func:`_loop_core`),
    i.e. ``prox_24(·, hyperparams=λ_k, scaling=η)`` solves ``argmin_w ½‖w − y‖² + η λ_k R(w)`` (the prox strength is
    ``η·λ_k``). It stops as soon as every group is 2:4 (``R(Ṽ) = 0``), or when at most ``tail_fraction`` of the groups
    are left, or at the cap; the leftover groups are finished with :func:`proxjax.project_nm` (reported). With
@@ -720,7 +721,7 @@ def prune_kernel(kernel: ArrayLike, hessian: ArrayLike, method: str | MethodConf
     mesh: an optional :class:`jax.sharding.Mesh` with axes ``("data", "model")``; the result stays sharded on it.
     progress: False; True or N shows tqdm bars updated every 10 or N iterations from inside the compiled loops.
     **options: the method configuration's fields (for ``"prox"``: ``lam0`` or ``lam0_relative`` (1e-4), ``beta``
-      or ``budget`` (175), ``cap`` 3000, ``ridge`` 0, ``quantile`` 0.99, ``tail_fraction`` 0, ``loop`` ``"while"``,
+      or ``budget`` (150), ``cap`` 3000, ``ridge`` 0, ``quantile`` 0.99, ``tail_fraction`` 0, ``loop`` ``"while"``,
       ``accelerate``, ``column_stop``, ``pace`` (0.01 with a budget, 0 with ``beta``), ``grad_dtype``
       ``"bfloat16"`` (:class:`ProxConfig`); for
       ``"sparsegpt"``: ``blocksize`` 128, ``damp`` 0.01), ``refine_steps`` (1000 for GD, a cap of 200 for CG),

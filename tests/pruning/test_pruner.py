@@ -345,7 +345,7 @@ def test_errors_nan_and_options():
 
 
 def test_the_prox_schedule_is_set_once_and_resolved_in_the_report():
-  assert ProxConfig().start == ("lam0_relative", 1e-4) and ProxConfig().growth == ("budget", 175)
+  assert ProxConfig().start == ("lam0_relative", 1e-4) and ProxConfig().growth == ("budget", 150)
   assert ProxConfig().pacing == 0.01 and ProxConfig(beta=1.1).pacing == 0.0 and ProxConfig(pace=0.0).pacing == 0.0
   assert ProxConfig.paper().pacing == 0.0 and ProxConfig(lam0=0.05, budget=40).pacing == 0.01
   assert ProxConfig(lam0=0.05).start == ("lam0", 0.05) and ProxConfig(beta=1.1).growth == ("beta", 1.1)
@@ -358,11 +358,11 @@ def test_the_prox_schedule_is_set_once_and_resolved_in_the_report():
     with pytest.raises(ValueError, match=needle):
       ProxConfig(**bad)
   k, h = _small()
-  res = prune_kernel(k, h, "prox", refine=None)  # the default: λ₀ = 1e-4·Lκ, β for 175 iterations, paced
+  res = prune_kernel(k, h, "prox", refine=None)  # the default: λ₀ = 1e-4·Lκ, β for 150 iterations, paced
   s = res.info.schedule
   assert s.lam0 == pytest.approx(1e-4 * s.lipschitz * s.kappa, rel=1e-5)
-  assert s.beta == pytest.approx((s.lipschitz * s.kappa / s.lam0) ** (1 / 175), rel=1e-5)
-  assert 100 <= res.info.iterations <= 270 and s.estimated_iterations in (175, 176) and not res.info.cap_hit
+  assert s.beta == pytest.approx((s.lipschitz * s.kappa / s.lam0) ** (1 / 150), rel=1e-5)
+  assert 100 <= res.info.iterations <= 270 and s.estimated_iterations in (150, 151) and not res.info.cap_hit
 
 
 def test_the_certificate_changes_no_iterate(monkeypatch):
