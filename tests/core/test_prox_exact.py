@@ -500,14 +500,24 @@ def test_listed_prox_exact_on_the_fixture(fixture_data, fast):
                   what=f"prox_24_listed ({'fast math' if fast else 'strict'})")
 
 
-def test_listed_prox_equals_prox_24_in_every_mode():
+@pytest.mark.parametrize("planar", [False, True], ids=["interleaved", "planar"])
+def test_listed_prox_equals_prox_24_in_every_mode(planar):
   """On a kernel along a λ sweep, with the list carried from call to call: the full solve (too many uncertified
   groups), a rebuilt list, a reused one, several chunks; every result has ``prox_24``'s objective to rounding, and a
   certified group's values are the input's, bit for bit. (On N(0, 1) groups a third stay uncertified at any λ: the
-  test is loose where ``a2 ≈ a3``; along the loop's trajectories it certifies nearly every group at the end.)"""
+  test is loose where ``a2 ≈ a3``; along the loop's trajectories it certifies nearly every group at the end.) With
+  ``planar`` the kernel goes in and comes out in planar row order (``nm.to_planar``, the prox loop's layout)."""
   from proxjax.core import prox as prox_module  # pylint: disable=import-outside-toplevel
+  from proxjax.core import nm  # pylint: disable=import-outside-toplevel
   x = jnp.asarray(_normal((64, 32), 21))
-  step = jax.jit(functools.partial(prox_module.prox_24_listed, chunk=128), compiler_options=proxjax.CPU_FAST_MATH)
+  listed_prox = jax.jit(functools.partial(prox_module.prox_24_listed, chunk=128, planar=planar),
+                        compiler_options=proxjax.CPU_FAST_MATH)
+  if planar:
+    def step(xs, lam, listed):
+      out, *rest = listed_prox(nm.to_planar(xs), lam, listed)
+      return (nm.from_planar(out), *rest)
+  else:
+    step = listed_prox
   listed = prox_module.empty_group_list(x.shape, 384)  # capacity: three quarters of the 512 groups
   seen = set()
   certify = jax.jit(prox_module.certify_24)
@@ -530,6 +540,19 @@ def test_listed_prox_equals_prox_24_in_every_mode():
     seen.add("full" if int(chunks) < 0 else ("rebuilt" if bool(rebuilt) else "reused"))
     seen.add(f"{max(int(chunks), 0) > 1}-chunks")
   assert seen >= {"full", "rebuilt", "reused", "True-chunks"}, seen
+
+
+def test_planar_prox_is_prox_24_in_planar_rows():
+  """``prox_24_planar`` (the plain prox loop's prox: the kernel in planar row order) against ``prox_24`` on the same
+  groups, across the 2-sparse threshold: the same result up to rounding (two compiled programs)."""
+  from proxjax.core import prox as prox_module  # pylint: disable=import-outside-toplevel
+  from proxjax.core import nm  # pylint: disable=import-outside-toplevel
+  x = jnp.asarray(_normal((96, 40), 22))
+  planar = jax.jit(lambda v, lam: nm.from_planar(prox_module.prox_24_planar(nm.to_planar(v), lam)))
+  for lam in (0.0, 0.1, 0.7, 3.0):
+    out, ref = np.asarray(planar(x, jnp.float32(lam))), np.asarray(proxjax.prox_24(x, lam))
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(out == 0, ref == 0)
 
 
 def test_listed_prox_errors():

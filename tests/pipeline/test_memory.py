@@ -53,7 +53,7 @@ def test_tiny_parts_equal_hand_counts():
   # TINY: D = 32, I = 64, 4 heads of 8, 2 blocks, float32; N = 4 sequences of T = 16, batch b = 2.
   est = memory.estimate(TINY, nsamples=4, seqlen=16, batch_size=2)
   assert est.param_bytes == 4 and est.batch_size == 2 and est.refine_steps == 200
-  assert est.iterations == ProxConfig.DEFAULT_BUDGET == 200  # the default schedule's budget
+  assert est.iterations == ProxConfig.DEFAULT_BUDGET == 150  # the default schedule's budget
   assert est.host["calibration activations"] == 2 * 4 * 16 * 32 * 4  # inputs and outputs of a block, float32
   block_params = 2 * 32 + 4 * 32 * 32 + 2 * 32 * 64 + 64 * 32  # norms, q/k/v/o, gate/up, down
   assert est.params == {"total": 2 * block_params + 2 * 64 * 32 + 32, "pruned": 2 * (block_params - 64),
@@ -91,8 +91,8 @@ def test_tiny_parts_equal_hand_counts():
   assert down["pruner arrays"] == (64 * 64 * 4 + 2 * 64 * 4 + 64 + 4) + k32 + 2 * 4
   assert down["pruner outputs"] == 2 * k32  # Ṽ and V_prev
   # 512 groups: the plain loop; and the bfloat16 copies of H̃ and of Ṽ − K̃₀ (the default grad_dtype)
-  assert down["pruner temporaries"] == int(8.6 * k32) + 64 * 64 * 2 + k32 // 2 + 16 * 4 * (64 + 32)
-  assert est.peak.name == "prune down_proj: prox_loop" and est.peak_bytes == sum(down.values()) == 193155 + 8192 + 4096
+  assert down["pruner temporaries"] == int(9.4 * k32) + 64 * 64 * 2 + k32 // 2 + 16 * 4 * (64 + 32)
+  assert est.peak.name == "prune down_proj: prox_loop" and est.peak_bytes == sum(down.values()) == 199708 + 8192 + 4096
   assert est.peak_bytes == max(p.total for p in est.phases)
 
 
@@ -197,8 +197,8 @@ def _ratio_ok(pred, meas):
 
 
 def test_pruner_pieces_bound_xla_prox_cg():
-  # K = 512 KiB dominates H = 256 KiB: the prox loop's 7K temporaries are most of it (XLA:CPU: 7.00K, the default
-  # FISTA loop with the certificate, which measure_pruner compiles as prune_kernel does).
+  # K = 512 KiB dominates H = 256 KiB: the prox loop's ~8.5K temporaries are most of it (XLA:CPU: 8.50K, the
+  # default FISTA loop with the certificate on planar rows, which measure_pruner compiles as prune_kernel does).
   pred = memory.pruner_pieces(256, 512)
   meas = memory.measure_pruner(256, 512)
   ratios = _ratio_ok(pred, meas)
