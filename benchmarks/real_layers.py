@@ -31,6 +31,8 @@ minutes on 2 CPU cores):
 * ``prox-nocert``: the default without the 2-sparse certificate in the loop (every iteration runs the Newton solve
   on every group; ``proxjax.pruning.pruner.CERTIFY`` set to ``Certify(capacity=0)``): the same iterates up to
   float rounding, to time the certificate.
+* ``prox-interleaved``: the default with the loop on the kernel's own rows instead of planar ones (the loop before
+  2026-12-05; docs/method.md, "The prox method"): the same iterates up to the matmul's rounding, to time the layout.
 * ``prox-shared``: the default, but the linears that share an input (and so ``H``) pruned as one kernel: q|k|v and
   gate|up concatenated along the output axis, one ``prune_kernel`` call each (one set-up, one loop that runs until
   the last group of all of them is 2:4, ``κ`` the quantile over all their groups); each projection's loss is then
@@ -84,6 +86,7 @@ def methods(budgets: list[int], pace: float = 0.01, lam0_relative: float | None 
   out["prox-f32"] = ("prox", "cg", {"grad_dtype": "float32"})
   out["prox-shared"] = ("prox", "cg", {SHARED: True})
   out["prox-nocert"] = ("prox", "cg", {NOCERT: True})
+  out["prox-interleaved"] = ("prox", "cg", {INTERLEAVED: True})
   return out
 
 
@@ -99,6 +102,22 @@ def certificate(on: bool) -> Iterator[None]:
     yield
   finally:
     pruner.CERTIFY = saved
+
+
+INTERLEAVED = "_interleaved"  # marks the default prox run with the loop on the kernel's own (interleaved) rows
+
+
+@contextlib.contextmanager
+def loop_rows(planar: bool) -> Iterator[None]:
+  """The prox loop on planar rows (as it is) or on the kernel's own interleaved rows (the loop's static ``planar``
+  option, which ``prune_kernel`` leaves at its default), for the duration (restored afterwards)."""
+  saved = pruner.prox_loop_statics
+  if not planar:
+    pruner.prox_loop_statics = lambda *args, **kwargs: {**saved(*args, **kwargs), "planar": False}
+  try:
+    yield
+  finally:
+    pruner.prox_loop_statics = saved
 
 
 SHARED = "_shared"  # marks a variant that prunes the linears sharing an input as one kernel
@@ -226,7 +245,7 @@ def main() -> None:
   for r in range(args.rounds):  # every round runs every method once: the methods are timed interleaved
     for label in labels:
       method, refine, options = table[label]
-      with certificate(not options.get(NOCERT)):
+      with certificate(not options.get(NOCERT)), loop_rows(not options.get(INTERLEAVED)):
         rounds[label].append(run_method(label, method, refine, options, layers, results, warm_up=r == 0,
                                         clock=CLOCKS[args.clock]))
       seconds[label] = min(rounds[label])
@@ -246,7 +265,7 @@ def run_method(label: str, method: str, refine: str | None, options: dict[str, A
   """Prunes every layer with one method (compiled first when ``warm_up``); stores its rows, returns the seconds
   (of ``clock``)."""
   shared = bool(options.get(SHARED))
-  options = {k: v for k, v in options.items() if k not in (SHARED, NOCERT)}
+  options = {k: v for k, v in options.items() if k not in (SHARED, NOCERT, INTERLEAVED)}
   if shared:
     units = shared_units(layers)
     seen = set()
