@@ -9,8 +9,8 @@ side in this run. Every method is compiled first (one warm-up call per method an
 ``refine_steps=1``: the same executables; the prox runs its whole loop, which also compiles the narrower loops
 it goes on with as columns stop), so times exclude compiles.
 
-Methods (``--methods``, default all but ``prox-paced-K``, ``prox-shared`` and ``prox-paper``, which alone takes ~20
-minutes on 2 CPU cores):
+Methods (``--methods``, default all but ``prox-paced-K``, ``prox-shared``, ``prox-interleaved`` and ``prox-paper``,
+which alone takes ~20 minutes on 2 CPU cores):
 
 * ``wanda``, ``sparsegpt+cg``: the references.
 * ``prox`` the library default (FISTA, ``lam0_relative=1e-4``, ``budget=150`` paced by the state, ``pace=0.01``,
@@ -198,8 +198,8 @@ def main() -> None:
   p.add_argument("--pace", type=float, default=0.01, help="prox-paced-K variants: the schedule's pace")
   p.add_argument("--lam0-relative", type=float, help="prox-fista-K and prox-paced-K variants: λ₀ relative to the "
                  "layer (default: the library's, 1e-3)")
-  p.add_argument("--methods", nargs="+", help="labels to run (default: all but prox-paper, prox-shared and "
-                 "prox-paced-K)")
+  p.add_argument("--methods", nargs="+", help="labels to run (default: all but prox-paper, prox-shared, "
+                 "prox-interleaved and prox-paced-K)")
   p.add_argument("--gpu", action="store_true", help="one synthetic LLaMA-2-7B-shaped block instead of SmolLM2")
   p.add_argument("--tokens", type=int, default=131072, help="--gpu: calibration tokens per input")
   p.add_argument("--rounds", type=int, default=1, help="run every method this many times, interleaved; the table "
@@ -214,7 +214,8 @@ def main() -> None:
 
   table = methods(args.budgets, args.pace, args.lam0_relative)
   labels = args.methods or [label for label in table
-                             if label not in ("prox-paper", "prox-shared") and not label.startswith("prox-paced")]
+                             if label not in ("prox-paper", "prox-shared", "prox-interleaved")
+                             and not label.startswith("prox-paced")]
   unknown = [label for label in labels if label not in table]
   if unknown:
     p.error(f"unknown methods {unknown}; choose from {list(table)}")
