@@ -40,7 +40,7 @@ which alone takes ~20 minutes on 2 CPU cores):
 
 Run from the repository root (after ``bash setup.sh``; converts the bundled model on first use)::
 
-  python benchmarks/real_layers.py                          # CPU: blocks 0 15 29, ~15 min on 2 cores
+  python benchmarks/real_layers.py                          # CPU: blocks 0 15 29, ~9 min on 2 cores
   python benchmarks/real_layers.py --methods wanda sparsegpt+cg prox prox-paper   # with the paper's schedule
   python benchmarks/real_layers.py --blocks 15 --cache /tmp/b15.npz --methods wanda sparsegpt+cg prox prox-shared
 
