@@ -17,7 +17,7 @@ from jax.typing import ArrayLike
 from proxjax.core.pattern import check_nm
 
 __all__ = ["check_nm", "nm_mask", "project_nm", "is_nm", "nm_rank", "group_axis", "split_groups", "merge_groups",
-           "to_planar", "from_planar"]
+           "to_planar", "from_planar", "planar_entries"]
 
 
 def group_axis(shape: tuple[int, ...], m: int, axis: int) -> int:
@@ -58,6 +58,19 @@ def to_planar(x: jax.Array, m: int = 4) -> jax.Array:
   return jnp.swapaxes(g, 0, 1).reshape(x.shape)
 
 
+def planar_entries(x: jax.Array, m: int = 4) -> jax.Array:
+  """An array stored planar (:func:`to_planar`) as ``(m, L // m, ...)``: index ``i`` holds entry ``i`` of every group
+  (a reshape, no copy).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> planar_entries(to_planar(jnp.arange(8), 4), 4)[1].tolist()  # the second entry of groups 0 and 1
+    [1, 5]
+  """
+  group_axis(x.shape, m, 0)
+  return x.reshape((m, x.shape[0] // m) + x.shape[1:])
+
+
 def from_planar(x: jax.Array, m: int = 4) -> jax.Array:
   """Inverse of :func:`to_planar`.
 
@@ -66,9 +79,7 @@ def from_planar(x: jax.Array, m: int = 4) -> jax.Array:
     >>> from_planar(to_planar(jnp.arange(8), 4), 4).tolist()
     [0, 1, 2, 3, 4, 5, 6, 7]
   """
-  group_axis(x.shape, m, 0)
-  g = x.reshape((m, x.shape[0] // m) + x.shape[1:])
-  return jnp.swapaxes(g, 0, 1).reshape(x.shape)
+  return jnp.swapaxes(planar_entries(x, m), 0, 1).reshape(x.shape)
 
 
 def check_floating(x: jax.Array, what: str) -> None:

@@ -64,8 +64,7 @@ def _components(x: jax.Array, axis: int) -> tuple[jax.Array, ...]:
 def _planar_components(x: jax.Array) -> tuple[jax.Array, ...]:
   """The four entries of every group of a kernel stored planar (:func:`proxjax.core.nm.to_planar`): contiguous row
   blocks."""
-  g = x.shape[0] // 4
-  return tuple(x[i * g:(i + 1) * g] for i in range(4))
+  return tuple(nm.planar_entries(x, 4))
 
 
 def _kernel_components(x: jax.Array, planar: bool) -> tuple[jax.Array, ...]:

@@ -297,7 +297,7 @@ def _over_two(v: jax.Array, planar: bool = False) -> jax.Array:
   """``(d_in // 4, d_out)`` bool: the groups (along axis 0) with more than 2 non-zeros; ``planar``: ``v`` is stored
   planar (:func:`proxjax.core.nm.to_planar`)."""
   if planar:
-    return jnp.sum(v.reshape(4, v.shape[0] // 4, v.shape[1]) != 0, axis=0) > 2
+    return jnp.sum(nm.planar_entries(v, 4) != 0, axis=0) > 2
   return jnp.sum(nm.split_groups(v, 4, 0) != 0, axis=1) > 2
 
 
