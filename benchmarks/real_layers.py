@@ -9,7 +9,8 @@ side in this run. Every method is compiled first (one warm-up call per method an
 ``refine_steps=1``: the same executables; the prox runs its whole loop, which also compiles the narrower loops
 it goes on with as columns stop), so times exclude compiles.
 
-Methods (``--methods``, default all but ``prox-paced-K``, ``prox-shared``, ``prox-interleaved`` and ``prox-paper``,
+Methods (``--methods``, default all but ``prox-paced-K``, ``prox-shared``, ``prox-interleaved``, ``prox-noshort``
+and ``prox-paper``,
 which alone takes ~20 minutes on 2 CPU cores):
 
 * ``wanda``, ``sparsegpt+cg``: the references.
@@ -31,6 +32,10 @@ which alone takes ~20 minutes on 2 CPU cores):
 * ``prox-nocert``: the default without the 2-sparse certificate in the loop (every iteration runs the Newton solve
   on every group; ``proxjax.pruning.pruner.CERTIFY`` set to ``Certify(capacity=0)``): the same iterates up to
   float rounding, to time the certificate.
+* ``prox-noshort``: the default without the prox's short program in the loop's early iterations
+  (``Certify(short_from=2.0)``: every group by the full Newton program while the list cannot hold the uncertified
+  ones; docs/method.md, "A short program for the strongly convex regime"): the same iterates up to float rounding,
+  to time the short program.
 * ``prox-interleaved``: the default with the loop on the kernel's own rows instead of planar ones (the loop before
   2026-12-05; docs/method.md, "The prox method"): the same iterates up to the matmul's rounding, to time the layout.
 * ``prox-shared``: the default, but the linears that share an input (and so ``H``) pruned as one kernel: q|k|v and
@@ -85,19 +90,21 @@ def methods(budgets: list[int], pace: float = 0.01, lam0_relative: float | None 
   out["prox-allcols"] = ("prox", "cg", {"column_stop": False})
   out["prox-f32"] = ("prox", "cg", {"grad_dtype": "float32"})
   out["prox-shared"] = ("prox", "cg", {SHARED: True})
-  out["prox-nocert"] = ("prox", "cg", {NOCERT: True})
+  out["prox-nocert"] = ("prox", "cg", {CERTIFY: pruner.Certify(capacity=0.0)})
+  out["prox-noshort"] = ("prox", "cg", {CERTIFY: pruner.Certify(short_from=2.0)})
   out["prox-interleaved"] = ("prox", "cg", {INTERLEAVED: True})
   return out
 
 
-NOCERT = "_nocert"  # marks the default prox run with the loop's certificate off
+CERTIFY = "_certify"  # the default prox run with other certificate settings (proxjax.pruning.pruner.Certify)
 
 
 @contextlib.contextmanager
-def certificate(on: bool) -> Iterator[None]:
-  """The prox loop's certificate as it is (``on``) or off, for the duration (restored afterwards)."""
+def certificate(settings: Any = None) -> Iterator[None]:
+  """The prox loop's certificate settings (``pruner.CERTIFY``) replaced by ``settings`` (``None``: as they are) for
+  the duration (restored afterwards)."""
   saved = pruner.CERTIFY
-  pruner.CERTIFY = saved if on else pruner.Certify(capacity=0.0)
+  pruner.CERTIFY = saved if settings is None else settings
   try:
     yield
   finally:
@@ -197,9 +204,9 @@ def main() -> None:
   p.add_argument("--budgets", type=int, nargs="*", default=[50, 100, 300], help="prox-fista-K variants")
   p.add_argument("--pace", type=float, default=0.01, help="prox-paced-K variants: the schedule's pace")
   p.add_argument("--lam0-relative", type=float, help="prox-fista-K and prox-paced-K variants: λ₀ relative to the "
-                 "layer (default: the library's, 1e-3)")
+                 "layer (default: the library's, 1e-4)")
   p.add_argument("--methods", nargs="+", help="labels to run (default: all but prox-paper, prox-shared, "
-                 "prox-interleaved and prox-paced-K)")
+                 "prox-interleaved, prox-noshort and prox-paced-K)")
   p.add_argument("--gpu", action="store_true", help="one synthetic LLaMA-2-7B-shaped block instead of SmolLM2")
   p.add_argument("--tokens", type=int, default=131072, help="--gpu: calibration tokens per input")
   p.add_argument("--rounds", type=int, default=1, help="run every method this many times, interleaved; the table "
@@ -214,7 +221,7 @@ def main() -> None:
 
   table = methods(args.budgets, args.pace, args.lam0_relative)
   labels = args.methods or [label for label in table
-                             if label not in ("prox-paper", "prox-shared", "prox-interleaved")
+                             if label not in ("prox-paper", "prox-shared", "prox-interleaved", "prox-noshort")
                              and not label.startswith("prox-paced")]
   unknown = [label for label in labels if label not in table]
   if unknown:
@@ -246,7 +253,7 @@ def main() -> None:
   for r in range(args.rounds):  # every round runs every method once: the methods are timed interleaved
     for label in labels:
       method, refine, options = table[label]
-      with certificate(not options.get(NOCERT)), loop_rows(not options.get(INTERLEAVED)):
+      with certificate(options.get(CERTIFY)), loop_rows(not options.get(INTERLEAVED)):
         rounds[label].append(run_method(label, method, refine, options, layers, results, warm_up=r == 0,
                                         clock=CLOCKS[args.clock]))
       seconds[label] = min(rounds[label])
@@ -266,7 +273,7 @@ def run_method(label: str, method: str, refine: str | None, options: dict[str, A
   """Prunes every layer with one method (compiled first when ``warm_up``); stores its rows, returns the seconds
   (of ``clock``)."""
   shared = bool(options.get(SHARED))
-  options = {k: v for k, v in options.items() if k not in (SHARED, NOCERT, INTERLEAVED)}
+  options = {k: v for k, v in options.items() if k not in (SHARED, CERTIFY, INTERLEAVED)}
   if shared:
     units = shared_units(layers)
     seen = set()

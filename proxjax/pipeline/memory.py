@@ -130,14 +130,15 @@ PROX_PASSES = 8
 """Float32 kernel-sized memory passes per prox iteration (``Ṽ − K̃₀``, the matmul's output, ``y``, the prox's read
 and write, the count of groups left, and slack): the elementwise prox is modelled as memory traffic."""
 
-PROX_LOOP_TEMPS = 7.8
+PROX_LOOP_TEMPS = 8.05
 """Float32 kernel-sized temporaries of the default prox loop on one device (FISTA with the 2-sparse certificate and
 the column stop, kernels of at least :data:`proxjax.pruning.pruner.CERTIFY`'s ``min_groups`` groups: the FISTA
 carry, the planar copies of ``K̃₀`` and the state (the loop runs on planar rows, ``proxjax.core.nm.to_planar``),
-``Ṽ − K̃₀``, ``H̃(Ṽ − K̃₀)``, ``y``, the prox's intermediates and the group list; the loop returns ``Ṽ`` and
-``V_prev``, two ``K`` of outputs). The default bfloat16 gradient (``ProxConfig.grad_dtype``) adds its copy of ``H̃``
-(half of ``𝓗``) and the model half a ``K`` for ``Ṽ − K̃₀`` rounded; with those, XLA:CPU allocates 8.50 ``K`` at
-256 × 512 and 8.44 ``K`` at 576 × 1536, 7.75 ``K`` besides them (``tests/pipeline/test_memory.py``)."""
+``Ṽ − K̃₀``, ``H̃(Ṽ − K̃₀)``, ``y``, the prox's intermediates, the group list and the test of the short program's
+regime; the loop returns ``Ṽ`` and ``V_prev``, two ``K`` of outputs). The default bfloat16 gradient
+(``ProxConfig.grad_dtype``) adds its copy of ``H̃`` (half of ``𝓗``) and the model half a ``K`` for ``Ṽ − K̃₀``
+rounded; with those, XLA:CPU allocates 8.76 ``K`` at 256 × 512 and 8.69 ``K`` at 576 × 1536, 8.0 ``K`` besides them
+(``tests/pipeline/test_memory.py``)."""
 
 PROX_LOOP_TEMPS_PLAIN = 9.4
 """The same for the loop without the certificate (on a mesh, and for kernels under ``min_groups`` groups; the

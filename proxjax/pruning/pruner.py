@@ -110,12 +110,16 @@ class Certify(NamedTuple):
     chunk: groups per gathered Newton solve (smaller for kernels with fewer groups).
     shrink: the list is rebuilt once the uncertified groups are fewer than this fraction of it.
     min_groups: kernels with fewer groups take the plain loop: their Newton solve is cheap, and the certified loop
-      (two compiled solves and the list) takes about twice as long to compile.
+      (three compiled solves and the list) takes about twice as long to compile.
+    short_from: while more than this fraction of the groups is uncertified and all of those lie in the strongly
+      convex regime (the early iterations), every group takes the prox's short program instead of the list or the
+      full solve (``prox_24_listed``'s ``short_from``; above 1: never).
   """
   capacity: float = 0.5
   chunk: int = 2048
   shrink: float = 0.5
   min_groups: int = 16384
+  short_from: float = 0.2
 
 
 CERTIFY = Certify()
@@ -134,7 +138,7 @@ def prox_loop_statics(config: ProxConfig, shape: tuple[int, ...], mesh: Any = No
     >>> from proxjax.pruning.pruner import prox_loop_statics
     >>> sorted(prox_loop_statics(ProxConfig(), (576, 1536)))  # doctest: +NORMALIZE_WHITESPACE
     ['accelerate', 'capacity', 'chunk', 'column_stop', 'grad_dtype', 'loop', 'paced', 'precision', 'scan_length',
-     'shrink']
+     'short_from', 'shrink']
     >>> 'capacity' in prox_loop_statics(ProxConfig(), (64, 32))  # 512 groups: the plain loop
     False
   """
@@ -146,7 +150,8 @@ def prox_loop_statics(config: ProxConfig, shape: tuple[int, ...], mesh: Any = No
   wanted = math.ceil(certify.capacity * groups)
   if mesh is None and wanted >= 1 and groups >= certify.min_groups:
     chunk = min(certify.chunk, wanted)
-    statics.update(capacity=-(-wanted // chunk) * chunk, chunk=chunk, shrink=certify.shrink)
+    statics.update(capacity=-(-wanted // chunk) * chunk, chunk=chunk, shrink=certify.shrink,
+                   short_from=certify.short_from)
   return statics
 
 
@@ -311,7 +316,7 @@ def _loop_core(k0t: jax.Array, ht: jax.Array, eta: jax.Array, ridge: jax.Array, 
                target: jax.Array, start: tuple[jax.Array, ...], *, loop: str, scan_length: int | None,
                precision: lax.Precision, accelerate: bool = False, capacity: int = 0, chunk: int = 0,
                shrink: float = 0.5, reuse: bool = True, column_stop: bool = False, paced: bool = False,
-               grad_dtype: str = "float32", planar: bool = True) -> tuple[jax.Array, ...]:
+               grad_dtype: str = "float32", planar: bool = True, short_from: float = 0.2) -> tuple[jax.Array, ...]:
   """The prox-gradient loop from ``start = (Ṽ, Ṽ_prev, t, k, e, n)``; returns ``(Ṽ, Ṽ_prev, t, k, e, n, groups
   left, open columns)``.
 
@@ -365,7 +370,7 @@ def _loop_core(k0t: jax.Array, ht: jax.Array, eta: jax.Array, ridge: jax.Array, 
       y = jnp.where(stopped, v, y)
     if capacity:
       new, listed, _, _ = prox_24_listed(y, lam * eta, carry[-1], chunk=chunk, shrink=shrink,
-                                         reuse=reuse, planar=planar)
+                                         reuse=reuse, planar=planar, short_from=short_from)
     elif planar:
       new = prox_24_planar(y, lam * eta)
     else:

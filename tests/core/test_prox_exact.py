@@ -463,6 +463,13 @@ def _batched(fn_name: str, fast: bool):
   options = proxjax.CPU_FAST_MATH if fast else None
   if fn_name == "certify":
     fn = lambda g, lam: prox_module.certify_24(g[:, None], lam)[0, 0]
+  elif fn_name == "convex":
+    fn = lambda g, lam: prox_module._convex_sorted(prox_module._sort4(list(jnp.abs(g)))[0], lam)
+  elif fn_name == "short":  # the short program on every group, whatever its regime
+    def fn(g, lam):
+      y = tuple(g)
+      mags, idx = prox_module._sort4([jnp.abs(c) for c in y])
+      return jnp.stack(prox_module._prox_sorted(y, mags, idx, lam, short=True))
   else:  # each group a (4, 1) kernel, a list of one: the gathered solve (the full one is checked below)
     fn = lambda g, lam: prox_module.prox_24_listed(g[:, None], lam, prox_module.empty_group_list((4, 1), 1),
                                                    chunk=1)[0][:, 0]
@@ -500,6 +507,61 @@ def test_listed_prox_exact_on_the_fixture(fixture_data, fast):
                   what=f"prox_24_listed ({'fast math' if fast else 'strict'})")
 
 
+def test_convex_regime_bound_holds():
+  """The short program's regime (``2λ(a1 + a2 + a3) <= ½``): at random points of the box ``0 <= w <= a`` the
+  Hessian ``I + λN(w)`` of the prox objective has its smallest eigenvalue at least ½ (the Gershgorin bound; it is
+  not tight: all-equal groups at the regime's edge have 5/6), and the test in float32 agrees with the bound on both
+  sides of the edge."""
+  rng = np.random.default_rng(5)
+  a = -np.sort(-np.abs(rng.standard_cauchy((4000, 4))), axis=1) * np.exp(rng.uniform(-4, 4, (4000, 1)))
+  a[:500] = a[:500, :1]  # all-equal groups: the worst case of the bound
+  lam = rng.uniform(0.0, 1.0, 4000) * 0.25 / (a[:, 0] + a[:, 1] + a[:, 2])
+  lam[:500] = 0.25 / (3 * a[:500, 0])
+  w = a * rng.uniform(0.0, 1.0, a.shape)
+  w[:500] = a[:500]
+  n = np.zeros((4000, 4, 4))
+  for i, j in itertools.combinations(range(4), 2):
+    n[:, i, j] = n[:, j, i] = w.sum(axis=1) - w[:, i] - w[:, j]
+  smallest = np.linalg.eigvalsh(np.eye(4) + lam[:, None, None] * n)[:, 0]
+  assert np.all(smallest >= 0.5 - 1e-9)
+  np.testing.assert_allclose(smallest[:500], 5 / 6)
+  inside = _run_batched("convex", a, lam * (1 - 1e-6), False).astype(bool)
+  assert inside.all()
+  assert not _run_batched("convex", a[:500], lam[:500] * 1.01, False).astype(bool).any()
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["strict", "cpu_fast_math"])
+def test_short_program_exact_in_its_regime(fixture_data, fast):
+  """The short program (no homotopy, fewer Newton steps) against the brute force on every fixture group in its
+  regime (about 1900 of 6300), and on fresh groups there that stress it (near-ties, tiny tails, heavy tails, the
+  regime's edge), where the full program in float64 is the reference."""
+  y, lam, labels = fixture_data["y"], fixture_data["lam"], fixture_data["labels"]
+  inside = _run_batched("convex", y, lam, fast).astype(bool)
+  assert inside.sum() > 1500
+  w = _run_batched("short", y[inside], lam[inside], fast)
+  check_one_sided(y[inside], lam[inside], w, fixture_data["obj"][inside], labels[inside],
+                  fixture_data["w"][inside], what=f"the short program ({'fast math' if fast else 'strict'})")
+  rng = np.random.default_rng(11)
+  n = 2048
+  fresh = np.concatenate([np.abs(rng.normal(size=(n, 4))), 1.0 + 1e-3 * rng.normal(size=(n, 4)),
+                          np.abs(rng.normal(size=(n, 4))) * [1.0, 1.0, 1e-3, 1e-4],
+                          np.abs(rng.standard_cauchy((n, 4)))])
+  fresh *= np.sign(rng.normal(size=fresh.shape)) * np.exp(rng.uniform(-3, 3, (fresh.shape[0], 1)))
+  fresh = fresh.astype(np.float32)
+  a = -np.sort(-np.abs(fresh.astype(np.float64)), axis=1)
+  lam_fresh = (rng.uniform(0.0, 1.0, fresh.shape[0]) ** 0.25 * 0.25 / (a[:, 0] + a[:, 1] + a[:, 2])).astype(np.float32)
+  keep = _run_batched("convex", fresh, lam_fresh, fast).astype(bool)
+  assert keep.mean() > 0.99
+  fresh, lam_fresh = fresh[keep], lam_fresh[keep]
+  with jax.enable_x64():
+    ref = np.asarray(jax.jit(jax.vmap(lambda g, l: proxjax.prox_24(g, l)))(jnp.asarray(fresh, jnp.float64),
+                                                                             jnp.asarray(lam_fresh, jnp.float64)))
+  ref_obj = prox_reference.objective(ref, fresh.astype(np.float64), lam_fresh.astype(np.float64))
+  w = _run_batched("short", fresh, lam_fresh, fast)
+  check_one_sided(fresh, lam_fresh, w, ref_obj, np.repeat(["normal", "ties", "tails", "cauchy"], n)[keep],
+                  what="the short program on fresh groups")
+
+
 @pytest.mark.parametrize("planar", [False, True], ids=["interleaved", "planar"])
 def test_listed_prox_equals_prox_24_in_every_mode(planar):
   """On a kernel along a λ sweep, with the list carried from call to call: the full solve (too many uncertified
@@ -521,7 +583,7 @@ def test_listed_prox_equals_prox_24_in_every_mode(planar):
   listed = prox_module.empty_group_list(x.shape, 384)  # capacity: three quarters of the 512 groups
   seen = set()
   certify = jax.jit(prox_module.certify_24)
-  for lam in np.geomspace(0.05, 5.0, 10).astype(np.float32):
+  for lam in np.concatenate([[0.005, 0.01], np.geomspace(0.05, 5.0, 10)]).astype(np.float32):
     xs = x * (1.0 + 1e-3 * float(lam))  # a slightly moving input, as in the loop
     out, listed, chunks, rebuilt = step(xs, jnp.float32(lam), listed)
     ref = np.asarray(proxjax.prox_24(xs, lam))
@@ -537,9 +599,9 @@ def test_listed_prox_equals_prox_24_in_every_mode(planar):
     assert close.mean() > 0.99
     top2 = np.where(_top2_mask(g_in), g_in, 0.0)
     np.testing.assert_array_equal(g_out[cert.reshape(-1)], top2[cert.reshape(-1)])
-    seen.add("full" if int(chunks) < 0 else ("rebuilt" if bool(rebuilt) else "reused"))
+    seen.add({-1: "full", -2: "short"}.get(int(chunks), "rebuilt" if bool(rebuilt) else "reused"))
     seen.add(f"{max(int(chunks), 0) > 1}-chunks")
-  assert seen >= {"full", "rebuilt", "reused", "True-chunks"}, seen
+  assert seen >= {"short", "full", "rebuilt", "reused", "True-chunks"}, seen
 
 
 def test_planar_prox_is_prox_24_in_planar_rows():

@@ -197,7 +197,7 @@ def _ratio_ok(pred, meas):
 
 
 def test_pruner_pieces_bound_xla_prox_cg():
-  # K = 512 KiB dominates H = 256 KiB: the prox loop's ~8.5K temporaries are most of it (XLA:CPU: 8.50K, the
+  # K = 512 KiB dominates H = 256 KiB: the prox loop's ~8.8K temporaries are most of it (XLA:CPU: 8.76K, the
   # default FISTA loop with the certificate on planar rows, which measure_pruner compiles as prune_kernel does).
   pred = memory.pruner_pieces(256, 512)
   meas = memory.measure_pruner(256, 512)
