@@ -152,6 +152,19 @@ class ProxConfig:
     return self.DEFAULT_PACE if self.beta is None else 0.0
 
   @property
+  def schedule_rule(self) -> dict[str, float]:
+    """The schedule's rule with the defaults resolved (:attr:`start`, :attr:`growth`, :attr:`pacing`), for run
+    headers and reports (the fields themselves stay ``None`` where a default applies).
+
+    Example:
+      >>> ProxConfig().schedule_rule
+      {'lam0_relative': 0.0001, 'budget': 150, 'pace': 0.01}
+      >>> ProxConfig(lam0=0.01, beta=1.01).schedule_rule
+      {'lam0': 0.01, 'beta': 1.01, 'pace': 0.0}
+    """
+    return dict((self.start, self.growth, ("pace", self.pacing)))
+
+  @property
   def growth(self) -> tuple[str, float]:
     """``("beta", β)`` or ``("budget", K)``: how ``β`` is set."""
     if self.beta is not None:

@@ -58,8 +58,9 @@ def _prune(job: PruneJob, model_dir: str, out_dir: str, state_dir: str) -> dict[
   calibration = {"source": cal.source, "split": "calibration", "mode": cal.mode, "documents": len(documents),
                  "nsamples": int(ids.shape[0]), "seqlen": int(ids.shape[1]), "tokens": int(ids.size),
                  "seed": cal.seed}
+  rule = getattr(cfg.method, "schedule_rule", None)  # the prox's schedule with its defaults resolved
   print(f"proxjax {common.VERSION}: pruning {model_dir} with {cfg.method_name} (refine {cfg.refine_kind}, "
-        f"{cfg.method}); calibration {calibration}", file=sys.stderr)
+        f"{cfg.method}{'' if rule is None else f'; schedule {rule}'}); calibration {calibration}", file=sys.stderr)
   common.say_if_resuming(state_dir)
   result = pipeline.prune_model(
       model, ids, cfg, true_sequential=job.true_sequential, include=job.include, ignore=job.ignore,
@@ -69,6 +70,7 @@ def _prune(job: PruneJob, model_dir: str, out_dir: str, state_dir: str) -> dict[
   provenance = {
       "proxjax_version": common.VERSION, "source_model": os.path.abspath(model_dir), "method": cfg.method_name,
       "refine": cfg.refine_kind, "n": cfg.n, "m": cfg.m, "config": cfg.to_dict(),
+      **({} if rule is None else {"schedule": rule}),
       "true_sequential": job.true_sequential, "include": job.include, "ignore": job.ignore,
       "calibration": calibration, "resumed_blocks": result.resumed_blocks, "seconds": time.perf_counter() - t0,
       "mesh": None if mesh is None else dict(mesh.shape), "offload": job.offload,

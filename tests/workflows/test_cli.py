@@ -91,6 +91,8 @@ def test_prox_prune_and_plot(checkpoint, corpus, tmp_path, monkeypatch):
   assert prune_cli(checkpoint, corpus, out, "--method", "prox", "--budget", "20", "--ignore", "1.*") == 0
   report = json.loads((out / "proxjax-report.json").read_text())
   assert [r["block"] for r in report["layers"]] == [0] * 7 and report["config"]["options"]["budget"] == 20
+  # the schedule with its defaults resolved (the options keep None where a default applies)
+  assert report["schedule"] == {"lam0_relative": 1e-4, "budget": 20, "pace": 0.01}
   assert all(r["iterations"] > 0 for r in report["layers"])
   # A second report to compare with: another method, losses three times as large.
   other = dict(report, method="magnitude", refine=None,
