@@ -360,9 +360,9 @@ def prox_24_listed(x: jax.Array, lam: jax.Array, listed: GroupList, *, chunk: in
     chunk: groups per gathered solve.
     shrink: rebuild a list that still holds every uncertified group once they are fewer than this fraction of it.
     reuse: keep a list while it holds every uncertified group (``False``: a new list every call).
-    short_from: the share of the groups above which the short program replaces the gathered solve when it may (the
-      gathered solve costs about its share of the full one plus a third of it, the short program 0.6 of it); above 1:
-      never.
+    short_from: the share of the groups above which the short program replaces the gathered solve when it may
+      (measured on 576 × 1536, with the sort and test: the gathered solve 2.5 ms plus 0.17 ms per chunk of 2048
+      groups, the short program 5.5 ms, the full solve 8.4 ms; benchmarks/README.md); above 1: never.
     planar: ``x`` (and the result) are stored planar (:func:`proxjax.core.nm.to_planar`), which makes each group
       entry a contiguous block of rows (cheaper to split and merge than the interleaved rows); the groups and the
       list's indices are the same in both layouts.
