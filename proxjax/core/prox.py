@@ -54,7 +54,8 @@ _NEWTON_3 = 7  # Newton steps on G' for the 3-support
 _HOMOTOPY = 6  # λ stages of the dense homotopy (one Newton step each)
 _CORRECT = 3  # extra Newton steps at the target λ for the dense face
 # The short program, for groups where the objective is strongly convex (:func:`_convex_sorted`): no homotopy, and
-# fewer steps (two dense steps and two 3-support steps already miss no group of that regime; see the tests).
+# fewer steps (two dense steps and two 3-support steps already missed no group of that regime on the brute-force
+# fixture and stress groups; one dense step misses 10 %: docs/method.md).
 _SHORT_NEWTON_3 = 4
 _SHORT_DENSE = 3
 _CONVEX_MODULUS = 0.5  # the short program's regime: the objective's Hessian is at least this times I on the box

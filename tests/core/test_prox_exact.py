@@ -466,11 +466,9 @@ def _batched(fn_name: str, fast: bool):
   elif fn_name == "convex":
     fn = lambda g, lam: prox_module._convex_sorted(prox_module._sort4(list(jnp.abs(g)))[0], lam)
   elif fn_name == "short":  # the short program on every group, whatever its regime
-    def fn(g, lam):
-      y = tuple(g)
-      mags, idx = prox_module._sort4([jnp.abs(c) for c in y])
-      return jnp.stack(prox_module._prox_sorted(y, mags, idx, lam, short=True))
-  else:  # each group a (4, 1) kernel, a list of one: the gathered solve (the full one is checked below)
+    fn = lambda g, lam: jnp.stack(prox_module._prox_components(tuple(g), lam, short=True))
+  else:  # each group a (4, 1) kernel, a list of one: the gathered solve, or the short program for a group in its
+    # regime (one uncertified group of one is more than short_from); the full solve is checked below
     fn = lambda g, lam: prox_module.prox_24_listed(g[:, None], lam, prox_module.empty_group_list((4, 1), 1),
                                                    chunk=1)[0][:, 0]
   return jax.jit(jax.vmap(fn), compiler_options=options)
